@@ -1,0 +1,68 @@
+"""Shared command-line plumbing: one clear error line, non-zero exit, no traceback."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from traces.errors import TideError
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run ``main`` and exit; a TideError or an unreadable file becomes one line on stderr."""
+    try:
+        code = main(argv)
+    except TideError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it into place.
+
+    A crash or an exception leaves no partial file under ``path``.
+    """
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise TideError(f"{path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=1, sort_keys=False) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Read a JSON file; a missing or malformed one is a TideError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TideError(f"{path}: {what} file not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TideError(f"{path}: not valid JSON ({exc})") from None
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=1))

@@ -1,0 +1,123 @@
+"""The contract's counters, defined once, and a replay of a policy over a whole trace.
+
+Per forward and MoE layer:
+
+* ``gpu_tokens`` / ``cpu_tokens``: routed token-expert assignments computed on the fast
+  device / on the CPU (shared experts not counted).
+* ``migrations``: expert copies into slots after setup; ``setup_migrations``: the copies
+  that fill the slots at the run's first forward.
+* ``bytes_h2d``: expert weight bytes of ``migrations`` in the run's dtype.
+* ``bytes_act``: for every token with at least one CPU assignment, its hidden vector to
+  the CPU and one combined result back: ``2 x hidden x dtype bytes``.
+
+They are logical quantities, the same whether or not the fast device is the CPU.
+``bytes_act`` is exact when the per-token choices of every token run are known (KV-cache
+traces, and the runtime). A trace recorded without the KV cache keeps the choices of the
+current block only; for the prefix tokens it counts ``min(prefix tokens, prefix CPU
+assignments)``, an upper bound.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from traces.policies import Decision, Policy, PolicyRunner
+
+if TYPE_CHECKING:
+    from traces.trace import Trace
+
+COUNTERS: tuple[str, ...] = ("gpu_tokens", "cpu_tokens", "migrations", "setup_migrations", "bytes_h2d", "bytes_act")
+
+
+def cpu_mask(decision: Decision, counts: np.ndarray) -> np.ndarray:
+    """[L, E] experts whose tokens this forward computes on the CPU."""
+    if decision.waves is not None:
+        return np.zeros(counts.shape, dtype=bool)
+    return (counts > 0) & ~decision.resident
+
+
+def forward_counters(decision: Decision, counts: np.ndarray, expert_bytes: int, act_bytes_per_token: int,
+                     choices: np.ndarray | None = None, tokens_run: int | None = None) -> dict[str, np.ndarray]:
+    """Counters of one forward, each ``[L]`` int64.
+
+    ``choices`` is ``[n, L, k]`` expert ids of the tokens whose choices are known; when
+    ``n < tokens_run`` the other tokens' activation traffic is bounded as the module says.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    miss = cpu_mask(decision, counts)
+    cpu_tokens = (counts * miss).sum(axis=1)
+    total = counts.sum(axis=1)
+    migrations = decision.migrations
+    L = counts.shape[0]
+    if choices is None or len(choices) == 0:
+        known_miss_tokens = np.zeros(L, dtype=np.int64)
+        known_cpu = np.zeros(L, dtype=np.int64)
+        n_known = 0
+    else:
+        ch = np.asarray(choices)
+        hit_miss = miss[np.arange(L)[None, :, None], ch]  # [n, L, k]
+        known_miss_tokens = hit_miss.any(axis=2).sum(axis=0).astype(np.int64)
+        known_cpu = hit_miss.sum(axis=(0, 2)).astype(np.int64)
+        n_known = len(ch)
+    rest_tokens = max(0, (tokens_run if tokens_run is not None else n_known) - n_known)
+    rest = np.minimum(rest_tokens, np.maximum(cpu_tokens - known_cpu, 0))
+    return {
+        "gpu_tokens": total - cpu_tokens,
+        "cpu_tokens": cpu_tokens,
+        "migrations": migrations,
+        "setup_migrations": decision.setup_migrations,
+        "bytes_h2d": migrations * expert_bytes,
+        "bytes_act": (known_miss_tokens + rest) * act_bytes_per_token,
+    }
+
+
+@dataclass
+class PolicyReplay:
+    """Counters of one policy over a trace: ``[F, L]`` arrays, plus totals and a table."""
+
+    policy: Policy
+    counters: dict[str, np.ndarray]
+
+    def totals(self) -> dict[str, int]:
+        return {k: int(v.sum()) for k, v in self.counters.items()}
+
+    def hit_ratio(self) -> float:
+        g, c = self.counters["gpu_tokens"].sum(), self.counters["cpu_tokens"].sum()
+        return float(g / (g + c)) if g + c else 1.0
+
+    def frame(self, trace: "Trace") -> pd.DataFrame:
+        """One row per forward and MoE layer, beside the trace's forward columns."""
+        F, L = self.counters["gpu_tokens"].shape
+        df = pd.DataFrame({"forward": np.repeat(np.arange(F), L), "layer": np.tile(trace.shape.moe_layers, F)})
+        for k, v in self.counters.items():
+            df[k] = v.reshape(-1)
+        return df
+
+
+def replay_policy(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None,
+                  with_act: bool = True) -> PolicyReplay:
+    """Run ``policy`` over every forward of ``trace`` in order; counters per forward and layer.
+
+    Resident sets carry over between the requests of one trace. ``popularity`` (``[L, E]``
+    counts) replaces the first forward's counts for setup. ``with_act=False`` skips the
+    per-token ``bytes_act`` work (hit ratios do not need it).
+    """
+    shape = trace.shape
+    runner = PolicyRunner(policy, shape.experts, setup_counts=popularity)
+    F, L = trace.n_forwards, shape.n_moe_layers
+    out = {k: np.zeros((F, L), dtype=np.int64) for k in COUNTERS}
+    exp_bytes = shape.expert_bytes(trace.dtype)
+    act = trace.act_bytes_per_token
+    kinds = trace.forwards["kind"].to_numpy()
+    steps = trace.forwards["step"].to_numpy()
+    runs = trace.forwards["tokens_run"].to_numpy()
+    for f in range(F):
+        decision = runner.step(trace.counts[f], kinds[f], int(steps[f]))
+        ch = trace.choices_of(f) if with_act else None
+        c = forward_counters(decision, trace.counts[f], exp_bytes, act, ch, int(runs[f]))
+        for k in COUNTERS:
+            out[k][f] = c[k]
+    return PolicyReplay(policy=policy, counters=out)

@@ -1,0 +1,258 @@
+"""Synthetic LLaDA2.0 workloads: traces that route like a trained model.
+
+Random-weight routers send a block's identical mask tokens to a few experts; a trained
+LLaDA2.0 spreads a 32-token block over about 70 experts per layer, with skewed
+popularity and routing that drifts slowly across a block's denoising steps. This module
+generates that behaviour. Per request and MoE layer, a token's router logits are
+
+    z = popularity (per layer, skew varying by layer, nudged per request)
+      + block context (first-order autoregressive across blocks)
+      + token state (first-order autoregressive across denoising steps, partly redrawn
+        when the token is committed)
+
+and its experts are chosen by LLaDA2.0's group-limited top-k. Committed tokens per
+denoising step follow threshold decoding: ``1 + Poisson`` with the published mean tokens
+per forward, never more than remain and never fewer than the step schedule needs.
+
+Calibrated (``CALIBRATION``) to the published figures for LLaDA2.0-mini and -flash; the
+tests check them. Any architecture config works (tests use reduced shapes).
+
+``python -m traces.synth --model llada2-mini --gen-length 1024 --prompt-length 64 --seed 0 --out t.parquet``
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from traces.cli import run_cli
+from traces.errors import TideError
+from traces.routing import group_limited_topk
+from traces.shapes import DTYPE_BYTES, ModelShape
+from traces.trace import Decoding, Trace
+
+
+@dataclass(frozen=True)
+class WorkloadParams:
+    """Knobs of the generator (logit scales are in units of the router's logits)."""
+
+    sigma_pop: float  # spread of per-layer expert popularity
+    layer_skew: tuple[float, float]  # per-layer multiplier of sigma_pop, uniform in this range
+    sigma_req: float  # per-request deviation of popularity
+    sigma_ctx: float  # spread of the per-block context
+    rho_ctx: float  # correlation of the context between consecutive blocks
+    sigma_tok: float  # spread of a token's own state
+    rho_tok: tuple[float, float]  # per-layer correlation of a token's state between steps
+    commit_keep: float  # correlation of a token's state across its commit
+    tokens_per_step: float  # mean tokens committed per denoising step
+
+
+CALIBRATION: dict[str, WorkloadParams] = {
+    "llada2-mini": WorkloadParams(sigma_pop=0.9, layer_skew=(0.8, 1.2), sigma_req=0.2, sigma_ctx=1.0, rho_ctx=0.5,
+                                  sigma_tok=1.1, rho_tok=(0.985, 0.995), commit_keep=0.9, tokens_per_step=2.55),
+    "llada2-flash": WorkloadParams(sigma_pop=0.9, layer_skew=(0.8, 1.2), sigma_req=0.2, sigma_ctx=1.0, rho_ctx=0.5,
+                                   sigma_tok=1.1, rho_tok=(0.985, 0.995), commit_keep=0.9, tokens_per_step=3.18),
+}
+
+
+def params_for(shape: ModelShape) -> WorkloadParams:
+    """The calibrated knobs for a named model; others get LLaDA2.0-mini's."""
+    return CALIBRATION.get(shape.name, CALIBRATION["llada2-mini"])
+
+
+def _hist(choices: np.ndarray, experts: int) -> np.ndarray:
+    """``[L, E]`` counts of the choices ``[n, L, k]``."""
+    n, L, k = choices.shape
+    flat = np.arange(L)[None, :, None] * experts + choices.astype(np.int64)
+    return np.bincount(flat.reshape(-1), minlength=L * experts).reshape(L, experts)
+
+
+def _commit_schedule(rng: np.random.Generator, masked: int, steps: int, extra: float) -> list[int]:
+    """Tokens accepted per denoising step until none are masked: ``1 + Poisson(extra)``,
+    never more than remain, never fewer than finishing within ``steps`` needs."""
+    out, left = [], masked
+    for s in range(steps):
+        if left == 0:
+            break
+        need = math.ceil(left / (steps - s))
+        k = min(left, max(1 + int(rng.poisson(extra)), need))
+        out.append(k)
+        left -= k
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _poisson_extra(tokens_per_step: float, block_length: int, steps: int) -> float:
+    """The Poisson mean whose clipped schedule commits ``tokens_per_step`` per step on average
+    over a whole block (bisection on a fixed-seed simulation, so it is deterministic)."""
+    lo, hi = 0.0, float(block_length)
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        rng = np.random.default_rng(12345)
+        n_steps = sum(len(_commit_schedule(rng, block_length, steps, mid)) for _ in range(400))
+        if 400 * block_length / n_steps < tokens_per_step:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+class _Layerwise:
+    """Per-layer routing state of one run: popularity and the AR(1) processes."""
+
+    def __init__(self, shape: ModelShape, p: WorkloadParams, rng: np.random.Generator):
+        L, E = shape.n_moe_layers, shape.experts
+        self.shape, self.p, self.rng = shape, p, rng
+        skew = rng.uniform(*p.layer_skew, size=(L, 1))
+        self.base_pop = (rng.standard_normal((L, E)) * p.sigma_pop * skew).astype(np.float32)
+        self.rho_tok = rng.uniform(*p.rho_tok, size=L)
+        self.pop = self.base_pop
+        self.ctx = np.zeros((L, E), dtype=np.float32)
+
+    def new_request(self) -> None:
+        L, E = self.base_pop.shape
+        self.pop = self.base_pop + self.rng.standard_normal((L, E), dtype=np.float32) * self.p.sigma_req
+        self.ctx = self.rng.standard_normal((L, E), dtype=np.float32) * self.p.sigma_ctx
+
+    def next_block(self) -> None:
+        r = self.p.rho_ctx
+        self.ctx = r * self.ctx + math.sqrt(1 - r * r) * self.p.sigma_ctx * self.rng.standard_normal(self.ctx.shape, dtype=np.float32)
+
+    def new_tokens(self, n: int) -> np.ndarray:
+        L, E = self.base_pop.shape
+        return self.rng.standard_normal((n, L, E), dtype=np.float32) * self.p.sigma_tok
+
+    def drift(self, u: np.ndarray, just_committed: np.ndarray) -> np.ndarray:
+        """One AR(1) step of token states ``u [n, L, E]``; tokens just committed move more."""
+        keep = np.where(just_committed[:, None], self.p.commit_keep * self.rho_tok[None, :], self.rho_tok[None, :])
+        keep = keep[:, :, None].astype(np.float32)
+        noise = self.rng.standard_normal(u.shape, dtype=np.float32) * np.float32(self.p.sigma_tok)
+        return keep * u + np.sqrt(1 - keep * keep) * noise
+
+    def route(self, u: np.ndarray) -> np.ndarray:
+        s = self.shape
+        return group_limited_topk(self.pop[None] + self.ctx[None] + u, s.top_k, s.n_group, s.topk_group).astype(np.int16)
+
+
+def synthesize(shape: ModelShape, gen_length: int, prompt_length: int, seed: int, kv_cache: bool = True,
+               decoding: Decoding | None = None, requests: int = 1, params: WorkloadParams | None = None,
+               dtype: str = "bfloat16", progress: bool = False) -> Trace:
+    """Generate a trace of ``requests`` prompts run one after another."""
+    decoding = decoding or Decoding(kv_cache=kv_cache)
+    if decoding.kv_cache != kv_cache:
+        decoding = Decoding(decoding.block_length, decoding.steps, decoding.threshold, kv_cache)
+    if gen_length < 1:
+        raise TideError(f"--gen-length must be at least 1, got {gen_length}")
+    if prompt_length < 1:
+        raise TideError(f"--prompt-length must be at least 1, got {prompt_length}")
+    if requests < 1:
+        raise TideError(f"--requests must be at least 1, got {requests}")
+    if decoding.block_length < 1 or decoding.steps < 1:
+        raise TideError("block length and steps must be at least 1")
+    if dtype not in DTYPE_BYTES:
+        raise TideError(f"--dtype: unknown dtype {dtype!r}")
+    p = params or params_for(shape)
+    rng = np.random.default_rng(seed)
+    lw = _Layerwise(shape, p, rng)
+    L, E, bl = shape.n_moe_layers, shape.experts, decoding.block_length
+    extra = _poisson_extra(p.tokens_per_step, bl, decoding.steps)
+    rows: list[dict] = []
+    counts_list: list[np.ndarray] = []
+    choices_list: list[np.ndarray] = []
+
+    def emit(request: int, kind: str, block: int, step: int, run: int, committed: int, context: int,
+             start: int, ch: np.ndarray, extra: np.ndarray | None) -> None:
+        c = _hist(ch, E)
+        if extra is not None:
+            c = c + extra
+        rows.append(dict(request=request, kind=kind, block=block, step=step, tokens_run=run,
+                         tokens_committed=committed, context=context, choice_start=start, choice_tokens=len(ch)))
+        counts_list.append(c.astype(np.int32))
+        choices_list.append(ch.transpose(1, 0, 2).reshape(-1))
+
+    total_blocks = sum(math.ceil((prompt_length + gen_length) / bl) - prompt_length // bl for _ in range(requests))
+    bar = tqdm(total=total_blocks, desc=f"synth {shape.name}", unit="block", disable=not progress)
+    for r in range(requests):
+        lw.new_request()
+        total = prompt_length + gen_length
+        n_blocks = math.ceil(total / bl)
+        first = prompt_length // bl
+        prefix = np.zeros((L, E), dtype=np.int64)  # final choices of finished tokens (no-KV forwards)
+        # prompt blocks before the first block with masks: one prefill forward
+        prompt_choices = []
+        for b in range(first):
+            if b:
+                lw.next_block()
+            prompt_choices.append(lw.route(lw.new_tokens(bl)))
+            prefix += _hist(prompt_choices[-1], E)
+        if kv_cache and first:
+            emit(r, "prefill", 0, 0, first * bl, 0, first * bl, 0, np.concatenate(prompt_choices), None)
+        for b in range(first, n_blocks):
+            if b:
+                lw.next_block()
+            start, end = b * bl, min((b + 1) * bl, total)
+            n = end - start
+            u = lw.new_tokens(n)
+            masked = np.arange(start, end) >= prompt_length
+            schedule = _commit_schedule(rng, int(masked.sum()), decoding.steps, extra)
+            just_committed = np.zeros(n, dtype=bool)
+            for s, k in enumerate(schedule):
+                if s:
+                    u = lw.drift(u, just_committed)
+                ch = lw.route(u)
+                if kv_cache:
+                    emit(r, "step", b, s, n, k, end, start, ch, None)
+                else:
+                    emit(r, "step", b, s, end, k, end, start, ch, prefix)
+                idx = np.flatnonzero(masked)
+                pick = rng.choice(idx, size=k, replace=False)
+                masked[pick] = False
+                just_committed[:] = False
+                just_committed[pick] = True
+            u = lw.drift(u, just_committed)
+            final = lw.route(u)
+            if kv_cache and b < n_blocks - 1:
+                emit(r, "commit", b, 0, n, 0, end, start, final, None)
+            prefix += _hist(final, E)
+            bar.update(1)
+    bar.close()
+    forwards = pd.DataFrame(rows)
+    source = {"generator": "traces.synth", "seed": seed, "params": asdict(p), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    req = [{"request": r, "prompt_length": prompt_length, "gen_length": gen_length} for r in range(requests)]
+    return Trace(shape=shape, dtype=dtype, decoding=decoding, requests=req, forwards=forwards,
+                 counts=np.stack(counts_list), choices=np.concatenate(choices_list).astype(np.int16), source=source)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m traces.synth", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="llada2-mini, llada2-flash, or a config.json / checkpoint folder")
+    ap.add_argument("--gen-length", type=int, default=1024)
+    ap.add_argument("--prompt-length", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--requests", type=int, default=1, help="prompts run one after another")
+    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--threshold", type=float, default=0.95)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--no-kv-cache", action="store_true", help="re-run the whole prefix each step (published generate())")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    shape = ModelShape.load(a.model)
+    dec = Decoding(a.block_length, a.steps, a.threshold, not a.no_kv_cache)
+    t0 = time.perf_counter()
+    trace = synthesize(shape, a.gen_length, a.prompt_length, a.seed, kv_cache=not a.no_kv_cache, decoding=dec,
+                       requests=a.requests, dtype=a.dtype, progress=True)
+    trace.write(a.out)
+    print(f"wrote {a.out}: {trace.n_forwards} forwards, {shape.n_moe_layers} MoE layers, "
+          f"{trace.tokens_generated} tokens in {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
