@@ -1,0 +1,313 @@
+"""Hardware profiles: what one GPU-CPU box can do, measured or derived, as validated JSON.
+
+Format ``tide-profile`` version 1 (all times in seconds, bandwidths in GB/s = 1e9 B/s,
+memory in bytes). Every value says whether it was ``measured`` on the box or ``derived``
+from public specifications: scalars as ``{"value": v, "source": s}``, tables with a
+``source`` that is one string or a nested list of strings shaped like the values.
+
+* ``fast_device``: ``cuda``, or ``cpu`` when the "fast device" is the CPU itself (tests,
+  boxes without a GPU): then fast-device and CPU work share the same cores.
+* ``capacities``: ``gpu_mem_bytes``, ``host_mem_bytes``, ``cpu_cores``,
+  ``host_mem_bw_gbps``, ``gpu_mem_bw_gbps``.
+* ``overheads``: ``launch_s`` (one kernel launch from eager PyTorch), ``sync_s`` (a host
+  synchronisation with the device), ``cpu_task_s`` (dispatching one expert on the CPU).
+* ``h2d`` / ``d2h``: per ``pinned`` / ``pageable``, bandwidth against transfer size
+  (``bytes``, ``gbps``), interpolated in log size.
+* ``gpu_experts``: per expert shape (``HIDDENxINTER``) and dtype, the time to compute
+  ``experts`` experts grouped, with ``tokens_per_expert`` tokens each (a grid).
+* ``cpu_expert_ffn``: per expert shape and weight dtype, one expert's FFN on the CPU
+  against ``tokens``.
+* ``non_expert``: per model key (:attr:`traces.shapes.ModelShape.model_key`), the time of
+  a MoE layer's non-expert work (norms, attention, router, shared expert) and of a dense
+  layer against ``tokens`` and ``context``, and of the ``head`` (final norm and lm_head)
+  against ``tokens``.
+
+Lookups interpolate linearly between measured points; below the first point the first
+value holds; above the last the last segment's slope continues.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from traces.cli import read_json, write_json
+from traces.errors import TideError
+
+FORMAT = "tide-profile"
+VERSION = 1
+SOURCES = ("measured", "derived")
+CAPACITIES = ("gpu_mem_bytes", "host_mem_bytes", "cpu_cores", "host_mem_bw_gbps", "gpu_mem_bw_gbps")
+OVERHEADS = ("launch_s", "sync_s", "cpu_task_s")
+BUNDLED = {
+    "h200": "h200.json",
+    "a100-40gb": "a100-40gb.json",
+    "rtx4090": "rtx4090.json",
+}
+
+
+def interp1(x: np.ndarray | float, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Piecewise linear; clamped below the first point, last slope continued above the last."""
+    x = np.asarray(x, dtype=np.float64)
+    xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+    y = np.interp(x, xs, ys)
+    if len(xs) >= 2:
+        slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
+        y = np.where(x > xs[-1], ys[-1] + slope * (x - xs[-1]), y)
+    return y
+
+
+def interp2(x: np.ndarray | float, y: np.ndarray | float, xs: np.ndarray, ys: np.ndarray, zs: np.ndarray) -> np.ndarray:
+    """:func:`interp1` along ``y`` within each row ``xs[i]``, then the same rule along ``x``."""
+    x, y = np.broadcast_arrays(np.asarray(x, np.float64), np.asarray(y, np.float64))
+    rows = np.stack([interp1(y, ys, zs[i]) for i in range(len(xs))])  # [len(xs), *x.shape]
+    if len(xs) == 1:
+        return rows[0]
+    i = np.clip(np.searchsorted(xs, x), 1, len(xs) - 1)
+    r0 = np.take_along_axis(rows, (i - 1)[None], 0)[0]
+    r1 = np.take_along_axis(rows, i[None], 0)[0]
+    t = np.maximum((x - xs[i - 1]) / (xs[i] - xs[i - 1]), 0.0)
+    inside = r0 + np.minimum(t, 1.0) * (r1 - r0)
+    return np.where(t > 1.0, r1 + np.maximum(r1 - r0, 0.0) * (t - 1.0), inside)
+
+
+def _fail(where: str, msg: str) -> TideError:
+    return TideError(f"{where}: {msg}")
+
+
+def _check_source(where: str, src: Any, shape: tuple[int, ...]) -> None:
+    if isinstance(src, str):
+        if src not in SOURCES:
+            raise _fail(where, f"source {src!r} must be 'measured' or 'derived'")
+        return
+    arr = np.asarray(src, dtype=object)
+    if arr.shape != shape or not all(s in SOURCES for s in arr.reshape(-1)):
+        raise _fail(where, f"source must be 'measured', 'derived' or a list of those shaped {list(shape)}")
+
+
+def _axis(where: str, t: dict, key: str) -> np.ndarray:
+    if key not in t:
+        raise _fail(where, f"lacks {key!r}")
+    try:
+        a = np.asarray(t[key], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise _fail(where, f"{key} must be a list of numbers") from None
+    if a.ndim != 1 or len(a) < 1 or not np.isfinite(a).all() or (a <= 0).any() or (np.diff(a) <= 0).any():
+        raise _fail(where, f"{key} must be a non-empty, increasing list of positive numbers")
+    return a
+
+
+def _values(where: str, t: dict, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    if key not in t:
+        raise _fail(where, f"lacks {key!r}")
+    try:
+        v = np.asarray(t[key], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise _fail(where, f"{key} must hold numbers") from None
+    if v.shape != shape:
+        raise _fail(where, f"{key} has shape {list(v.shape)}, expected {list(shape)}")
+    if not np.isfinite(v).all() or (v < 0).any():
+        raise _fail(where, f"{key} must be finite and non-negative")
+    _check_source(where, t.get("source"), shape)
+    return v
+
+
+@dataclass(frozen=True)
+class Table1:
+    xs: np.ndarray
+    ys: np.ndarray
+
+    def __call__(self, x: Any) -> np.ndarray:
+        return interp1(x, self.xs, self.ys)
+
+
+@dataclass(frozen=True)
+class Table2:
+    xs: np.ndarray
+    ys: np.ndarray
+    zs: np.ndarray
+
+    def __call__(self, x: Any, y: Any) -> np.ndarray:
+        return interp2(x, y, self.xs, self.ys, self.zs)
+
+
+class Profile:
+    """A validated hardware profile with interpolating lookups."""
+
+    def __init__(self, data: dict[str, Any], where: str = "profile"):
+        self.data = data
+        self.where = where
+        self._validate()
+
+    # ---- loading ------------------------------------------------------------------
+    @classmethod
+    def load(cls, ref: str | Path) -> "Profile":
+        """A bundled name (``h200``, ``a100-40gb``, ``rtx4090``) or a JSON file."""
+        if str(ref) in BUNDLED:
+            text = resources.files("traces.data.profiles").joinpath(BUNDLED[str(ref)]).read_text()
+            return cls(json.loads(text), where=f"profile {ref}")
+        path = Path(ref)
+        if not path.is_file():
+            raise TideError(f"{ref}: no such profile file (bundled profiles: {', '.join(BUNDLED)})")
+        return cls(read_json(path, "profile"), where=str(path))
+
+    def write(self, path: str | Path) -> Path:
+        return write_json(path, self.data)
+
+    @property
+    def name(self) -> str:
+        return str(self.data.get("name", "unnamed"))
+
+    @property
+    def fast_device(self) -> str:
+        return self.data["fast_device"]
+
+    @property
+    def shares_cores(self) -> bool:
+        """True when the fast device is the CPU: its work and the CPU's contend for the same cores."""
+        return self.fast_device == "cpu"
+
+    def capacity(self, key: str) -> float:
+        return float(self.data["capacities"][key]["value"])
+
+    def overhead(self, key: str) -> float:
+        return float(self.data["overheads"][key]["value"])
+
+    # ---- validation ---------------------------------------------------------------
+    def _validate(self) -> None:
+        d, w = self.data, self.where
+        if not isinstance(d, dict):
+            raise _fail(w, "a profile is a JSON object")
+        if d.get("format") != FORMAT:
+            raise _fail(w, f"format is {d.get('format')!r}, expected {FORMAT!r}")
+        if d.get("version") != VERSION:
+            raise _fail(w, f"profile version {d.get('version')!r} is not supported (this TIDE reads {VERSION})")
+        if d.get("fast_device") not in ("cuda", "cpu"):
+            raise _fail(w, f"fast_device must be 'cuda' or 'cpu', got {d.get('fast_device')!r}")
+        for group, keys in (("capacities", CAPACITIES), ("overheads", OVERHEADS)):
+            sec = d.get(group)
+            if not isinstance(sec, dict):
+                raise _fail(w, f"lacks the {group!r} section")
+            for k in keys:
+                v = sec.get(k)
+                if not isinstance(v, dict) or "value" not in v:
+                    raise _fail(w, f"{group}.{k} missing (expected {{'value': ..., 'source': ...}})")
+                if not isinstance(v["value"], (int, float)) or isinstance(v["value"], bool) or not np.isfinite(v["value"]) or v["value"] < 0:
+                    raise _fail(w, f"{group}.{k} must be a non-negative number, got {v['value']!r}")
+                _check_source(f"{w}: {group}.{k}", v.get("source"), ())
+        if self.capacity("cpu_cores") < 1:
+            raise _fail(w, "capacities.cpu_cores must be at least 1")
+        self._h2d = self._bandwidths("h2d")
+        self._d2h = self._bandwidths("d2h")
+        self._gpu: dict[tuple[str, str], Table2] = {}
+        for shape, per in self._section("gpu_experts").items():
+            for dt, t in per.items():
+                where = f"{w}: gpu_experts.{shape}.{dt}"
+                xs, ys = _axis(where, t, "experts"), _axis(where, t, "tokens_per_expert")
+                self._gpu[(shape, dt)] = Table2(xs, ys, _values(where, t, "seconds", (len(xs), len(ys))))
+        self._cpu: dict[tuple[str, str], Table1] = {}
+        for shape, per in self._section("cpu_expert_ffn").items():
+            for dt, t in per.items():
+                where = f"{w}: cpu_expert_ffn.{shape}.{dt}"
+                xs = _axis(where, t, "tokens")
+                self._cpu[(shape, dt)] = Table1(xs, _values(where, t, "seconds", (len(xs),)))
+        self._non: dict[tuple[str, str], Table1 | Table2] = {}
+        for key, per in self._section("non_expert").items():
+            for part in ("moe_layer", "dense_layer", "head"):
+                where = f"{w}: non_expert.{key}.{part}"
+                if part not in per:
+                    raise _fail(where, "missing")
+                t = per[part]
+                xs = _axis(where, t, "tokens")
+                if part == "head":
+                    self._non[(key, part)] = Table1(xs, _values(where, t, "seconds", (len(xs),)))
+                else:
+                    ys = _axis(where, t, "context")
+                    self._non[(key, part)] = Table2(xs, ys, _values(where, t, "seconds", (len(xs), len(ys))))
+
+    def _section(self, name: str) -> dict[str, dict[str, Any]]:
+        sec = self.data.get(name)
+        if not isinstance(sec, dict):
+            raise _fail(self.where, f"lacks the {name!r} section")
+        for k, v in sec.items():
+            if not isinstance(v, dict):
+                raise _fail(self.where, f"{name}.{k} must be an object")
+        return sec
+
+    def _bandwidths(self, name: str) -> dict[str, Table1]:
+        sec = self._section(name)
+        out = {}
+        for kind in ("pinned", "pageable"):
+            where = f"{self.where}: {name}.{kind}"
+            if kind not in sec:
+                raise _fail(where, "missing")
+            t = sec[kind]
+            xs = _axis(where, t, "bytes")
+            gb = _values(where, t, "gbps", (len(xs),))
+            if (gb <= 0).any():
+                raise _fail(where, "gbps must be positive")
+            out[kind] = Table1(np.log(xs), gb)
+        return out
+
+    # ---- lookups --------------------------------------------------------------------
+    def transfer_s(self, direction: str, nbytes: Any, chunk: Any = None, pinned: bool = True) -> np.ndarray:
+        """Seconds to move ``nbytes`` in transfers of ``chunk`` bytes each (default: one transfer)."""
+        table = (self._h2d if direction == "h2d" else self._d2h)["pinned" if pinned else "pageable"]
+        nbytes = np.asarray(nbytes, dtype=np.float64)
+        chunk = nbytes if chunk is None else np.asarray(chunk, dtype=np.float64)
+        gbps = table(np.log(np.maximum(chunk, 1.0)))
+        xs = np.exp(table.xs)
+        gbps = np.where(chunk < xs[0], table.ys[0], gbps)
+        gbps = np.where(chunk > xs[-1], table.ys[-1], gbps)
+        return np.where(nbytes > 0, nbytes / (gbps * 1e9), 0.0)
+
+    def gpu_experts_s(self, shape_key: str, dtype: str, experts: Any, tokens_per_expert: Any) -> np.ndarray:
+        """Grouped computation of ``experts`` experts with ``tokens_per_expert`` tokens each."""
+        t = self._lookup(self._gpu, "gpu_experts", shape_key, dtype)
+        experts = np.asarray(experts, dtype=np.float64)
+        return np.where(experts > 0, t(experts, np.maximum(tokens_per_expert, 1)), 0.0)
+
+    def cpu_expert_s(self, shape_key: str, dtype: str, tokens: Any) -> np.ndarray:
+        """One expert's FFN on the CPU with ``tokens`` tokens (0 tokens: no time)."""
+        t = self._lookup(self._cpu, "cpu_expert_ffn", shape_key, dtype)
+        tokens = np.asarray(tokens, dtype=np.float64)
+        return np.where(tokens > 0, t(np.maximum(tokens, 1)), 0.0)
+
+    def cpu_dtypes(self, shape_key: str) -> list[str]:
+        return [dt for (s, dt) in self._cpu if s == shape_key]
+
+    def non_expert_s(self, model_key: str, part: str, tokens: Any, context: Any = None) -> np.ndarray:
+        t = self._non.get((model_key, part))
+        if t is None:
+            have = sorted({k for k, _ in self._non})
+            raise _fail(self.where, f"no non-expert times for model shape {model_key} (has: {', '.join(have) or 'none'}); "
+                                    "profile this model with python -m runtime.profile --checkpoint DIR")
+        if part == "head":
+            return t(tokens)
+        return t(tokens, context)
+
+    def has_model(self, model_key: str) -> bool:
+        return (model_key, "moe_layer") in self._non
+
+    def _lookup(self, tables: dict, section: str, shape_key: str, dtype: str):
+        t = tables.get((shape_key, dtype))
+        if t is None:
+            have = sorted(f"{s}/{d}" for s, d in tables)
+            raise _fail(self.where, f"no {section} entry for expert shape {shape_key} in {dtype} (has: {', '.join(have) or 'none'})")
+        return t
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "fast_device": self.fast_device,
+            **{k: self.capacity(k) for k in CAPACITIES}, **{k: self.overhead(k) for k in OVERHEADS},
+            "h2d_pinned_gbps_max": float(self._h2d["pinned"].ys.max()),
+            "d2h_pinned_gbps_max": float(self._d2h["pinned"].ys.max()),
+        }
+
+
+def list_profiles() -> list[str]:
+    return list(BUNDLED)
