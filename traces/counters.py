@@ -27,6 +27,7 @@ import pandas as pd
 from traces.policies import Decision, Policy, PolicyRunner
 
 if TYPE_CHECKING:
+    from traces.costs import CostModel
     from traces.trace import Trace
 
 COUNTERS: tuple[str, ...] = ("gpu_tokens", "cpu_tokens", "migrations", "setup_migrations", "bytes_h2d", "bytes_act")
@@ -80,6 +81,13 @@ class PolicyReplay:
 
     policy: Policy
     counters: dict[str, np.ndarray]
+    times: dict[str, np.ndarray] | None = None  # per resource [F, L] seconds, plus "bound_s" [F, L], "fixed_s" [F]
+
+    def bound_seconds(self) -> float:
+        """The run's time when all overlap that the runtime allows happens (needs a cost model)."""
+        if self.times is None:
+            raise ValueError("replay_policy ran without a cost model")
+        return float(self.times["bound_s"].sum() + self.times["fixed_s"].sum())
 
     def totals(self) -> dict[str, int]:
         return {k: int(v.sum()) for k, v in self.counters.items()}
@@ -98,12 +106,13 @@ class PolicyReplay:
 
 
 def replay_policy(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None,
-                  with_act: bool = True) -> PolicyReplay:
+                  with_act: bool = True, cost: "CostModel | None" = None) -> PolicyReplay:
     """Run ``policy`` over every forward of ``trace`` in order; counters per forward and layer.
 
     Resident sets carry over between the requests of one trace. ``popularity`` (``[L, E]``
     counts) replaces the first forward's counts for setup. ``with_act=False`` skips the
-    per-token ``bytes_act`` work (hit ratios do not need it).
+    per-token ``bytes_act`` work (hit ratios do not need it). With a ``cost`` model the
+    replay also prices every forward and layer (``PolicyReplay.times``).
     """
     shape = trace.shape
     runner = PolicyRunner(policy, shape.experts, setup_counts=popularity)
@@ -114,10 +123,22 @@ def replay_policy(trace: "Trace", policy: Policy, popularity: np.ndarray | None 
     kinds = trace.forwards["kind"].to_numpy()
     steps = trace.forwards["step"].to_numpy()
     runs = trace.forwards["tokens_run"].to_numpy()
+    ctx = trace.forwards["context"].to_numpy()
+    times = None
+    if cost is not None:
+        from traces.costs import RESOURCES
+        times = {k: np.zeros((F, L)) for k in (*RESOURCES, "bound_s")}
+        times["fixed_s"] = np.zeros(F)
     for f in range(F):
         decision = runner.step(trace.counts[f], kinds[f], int(steps[f]))
         ch = trace.choices_of(f) if with_act else None
         c = forward_counters(decision, trace.counts[f], exp_bytes, act, ch, int(runs[f]))
         for k in COUNTERS:
             out[k][f] = c[k]
-    return PolicyReplay(policy=policy, counters=out)
+        if times is not None:
+            lc = cost.layer_costs(decision, trace.counts[f], c, int(runs[f]), int(ctx[f]))
+            for k, v in lc.items():
+                times[k][f] = v
+            times["bound_s"][f] = cost.layer_bound(lc, serial_copies=decision.waves is not None)
+            times["fixed_s"][f] = cost.fixed_s(int(runs[f]), int(ctx[f]))
+    return PolicyReplay(policy=policy, counters=out, times=times)

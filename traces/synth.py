@@ -61,6 +61,36 @@ CALIBRATION: dict[str, WorkloadParams] = {
 }
 
 
+#: The published figures a calibrated workload must reproduce (prompt 64, 1024 generated
+#: tokens): (statistic, KV cache on, low, high). See ../shared/reference/README.md.
+TARGETS: tuple[tuple[str, bool, float, float], ...] = (
+    ("cosine_gap[1]", True, 0.975, 0.995),
+    ("cosine_gap[5]", True, 0.95, 1.0),
+    ("distinct_experts_per_forward", True, 55.0, 85.0),
+    *((f"tide_hit_ratio[B=128,tau={t}]", False, 0.92, 0.96) for t in range(1, 6)),
+)
+
+
+def calibration_checks(stats_kv: dict, stats_nokv: dict) -> list[dict]:
+    """Each target with its value from :func:`traces.stats.summarize` output and whether it holds."""
+    def value(name: str, s: dict) -> float:
+        if name.startswith("cosine_gap"):
+            return s["cosine_gap"][name[11:-1]]
+        if name == "distinct_experts_per_forward":
+            return s[name]["mean"]
+        return s["tide_hit_ratio"]["128"][name.split("tau=")[1][:-1]]
+
+    rows = []
+    for name, kv, lo, hi in TARGETS:
+        v = value(name, stats_kv if kv else stats_nokv)
+        rows.append({"check": name, "kv_cache": kv, "value": v, "low": lo, "high": hi, "ok": bool(lo <= v <= hi)})
+    hits = [stats_nokv["tide_hit_ratio"]["128"][str(t)] for t in range(1, 9)]
+    falling = all(b <= a + 1e-12 for a, b in zip(hits, hits[1:])) and hits[0] - hits[-1] < 0.05
+    rows.append({"check": "tide_hit_ratio[B=128] falls slowly with tau", "kv_cache": False,
+                 "value": hits[0] - hits[-1], "low": 0.0, "high": 0.05, "ok": falling})
+    return rows
+
+
 def params_for(shape: ModelShape) -> WorkloadParams:
     """The calibrated knobs for a named model; others get LLaDA2.0-mini's."""
     return CALIBRATION.get(shape.name, CALIBRATION["llada2-mini"])

@@ -117,6 +117,10 @@ class Trace:
         flat = np.bincount(rows * E + self.choices.astype(np.int64), minlength=F * L * E)
         return flat.reshape(F, L, E)
 
+    def popularity(self) -> np.ndarray:
+        """``[L, E]`` total tokens per MoE layer and expert over the whole run."""
+        return self.counts.sum(axis=0, dtype=np.int64)
+
     def meta(self) -> dict[str, Any]:
         return {
             "format": FORMAT, "version": VERSION, "model": self.shape.arch_config(), "model_name": self.shape.name,
@@ -332,3 +336,13 @@ def _check_choices_match_counts(trace: Trace, where: str) -> None:
 def _validate(trace: Trace, where: str) -> None:
     """Validate an in-memory trace by the same rules as the reader."""
     trace_from_table(trace.to_table(), where)
+
+
+def load_popularity(path: str | Path, shape: ModelShape) -> np.ndarray:
+    """A popularity trace's total counts per layer (``--popularity TRACE``), checked against ``shape``."""
+    trace = read_trace(path)
+    if trace.shape.moe_layers != shape.moe_layers or trace.shape.experts != shape.experts:
+        raise TideError(f"{path}: popularity trace has MoE layers {trace.shape.moe_layers[0]}..{trace.shape.moe_layers[-1]} "
+                        f"and {trace.shape.experts} experts; the model has {shape.moe_layers[0]}..{shape.moe_layers[-1]} "
+                        f"and {shape.experts}")
+    return trace.popularity()

@@ -1,0 +1,134 @@
+"""The one cost model: a hardware profile plus a forward's per-layer work -> seconds per resource.
+
+The simulator, the planner and the GPU check's lower bound all price work here.
+Per MoE layer of one forward:
+
+* ``gpu_s``: the layer's non-expert work (attention, router, shared expert) plus the
+  resident experts' tokens computed grouped on the fast device;
+* ``cpu_s``: the missed experts' FFNs on the CPU, one expert after another, each with its
+  token count (the profile's per-expert times);
+* ``h2d_s``: expert copies (``migrations``, one expert per transfer) plus activations
+  coming back from the CPU; ``d2h_s``: activations going to the CPU;
+* ``copy_s``: the part of ``h2d_s`` that is expert copies;
+* ``sync_s``: a host synchronisation when the layer has CPU work (the routing must reach
+  the host).
+
+:meth:`CostModel.layer_bound` combines them the way the runtime overlaps them: on a GPU
+box, misses (with their activation transfers) run beside the GPU's work and copies run on
+their own engine, so the layer takes the longest of the three; swap's copies block the
+GPU, so they add to it. When the fast device is the CPU everything shares the cores and
+adds up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from traces.errors import TideError
+from traces.policies import Decision
+from traces.profile import Profile
+from traces.shapes import ModelShape, dtype_bytes
+
+RESOURCES = ("gpu_s", "cpu_s", "h2d_s", "d2h_s", "copy_s", "sync_s")
+
+
+@dataclass
+class CostModel:
+    """Prices one model's work on one box. ``cpu_dtype`` is the weight dtype the CPU computes in."""
+
+    profile: Profile
+    shape: ModelShape
+    dtype: str = "bfloat16"
+    cpu_dtype: str | None = None
+    pinned: bool = True
+    _key: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        dtype_bytes(self.dtype)
+        self._key = self.shape.expert_shape_key
+        if self.cpu_dtype is None:
+            have = self.profile.cpu_dtypes(self._key)
+            self.cpu_dtype = self.dtype if self.dtype in have else (have[0] if have else self.dtype)
+        # fail now, with one clear line, if the profile lacks what this model needs
+        self.profile.cpu_expert_s(self._key, self.cpu_dtype, 1)
+        self.profile.gpu_experts_s(self._key, self._gpu_dtype, 1, 1)
+        self.profile.non_expert_s(self.shape.model_key, "moe_layer", 1, 1)
+        self.expert_bytes = self.shape.expert_bytes(self.dtype)
+        self.act_bytes = self.shape.hidden * dtype_bytes(self.dtype)
+
+    @property
+    def _gpu_dtype(self) -> str:
+        return self.dtype if self.profile.fast_device == "cpu" or self.dtype != "float32" else "bfloat16"
+
+    # ---- primitives (vectorised over layers) ------------------------------------------
+    def hits_s(self, gpu_counts: np.ndarray) -> np.ndarray:
+        """Grouped computation of each layer's resident experts' tokens, ``[L, E] -> [L]``."""
+        gpu_counts = np.asarray(gpu_counts)
+        n = (gpu_counts > 0).sum(axis=-1)
+        tok = gpu_counts.sum(axis=-1)
+        return self.profile.gpu_experts_s(self._key, self._gpu_dtype, n, tok / np.maximum(n, 1))
+
+    def misses_s(self, cpu_counts: np.ndarray) -> np.ndarray:
+        """Each layer's missed experts on the CPU, ``[L, E] -> [L]``."""
+        return self.profile.cpu_expert_s(self._key, self.cpu_dtype, np.asarray(cpu_counts)).sum(axis=-1)
+
+    def copies_s(self, migrations: np.ndarray) -> np.ndarray:
+        m = np.asarray(migrations, dtype=np.float64)
+        return self.profile.transfer_s("h2d", m * self.expert_bytes, self.expert_bytes, self.pinned)
+
+    def act_s(self, act_tokens: np.ndarray, direction: str) -> np.ndarray:
+        nbytes = np.asarray(act_tokens, dtype=np.float64) * self.act_bytes
+        return self.profile.transfer_s(direction, nbytes, None, self.pinned)
+
+    def non_expert_s(self, part: str, tokens: float, context: float | None = None) -> float:
+        return float(self.profile.non_expert_s(self.shape.model_key, part, tokens, context))
+
+    # ---- one forward --------------------------------------------------------------------
+    def layer_costs(self, decision: Decision, counts: np.ndarray, counters: dict[str, np.ndarray],
+                    tokens: int, context: int) -> dict[str, np.ndarray]:
+        """Per-resource seconds ``[L]`` for one forward's MoE layers."""
+        counts = np.asarray(counts)
+        if decision.waves is None:
+            gpu_counts = np.where(decision.resident, counts, 0)
+            hits = self.hits_s(gpu_counts)
+        else:  # swap: one grouped computation per wave
+            hits = np.array([sum(float(self.hits_s(counts[l][w.gpu_experts])) for w in waves)
+                             for l, waves in enumerate(decision.waves)])
+            gpu_counts = counts
+        cpu_counts = counts - gpu_counts
+        act_tokens = counters["bytes_act"] / (2 * self.act_bytes)
+        ne = self.non_expert_s("moe_layer", tokens, context)
+        has_cpu = cpu_counts.sum(axis=1) > 0
+        return {
+            "gpu_s": ne + hits,
+            "cpu_s": self.misses_s(cpu_counts),
+            "h2d_s": self.copies_s(counters["migrations"]) + self.act_s(act_tokens, "h2d"),
+            "d2h_s": self.act_s(act_tokens, "d2h"),
+            "sync_s": np.where(has_cpu, self.profile.overhead("sync_s"), 0.0),
+            "copy_s": self.copies_s(counters["migrations"]),
+        }
+
+    def layer_bound(self, costs: dict[str, np.ndarray], serial_copies: bool = False) -> np.ndarray:
+        """Seconds per layer when everything that can overlap does (see module doc)."""
+        act_h2d = costs["h2d_s"] - costs["copy_s"]
+        if self.profile.shares_cores:
+            return costs["gpu_s"] + costs["cpu_s"] + costs["h2d_s"] + costs["d2h_s"] + costs["sync_s"]
+        cpu_path = costs["sync_s"] + costs["d2h_s"] + costs["cpu_s"] + act_h2d
+        if serial_copies:
+            return np.maximum(costs["gpu_s"] + costs["copy_s"], cpu_path)
+        return np.maximum.reduce([costs["gpu_s"], cpu_path, costs["h2d_s"], costs["d2h_s"]])
+
+    def fixed_s(self, tokens: int, context: int) -> float:
+        """Per-forward work outside the MoE layers: dense layers and the head."""
+        return (self.shape.first_k_dense * self.non_expert_s("dense_layer", tokens, context)
+                + self.non_expert_s("head", tokens))
+
+
+def check_fits(shape: ModelShape, profile: Profile, dtype: str = "bfloat16") -> None:
+    """All experts must fit in host memory; a TideError otherwise."""
+    need = shape.routed_expert_bytes(dtype)
+    have = profile.capacity("host_mem_bytes")
+    if need > have:
+        raise TideError(f"{shape.name}'s routed experts ({need / 1e9:.1f} GB in {dtype}) do not fit in "
+                        f"{profile.name}'s host memory ({have / 1e9:.1f} GB)")

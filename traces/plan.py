@@ -1,0 +1,121 @@
+"""Plans: a per-MoE-layer refresh interval ``tau`` and GPU expert budget ``B``, with provenance.
+
+JSON, format ``tide-plan`` version 1::
+
+    {"format": "tide-plan", "version": 1,
+     "model": {"name": "llada2-mini", "model_key": "...", "experts": 256},
+     "dtype": "bfloat16", "gpu_mem_bytes": 24e9,
+     "layers": [{"layer": 1, "tau": 4, "budget": 96}, ...],        # every MoE layer, in order
+     "predicted": {"seconds": ..., "tokens_per_s": ..., "speedup": {"cpu": ..., "static": ...}},
+     "provenance": {"created": ..., "trace": ..., "profile": ..., "solver": ...}}
+
+``B = 0`` is allowed: that layer runs every routed token on the CPU. The planner writes
+plans; the runtime and the simulator run them as the ``plan`` policy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from traces.cli import read_json, write_json
+from traces.errors import TideError
+from traces.policies import Policy
+from traces.shapes import ModelShape
+
+FORMAT = "tide-plan"
+VERSION = 1
+
+
+@dataclass
+class Plan:
+    model: dict[str, Any]
+    layers: list[int]
+    tau: list[int]
+    budget: list[int]
+    dtype: str = "bfloat16"
+    gpu_mem_bytes: float | None = None
+    predicted: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_shape(cls, shape: ModelShape, tau: Any, budget: Any, **kw: Any) -> "Plan":
+        L = shape.n_moe_layers
+        t = np.broadcast_to(np.asarray(tau), (L,)).astype(int).tolist()
+        b = np.broadcast_to(np.asarray(budget), (L,)).astype(int).tolist()
+        plan = cls(model={"name": shape.name, "model_key": shape.model_key, "experts": shape.experts},
+                   layers=shape.moe_layers, tau=t, budget=b, **kw)
+        plan.validate()
+        return plan
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "version": VERSION, "model": self.model, "dtype": self.dtype,
+            "gpu_mem_bytes": self.gpu_mem_bytes,
+            "layers": [{"layer": l, "tau": t, "budget": b} for l, t, b in zip(self.layers, self.tau, self.budget)],
+            "predicted": self.predicted, "provenance": self.provenance,
+        }
+
+    def write(self, path: str | Path) -> Path:
+        self.validate()
+        return write_json(path, self.to_json())
+
+    @classmethod
+    def from_json(cls, d: Any, where: str = "plan") -> "Plan":
+        if not isinstance(d, dict):
+            raise TideError(f"{where}: a plan is a JSON object")
+        if d.get("format") != FORMAT:
+            raise TideError(f"{where}: format is {d.get('format')!r}, expected {FORMAT!r}")
+        if d.get("version") != VERSION:
+            raise TideError(f"{where}: plan version {d.get('version')!r} is not supported (this TIDE reads {VERSION})")
+        model = d.get("model")
+        if not isinstance(model, dict) or not isinstance(model.get("experts"), int):
+            raise TideError(f"{where}: 'model' must name the model and its number of experts")
+        rows = d.get("layers")
+        if not isinstance(rows, list) or not rows:
+            raise TideError(f"{where}: 'layers' must be a non-empty list")
+        layers, tau, budget = [], [], []
+        for i, r in enumerate(rows):
+            if not isinstance(r, dict) or not {"layer", "tau", "budget"} <= set(r):
+                raise TideError(f"{where}: layers[{i}] must have layer, tau and budget")
+            layers.append(r["layer"])
+            tau.append(r["tau"])
+            budget.append(r["budget"])
+        plan = cls(model=model, layers=layers, tau=tau, budget=budget, dtype=d.get("dtype", "bfloat16"),
+                   gpu_mem_bytes=d.get("gpu_mem_bytes"), predicted=d.get("predicted") or {},
+                   provenance=d.get("provenance") or {})
+        plan.validate(where)
+        return plan
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Plan":
+        return cls.from_json(read_json(path, "plan"), where=str(path))
+
+    def validate(self, where: str = "plan") -> None:
+        E = self.model.get("experts")
+        for name, vals in (("layer", self.layers), ("tau", self.tau), ("budget", self.budget)):
+            for v in vals:
+                if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                    raise TideError(f"{where}: {name} values must be integers, got {v!r}")
+        if list(self.layers) != sorted(set(self.layers)) or min(self.layers) < 0:
+            raise TideError(f"{where}: layer ids must be distinct, non-negative and increasing")
+        if min(self.tau) < 1:
+            raise TideError(f"{where}: tau must be at least 1 (layer {self.layers[int(np.argmin(self.tau))]})")
+        if min(self.budget) < 0 or max(self.budget) > E:
+            raise TideError(f"{where}: budgets must lie in 0..{E}")
+
+    def check_model(self, shape: ModelShape, where: str = "plan") -> None:
+        """The plan must be for this model's MoE layers and experts."""
+        if self.model.get("experts") != shape.experts or list(self.layers) != shape.moe_layers:
+            raise TideError(f"{where}: plan is for {self.model.get('name')} (MoE layers {self.layers[0]}..{self.layers[-1]}, "
+                            f"{self.model.get('experts')} experts), not {shape.name} (MoE layers "
+                            f"{shape.moe_layers[0]}..{shape.moe_layers[-1]}, {shape.experts} experts)")
+
+    def policy(self, shape: ModelShape) -> Policy:
+        self.check_model(shape)
+        return Policy.make("plan", shape.n_moe_layers, shape.experts, budget=self.budget, tau=self.tau)
+
+    def expert_bytes_on_gpu(self, shape: ModelShape) -> int:
+        return int(sum(self.budget)) * shape.expert_bytes(self.dtype)
