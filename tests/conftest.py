@@ -1,0 +1,45 @@
+"""Shared fixtures: reduced LLaDA2.0 shapes and small synthetic traces (fast on 2 cores)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from traces.shapes import ModelShape
+from traces.synth import synthesize
+
+
+@pytest.fixture(scope="session")
+def small_shape() -> ModelShape:
+    """LLaDA2.0-mini's layout, reduced: 3 layers (1 dense), 32 experts, top-4 of 4 groups."""
+    return ModelShape.named("llada2-mini").replace(
+        name="small", num_hidden_layers=3, num_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2,
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+        moe_intermediate_size=32, vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def small_trace(small_shape):
+    return synthesize(small_shape, gen_length=96, prompt_length=40, seed=3, requests=2)
+
+
+@pytest.fixture(scope="session")
+def small_trace_nokv(small_shape):
+    return synthesize(small_shape, gen_length=96, prompt_length=40, seed=3, kv_cache=False)
+
+
+def run_module(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m ...`` as a user would, capturing its output."""
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """One ``error:`` line on stderr naming what is wrong, non-zero exit, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])

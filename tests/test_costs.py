@@ -1,0 +1,74 @@
+import copy
+
+import numpy as np
+import pytest
+
+from traces.costs import CostModel, check_fits
+from traces.counters import replay_policy
+from traces.errors import TideError
+from traces.policies import Policy, PolicyRunner
+from traces.counters import forward_counters
+from traces.profile import Profile
+from traces.shapes import ModelShape
+from traces.synth import synthesize
+
+
+@pytest.fixture(scope="module")
+def mini_trace():
+    return synthesize(ModelShape.named("llada2-mini").replace(num_hidden_layers=4), 128, 64, seed=1)
+
+
+def _one_forward(policy_name, budget, counts):
+    L, E = counts.shape
+    r = PolicyRunner(Policy.make(policy_name, L, E, budget=budget, tau=1), E)
+    d = r.step(counts, "prefill", 0)
+    return d, forward_counters(d, counts, 6291456, 2 * 2048 * 2)
+
+
+def test_more_misses_cost_more_cpu_time():
+    cm = CostModel(Profile.load("h200"), ModelShape.named("llada2-mini"))
+    rng = np.random.default_rng(0)
+    counts = rng.multinomial(256, np.ones(256) / 256, size=19)
+    times = []
+    for b in (0, 64, 128, 256):
+        d, c = _one_forward("static", b, counts)
+        times.append(cm.layer_costs(d, counts, c, 32, 96)["cpu_s"].sum())
+    assert times[0] > times[1] > times[2] > times[3] == 0
+
+
+def test_copies_cost_bytes_over_bandwidth():
+    p = Profile.load("h200")
+    cm = CostModel(p, ModelShape.named("llada2-mini"))
+    assert cm.copies_s(np.array([10]))[0] == pytest.approx(10 * 6291456 / 51.99e9)
+    assert cm.copies_s(np.array([0]))[0] == 0
+
+
+def test_bound_overlaps_on_a_gpu_and_adds_up_when_the_fast_device_is_the_cpu():
+    p = Profile.load("h200")
+    cm = CostModel(p, ModelShape.named("llada2-mini"))
+    costs = {k: np.array([v]) for k, v in dict(gpu_s=1.0, cpu_s=2.0, h2d_s=0.5, d2h_s=0.25, copy_s=0.4, sync_s=0.0).items()}
+    assert cm.layer_bound(costs)[0] == pytest.approx(0.25 + 2.0 + 0.1)  # the CPU path dominates
+    assert cm.layer_bound(costs, serial_copies=True)[0] == pytest.approx(2.35)
+    data = copy.deepcopy(p.data)
+    data["fast_device"] = "cpu"
+    cm_cpu = CostModel(Profile(data), ModelShape.named("llada2-mini"))
+    assert cm_cpu.layer_bound(costs)[0] == pytest.approx(3.75)
+
+
+def test_replay_prices_every_forward(mini_trace):
+    p = Profile.load("h200")
+    cm = CostModel(p, mini_trace.shape)
+    L, E = mini_trace.shape.n_moe_layers, mini_trace.shape.experts
+    t_all = replay_policy(mini_trace, Policy.make("all", L, E), cost=cm).bound_seconds()
+    t_cpu = replay_policy(mini_trace, Policy.make("cpu", L, E), cost=cm).bound_seconds()
+    t_tide = replay_policy(mini_trace, Policy.make("tide", L, E, budget=64, tau=4), cost=cm).bound_seconds()
+    assert t_all < t_tide < t_cpu
+
+
+def test_a_profile_without_the_model_and_experts_that_do_not_fit():
+    small = ModelShape.named("llada2-mini").replace(hidden_size=64, moe_intermediate_size=32)
+    with pytest.raises(TideError, match="no cpu_expert_ffn entry for expert shape 64x32"):
+        CostModel(Profile.load("h200"), small)
+    with pytest.raises(TideError, match="do not fit"):
+        check_fits(ModelShape.named("llada2-flash"), Profile.load("rtx4090"))
+    check_fits(ModelShape.named("llada2-mini"), Profile.load("rtx4090"))

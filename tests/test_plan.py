@@ -1,0 +1,42 @@
+import json
+
+import pytest
+
+from traces.errors import TideError
+from traces.plan import Plan
+from traces.shapes import ModelShape
+
+
+def test_round_trip_and_policy(tmp_path):
+    s = ModelShape.named("llada2-mini")
+    plan = Plan.for_shape(s, tau=[1] * 9 + [4] * 10, budget=[0] + [96] * 18, gpu_mem_bytes=24e9,
+                          predicted={"seconds": 1.5}, provenance={"trace": "t.parquet"})
+    path = plan.write(tmp_path / "plan.json")
+    back = Plan.read(path)
+    assert back.tau == plan.tau and back.budget == plan.budget and back.predicted == {"seconds": 1.5}
+    pol = back.policy(s)
+    assert pol.name == "plan" and pol.budget[0] == 0 and pol.tau[-1] == 4
+    assert back.expert_bytes_on_gpu(s) == 18 * 96 * s.expert_bytes()
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda d: d["layers"][0].update(tau=0), "tau must be at least 1"),
+    (lambda d: d["layers"][0].update(budget=257), "budgets must lie in 0..256"),
+    (lambda d: d["layers"][0].update(budget=1.5), "integers"),
+    (lambda d: d.update(layers=[]), "non-empty"),
+    (lambda d: d.update(format="other"), "format"),
+    (lambda d: d["layers"].reverse(), "increasing"),
+])
+def test_bad_plans(tmp_path, edit, fragment):
+    d = Plan.for_shape(ModelShape.named("llada2-mini"), 2, 64).to_json()
+    edit(d)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(TideError, match=fragment):
+        Plan.read(path)
+
+
+def test_plan_for_another_model_is_refused():
+    plan = Plan.for_shape(ModelShape.named("llada2-mini"), 2, 64)
+    with pytest.raises(TideError, match="plan is for llada2-mini"):
+        plan.policy(ModelShape.named("llada2-flash"))
