@@ -205,3 +205,15 @@ def test_step_is_pure():
 def test_bad_policy_settings(args, fragment):
     with pytest.raises(TideError, match=fragment):
         Policy.make(*args)
+
+
+def test_resident_sets_carry_over_between_requests(small_trace):
+    from traces.counters import replay_policy
+    L, E = small_trace.shape.n_moe_layers, small_trace.shape.experts
+    for name, b in (("static", 8), ("swap", 8), ("tide", 8)):
+        rep = replay_policy(small_trace, Policy.make(name, L, E, budget=b, tau=2))
+        setup = rep.counters["setup_migrations"]
+        assert (setup[0] == b).all() and setup[1:].sum() == 0
+    second = small_trace.forwards.index[small_trace.forwards["request"] == 1][0]
+    rep = replay_policy(small_trace, Policy.make("static", L, E, budget=8))
+    assert rep.counters["migrations"][second:].sum() == 0

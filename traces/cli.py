@@ -50,6 +50,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
+def check_out_path(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Fail before any work if an output's folder does not exist."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise TideError(f"{flag} {path}: folder {path.parent} does not exist")
+    return path
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
     text = json.dumps(obj, indent=1, sort_keys=False) + "\n"

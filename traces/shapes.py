@@ -124,7 +124,8 @@ class ModelShape:
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            raise TideError(f"{ref}: not a bundled model name nor a config.json")
+            raise TideError(f"{ref}: unknown model: not a bundled name (llada2-mini, llada2-flash) "
+                            "nor a config.json or checkpoint folder")
         try:
             config = json.loads(path.read_text())
         except json.JSONDecodeError as exc:

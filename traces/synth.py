@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from traces.cli import run_cli
+from traces.cli import check_out_path, run_cli
 from traces.errors import TideError
 from traces.routing import group_limited_topk
 from traces.shapes import DTYPE_BYTES, ModelShape
@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-kv-cache", action="store_true", help="re-run the whole prefix each step (published generate())")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
+    check_out_path(a.out)
     shape = ModelShape.load(a.model)
     dec = Decoding(a.block_length, a.steps, a.threshold, not a.no_kv_cache)
     t0 = time.perf_counter()
