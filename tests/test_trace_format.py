@@ -39,8 +39,10 @@ def test_structure_of_a_kv_trace(small_trace):
     fw = small_trace.forwards
     assert (fw["choice_tokens"] == fw["tokens_run"]).all()  # every token's choices with the KV cache
     assert set(fw["kind"]) == {"prefill", "step", "commit"}
-    assert small_trace.tokens_generated == 2 * 96
-    assert fw.groupby("request")["tokens_committed"].sum().tolist() == [96, 96]
+    # prompt 40 + 96 tokens fill 5 whole blocks of 32: 120 masks per request are denoised
+    assert small_trace.tokens_generated == 2 * 120
+    assert fw.groupby("request")["tokens_committed"].sum().tolist() == [120, 120]
+    assert (fw.loc[fw["kind"] != "prefill", "tokens_run"] == 32).all()
     hist = small_trace.choice_counts()
     assert np.array_equal(hist, small_trace.counts)
 

@@ -191,7 +191,8 @@ def synthesize(shape: ModelShape, gen_length: int, prompt_length: int, seed: int
     rng = np.random.default_rng(seed)
     lw = _Layerwise(shape, p, rng)
     L, E, bl = shape.n_moe_layers, shape.experts, decoding.block_length
-    extra = _poisson_extra(p.tokens_per_step, bl, decoding.steps)
+    steps = min(decoding.steps, gen_length)  # as the published generate() caps them
+    extra = _poisson_extra(p.tokens_per_step, bl, steps)
     rows: list[dict] = []
     counts_list: list[np.ndarray] = []
     choices_list: list[np.ndarray] = []
@@ -210,8 +211,7 @@ def synthesize(shape: ModelShape, gen_length: int, prompt_length: int, seed: int
     bar = tqdm(total=total_blocks, desc=f"synth {shape.name}", unit="block", disable=not progress)
     for r in range(requests):
         lw.new_request()
-        total = prompt_length + gen_length
-        n_blocks = math.ceil(total / bl)
+        n_blocks = math.ceil((prompt_length + gen_length) / bl)  # every block is whole, as published
         first = prompt_length // bl
         prefix = np.zeros((L, E), dtype=np.int64)  # final choices of finished tokens (no-KV forwards)
         # prompt blocks before the first block with masks: one prefill forward
@@ -226,11 +226,11 @@ def synthesize(shape: ModelShape, gen_length: int, prompt_length: int, seed: int
         for b in range(first, n_blocks):
             if b:
                 lw.next_block()
-            start, end = b * bl, min((b + 1) * bl, total)
-            n = end - start
+            start, end = b * bl, (b + 1) * bl
+            n = bl
             u = lw.new_tokens(n)
             masked = np.arange(start, end) >= prompt_length
-            schedule = _commit_schedule(rng, int(masked.sum()), decoding.steps, extra)
+            schedule = _commit_schedule(rng, int(masked.sum()), steps, extra)
             just_committed = np.zeros(n, dtype=bool)
             for s, k in enumerate(schedule):
                 if s:
