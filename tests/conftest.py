@@ -43,3 +43,11 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
     assert "Traceback" not in proc.stderr
     for f in fragments:
         assert f in lines[0], (f, lines[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random checkpoint (fp32, router skew 0.25), made once per test session."""
+    from runtime.make_checkpoint import preset_config, write_checkpoint
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    return write_checkpoint(out, preset_config("tiny"), seed=0, dtype="float32", router_skew=0.25)

@@ -1,0 +1,175 @@
+"""Hugging Face layout checkpoints: ``config.json`` plus ``model.safetensors`` or shards listed
+in ``model.safetensors.index.json``, under the published parameter names.
+
+Loading streams one tensor at a time into a model built on the meta device, so the model is
+never in memory twice. Routed experts go into per-layer stacked tensors wherever
+``experts_device`` says (host memory, pinned when a GPU is present, by default).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from runtime.config import ModelConfig
+from runtime.model import LLaDA2, ExpertWeights
+from traces.errors import TideError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise TideError(f"--dtype: unknown dtype {name!r} (expected one of {', '.join(DTYPES)})") from None
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config holds, with its shape (the published names)."""
+    s = cfg.shape
+    out: dict[str, tuple[int, ...]] = {"model.word_embeddings.weight": (s.vocab, s.hidden), "model.norm.weight": (s.hidden,)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (s.vocab, s.hidden)
+    qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
+    for l in range(s.layers):
+        p = f"model.layers.{l}"
+        out[f"{p}.input_layernorm.weight"] = (s.hidden,)
+        out[f"{p}.post_attention_layernorm.weight"] = (s.hidden,)
+        out[f"{p}.attention.query_key_value.weight"] = (qkv, s.hidden)
+        if cfg.use_qkv_bias:
+            out[f"{p}.attention.query_key_value.bias"] = (qkv,)
+        out[f"{p}.attention.dense.weight"] = (s.hidden, s.heads * s.head_dim)
+        if cfg.use_bias:
+            out[f"{p}.attention.dense.bias"] = (s.hidden,)
+        if cfg.use_qk_norm:
+            out[f"{p}.attention.query_layernorm.weight"] = (s.head_dim,)
+            out[f"{p}.attention.key_layernorm.weight"] = (s.head_dim,)
+        if l < s.first_k_dense:
+            for proj, shp in (("gate_proj", (s.intermediate, s.hidden)), ("up_proj", (s.intermediate, s.hidden)),
+                              ("down_proj", (s.hidden, s.intermediate))):
+                out[f"{p}.mlp.{proj}.weight"] = shp
+            continue
+        out[f"{p}.mlp.gate.weight"] = (s.experts, s.hidden)
+        if cfg.use_expert_bias:
+            out[f"{p}.mlp.gate.expert_bias"] = (s.experts,)
+        if s.shared_experts:
+            si = s.moe_intermediate * s.shared_experts
+            for proj, shp in (("gate_proj", (si, s.hidden)), ("up_proj", (si, s.hidden)), ("down_proj", (s.hidden, si))):
+                out[f"{p}.mlp.shared_experts.{proj}.weight"] = shp
+        for e in range(s.experts):
+            for proj, shp in (("gate_proj", (s.moe_intermediate, s.hidden)), ("up_proj", (s.moe_intermediate, s.hidden)),
+                              ("down_proj", (s.hidden, s.moe_intermediate))):
+                out[f"{p}.mlp.experts.{e}.{proj}.weight"] = shp
+    return out
+
+
+def checkpoint_files(folder: Path) -> dict[Path, list[str] | None]:
+    """The safetensors files of a checkpoint, each with the names the index puts there."""
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise TideError(f"{index}: not a valid safetensors index (needs a weight_map)") from None
+        files: dict[Path, list[str]] = {}
+        for name, fname in weight_map.items():
+            files.setdefault(folder / fname, []).append(name)
+        for f in files:
+            if not f.is_file():
+                raise TideError(f"{folder}: shard {f.name} named in {index.name} is missing")
+        return files
+    if single.is_file():
+        return {single: None}
+    raise TideError(f"{folder}: no model.safetensors nor model.safetensors.index.json")
+
+
+def _assign(model: LLaDA2, name: str, tensor: torch.Tensor) -> None:
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    mod._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
+               experts_device: str | torch.device = "cpu", pin: bool | None = None) -> LLaDA2:
+    """Load a checkpoint; any missing shard, missing tensor, wrong shape or dtype is a TideError."""
+    folder = Path(folder)
+    cfg = ModelConfig.load(folder)
+    files = checkpoint_files(folder)
+    expected = expected_tensors(cfg)
+    device, experts_device = torch.device(device), torch.device(experts_device)
+    if pin is None:
+        pin = torch.cuda.is_available() and experts_device.type == "cpu"
+    target = torch_dtype(dtype) if dtype else None
+    with torch.device("meta"):
+        model = LLaDA2(cfg)
+    s = cfg.shape
+    stacks: dict[int, dict[str, torch.Tensor]] = {}
+    seen: set[str] = set()
+    for path, names in files.items():
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise TideError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+        with handle as f:
+            keys = list(f.keys())
+            if names is not None:
+                absent = sorted(set(names) - set(keys))
+                if absent:
+                    raise TideError(f"{path}: index says it holds {absent[0]}, but it does not")
+            for name in keys:
+                if name not in expected:
+                    continue  # buffers and extras published checkpoints may carry
+                t = f.get_tensor(name)
+                if tuple(t.shape) != expected[name]:
+                    raise TideError(f"{path}: {name} has shape {list(t.shape)}, the config implies {list(expected[name])}")
+                if not t.is_floating_point():
+                    raise TideError(f"{path}: {name} has dtype {t.dtype}, expected a floating-point type")
+                if target is None:
+                    target = t.dtype if not name.endswith("expert_bias") else target
+                seen.add(name)
+                m = _EXPERT.match(name)
+                if m:
+                    l, e, proj = int(m.group(1)), int(m.group(2)), m.group(3)
+                    layer = stacks.setdefault(l, {})
+                    if proj not in layer:
+                        shp = (s.experts, *expected[name])
+                        buf = torch.empty(shp, dtype=target or t.dtype, device=experts_device)
+                        layer[proj] = buf.pin_memory() if pin and experts_device.type == "cpu" else buf
+                    layer[proj][e].copy_(t)
+                elif name.endswith("expert_bias"):
+                    _assign(model, name, t.to(device=device, dtype=torch.float32))
+                else:
+                    _assign(model, name, t.to(device=device, dtype=target))
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        raise TideError(f"{folder}: tensor {missing[0]} missing from the checkpoint"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.word_embeddings.weight
+    for l, layer in enumerate(model.model.layers):
+        if l >= s.first_k_dense:
+            st = stacks[l]
+            layer.mlp.experts = ExpertWeights(gate=st["gate_proj"], up=st["up_proj"], down=st["down_proj"])
+        if not cfg.use_expert_bias and l >= s.first_k_dense:
+            _assign(model, f"model.layers.{l}.mlp.gate.expert_bias", torch.zeros(s.experts, device=device))
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise TideError(f"{folder}: tensor {leftover[0]} missing from the checkpoint")
+    return model.eval()
+
+
+def iter_state(model: LLaDA2) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's tensors under the published names (experts unstacked), for writing."""
+    for name, p in model.named_parameters():
+        yield name, p.detach()
+    for blk in model.moe_blocks:
+        for e in range(blk.experts.gate.shape[0]):
+            for proj, t in (("gate_proj", blk.experts.gate), ("up_proj", blk.experts.up), ("down_proj", blk.experts.down)):
+                yield f"model.layers.{blk.layer}.mlp.experts.{e}.{proj}.weight", t[e]

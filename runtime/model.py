@@ -1,0 +1,280 @@
+"""LLaDA2.0 MoE in plain PyTorch, batch size one, with a block-level KV cache.
+
+Same parameter names and math as the published ``modeling_llada2_moe.py``: fused QKV with
+GQA, per-head RMSNorm on q and k, rotary on the first ``rope_dim`` dims of each head,
+dense first layer(s), MoE layers with a sigmoid group-limited top-k router whose
+``expert_bias`` only chooses, weights normalised then scaled, shared experts, RMSNorm in
+fp32, untied ``lm_head``. Routed experts are stacked per layer (``[E, I, H]``) and computed
+by an *expert executor* so the offload engine can take over without touching the model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dt)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of each head of ``x [heads, T, head_dim]``."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd], x[..., rd:]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))`` (dense layers and shared experts)."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        s = cfg.shape
+        self.heads, self.kv_heads, self.head_dim = s.heads, s.kv_heads, s.head_dim
+        self.query_key_value = nn.Linear(s.hidden, (s.heads + 2 * s.kv_heads) * s.head_dim, bias=cfg.use_qkv_bias)
+        self.dense = nn.Linear(s.heads * s.head_dim, s.hidden, bias=cfg.use_bias)
+        self.use_qk_norm = cfg.use_qk_norm
+        if cfg.use_qk_norm:
+            self.query_layernorm = RMSNorm(s.head_dim, cfg.rms_norm_eps)
+            self.key_layernorm = RMSNorm(s.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos0: int,
+                cache: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.query_key_value(x).view(T, self.heads + 2 * self.kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if self.use_qk_norm:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # write this forward's keys and values, attend to everything before them too
+            ck, cv = cache
+            ck[:, pos0:pos0 + T] = k
+            cv[:, pos0:pos0 + T] = v
+            k, v = ck[:, :pos0 + T], cv[:, :pos0 + T]
+        rep = self.heads // self.kv_heads
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)
+        o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=self.head_dim ** -0.5)[0]
+        return self.dense(o.transpose(0, 1).reshape(T, self.heads * self.head_dim))
+
+
+class Router(nn.Module):
+    """Sigmoid scores in fp32; ``expert_bias`` added for choosing only; group-limited top-k."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        s = cfg.shape
+        self.experts, self.top_k, self.n_group, self.topk_group = s.experts, s.top_k, s.n_group, s.topk_group
+        self.scale = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(s.experts, s.hidden))
+        self.use_bias = cfg.use_expert_bias
+        self.expert_bias = nn.Parameter(torch.zeros(s.experts, dtype=torch.float32))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(F.linear(x.float(), self.weight.float()))
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        s = scores + self.expert_bias if self.use_bias else scores
+        T = s.shape[0]
+        if self.n_group > 1:
+            group = s.view(T, self.n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+            keep = torch.topk(group, k=self.topk_group, dim=-1, sorted=False)[1]
+            gmask = torch.zeros_like(group).scatter_(1, keep, 1)
+            emask = gmask.unsqueeze(-1).expand(T, self.n_group, self.experts // self.n_group).reshape(T, -1)
+            s = s.masked_fill(~emask.bool(), float("-inf"))
+        return torch.topk(s, k=self.top_k, dim=-1)[1]
+
+    def weights(self, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The chosen experts' unbiased scores, normalised to sum 1 (top-k > 1), times the scaling factor."""
+        w = scores.gather(1, idx)
+        if self.top_k > 1:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * self.scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.scores(x)
+        idx = self.choose(scores)
+        return idx, self.weights(scores, idx)
+
+
+@dataclass
+class ExpertWeights:
+    """One MoE layer's routed experts, stacked: gate and up ``[E, I, H]``, down ``[E, H, I]``."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+
+def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def combine(outputs: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Put expert outputs (in ``order`` of the flattened assignments) back in routing order and
+    sum each token's ``k`` outputs weighted, in the weights' dtype, as the published code does."""
+    T, k = weights.shape
+    full = torch.empty_like(outputs)
+    full[order] = outputs
+    return full.view(T, k, -1).to(weights.dtype).mul_(weights.unsqueeze(-1)).sum(dim=1).to(dtype)
+
+
+def local_experts(layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ew: ExpertWeights) -> torch.Tensor:
+    """All experts where ``ew`` lives (on ``x``'s device): tokens sorted by expert, one matmul
+    chain per expert that has tokens."""
+    T, k = idx.shape
+    flat = idx.reshape(-1)
+    order = flat.argsort()
+    tokens = x[order // k]
+    counts = torch.bincount(flat, minlength=ew.gate.shape[0]).tolist()
+    out = torch.empty_like(tokens)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            out[start:start + n] = expert_ffn(tokens[start:start + n], ew.gate[e], ew.up[e], ew.down[e])
+            start += n
+    return combine(out, order, w, x.dtype)
+
+
+class ExpertExecutor(Protocol):
+    def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ew: ExpertWeights) -> torch.Tensor: ...
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        s = cfg.shape
+        self.layer = layer
+        self.gate = Router(cfg)
+        self.shared_experts = MLP(s.hidden, s.moe_intermediate * s.shared_experts) if s.shared_experts else None
+        self.experts: ExpertWeights | None = None  # filled by the loader; not module parameters
+        self.executor: ExpertExecutor = local_experts
+        self.observer: Callable[[int, torch.Tensor], None] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.gate.scores(x)
+        idx = self.gate.choose(scores)
+        w = self.gate.weights(scores, idx)
+        if self.observer is not None:
+            self.observer(self.layer, idx)
+        y = self.executor(self.layer, x, idx, w, self.experts)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        s = cfg.shape
+        self.attention = Attention(cfg)
+        self.mlp = MoE(cfg, layer) if layer >= s.first_k_dense else MLP(s.hidden, s.intermediate)
+        self.input_layernorm = RMSNorm(s.hidden, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(s.hidden, cfg.rms_norm_eps)
+
+    def forward(self, h, cos, sin, pos0, cache, mask):
+        h = h + self.attention(self.input_layernorm(h), cos, sin, pos0, cache, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        s = cfg.shape
+        self.word_embeddings = nn.Embedding(s.vocab, s.hidden)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(s.layers)])
+        self.norm = RMSNorm(s.hidden, cfg.rms_norm_eps)
+
+
+class KVCache:
+    """Per layer keys and values ``[kv_heads, max_tokens, head_dim]``, written in place."""
+
+    def __init__(self, cfg: ModelConfig, max_tokens: int, device: torch.device, dtype: torch.dtype):
+        s = cfg.shape
+        self.layers = [(torch.zeros(s.kv_heads, max_tokens, s.head_dim, device=device, dtype=dtype),
+                        torch.zeros(s.kv_heads, max_tokens, s.head_dim, device=device, dtype=dtype))
+                       for _ in range(s.layers)]
+
+
+def block_causal_mask(n: int, block_length: int, device: torch.device) -> torch.Tensor:
+    """``[n, n]`` True where a query may attend: keys in its own or an earlier block."""
+    b = torch.arange(n, device=device) // block_length
+    return b[None, :] <= b[:, None]
+
+
+class LLaDA2(nn.Module):
+    """The whole model. ``forward`` runs ``ids`` at positions ``pos0..`` and returns fp32 logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.shape.hidden, cfg.shape.vocab, bias=False)
+        self.inv_freq: torch.Tensor | None = None
+
+    @property
+    def moe_blocks(self) -> list[MoE]:
+        return [l.mlp for l in self.model.layers if isinstance(l.mlp, MoE)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def rope(self, pos0: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq is None or self.inv_freq.device != self.device:
+            d = self.cfg.rope_dim
+            self.inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=self.device).float() / d))
+        pos = torch.arange(pos0, pos0 + n, device=self.device, dtype=torch.float32)
+        freqs = pos[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, pos0: int = 0, cache: KVCache | None = None, mask: torch.Tensor | None = None,
+                logits_from: int | None = 0) -> torch.Tensor | None:
+        """Logits ``[T - logits_from, vocab]`` in fp32, or None when ``logits_from`` is None."""
+        h = self.model.word_embeddings(ids)
+        cos, sin = self.rope(pos0, ids.shape[0], h.dtype)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, pos0, cache.layers[i] if cache is not None else None, mask)
+        if logits_from is None:
+            return None
+        h = self.model.norm(h[logits_from:])
+        return self.lm_head(h).float()
