@@ -181,9 +181,11 @@ def read_prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
         if tokenizer is None:
             raise TideError(f"--prompt: {args.checkpoint} has no tokenizer; give --prompt-ids instead")
         if args.chat:
+            if not getattr(tokenizer, "chat_template", None):
+                raise TideError(f"--chat: {args.checkpoint}'s tokenizer has no chat template")
             ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+                                                tokenize=True, return_dict=False)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         return list(tokenizer(text)["input_ids"])
 
     def parse_ids(text: str, where: str) -> list[int]:

@@ -35,7 +35,7 @@ TINY: dict[str, Any] = {
     "name": "llada2-tiny", "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
     "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128, "moe_intermediate_size": 32,
     "num_experts": 32, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2, "vocab_size": 512,
-    "mask_token_id": 511, "eos_token_id": 510, "pad_token_id": 510, "initializer_range": 0.3,
+    "mask_token_id": 511, "eos_token_id": 510, "pad_token_id": 510, "initializer_range": 0.3, "rotary_dim": 8,
     "max_position_embeddings": 4096,
 }
 
@@ -54,6 +54,7 @@ def preset_config(preset: str, layers: int | None = None) -> dict[str, Any]:
         if layers <= first:
             raise TideError(f"--layers: need more than {first} layer(s) to keep a MoE layer")
         base["num_hidden_layers"] = layers
+        base["max_window_layers"] = min(base.get("max_window_layers", layers), layers)
         base["name"] = f"{base.get('name', preset)}-{layers}l"
     base.setdefault("architectures", ["LLaDA2MoeModelLM"])
     return base

@@ -1,6 +1,7 @@
 """The checkpoint's own tokenizer, when its folder has one (read locally, never from a hub)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,11 @@ def load_tokenizer(folder: str | Path) -> Any | None:
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         return None
     try:
+        import transformers
         from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        transformers.utils.logging.set_verbosity_error()  # it warns about config.json's unknown model type
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises many error types for a bad tokenizer folder
         raise TideError(f"{folder}: tokenizer files present but unreadable ({str(exc).splitlines()[0]})") from None
