@@ -7,6 +7,7 @@ never in memory twice. Routed experts go into per-layer stacked tensors wherever
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Iterator
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from runtime.config import ModelConfig
 from runtime.model import LLaDA2, ExpertWeights
@@ -90,6 +92,17 @@ def checkpoint_files(folder: Path) -> dict[Path, list[str] | None]:
     raise TideError(f"{folder}: no model.safetensors nor model.safetensors.index.json")
 
 
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Build modules without initialising weights (the loader assigns them all)."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+
+
 def _assign(model: LLaDA2, name: str, tensor: torch.Tensor) -> None:
     mod_name, _, leaf = name.rpartition(".")
     mod = model.get_submodule(mod_name)
@@ -107,7 +120,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: st
     if pin is None:
         pin = torch.cuda.is_available() and experts_device.type == "cpu"
     target = torch_dtype(dtype) if dtype else None
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = LLaDA2(cfg)
     s = cfg.shape
     stacks: dict[int, dict[str, torch.Tensor]] = {}
