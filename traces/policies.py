@@ -179,19 +179,6 @@ def _place(slot_of: np.ndarray, in_slot: np.ndarray, new: np.ndarray, evict: np.
     return np.stack([new, slots], axis=1).astype(np.int32)
 
 
-def setup(policy: Policy, setup_counts: np.ndarray, experts: int) -> tuple[PlacementState, list[np.ndarray]]:
-    """Fill every layer's ``B`` slots with its top ``B`` experts by setup count."""
-    state = PlacementState.empty(policy, experts)
-    copies = []
-    for l in range(policy.n_layers):
-        b = int(policy.budget[l])
-        top = rank(np.asarray(setup_counts[l]))[:b].astype(np.int32)
-        copies.append(_place(state.slot_of[l], state.in_slot[l], top, np.zeros(0, np.int64)))
-        state.last_use[l, top] = 0
-    state.setup_done = True
-    return state, copies
-
-
 def _tide_refresh(state: PlacementState, l: int, counts: np.ndarray, b: int) -> np.ndarray:
     slot_of, in_slot, last_use = state.slot_of[l], state.in_slot[l], state.last_use[l]
     resident = slot_of >= 0
@@ -234,6 +221,43 @@ def _swap_layer(state: PlacementState, l: int, counts: np.ndarray, b: int) -> tu
     return waves, all_copies
 
 
+def begin_forward(policy: Policy, state: PlacementState | None, kind: str, step_in_block: int) -> np.ndarray | None:
+    """Start a forward on ``state`` (mutated): advance the clock; which layers refresh (tide/plan)."""
+    if kind not in FORWARD_KINDS:
+        raise TideError(f"unknown forward kind {kind!r}")
+    if state is not None:
+        state.clock += 1
+    return policy.refresh_mask(kind, step_in_block) if policy.tau is not None else None
+
+
+def step_layer(policy: Policy, state: PlacementState, l: int, counts_l: np.ndarray,
+               refresh: np.ndarray | None) -> tuple[np.ndarray, list[Wave] | None]:
+    """Decide one MoE layer of the current forward, mutating ``state``'s row ``l``.
+
+    Returns the copies ``[n, 2]`` (expert, slot) and, for swap, the waves. Layers are
+    independent, so the runtime can decide each layer as soon as its router has chosen.
+    """
+    waves = None
+    copies = _NO_COPIES
+    if policy.name == "swap":
+        waves, c = _swap_layer(state, l, counts_l, int(policy.budget[l]))
+        copies = np.concatenate(c) if c else _NO_COPIES
+    else:
+        if refresh is not None and refresh[l] and policy.budget[l] > 0:
+            copies = _tide_refresh(state, l, counts_l, int(policy.budget[l]))
+        used = (counts_l > 0) & (state.slot_of[l] >= 0)
+        state.last_use[l, used] = state.clock
+    return copies, waves
+
+
+def setup_layer(policy: Policy, state: PlacementState, l: int, setup_counts_l: np.ndarray) -> np.ndarray:
+    """Fill layer ``l``'s ``B`` slots with its top ``B`` experts by setup count; the copies."""
+    top = rank(np.asarray(setup_counts_l))[: int(policy.budget[l])].astype(np.int32)
+    copies = _place(state.slot_of[l], state.in_slot[l], top, np.zeros(0, np.int64))
+    state.last_use[l, top] = 0
+    return copies
+
+
 def step(policy: Policy, state: PlacementState | None, counts: np.ndarray, kind: str, step_in_block: int,
          setup_counts: np.ndarray | None = None) -> tuple[PlacementState, Decision]:
     """Decide one forward. ``counts`` is ``[L, E]`` tokens routed per MoE layer and expert.
@@ -246,45 +270,57 @@ def step(policy: Policy, state: PlacementState | None, counts: np.ndarray, kind:
     L, E = counts.shape
     if L != policy.n_layers:
         raise TideError(f"counts have {L} MoE layers, policy has {policy.n_layers}")
-    if kind not in FORWARD_KINDS:
-        raise TideError(f"unknown forward kind {kind!r}")
-    if state is None:
-        state, setup_copies = setup(policy, counts if setup_counts is None else setup_counts, E)
-    else:
-        state = state.copy()
-        setup_copies = [_NO_COPIES] * L
-    state.clock += 1
-    chosen = counts > 0
-    copies: list[np.ndarray] = [_NO_COPIES] * L
-    waves = None
-    refreshed = None
-    if policy.name == "swap":
-        waves = []
-        for l in range(L):
-            w, c = _swap_layer(state, l, counts[l], int(policy.budget[l]))
-            waves.append(w)
-            copies[l] = np.concatenate(c) if c else _NO_COPIES
-    else:
-        if policy.tau is not None:
-            refreshed = policy.refresh_mask(kind, step_in_block)
-            for l in np.flatnonzero(refreshed & (policy.budget > 0)):
-                copies[l] = _tide_refresh(state, l, counts[l], int(policy.budget[l]))
-        used = chosen & (state.slot_of >= 0)
-        state.last_use[used] = state.clock
-    decision = Decision(resident=state.slot_of >= 0, setup_copies=setup_copies, copies=copies,
-                        waves=waves, refreshed=refreshed)
-    return state, decision
+    runner = PolicyRunner(policy, E, setup_counts=setup_counts)
+    runner.state = state.copy() if state is not None else None
+    decision = runner.step(counts, kind, step_in_block)
+    return runner.state, decision
 
 
 @dataclass
 class PolicyRunner:
-    """Holds the state between forwards: the convenience both runtime and simulator use."""
+    """Holds the placement state between forwards (mutating it in place): what the runtime and
+    the simulator drive, one forward at a time or one layer at a time."""
 
     policy: Policy
     experts: int
     setup_counts: np.ndarray | None = None
     state: PlacementState | None = field(default=None, init=False)
 
+    def begin(self, kind: str, step_in_block: int) -> None:
+        """Start a forward; then call :meth:`layer` for every MoE layer in order, then :meth:`end`."""
+        self._first = self.state is None
+        if self._first:
+            self.state = PlacementState.empty(self.policy, self.experts)
+        self._refresh = begin_forward(self.policy, None if self._first else self.state, kind, step_in_block)
+        if self._first:
+            self.state.clock += 1
+        L = self.policy.n_layers
+        self._setup: list[np.ndarray] = [_NO_COPIES] * L
+        self._copies: list[np.ndarray] = [_NO_COPIES] * L
+        self._waves: list[list[Wave]] | None = [[] for _ in range(L)] if self.policy.name == "swap" else None
+
+    def layer(self, l: int, counts_l: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Wave] | None]:
+        """Decide layer ``l``: setup copies (first forward only), copies, swap waves."""
+        counts_l = np.asarray(counts_l)
+        if self._first:
+            src = counts_l if self.setup_counts is None else np.asarray(self.setup_counts[l])
+            self._setup[l] = setup_layer(self.policy, self.state, l, src)
+        copies, waves = step_layer(self.policy, self.state, l, counts_l, self._refresh)
+        self._copies[l] = copies
+        if self._waves is not None:
+            self._waves[l] = waves
+        return self._setup[l], copies, waves
+
+    def end(self) -> Decision:
+        if self._first:
+            self.state.setup_done = True
+        return Decision(resident=self.state.slot_of >= 0, setup_copies=self._setup, copies=self._copies,
+                        waves=self._waves, refreshed=self._refresh)
+
     def step(self, counts: np.ndarray, kind: str, step_in_block: int) -> Decision:
-        self.state, decision = step(self.policy, self.state, counts, kind, step_in_block, self.setup_counts)
-        return decision
+        """One whole forward: ``counts`` is ``[L, E]``."""
+        counts = np.asarray(counts)
+        self.begin(kind, step_in_block)
+        for l in range(self.policy.n_layers):
+            self.layer(l, counts[l])
+        return self.end()
