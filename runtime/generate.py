@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from runtime.capture import TraceRecorder
 from runtime.checkpoint import load_model
 from runtime.model import LLaDA2, KVCache, block_causal_mask
+from runtime.offload import OffloadEngine
 from runtime.tokenizer import load_tokenizer
 from traces.cli import check_out_path, print_json, run_cli
 from traces.errors import TideError
@@ -91,13 +92,20 @@ class Generator:
     decoding: Decoding = field(default_factory=Decoding)
     sampling: Sampling = field(default_factory=Sampling)
     recorder: TraceRecorder | None = None
+    engine: "OffloadEngine | None" = None
 
     def _forward(self, ids, pos0, cache, mask, logits_from, request, kind, block, step, choice_from):
-        rec = self.recorder
-        if rec is not None:
+        if self.engine is not None:
+            self.engine.begin(kind, step)
+        if self.recorder is not None:
             T = ids.shape[0]
-            rec.begin(request, kind, block, step, T, pos0 + T, pos0 + choice_from, T - choice_from)
+            self.recorder.begin(request, kind, block, step, T, pos0 + T, pos0 + choice_from, T - choice_from)
         return self.model(ids, pos0, cache, mask, logits_from)
+
+    def _end(self, committed: int) -> None:
+        counters = self.engine.end() if self.engine is not None else None
+        if self.recorder is not None:
+            self.recorder.end(committed, counters)
 
     @torch.no_grad()
     def generate(self, prompt: list[int], gen_length: int, request: int = 0) -> Result:
@@ -132,8 +140,7 @@ class Generator:
             self._forward(x[:first * bl], 0, cache, block_causal_mask(first * bl, bl, dev), None,
                           request, "prefill", 0, 0, 0)
             res.forwards += 1
-            if rec is not None:
-                rec.end(0)
+            self._end(0)
         for b in range(first, n_blocks):
             s0, e = b * bl, (b + 1) * bl
             for step in range(steps):
@@ -158,14 +165,12 @@ class Generator:
                 res.forwards += 1
                 res.step_forwards += 1
                 res.committed += n
-                if rec is not None:
-                    rec.end(n)
+                self._end(n)
             stop = bool((x[P:e] == cfg.eos_id).any())
             if d.kv_cache and not stop and b < n_blocks - 1:
                 self._forward(x[s0:e], s0, cache, None, None, request, "commit", b, 0, 0)
                 res.forwards += 1
-                if rec is not None:
-                    rec.end(0)
+                self._end(0)
             if stop:
                 break
         out = x[P:P + gen_length].tolist()

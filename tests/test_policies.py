@@ -171,6 +171,17 @@ def test_plan_has_per_layer_tau_and_budget():
     assert d.migrations.tolist() == [1, 0]
 
 
+def test_per_layer_budgets_are_never_exceeded():
+    rng = np.random.default_rng(0)
+    budgets = [0, 1, 3, 8]
+    r = PolicyRunner(Policy.make("plan", 4, E, budget=budgets, tau=[1, 2, 1, 3]), E)
+    for f in range(30):
+        counts = rng.multinomial(12, np.ones(E) / E, size=4)
+        d = r.step(counts, "step", f % 5)
+        assert d.resident.sum(axis=1).tolist() == [min(b, E) for b in budgets]
+        assert all((r.state.in_slot[l, :b] >= 0).all() for l, b in enumerate(budgets))
+
+
 def test_counters_bytes():
     r = PolicyRunner(Policy.make("tide", 1, E, budget=2, tau=1), E)
     r.step(c(e0=2, e1=2), "prefill", 0)

@@ -97,7 +97,7 @@ class PlacementState:
     """Per MoE layer: which experts are resident, in which slot, and when last used."""
 
     slot_of: np.ndarray  # [L, E] int32, -1 when not resident
-    in_slot: np.ndarray  # [L, Bmax] int32, -1 when empty
+    in_slot: np.ndarray  # [L, Bmax] int32, -1 when empty, -2 past the layer's budget
     last_use: np.ndarray  # [L, E] int64, -1 never
     clock: int = 0
     setup_done: bool = False
@@ -106,7 +106,9 @@ class PlacementState:
     def empty(cls, policy: Policy, experts: int) -> "PlacementState":
         L = policy.n_layers
         bmax = int(policy.budget.max()) if L else 0
-        return cls(slot_of=np.full((L, experts), -1, np.int32), in_slot=np.full((L, bmax), -1, np.int32),
+        in_slot = np.full((L, bmax), -1, np.int32)
+        in_slot[np.arange(bmax)[None, :] >= policy.budget[:, None]] = -2  # beyond this layer's budget
+        return cls(slot_of=np.full((L, experts), -1, np.int32), in_slot=in_slot,
                    last_use=np.full((L, experts), -1, np.int64))
 
     @property

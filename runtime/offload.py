@@ -1,0 +1,187 @@
+"""The expert-offload engine: TIDE itself.
+
+Every routed expert lives in host memory (pinned when a GPU is present); up to ``B`` per
+MoE layer also have a slot on the fast device, in stacked slot tensors allocated once. As
+each MoE layer routes, the engine asks the placement policy of ``traces.policies`` (never
+deciding anything itself) what to copy where, copies those experts into their slots (on a
+GPU, on a copy stream from pinned memory, ordered by events), computes the resident
+experts' tokens on the fast device grouped by expert and the others on the CPU at the
+same time, and combines the results in routing order. The fast device may be the CPU
+itself: same path, same decisions, copies become host copies, and hits and misses then
+run the same kernel on the same weights, so the output equals ``all`` exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from runtime.model import LLaDA2, ExpertWeights, combine, expert_ffn
+from traces.counters import COUNTERS, forward_counters
+from traces.errors import TideError
+from traces.policies import Policy, PolicyRunner
+from traces.shapes import dtype_bytes
+
+TIMERS = ("fast_s", "cpu_s", "copy_s", "wait_s")
+
+
+@dataclass
+class _Layer:
+    host: ExpertWeights
+    slots: ExpertWeights | None
+    slot_of: np.ndarray  # [E] which slot holds each expert (-1: none), as the copies made it
+
+
+@dataclass
+class OffloadEngine:
+    model: LLaDA2
+    policy: Policy
+    device: torch.device
+    setup_counts: np.ndarray | None = None
+    timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMERS, 0.0))
+
+    def __post_init__(self) -> None:
+        s = self.model.cfg.shape
+        if self.policy.n_layers != s.n_moe_layers:
+            raise TideError(f"policy has {self.policy.n_layers} MoE layers, the model {s.n_moe_layers}")
+        self.runner = PolicyRunner(self.policy, s.experts, setup_counts=self.setup_counts)
+        self.cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.layers: list[_Layer] = []
+        for i, blk in enumerate(self.model.moe_blocks):
+            host = blk.experts
+            if host.gate.device.type != "cpu":
+                raise TideError("the offload engine needs the routed experts in host memory (load with experts_device='cpu')")
+            b = int(self.policy.budget[i])
+            slots = None
+            if b:
+                slots = ExpertWeights(*(torch.empty((b, *t.shape[1:]), dtype=t.dtype, device=self.device)
+                                        for t in (host.gate, host.up, host.down)))
+            self.layers.append(_Layer(host, slots, np.full(s.experts, -1, dtype=np.int64)))
+            blk.executor = self._execute
+        self.expert_bytes = s.expert_bytes(_dtype_name(self.model.dtype))
+        self.act_bytes = 2 * s.hidden * dtype_bytes(_dtype_name(self.model.dtype))
+        self.forward_counters: list[dict[str, np.ndarray]] = []
+        self._in_forward = False
+
+    def detach(self) -> None:
+        from runtime.model import local_experts
+        for blk in self.model.moe_blocks:
+            blk.executor = local_experts
+
+    # ---- one forward -------------------------------------------------------------------
+    def begin(self, kind: str, step: int) -> None:
+        self.runner.begin(kind, step)
+        L, E = self.policy.n_layers, self.model.cfg.shape.experts
+        self._counts = np.zeros((L, E), dtype=np.int64)
+        self._choices: list[torch.Tensor | None] = [None] * L
+        self._in_forward = True
+
+    def end(self) -> dict[str, np.ndarray]:
+        """Finish the forward; its counters (``[L]`` each), defined in ``traces.counters``."""
+        decision = self.runner.end()
+        choices = torch.stack(self._choices, dim=1).cpu().numpy()  # [T, L, k]
+        c = forward_counters(decision, self._counts, self.expert_bytes, self.act_bytes, choices, choices.shape[0])
+        self.forward_counters.append(c)
+        self._in_forward = False
+        return c
+
+    def totals(self) -> dict[str, int]:
+        return {k: int(sum(c[k].sum() for c in self.forward_counters)) for k in COUNTERS}
+
+    # ---- one layer ----------------------------------------------------------------------
+    def _copy(self, layer: _Layer, copies: np.ndarray) -> None:
+        """Copy experts into slots (on a GPU: on the copy stream, after every earlier use of the slots)."""
+        if not len(copies):
+            return
+        t0 = time.perf_counter()
+        stream = self.copy_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for e, slot in copies.tolist():
+                for dst, src in ((layer.slots.gate, layer.host.gate), (layer.slots.up, layer.host.up),
+                                 (layer.slots.down, layer.host.down)):
+                    dst[slot].copy_(src[e], non_blocking=True)
+                layer.slot_of[e] = slot
+        self.timers["copy_s"] += time.perf_counter() - t0
+
+    def _execute(self, l: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ew: ExpertWeights) -> torch.Tensor:
+        if not self._in_forward:
+            raise RuntimeError("OffloadEngine: forward run without begin()")
+        i = l - self.model.cfg.shape.first_k_dense
+        layer = self.layers[i]
+        T, k = idx.shape
+        flat = idx.reshape(-1)
+        counts_t = torch.bincount(flat, minlength=self.model.cfg.shape.experts)
+        t0 = time.perf_counter()
+        counts = counts_t.cpu().numpy()  # the policy needs the routing on the host
+        self.timers["wait_s"] += time.perf_counter() - t0
+        self._counts[i] = counts
+        self._choices[i] = idx
+        setup, copies, waves = self.runner.layer(i, counts)
+        self._copy(layer, setup)
+        order = flat.argsort(stable=True)
+        tokens = x[order // k]
+        out = torch.empty_like(tokens)
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        if waves is None:
+            self._copy(layer, copies)
+            layer.slot_of[:] = self.runner.state.slot_of[i]  # evictions
+            active = np.flatnonzero(counts)
+            on_fast = layer.slot_of[active] >= 0
+            fresh = np.isin(active, copies[:, 0]) if len(copies) else np.zeros(len(active), dtype=bool)
+            self._fast(layer, tokens, out, bounds, active[on_fast & ~fresh])  # overlaps the copies
+            if fresh.any():
+                self._wait_copies()
+                self._fast(layer, tokens, out, bounds, active[on_fast & fresh])
+            self._cpu(layer, tokens, out, bounds, active[~on_fast])
+        else:
+            for wave in waves:
+                self._copy(layer, wave.copies)
+                self._wait_copies()
+                self._fast(layer, tokens, out, bounds, wave.gpu_experts)
+            layer.slot_of[:] = self.runner.state.slot_of[i]
+        return combine(out, order, w, x.dtype)
+
+    def _wait_copies(self) -> None:
+        if self.copy_stream is not None:
+            t0 = time.perf_counter()
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+            self.timers["wait_s"] += time.perf_counter() - t0
+
+    def _fast(self, layer: _Layer, tokens, out, bounds, experts: np.ndarray) -> None:
+        """Resident experts' tokens on the fast device, one matmul chain per expert."""
+        if not len(experts):
+            return
+        t0 = time.perf_counter()
+        for e in experts.tolist():
+            a, b = int(bounds[e]), int(bounds[e + 1])
+            s = int(layer.slot_of[e])
+            out[a:b] = expert_ffn(tokens[a:b], layer.slots.gate[s], layer.slots.up[s], layer.slots.down[s])
+        self.timers["fast_s"] += time.perf_counter() - t0
+
+    def _cpu(self, layer: _Layer, tokens, out, bounds, experts: np.ndarray) -> None:
+        """Missed experts' tokens on the CPU with the host weights; one copy each way."""
+        if not len(experts):
+            return
+        t0 = time.perf_counter()
+        experts = experts.tolist()
+        rows = torch.cat([torch.arange(int(bounds[e]), int(bounds[e + 1])) for e in experts])
+        rows_dev = rows.to(tokens.device)
+        host_tokens = tokens[rows_dev].to("cpu")
+        res = torch.empty_like(host_tokens)
+        a = 0
+        for e in experts:
+            n = int(bounds[e + 1] - bounds[e])
+            res[a:a + n] = expert_ffn(host_tokens[a:a + n], layer.host.gate[e], layer.host.up[e], layer.host.down[e])
+            a += n
+        out[rows_dev] = res.to(tokens.device, non_blocking=True)
+        self.timers["cpu_s"] += time.perf_counter() - t0
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dt]
