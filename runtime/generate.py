@@ -35,10 +35,13 @@ from runtime.capture import TraceRecorder
 from runtime.checkpoint import load_model
 from runtime.model import LLaDA2, KVCache, block_causal_mask
 from runtime.offload import OffloadEngine
+from runtime.replay import ChoiceReplay, check_replayable, replay_prompt
 from runtime.tokenizer import load_tokenizer
 from traces.cli import check_out_path, print_json, run_cli
 from traces.errors import TideError
-from traces.trace import Decoding
+from traces.plan import Plan
+from traces.policies import POLICIES, Policy
+from traces.trace import Decoding, Trace, load_popularity, read_trace
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,57 @@ class Generator:
         res.tokens = out
         return res
 
+    @torch.no_grad()
+    def replay(self, trace: Trace, request: int = 0) -> Result:
+        """Run one request of a KV-cache trace: its forwards in order, its commit counts
+        (most confident first), its experts (``runtime.replay``); no early stop at eos."""
+        cfg = self.model.cfg
+        check_replayable(trace, self.model)
+        req = next((r for r in trace.requests if r["request"] == request), None)
+        if req is None:
+            raise TideError(f"--replay-trace: no request {request} in the trace")
+        bl = trace.decoding.block_length
+        P, G = req["prompt_length"], req["gen_length"]
+        dev = self.model.device
+        total = math.ceil((P + G) / bl) * bl
+        x = torch.full((total,), cfg.mask_id, dtype=torch.long, device=dev)
+        x[:P] = torch.tensor(replay_prompt(P, cfg.shape.vocab, (cfg.mask_id, cfg.eos_id)), device=dev)
+        cache = KVCache(cfg, total, dev, self.model.dtype)
+        chooser = ChoiceReplay(trace, self.model).attach()
+        if self.recorder is not None:
+            self.recorder.add_request(request, P, G)
+        res = Result(tokens=[])
+        fw = trace.forwards
+        try:
+            for f in fw.index[fw["request"] == request]:
+                kind, b, step, n = fw.at[f, "kind"], int(fw.at[f, "block"]), int(fw.at[f, "step"]), int(fw.at[f, "tokens_committed"])
+                chooser.set_forward(f)
+                s0, e = b * bl, (b + 1) * bl
+                res.forwards += 1
+                if kind == "prefill":
+                    P0 = (P // bl) * bl
+                    self._forward(x[:P0], 0, cache, block_causal_mask(P0, bl, dev), None, request, kind, 0, 0, 0)
+                    self._end(0)
+                elif kind == "commit":
+                    self._forward(x[s0:e], s0, cache, None, None, request, kind, b, 0, 0)
+                    self._end(0)
+                else:
+                    logits = self._forward(x[s0:e], s0, cache, None, 0, request, kind, b, step, 0)
+                    tok, prob = sample(logits, self.sampling, None)
+                    active = x[s0:e] == cfg.mask_id
+                    n = min(n, int(active.sum()))
+                    conf = torch.where(active, prob, torch.full_like(prob, float("-inf")))
+                    transfer = torch.zeros_like(active)
+                    transfer[torch.topk(conf, k=n).indices] = True
+                    x[s0:e] = torch.where(transfer, tok, x[s0:e])
+                    res.step_forwards += 1
+                    res.committed += n
+                    self._end(n)
+        finally:
+            chooser.detach()
+        res.tokens = x[P:P + G].tolist()
+        return res
+
 
 def read_prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
     """Token ids of every prompt given on the command line."""
@@ -250,6 +304,14 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: the checkpoint's)")
     ap.add_argument("--trace-out", help="record the run as a trace (Parquet)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--policy", default=None, help="offload policy: all, cpu, static, swap, tide or plan "
+                    "(default: no offload engine, every expert where the model runs)")
+    ap.add_argument("--tau", type=int, default=None, help="tide: refresh interval in denoising steps")
+    ap.add_argument("--gpu-experts", default=None, help="expert slots per MoE layer on the fast device (one number, or one per layer)")
+    ap.add_argument("--gpu-mem-gb", type=float, default=None, help="fast-device memory limit; the budget is what fits")
+    ap.add_argument("--plan", default=None, help="plan JSON (per-layer tau and budget) for --policy plan")
+    ap.add_argument("--popularity", default=None, help="trace whose total counts fill the slots at setup")
+    ap.add_argument("--replay-trace", default=None, help="run a KV-cache trace's schedule and expert choices")
 
 
 def check_device(name: str) -> torch.device:
@@ -260,41 +322,112 @@ def check_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def make_engine(args: argparse.Namespace, model: LLaDA2, device: torch.device, kv_tokens: int) -> OffloadEngine | None:
+    """The offload engine the flags ask for (None without ``--policy``); budget checks included."""
+    if args.policy is None:
+        for flag in ("tau", "gpu_experts", "gpu_mem_gb", "plan", "popularity"):
+            if getattr(args, flag) is not None:
+                raise TideError(f"--{flag.replace('_', '-')} needs --policy")
+        return None
+    shape = model.cfg.shape
+    L, E = shape.n_moe_layers, shape.experts
+    dtype = _dtype_name(model.dtype)
+    if args.gpu_experts is not None and args.gpu_mem_gb is not None:
+        raise TideError("give --gpu-experts or --gpu-mem-gb, not both")
+    budget = tau = None
+    if args.policy == "plan":
+        if args.plan is None:
+            raise TideError("--policy plan needs --plan FILE")
+        plan = Plan.read(args.plan)
+        pol = plan.policy(shape)
+        budget, tau = pol.budget, pol.tau
+    elif args.plan is not None:
+        raise TideError("--plan needs --policy plan")
+    if args.gpu_experts is not None:
+        try:
+            budget = [int(v) for v in str(args.gpu_experts).split(",")]
+        except ValueError:
+            raise TideError("--gpu-experts: one integer, or one per MoE layer separated by commas") from None
+        budget = budget[0] if len(budget) == 1 else budget
+    elif args.gpu_mem_gb is not None and args.policy not in ("all", "cpu", "plan"):
+        budget = shape.experts_fitting(args.gpu_mem_gb * 1e9, dtype, kv_tokens=kv_tokens)
+        if budget < 1:
+            raise TideError(f"--gpu-mem-gb {args.gpu_mem_gb}: the non-expert weights "
+                            f"({shape.non_expert_bytes(dtype) / 1e9:.2f} GB) and KV cache leave no room for one expert per layer")
+    if args.policy in ("tide",):
+        tau = args.tau if args.tau is not None else 1
+    policy = Policy.make(args.policy, L, E, budget=budget, tau=tau)
+    need = shape.non_expert_bytes(dtype) + kv_tokens * shape.kv_bytes_per_token(dtype) + int(policy.budget.sum()) * shape.expert_bytes(dtype)
+    limit = args.gpu_mem_gb * 1e9 if args.gpu_mem_gb is not None else (
+        torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
+    if limit is not None and need > limit:
+        raise TideError(f"budget does not fit: {need / 1e9:.2f} GB of weights, slots and KV cache, "
+                        f"{limit / 1e9:.2f} GB available")
+    popularity = load_popularity(args.popularity, shape) if args.popularity else None
+    return OffloadEngine(model, policy, device, setup_counts=popularity)
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dt]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load, warm up, generate every prompt, and report (the JSON fields)."""
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise TideError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
     if args.trace_out:
         check_out_path(args.trace_out, "--trace-out")
+    if args.policy is not None and args.policy not in POLICIES:
+        raise TideError(f"--policy: unknown policy {args.policy!r} (expected one of {', '.join(POLICIES)})")
+    if args.tau is not None and args.tau < 1:
+        raise TideError(f"--tau must be at least 1, got {args.tau}")
     device = check_device(args.device)
+    replay = read_trace(args.replay_trace) if args.replay_trace else None
+    offload = args.policy is not None
     model = load_model(args.checkpoint, device=device, dtype=args.dtype,
-                       experts_device=device if device.type == "cpu" else "cpu")
-    if device.type == "cuda":  # all experts resident on the GPU for plain generation
-        for blk in model.moe_blocks:
-            ew = blk.experts
-            ew.gate, ew.up, ew.down = ew.gate.to(device), ew.up.to(device), ew.down.to(device)
+                       experts_device="cpu" if offload or device.type == "cpu" else device)
     tokenizer = load_tokenizer(args.checkpoint)
-    prompts = read_prompts(args, tokenizer)
-    decoding = Decoding(args.block_length, args.steps, args.threshold, not args.no_kv_cache)
-    dtype_name = {v: k for k, v in {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.items()}[model.dtype]
+    if replay is not None:
+        if any(a is not None for a in (args.prompt, args.prompt_ids, args.prompts)):
+            raise TideError("--replay-trace takes its prompts from the trace; drop --prompt/--prompt-ids/--prompts")
+        check_replayable(replay, model)
+        prompts = [replay_prompt(r["prompt_length"], model.cfg.shape.vocab, (model.cfg.mask_id, model.cfg.eos_id))
+                   for r in replay.requests]
+        decoding = replay.decoding
+        lengths = [r["gen_length"] for r in replay.requests]
+    else:
+        prompts = read_prompts(args, tokenizer)
+        decoding = Decoding(args.block_length, args.steps, args.threshold, not args.no_kv_cache)
+        lengths = [args.gen_length] * len(prompts)
+    bl = decoding.block_length
+    kv_tokens = max(math.ceil((len(p) + g) / bl) * bl for p, g in zip(prompts, lengths)) if decoding.kv_cache else 0
+    dtype_name = _dtype_name(model.dtype)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    Generator(model, Decoding(decoding.block_length, 1, decoding.threshold, decoding.kv_cache), sampling).generate(
-        prompts[0][:decoding.block_length], 1)  # warm-up, not timed
+    Generator(model, Decoding(bl, 1, decoding.threshold, decoding.kv_cache), sampling).generate(
+        prompts[0][:bl], 1)  # warm-up, not timed, before any engine state exists
+    engine = make_engine(args, model, device, kv_tokens)
     rec = TraceRecorder(model, decoding, dtype_name).attach() if args.trace_out else None
-    gen = Generator(model, decoding, sampling, rec)
+    gen = Generator(model, decoding, sampling, rec, engine)
     results = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i, p in enumerate(prompts):
         sync()
         t0 = time.perf_counter()
-        r = gen.generate(p, args.gen_length, request=i)
+        r = gen.replay(replay, replay.requests[i]["request"]) if replay is not None else gen.generate(p, lengths[i], request=i)
         sync()
         r.seconds = time.perf_counter() - t0
         results.append(r)
+    policy_meta = None
+    if engine is not None:
+        engine.detach()
+        pol = engine.policy
+        policy_meta = {"name": pol.name, "budget": pol.budget.tolist(),
+                       "tau": pol.tau.tolist() if pol.tau is not None else None, "popularity": args.popularity}
     if rec is not None:
         rec.detach()
         rec.trace(source={"generator": "runtime.generate", "checkpoint": str(args.checkpoint),
-                          "device": str(device), "seed": args.seed}).write(args.trace_out)
+                          "device": str(device), "seed": args.seed, "replay_trace": args.replay_trace},
+                  policy=policy_meta).write(args.trace_out)
     seconds = sum(r.seconds for r in results)
     n_tokens = sum(len(r.tokens) for r in results)
     steps = sum(r.step_forwards for r in results)
@@ -306,7 +439,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
         "device": str(device), "dtype": dtype_name, "kv_cache": decoding.kv_cache,
     }
-    if tokenizer is not None:
+    if engine is not None:
+        out["policy"] = policy_meta
+        out.update(engine.totals())
+        out.update(engine.timers)
+    if tokenizer is not None and replay is None:
         texts = [tokenizer.decode(r.tokens, skip_special_tokens=True) for r in results]
         out["text"] = texts[0] if len(texts) == 1 else texts
     return out

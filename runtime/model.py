@@ -157,7 +157,7 @@ def local_experts(layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tenso
     chain per expert that has tokens."""
     T, k = idx.shape
     flat = idx.reshape(-1)
-    order = flat.argsort()
+    order = flat.argsort(stable=True)
     tokens = x[order // k]
     counts = torch.bincount(flat, minlength=ew.gate.shape[0]).tolist()
     out = torch.empty_like(tokens)
@@ -182,11 +182,12 @@ class MoE(nn.Module):
         self.shared_experts = MLP(s.hidden, s.moe_intermediate * s.shared_experts) if s.shared_experts else None
         self.experts: ExpertWeights | None = None  # filled by the loader; not module parameters
         self.executor: ExpertExecutor = local_experts
+        self.override: Callable[[int], torch.Tensor] | None = None  # replayed choices instead of the router's
         self.observer: Callable[[int, torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.gate.scores(x)
-        idx = self.gate.choose(scores)
+        idx = self.override(self.layer) if self.override is not None else self.gate.choose(scores)
         w = self.gate.weights(scores, idx)
         if self.observer is not None:
             self.observer(self.layer, idx)

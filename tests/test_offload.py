@@ -1,0 +1,151 @@
+"""The offload engine: lossless for every policy and budget, counters exact, replay, errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_clean_error, run_module
+from runtime.capture import TraceRecorder
+from runtime.checkpoint import load_model
+from runtime.generate import Generator
+from runtime.offload import OffloadEngine
+from traces.counters import replay_policy
+from traces.plan import Plan
+from traces.policies import Policy
+from traces.synth import synthesize
+from traces.trace import Decoding, read_trace
+
+CASES = [("cpu", None, None), ("static", 0, None), ("static", 1, None), ("static", 8, None), ("swap", 1, None),
+         ("swap", 6, None), ("tide", 0, 1), ("tide", 1, 1), ("tide", 8, 3), ("tide", 32, 2),
+         ("plan", [0, 5, 12], [1, 4, 2])]
+PROMPTS = [list(range(3, 23)), list(range(100, 140))]
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def model(request, tiny_ckpt):
+    return load_model(tiny_ckpt, dtype=request.param)
+
+
+def _run(model, policy, kv, prompt, threshold=0.3, recorder=None, popularity=None):
+    eng = OffloadEngine(model, policy, torch.device("cpu"), setup_counts=popularity) if policy else None
+    try:
+        return Generator(model, Decoding(32, 32, threshold, kv), recorder=recorder, engine=eng).generate(prompt, 64), eng
+    finally:
+        if eng is not None:
+            eng.detach()
+
+
+@pytest.mark.parametrize("kv", [True, False])
+def test_every_policy_and_budget_generates_exactly_what_all_does(model, kv):
+    L, E = model.cfg.shape.n_moe_layers, model.cfg.shape.experts
+    for prompt in PROMPTS:
+        ref, _ = _run(model, Policy.make("all", L, E), kv, prompt)
+        plain, _ = _run(model, None, kv, prompt)
+        assert ref.tokens == plain.tokens
+        for name, b, tau in CASES:
+            r, eng = _run(model, Policy.make(name, L, E, budget=b, tau=tau), kv, prompt)
+            assert r.tokens == ref.tokens, (name, b, tau)
+            t = eng.totals()
+            assert t["gpu_tokens"] + t["cpu_tokens"] == sum(c["gpu_tokens"].sum() + c["cpu_tokens"].sum()
+                                                            for c in eng.forward_counters)
+            if name == "cpu" or b == 0:
+                assert t["gpu_tokens"] == 0 and t["migrations"] == 0
+
+
+def test_counters_are_exactly_what_the_policy_functions_give(tmp_path, model):
+    L, E = model.cfg.shape.n_moe_layers, model.cfg.shape.experts
+    for name, b, tau in CASES:
+        for kv in (True, False):
+            policy = Policy.make(name, L, E, budget=b, tau=tau)
+            rec = TraceRecorder(model, Decoding(32, 32, 0.3, kv), "float32" if model.dtype == torch.float32 else "bfloat16").attach()
+            eng = OffloadEngine(model, policy, torch.device("cpu"))
+            gen = Generator(model, Decoding(32, 32, 0.3, kv), recorder=rec, engine=eng)
+            gen.generate(PROMPTS[0], 64, request=0)
+            gen.generate(PROMPTS[1], 40, request=1)  # resident sets carry over
+            eng.detach(), rec.detach()
+            trace = read_trace(rec.trace().write(tmp_path / "t.parquet"))
+            rep = replay_policy(trace, policy)
+            for k, v in rep.counters.items():
+                if k == "bytes_act" and not kv:
+                    assert (trace.counters[k] <= v).all()  # no-KV traces keep the block's choices only: a bound
+                    continue
+                assert np.array_equal(trace.counters[k], v), (name, b, tau, kv, k)
+
+
+def test_popularity_fills_the_slots_at_setup(model):
+    L, E = model.cfg.shape.n_moe_layers, model.cfg.shape.experts
+    pop = np.zeros((L, E), dtype=np.int64)
+    pop[:, -4:] = 10
+    r, eng = _run(model, Policy.make("static", L, E, budget=4), True, PROMPTS[0], popularity=pop)
+    assert (eng.runner.state.slot_of[:, -4:] >= 0).all()
+    ref, _ = _run(model, None, True, PROMPTS[0])
+    assert r.tokens == ref.tokens
+
+
+def test_replaying_a_trace_follows_its_schedule_and_choices(model):
+    shape = model.cfg.shape
+    trace = synthesize(shape, 96, 40, seed=4, requests=2, dtype="float32")
+    L, E = shape.n_moe_layers, shape.experts
+    policy = Policy.make("tide", L, E, budget=8, tau=2)
+    rec = TraceRecorder(model, trace.decoding, "float32").attach()
+    eng = OffloadEngine(model, policy, torch.device("cpu"))
+    gen = Generator(model, trace.decoding, recorder=rec, engine=eng)
+    for r in trace.requests:
+        gen.replay(trace, r["request"])
+    eng.detach(), rec.detach()
+    got = rec.trace()
+    assert np.array_equal(got.counts, trace.counts) and np.array_equal(got.choices, trace.choices)
+    assert got.forwards[["kind", "block", "step", "tokens_committed"]].equals(
+        trace.forwards[["kind", "block", "step", "tokens_committed"]])
+    if model.dtype == torch.float32:
+        rep = replay_policy(trace, policy)
+        for k in rep.counters:
+            assert np.array_equal(got.counters[k], rep.counters[k]), k
+
+
+def test_generate_command_with_policies(tmp_path, tiny_ckpt):
+    base = ["runtime.generate", "--checkpoint", str(tiny_ckpt), "--prompt-ids", "5,6,7", "--gen-length", "32",
+            "--threshold", "0.3", "--json"]
+    ref = json.loads(run_module(*base).stdout)
+    plan = Plan.for_shape(load_model(tiny_ckpt).cfg.shape, tau=[1, 2, 3], budget=[0, 4, 8])
+    plan.write(tmp_path / "plan.json")
+    out = tmp_path / "t.parquet"
+    for extra in (["--policy", "tide", "--gpu-experts", "4", "--tau", "2", "--trace-out", str(out)],
+                  ["--policy", "swap", "--gpu-experts", "2"], ["--policy", "plan", "--plan", str(tmp_path / "plan.json")],
+                  ["--policy", "static", "--gpu-mem-gb", "0.0025"]):
+        proc = run_module(*base, *extra)
+        assert proc.returncode == 0, proc.stderr
+        j = json.loads(proc.stdout)
+        assert j["tokens"] == ref["tokens"]
+        for k in ("gpu_tokens", "cpu_tokens", "migrations", "setup_migrations", "bytes_h2d", "bytes_act",
+                  "fast_s", "cpu_s", "copy_s", "wait_s"):
+            assert k in j
+    t = read_trace(out)
+    assert t.counters is not None and t.policy["name"] == "tide" and t.policy["tau"] == [2, 2, 2]
+    synth = tmp_path / "s.parquet"
+    synthesize(load_model(tiny_ckpt).cfg.shape, 64, 32, seed=1).write(synth)
+    proc = run_module("runtime.generate", "--checkpoint", str(tiny_ckpt), "--replay-trace", str(synth), "--gen-length", "1",
+                      "--policy", "tide", "--gpu-experts", "8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["forwards"] == read_trace(synth).n_forwards
+
+
+def test_bad_offload_settings_fail_cleanly(tmp_path, tiny_ckpt, small_shape):
+    base = ["runtime.generate", "--checkpoint", str(tiny_ckpt), "--prompt-ids", "5,6,7", "--gen-length", "8"]
+    assert_clean_error(run_module(*base, "--policy", "fifo"), "unknown policy")
+    assert_clean_error(run_module(*base, "--policy", "tide", "--gpu-experts", "4", "--tau", "0"), "--tau")
+    assert_clean_error(run_module(*base, "--policy", "tide", "--gpu-experts", "99"), "budgets must lie")
+    assert_clean_error(run_module(*base, "--policy", "swap", "--gpu-experts", "0"), "swap needs")
+    assert_clean_error(run_module(*base, "--policy", "tide", "--gpu-mem-gb", "0.0001"), "no room for one expert")
+    assert_clean_error(run_module(*base, "--policy", "all", "--gpu-mem-gb", "0.001"), "does not fit")
+    assert_clean_error(run_module(*base, "--policy", "plan"), "needs --plan")
+    assert_clean_error(run_module(*base, "--tau", "2"), "needs --policy")
+    other = tmp_path / "other.parquet"
+    synthesize(small_shape, 64, 32, seed=1).write(other)
+    assert_clean_error(run_module("runtime.generate", "--checkpoint", str(tiny_ckpt), "--gen-length", "8",
+                                  "--replay-trace", str(other)), "trace has MoE layers")
+    nokv = tmp_path / "nokv.parquet"
+    synthesize(load_model(tiny_ckpt).cfg.shape, 64, 32, seed=1, kv_cache=False).write(nokv)
+    assert_clean_error(run_module("runtime.generate", "--checkpoint", str(tiny_ckpt), "--gen-length", "8",
+                                  "--replay-trace", str(nokv)), "without the KV cache")
