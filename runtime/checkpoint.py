@@ -11,7 +11,7 @@ import contextlib
 import json
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -115,6 +115,33 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: st
     folder = Path(folder)
     cfg = ModelConfig.load(folder)
     files = checkpoint_files(folder)
+
+    def stream() -> Iterator[tuple[str, torch.Tensor, str]]:
+        for path, names in files.items():
+            try:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises its own error types
+                raise TideError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+            with handle as f:
+                keys = list(f.keys())
+                if names is not None:
+                    absent = sorted(set(names) - set(keys))
+                    if absent:
+                        raise TideError(f"{path}: index says it holds {absent[0]}, but it does not")
+                for name in keys:
+                    yield name, f.get_tensor(name), str(path)
+
+    return build_model(cfg, stream(), device, dtype, experts_device, pin, where=str(folder))
+
+
+def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str]], device: str | torch.device = "cpu",
+                dtype: str | None = None, experts_device: str | torch.device = "cpu", pin: bool | None = None,
+                where: str = "checkpoint") -> LLaDA2:
+    """Build the model from ``(name, tensor, source)`` items, one tensor in memory at a time.
+
+    Routed experts go into per-layer stacked tensors on ``experts_device`` (pinned host
+    memory when a GPU is present); everything else to ``device``.
+    """
     expected = expected_tensors(cfg)
     device, experts_device = torch.device(device), torch.device(experts_device)
     if pin is None:
@@ -125,44 +152,31 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: st
     s = cfg.shape
     stacks: dict[int, dict[str, torch.Tensor]] = {}
     seen: set[str] = set()
-    for path, names in files.items():
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as exc:  # safetensors raises its own error types
-            raise TideError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
-        with handle as f:
-            keys = list(f.keys())
-            if names is not None:
-                absent = sorted(set(names) - set(keys))
-                if absent:
-                    raise TideError(f"{path}: index says it holds {absent[0]}, but it does not")
-            for name in keys:
-                if name not in expected:
-                    continue  # buffers and extras published checkpoints may carry
-                t = f.get_tensor(name)
-                if tuple(t.shape) != expected[name]:
-                    raise TideError(f"{path}: {name} has shape {list(t.shape)}, the config implies {list(expected[name])}")
-                if not t.is_floating_point():
-                    raise TideError(f"{path}: {name} has dtype {t.dtype}, expected a floating-point type")
-                if target is None:
-                    target = t.dtype if not name.endswith("expert_bias") else target
-                seen.add(name)
-                m = _EXPERT.match(name)
-                if m:
-                    l, e, proj = int(m.group(1)), int(m.group(2)), m.group(3)
-                    layer = stacks.setdefault(l, {})
-                    if proj not in layer:
-                        shp = (s.experts, *expected[name])
-                        buf = torch.empty(shp, dtype=target or t.dtype, device=experts_device)
-                        layer[proj] = buf.pin_memory() if pin and experts_device.type == "cpu" else buf
-                    layer[proj][e].copy_(t)
-                elif name.endswith("expert_bias"):
-                    _assign(model, name, t.to(device=device, dtype=torch.float32))
-                else:
-                    _assign(model, name, t.to(device=device, dtype=target))
+    for name, t, path in tensors:
+        if name not in expected:
+            continue  # buffers and extras published checkpoints may carry
+        if tuple(t.shape) != expected[name]:
+            raise TideError(f"{path}: {name} has shape {list(t.shape)}, the config implies {list(expected[name])}")
+        if not t.is_floating_point():
+            raise TideError(f"{path}: {name} has dtype {t.dtype}, expected a floating-point type")
+        if target is None and not name.endswith("expert_bias"):
+            target = t.dtype
+        seen.add(name)
+        m = _EXPERT.match(name)
+        if m:
+            l, e, proj = int(m.group(1)), int(m.group(2)), m.group(3)
+            layer = stacks.setdefault(l, {})
+            if proj not in layer:
+                buf = torch.empty((s.experts, *expected[name]), dtype=target or t.dtype, device=experts_device)
+                layer[proj] = buf.pin_memory() if pin and experts_device.type == "cpu" else buf
+            layer[proj][e].copy_(t)
+        elif name.endswith("expert_bias"):
+            _assign(model, name, t.to(device=device, dtype=torch.float32))
+        else:
+            _assign(model, name, t.to(device=device, dtype=target))
     missing = [n for n in expected if n not in seen]
     if missing:
-        raise TideError(f"{folder}: tensor {missing[0]} missing from the checkpoint"
+        raise TideError(f"{where}: tensor {missing[0]} missing from the checkpoint"
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.word_embeddings.weight
@@ -170,11 +184,11 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: st
         if l >= s.first_k_dense:
             st = stacks[l]
             layer.mlp.experts = ExpertWeights(gate=st["gate_proj"], up=st["up_proj"], down=st["down_proj"])
-        if not cfg.use_expert_bias and l >= s.first_k_dense:
-            _assign(model, f"model.layers.{l}.mlp.gate.expert_bias", torch.zeros(s.experts, device=device))
+            if not cfg.use_expert_bias:
+                _assign(model, f"model.layers.{l}.mlp.gate.expert_bias", torch.zeros(s.experts, device=device))
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
-        raise TideError(f"{folder}: tensor {leftover[0]} missing from the checkpoint")
+        raise TideError(f"{where}: tensor {leftover[0]} missing from the checkpoint")
     return model.eval()
 
 

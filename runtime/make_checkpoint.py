@@ -75,6 +75,16 @@ def random_tensors(cfg: ModelConfig, seed: int, dtype: torch.dtype, router_skew:
             yield name, (torch.randn(shape, generator=gen) * init_std).to(dtype)
 
 
+def random_model(config: dict[str, Any], seed: int = 0, dtype: str = "bfloat16", router_skew: float = 0.0,
+                 device: str | torch.device = "cpu", experts_device: str | torch.device = "cpu"):
+    """The model a checkpoint written with the same arguments holds, built in memory (no disk)."""
+    from runtime.checkpoint import build_model
+    cfg = ModelConfig.from_dict(config, source="preset")
+    init_std = float(config.get("initializer_range", 0.02))
+    items = ((n, t, "random") for n, t in random_tensors(cfg, seed, torch_dtype(dtype), router_skew, init_std))
+    return build_model(cfg, items, device=device, dtype=dtype, experts_device=experts_device)
+
+
 def write_checkpoint(out: str | Path, config: dict[str, Any], seed: int = 0, dtype: str = "bfloat16",
                      router_skew: float = 0.0, shard_bytes: float = 2e9, progress: bool = False) -> Path:
     """Write a random checkpoint to ``out`` (which must not hold files yet)."""

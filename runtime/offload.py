@@ -154,14 +154,11 @@ class OffloadEngine:
             self.timers["wait_s"] += time.perf_counter() - t0
 
     def _fast(self, layer: _Layer, tokens, out, bounds, experts: np.ndarray) -> None:
-        """Resident experts' tokens on the fast device, one matmul chain per expert."""
+        """Resident experts' tokens on the fast device."""
         if not len(experts):
             return
         t0 = time.perf_counter()
-        for e in experts.tolist():
-            a, b = int(bounds[e]), int(bounds[e + 1])
-            s = int(layer.slot_of[e])
-            out[a:b] = expert_ffn(tokens[a:b], layer.slots.gate[s], layer.slots.up[s], layer.slots.down[s])
+        run_experts(tokens, out, bounds, experts, layer.slots, layer.slot_of)
         self.timers["fast_s"] += time.perf_counter() - t0
 
     def _cpu(self, layer: _Layer, tokens, out, bounds, experts: np.ndarray) -> None:
@@ -169,18 +166,24 @@ class OffloadEngine:
         if not len(experts):
             return
         t0 = time.perf_counter()
-        experts = experts.tolist()
-        rows = torch.cat([torch.arange(int(bounds[e]), int(bounds[e + 1])) for e in experts])
-        rows_dev = rows.to(tokens.device)
-        host_tokens = tokens[rows_dev].to("cpu")
+        sizes = (bounds[experts + 1] - bounds[experts]).astype(np.int64)
+        rows = torch.as_tensor(np.concatenate([np.arange(bounds[e], bounds[e + 1]) for e in experts]), device=tokens.device)
+        host_tokens = tokens[rows].to("cpu")
         res = torch.empty_like(host_tokens)
-        a = 0
-        for e in experts:
-            n = int(bounds[e + 1] - bounds[e])
-            res[a:a + n] = expert_ffn(host_tokens[a:a + n], layer.host.gate[e], layer.host.up[e], layer.host.down[e])
-            a += n
-        out[rows_dev] = res.to(tokens.device, non_blocking=True)
+        run_experts(host_tokens, res, np.concatenate([[0], np.cumsum(sizes)]), np.arange(len(experts)),
+                    layer.host, experts)
+        out[rows] = res.to(tokens.device, non_blocking=True)
         self.timers["cpu_s"] += time.perf_counter() - t0
+
+
+def run_experts(tokens: torch.Tensor, out: torch.Tensor, bounds: np.ndarray, experts: np.ndarray,
+                weights: ExpertWeights, index: np.ndarray) -> None:
+    """Expert ``e``'s rows ``bounds[e]:bounds[e+1]`` of ``tokens`` through the weights at
+    ``index[e]``, into ``out``: the one grouped-expert kernel of the engine and the profiler."""
+    for e in experts.tolist():
+        a, b = int(bounds[e]), int(bounds[e + 1])
+        s = int(index[e])
+        out[a:b] = expert_ffn(tokens[a:b], weights.gate[s], weights.up[s], weights.down[s])
 
 
 def _dtype_name(dt: torch.dtype) -> str:

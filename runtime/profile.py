@@ -1,0 +1,270 @@
+"""The hardware profiler: measures this box in the profile format of ``traces.profile``.
+
+``python -m runtime.profile --out FILE [--checkpoint DIR] [--device cuda|cpu] [--quick]``
+
+Measures capacities, transfer bandwidth against size (pinned and pageable, both
+directions; host copies when the fast device is the CPU), the engine's grouped expert
+computation on the fast device over experts x tokens, one expert's FFN on the CPU against
+tokens (per weight dtype), a MoE layer's and a dense layer's non-expert time against tokens
+and context, the head's time against tokens, and overheads (launch, synchronisation, CPU
+expert dispatch). Shapes come from the checkpoint's ``config.json`` (LLaDA2.0-mini's when
+none is given); weights are random, since times do not depend on values. Every value is
+marked ``measured``. ``--quick`` keeps grids small (under a minute on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from runtime.checkpoint import torch_dtype
+from runtime.config import ModelConfig
+from runtime.generate import check_device
+from runtime.model import DecoderLayer, ExpertWeights, KVCache, LLaDA2, expert_ffn
+from runtime.offload import run_experts
+from traces.cli import check_out_path, run_cli
+from traces.profile import FORMAT, VERSION, Profile
+from traces.shapes import ModelShape
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], Any], int], float]:
+    def median_s(fn: Callable[[], Any], reps: int) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+    return median_s
+
+
+def _host_memory_bytes() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _m(value: float) -> dict[str, Any]:
+    return {"value": float(value), "source": "measured"}
+
+
+class Profiler:
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, quick: bool, progress: bool = True):
+        self.cfg, self.device, self.dtype, self.quick = cfg, device, dtype, quick
+        self.time = _timer(device)
+        self.reps = 3 if quick else 7
+        self.bar = tqdm(total=6, desc="profiling", disable=not progress)
+
+    def _step(self, what: str) -> None:
+        self.bar.set_postfix_str(what)
+        self.bar.update(1)
+
+    # ---- transfers -----------------------------------------------------------------------
+    def bandwidths(self) -> tuple[dict, dict]:
+        sizes = [65536, 1 << 20, self.cfg.shape.expert_bytes(_name(self.dtype)), 1 << 26]
+        if not self.quick:
+            sizes = [4096] + sizes + [1 << 28]
+        sizes = sorted(set(int(s) for s in sizes))
+        out = {"h2d": {}, "d2h": {}}
+        cuda = self.device.type == "cuda"
+        for kind in ("pinned", "pageable"):
+            for direction in ("h2d", "d2h"):
+                gbps = []
+                for n in sizes:
+                    host = torch.empty(n, dtype=torch.uint8)
+                    if kind == "pinned" and cuda:
+                        host = host.pin_memory()
+                    dev = torch.empty(n, dtype=torch.uint8, device=self.device)
+                    src, dst = (host, dev) if direction == "h2d" else (dev, host)
+                    s = self.time(lambda: dst.copy_(src, non_blocking=kind == "pinned"), self.reps)
+                    gbps.append(n / s / 1e9)
+                out[direction][kind] = {"source": "measured", "bytes": sizes, "gbps": gbps}
+        self._step("transfers")
+        return out["h2d"], out["d2h"]
+
+    def memory_bandwidth(self, device: torch.device) -> float:
+        n = (1 << 26) if self.quick else (1 << 28)
+        a = torch.empty(n, dtype=torch.uint8, device=device)
+        b = torch.empty_like(a)
+        return 2 * n / self.time(lambda: b.copy_(a), self.reps) / 1e9
+
+    # ---- experts ---------------------------------------------------------------------------
+    def _experts(self, n: int, dtype: torch.dtype, device: torch.device) -> ExpertWeights:
+        s = self.cfg.shape
+        g = torch.Generator(device="cpu").manual_seed(0)
+        mk = lambda *shape: (torch.randn(*shape, generator=g) * 0.02).to(device=device, dtype=dtype)  # noqa: E731
+        return ExpertWeights(mk(n, s.moe_intermediate, s.hidden), mk(n, s.moe_intermediate, s.hidden),
+                             mk(n, s.hidden, s.moe_intermediate))
+
+    def gpu_experts(self) -> dict[str, Any]:
+        """The engine's grouped computation of ``e`` resident experts with ``t`` tokens each."""
+        experts = [1, 8, 32] if self.quick else [1, 8, 32, 64, 128, 256]
+        experts = [e for e in experts if e <= self.cfg.shape.experts]
+        tpe = [1, 4, 16] if self.quick else [1, 4, 16, 64]
+        w = self._experts(max(experts), self.dtype, self.device)
+        table = []
+        for e in experts:
+            row = []
+            for t in tpe:
+                x = torch.randn(e * t, self.cfg.shape.hidden, device=self.device, dtype=self.dtype)
+                out = torch.empty_like(x)
+                bounds = np.arange(e + 1) * t
+                idx = np.arange(e)
+                row.append(self.time(lambda: run_experts(x, out, bounds, idx, w, idx), self.reps))
+            table.append(row)
+        self._step("grouped experts")
+        return {_name(self.dtype): {"source": "measured", "experts": experts, "tokens_per_expert": tpe, "seconds": table}}
+
+    def cpu_expert_ffn(self) -> dict[str, Any]:
+        tokens = [1, 4, 16, 64, 256] if self.quick else [1, 4, 16, 64, 256, 1024]
+        out = {}
+        for dt in sorted({_name(self.dtype), "float32", "bfloat16"}):
+            w = self._experts(1, torch_dtype(dt), torch.device("cpu"))
+            secs = []
+            for t in tokens:
+                x = torch.randn(t, self.cfg.shape.hidden, dtype=torch_dtype(dt))
+                secs.append(self.time(lambda: expert_ffn(x, w.gate[0], w.up[0], w.down[0]), self.reps))
+            out[dt] = {"source": "measured", "tokens": tokens, "seconds": secs}
+        self._step("CPU experts")
+        return out
+
+    # ---- non-expert work -----------------------------------------------------------------
+    def non_expert(self) -> dict[str, Any]:
+        s = self.cfg.shape
+        tokens = [1, 32, 128] if self.quick else [1, 8, 32, 64, 128, 256, 512]
+        context = [64, 512, 2048] if self.quick else [64, 256, 1024, 2048, 4096]
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            moe = DecoderLayer(self.cfg, s.first_k_dense).to(self.dtype)
+            dense = DecoderLayer(self.cfg, 0).to(self.dtype) if s.first_k_dense else None
+        moe.mlp.executor = lambda l, x, idx, w, ew: torch.zeros_like(x)  # experts are priced apart
+        holder = LLaDA2.__new__(LLaDA2)  # only for its rotary helper
+        torch.nn.Module.__init__(holder)
+        holder.cfg, holder.inv_freq = self.cfg, None
+        holder.lm_head = torch.nn.Linear(1, 1, device=self.device)
+
+        def layer_table(layer) -> list[list[float]]:
+            rows = []
+            for t in tokens:
+                row = []
+                for c in context:
+                    cache = KVCache(self.cfg, max(c, t), self.device, self.dtype)  # a context holds its tokens
+                    x = torch.randn(t, s.hidden, device=self.device, dtype=self.dtype)
+                    pos0 = max(c - t, 0)
+                    cos, sin = holder.rope(pos0, t, self.dtype)
+                    kv = (cache.layers[0][0], cache.layers[0][1])
+                    row.append(self.time(lambda: layer(x, cos, sin, pos0, kv, None), self.reps))
+                rows.append(row)
+            return rows
+
+        with torch.no_grad():
+            moe_t = layer_table(moe)
+            dense_t = layer_table(dense) if dense is not None else moe_t
+            self._step("layers")
+            head = torch.nn.Linear(s.hidden, s.vocab, bias=False, device=self.device, dtype=self.dtype)
+            norm = moe.input_layernorm
+            head_t = []
+            for t in tokens:
+                x = torch.randn(t, s.hidden, device=self.device, dtype=self.dtype)
+                head_t.append(self.time(lambda: head(norm(x)).float(), self.reps))
+        self._step("head")
+        grid = {"source": "measured", "tokens": tokens, "context": context}
+        return {s.model_key: {"moe_layer": {**grid, "seconds": moe_t}, "dense_layer": {**grid, "seconds": dense_t},
+                              "head": {"source": "measured", "tokens": tokens, "seconds": head_t}}}
+
+    def overheads(self) -> dict[str, Any]:
+        x = torch.zeros(16, device=self.device)
+        launch = self.time(lambda: [x.add_(1) for _ in range(100)], self.reps) / 100
+        if self.device.type == "cuda":
+            sync = self.time(lambda: torch.cuda.synchronize(self.device), self.reps)
+        else:
+            sync = 0.0  # nothing to wait for: the CPU is its own fast device
+        w = self._experts(1, self.dtype, torch.device("cpu"))
+        one = torch.randn(1, self.cfg.shape.hidden, dtype=self.dtype)
+        task = self.time(lambda: expert_ffn(one, w.gate[0][:1], w.up[0][:1], w.down[0][:, :1]), self.reps)
+        self._step("overheads")
+        return {"launch_s": _m(launch), "sync_s": _m(sync), "cpu_task_s": _m(task)}
+
+    def run(self) -> dict[str, Any]:
+        h2d, d2h = self.bandwidths()
+        gpu_experts = self.gpu_experts()
+        cpu_ffn = self.cpu_expert_ffn()
+        non_expert = self.non_expert()
+        over = self.overheads()
+        self.bar.close()
+        cuda = self.device.type == "cuda"
+        host_mem = _host_memory_bytes()
+        gpu_mem = torch.cuda.get_device_properties(self.device).total_memory if cuda else host_mem
+        host_bw = self.memory_bandwidth(torch.device("cpu"))
+        gpu_bw = self.memory_bandwidth(self.device) if cuda else host_bw
+        key = self.cfg.shape.expert_shape_key
+        name = f"{socket.gethostname()}-{self.device.type}"
+        return {
+            "format": FORMAT, "version": VERSION, "name": name,
+            "about": (f"Measured by runtime.profile on {platform.node()} ({platform.processor() or platform.machine()}), "
+                      f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                      f"{torch.cuda.get_device_name(self.device) if cuda else 'fast device = CPU'}, "
+                      f"{'quick' if self.quick else 'full'} grids, dtype {_name(self.dtype)}, model {self.cfg.shape.name}."),
+            "box": {"gpu": torch.cuda.get_device_name(self.device) if cuda else "none (CPU)",
+                    "cpu": platform.processor() or platform.machine(), "pcie": "unknown"},
+            "fast_device": "cuda" if cuda else "cpu",
+            "capacities": {"gpu_mem_bytes": _m(gpu_mem), "host_mem_bytes": _m(host_mem),
+                           "cpu_cores": _m(os.cpu_count() or 1), "host_mem_bw_gbps": _m(host_bw),
+                           "gpu_mem_bw_gbps": _m(gpu_bw)},
+            "overheads": over,
+            "h2d": h2d, "d2h": d2h,
+            "gpu_experts": {key: gpu_experts},
+            "cpu_expert_ffn": {key: cpu_ffn},
+            "non_expert": non_expert,
+        }
+
+
+def _name(dt: torch.dtype) -> str:
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dt]
+
+
+def profile_box(cfg: ModelConfig, device: torch.device, dtype: str, quick: bool, progress: bool = True) -> Profile:
+    data = Profiler(cfg, device, torch_dtype(dtype), quick, progress).run()
+    return Profile(data, where="measured profile")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.profile", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--checkpoint", default=None, help="take the model shape from this checkpoint (default: LLaDA2.0-mini)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="bfloat16 (default on a GPU) or float32 (default on the CPU)")
+    ap.add_argument("--quick", action="store_true", help="small grids: under a minute on 2 cores")
+    a = ap.parse_args(argv)
+    check_out_path(a.out)
+    device = check_device(a.device)
+    cfg = ModelConfig.load(a.checkpoint) if a.checkpoint else ModelConfig.from_dict(ModelShape.named("llada2-mini").config)
+    dtype = a.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    t0 = time.perf_counter()
+    prof = profile_box(cfg, device, dtype, a.quick)
+    prof.write(a.out)
+    s = prof.summary()
+    print(f"wrote {a.out} in {time.perf_counter() - t0:.0f} s: {s['name']}, fast device {s['fast_device']}, "
+          f"h2d pinned up to {s['h2d_pinned_gbps_max']:.1f} GB/s, launch {s['launch_s'] * 1e6:.1f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

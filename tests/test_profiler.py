@@ -1,0 +1,27 @@
+import json
+
+from conftest import assert_clean_error, run_module
+from runtime.checkpoint import load_model
+from traces.costs import CostModel
+from traces.profile import Profile
+
+
+def test_quick_profile_of_this_box_validates_and_prices_the_model(tmp_path, tiny_ckpt):
+    out = tmp_path / "p.json"
+    proc = run_module("runtime.profile", "--out", str(out), "--checkpoint", str(tiny_ckpt), "--device", "cpu", "--quick")
+    assert proc.returncode == 0, proc.stderr
+    prof = Profile.load(out)
+    assert prof.fast_device == "cpu" and prof.shares_cores
+    d = json.loads(out.read_text())
+    shape = load_model(tiny_ckpt).cfg.shape
+    assert shape.expert_shape_key in d["gpu_experts"] and shape.model_key in d["non_expert"]
+    assert all(v["source"] == "measured" for v in d["capacities"].values())
+    cm = CostModel(prof, shape, dtype="float32")
+    assert cm.non_expert_s("moe_layer", 32, 96) > 0
+    assert prof.cpu_expert_s(shape.expert_shape_key, "float32", 64) > prof.cpu_expert_s(shape.expert_shape_key, "float32", 1) * 0.5
+    assert prof.transfer_s("h2d", 1 << 20) > 0
+
+
+def test_profile_bad_flags(tmp_path):
+    assert_clean_error(run_module("runtime.profile", "--out", str(tmp_path / "no" / "p.json"), "--quick"), "does not exist")
+    assert_clean_error(run_module("runtime.profile", "--out", str(tmp_path / "p.json"), "--device", "tpu"), "--device")
