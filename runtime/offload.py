@@ -123,7 +123,9 @@ class OffloadEngine:
         self._counts[i] = counts
         self._choices[i] = idx
         setup, copies, waves = self.runner.layer(i, counts)
-        self._copy(layer, setup)
+        if len(setup):  # the run's first forward: slots must be filled before anything reads them
+            self._copy(layer, setup)
+            self._wait_copies()
         order = flat.argsort(stable=True)
         tokens = x[order // k]
         out = torch.empty_like(tokens)
