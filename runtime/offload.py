@@ -49,7 +49,8 @@ class OffloadEngine:
             raise TideError(f"policy has {self.policy.n_layers} MoE layers, the model {s.n_moe_layers}")
         self.runner = PolicyRunner(self.policy, s.experts, setup_counts=self.setup_counts)
         self.cuda = self.device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None  # expert copies
+        self.act_stream = torch.cuda.Stream(self.device) if self.cuda else None  # activations to and from the CPU
         self.layers: list[_Layer] = []
         for i, blk in enumerate(self.model.moe_blocks):
             host = blk.experts
@@ -136,11 +137,12 @@ class OffloadEngine:
             active = np.flatnonzero(counts)
             on_fast = layer.slot_of[active] >= 0
             fresh = np.isin(active, copies[:, 0]) if len(copies) else np.zeros(len(active), dtype=bool)
-            self._fast(layer, tokens, out, bounds, active[on_fast & ~fresh])  # overlaps the copies
+            miss = self._send_misses(tokens, bounds, active[~on_fast])  # activations leave first ...
+            self._fast(layer, tokens, out, bounds, active[on_fast & ~fresh])  # ... hits overlap copies and CPU
             if fresh.any():
                 self._wait_copies()
                 self._fast(layer, tokens, out, bounds, active[on_fast & fresh])
-            self._cpu(layer, tokens, out, bounds, active[~on_fast])
+            self._cpu(layer, out, miss)
         else:
             for wave in waves:
                 self._copy(layer, wave.copies)
@@ -163,19 +165,48 @@ class OffloadEngine:
         run_experts(tokens, out, bounds, experts, layer.slots, layer.slot_of)
         self.timers["fast_s"] += time.perf_counter() - t0
 
-    def _cpu(self, layer: _Layer, tokens, out, bounds, experts: np.ndarray) -> None:
-        """Missed experts' tokens on the CPU with the host weights; one copy each way."""
+    def _send_misses(self, tokens: torch.Tensor, bounds: np.ndarray, experts: np.ndarray):
+        """Start moving the missed experts' tokens to the host (on a GPU: on the activation
+        stream, so the hits queued after it do not wait for it)."""
         if not len(experts):
-            return
-        t0 = time.perf_counter()
+            return None
         sizes = (bounds[experts + 1] - bounds[experts]).astype(np.int64)
         rows = torch.as_tensor(np.concatenate([np.arange(bounds[e], bounds[e + 1]) for e in experts]), device=tokens.device)
-        host_tokens = tokens[rows].to("cpu")
-        res = torch.empty_like(host_tokens)
+        picked = tokens[rows]
+        if self.act_stream is None:
+            return rows, picked, sizes, experts, None
+        host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
+        self.act_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.act_stream):
+            host.copy_(picked, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        picked.record_stream(self.act_stream)  # read on the activation stream after we drop it
+        return rows, host, sizes, experts, done
+
+    def _cpu(self, layer: _Layer, out: torch.Tensor, miss) -> None:
+        """Missed experts' tokens on the CPU with the host weights; results back in one copy."""
+        if miss is None:
+            return
+        rows, host_tokens, sizes, experts, done = miss
+        t0 = time.perf_counter()
+        if done is not None:
+            done.synchronize()
+        t1 = time.perf_counter()
+        self.timers["wait_s"] += t1 - t0
+        res = torch.empty(host_tokens.shape, dtype=host_tokens.dtype, pin_memory=done is not None)
         run_experts(host_tokens, res, np.concatenate([[0], np.cumsum(sizes)]), np.arange(len(experts)),
                     layer.host, experts)
-        out[rows] = res.to(tokens.device, non_blocking=True)
-        self.timers["cpu_s"] += time.perf_counter() - t0
+        self.timers["cpu_s"] += time.perf_counter() - t1
+        if done is None:
+            out[rows] = res
+            return
+        with torch.cuda.stream(self.act_stream):
+            back = res.to(out.device, non_blocking=True)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.act_stream)
+        back.record_stream(current)  # made on the activation stream, read on the compute stream
+        out[rows] = back
 
 
 def run_experts(tokens: torch.Tensor, out: torch.Tensor, bounds: np.ndarray, experts: np.ndarray,
