@@ -39,8 +39,8 @@ from runtime.replay import ChoiceReplay, check_replayable, replay_prompt
 from runtime.tokenizer import load_tokenizer
 from traces.cli import check_out_path, print_json, run_cli
 from traces.errors import TideError
-from traces.plan import Plan
-from traces.policies import POLICIES, Policy
+from traces.policies import POLICIES
+from traces.settings import parse_budget, resolve_policy
 from traces.trace import Decoding, Trace, load_popularity, read_trace
 
 
@@ -330,39 +330,10 @@ def make_engine(args: argparse.Namespace, model: LLaDA2, device: torch.device, k
                 raise TideError(f"--{flag.replace('_', '-')} needs --policy")
         return None
     shape = model.cfg.shape
-    L, E = shape.n_moe_layers, shape.experts
-    dtype = _dtype_name(model.dtype)
-    if args.gpu_experts is not None and args.gpu_mem_gb is not None:
-        raise TideError("give --gpu-experts or --gpu-mem-gb, not both")
-    budget = tau = None
-    if args.policy == "plan":
-        if args.plan is None:
-            raise TideError("--policy plan needs --plan FILE")
-        plan = Plan.read(args.plan)
-        pol = plan.policy(shape)
-        budget, tau = pol.budget, pol.tau
-    elif args.plan is not None:
-        raise TideError("--plan needs --policy plan")
-    if args.gpu_experts is not None:
-        try:
-            budget = [int(v) for v in str(args.gpu_experts).split(",")]
-        except ValueError:
-            raise TideError("--gpu-experts: one integer, or one per MoE layer separated by commas") from None
-        budget = budget[0] if len(budget) == 1 else budget
-    elif args.gpu_mem_gb is not None and args.policy not in ("all", "cpu", "plan"):
-        budget = shape.experts_fitting(args.gpu_mem_gb * 1e9, dtype, kv_tokens=kv_tokens)
-        if budget < 1:
-            raise TideError(f"--gpu-mem-gb {args.gpu_mem_gb}: the non-expert weights "
-                            f"({shape.non_expert_bytes(dtype) / 1e9:.2f} GB) and KV cache leave no room for one expert per layer")
-    if args.policy in ("tide",):
-        tau = args.tau if args.tau is not None else 1
-    policy = Policy.make(args.policy, L, E, budget=budget, tau=tau)
-    need = shape.non_expert_bytes(dtype) + kv_tokens * shape.kv_bytes_per_token(dtype) + int(policy.budget.sum()) * shape.expert_bytes(dtype)
-    limit = args.gpu_mem_gb * 1e9 if args.gpu_mem_gb is not None else (
-        torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
-    if limit is not None and need > limit:
-        raise TideError(f"budget does not fit: {need / 1e9:.2f} GB of weights, slots and KV cache, "
-                        f"{limit / 1e9:.2f} GB available")
+    limit = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    policy = resolve_policy(args.policy, shape, _dtype_name(model.dtype), tau=args.tau,
+                            gpu_experts=parse_budget(args.gpu_experts), gpu_mem_gb=args.gpu_mem_gb, plan=args.plan,
+                            kv_tokens=kv_tokens, mem_limit_bytes=limit)
     popularity = load_popularity(args.popularity, shape) if args.popularity else None
     return OffloadEngine(model, policy, device, setup_counts=popularity)
 
@@ -379,8 +350,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         check_out_path(args.trace_out, "--trace-out")
     if args.policy is not None and args.policy not in POLICIES:
         raise TideError(f"--policy: unknown policy {args.policy!r} (expected one of {', '.join(POLICIES)})")
-    if args.tau is not None and args.tau < 1:
-        raise TideError(f"--tau must be at least 1, got {args.tau}")
     device = check_device(args.device)
     replay = read_trace(args.replay_trace) if args.replay_trace else None
     offload = args.policy is not None

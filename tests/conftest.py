@@ -51,3 +51,15 @@ def tiny_ckpt(tmp_path_factory):
     from runtime.make_checkpoint import preset_config, write_checkpoint
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     return write_checkpoint(out, preset_config("tiny"), seed=0, dtype="float32", router_skew=0.25)
+
+
+@pytest.fixture(scope="session")
+def tiny_profile(tiny_ckpt, tmp_path_factory):
+    """This box measured quickly for the tiny checkpoint's shapes (fast device: the CPU)."""
+    import torch
+    from runtime.config import ModelConfig
+    from runtime.profile import profile_box
+    prof = profile_box(ModelConfig.load(tiny_ckpt), torch.device("cpu"), "float32", quick=True, progress=False)
+    path = tmp_path_factory.mktemp("prof") / "tiny-cpu.json"
+    prof.write(path)
+    return path

@@ -85,28 +85,56 @@ class CostModel:
         return float(self.profile.non_expert_s(self.shape.model_key, part, tokens, context))
 
     # ---- one forward --------------------------------------------------------------------
+    def layer_parts(self, decision: Decision, counts: np.ndarray, counters: dict[str, np.ndarray],
+                    tokens: int, context: int) -> dict[str, object]:
+        """One forward's MoE-layer work split the way the runtime orders it, seconds ``[L]`` each:
+        ``non_expert`` (attention, router, shared expert), ``sync`` (routing to the host),
+        ``setup_copy`` and ``copy`` (expert copies), ``hits_ready`` (residents that were
+        already there) and ``hits_fresh`` (experts copied in this forward), ``cpu`` (misses),
+        ``d2h_act`` / ``h2d_act`` (activations to the CPU and back); for swap, ``waves``: per
+        layer a list of (copy seconds, hit seconds)."""
+        counts = np.asarray(counts)
+        L = counts.shape[0]
+        sync = np.full(L, self.profile.overhead("sync_s"))
+        act_tokens = counters["bytes_act"] / self.act_bytes / 2
+        parts: dict[str, object] = {
+            "non_expert": np.full(L, self.non_expert_s("moe_layer", tokens, context)),
+            "sync": sync,
+            "setup_copy": self.copies_s(counters["setup_migrations"]),
+            "copy": self.copies_s(counters["migrations"]),
+            "d2h_act": self.act_s(act_tokens, "d2h"),
+            "h2d_act": self.act_s(act_tokens, "h2d"),
+        }
+        if decision.waves is None:
+            fresh = np.zeros(counts.shape, dtype=bool)
+            for l, c in enumerate(decision.copies):
+                fresh[l, c[:, 0]] = True
+            hit = decision.resident & (counts > 0)
+            parts["hits_ready"] = self.hits_s(np.where(hit & ~fresh, counts, 0))
+            parts["hits_fresh"] = self.hits_s(np.where(hit & fresh, counts, 0))
+            parts["cpu"] = self.misses_s(np.where(decision.resident, 0, counts))
+            parts["waves"] = None
+        else:
+            waves = [[(float(self.copies_s(len(w.copies))), float(self.hits_s(counts[l][w.gpu_experts])))
+                      for w in ws] for l, ws in enumerate(decision.waves)]
+            parts["waves"] = waves
+            parts["hits_ready"] = np.array([sum(h for _, h in ws) for ws in waves])
+            parts["hits_fresh"] = np.zeros(L)
+            parts["cpu"] = np.zeros(L)
+        return parts
+
     def layer_costs(self, decision: Decision, counts: np.ndarray, counters: dict[str, np.ndarray],
                     tokens: int, context: int) -> dict[str, np.ndarray]:
-        """Per-resource seconds ``[L]`` for one forward's MoE layers."""
-        counts = np.asarray(counts)
-        if decision.waves is None:
-            gpu_counts = np.where(decision.resident, counts, 0)
-            hits = self.hits_s(gpu_counts)
-        else:  # swap: one grouped computation per wave
-            hits = np.array([sum(float(self.hits_s(counts[l][w.gpu_experts])) for w in waves)
-                             for l, waves in enumerate(decision.waves)])
-            gpu_counts = counts
-        cpu_counts = counts - gpu_counts
-        act_tokens = counters["bytes_act"] / (2 * self.act_bytes)
-        ne = self.non_expert_s("moe_layer", tokens, context)
-        has_cpu = cpu_counts.sum(axis=1) > 0
+        """Per-resource seconds ``[L]`` for one forward's MoE layers (from :meth:`layer_parts`)."""
+        p = self.layer_parts(decision, counts, counters, tokens, context)
+        cpu_work = p["cpu"] > 0
         return {
-            "gpu_s": ne + hits,
-            "cpu_s": self.misses_s(cpu_counts),
-            "h2d_s": self.copies_s(counters["migrations"]) + self.act_s(act_tokens, "h2d"),
-            "d2h_s": self.act_s(act_tokens, "d2h"),
-            "sync_s": np.where(has_cpu, self.profile.overhead("sync_s"), 0.0),
-            "copy_s": self.copies_s(counters["migrations"]),
+            "gpu_s": p["non_expert"] + p["hits_ready"] + p["hits_fresh"],
+            "cpu_s": p["cpu"],
+            "h2d_s": p["copy"] + p["setup_copy"] + p["h2d_act"],
+            "d2h_s": p["d2h_act"],
+            "copy_s": p["copy"] + p["setup_copy"],
+            "sync_s": np.where(cpu_work, p["sync"], 0.0),
         }
 
     def layer_bound(self, costs: dict[str, np.ndarray], serial_copies: bool = False) -> np.ndarray:
