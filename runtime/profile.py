@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 
 from runtime.checkpoint import torch_dtype
 from runtime.config import ModelConfig
-from runtime.generate import check_device
-from runtime.model import DecoderLayer, ExpertWeights, KVCache, LLaDA2, expert_ffn
+from runtime.generate import Sampling, check_device, sample
+from runtime.model import DecoderLayer, ExpertWeights, KVCache, LLaDA2, combine, expert_ffn
 from runtime.offload import run_experts
 from traces.cli import check_out_path, run_cli
+from traces.policies import Policy, PolicyRunner
 from traces.profile import FORMAT, VERSION, Profile
 from traces.shapes import ModelShape
 
@@ -183,24 +184,44 @@ class Profiler:
             head_t = []
             for t in tokens:
                 x = torch.randn(t, s.hidden, device=self.device, dtype=self.dtype)
-                head_t.append(self.time(lambda: head(norm(x)).float(), self.reps))
+                # the head's work: final norm, lm_head, and turning the logits into tokens
+                head_t.append(self.time(lambda: sample(head(norm(x)).float(), Sampling(), None), self.reps))
         self._step("head")
         grid = {"source": "measured", "tokens": tokens, "context": context}
         return {s.model_key: {"moe_layer": {**grid, "seconds": moe_t}, "dense_layer": {**grid, "seconds": dense_t},
                               "head": {"source": "measured", "tokens": tokens, "seconds": head_t}}}
 
+    def _engine_layer(self) -> Callable[[], Any]:
+        """The engine's per-layer host work without expert compute: routing to the host,
+        the policy's decision (a tide refresh), sorting, gathering, combining."""
+        s = self.cfg.shape
+        g = torch.Generator().manual_seed(0)
+        idx = torch.randint(0, s.experts, (s.experts, s.top_k), generator=g)[:32].to(self.device)
+        w = torch.rand(idx.shape, generator=g).to(self.device)
+        x = torch.randn(idx.shape[0], s.hidden, generator=g).to(device=self.device, dtype=self.dtype)
+        runner = PolicyRunner(Policy.make("tide", 1, s.experts, budget=max(1, s.experts // 2), tau=1), s.experts)
+
+        def work():
+            counts = torch.bincount(idx.reshape(-1), minlength=s.experts).cpu().numpy()
+            runner.begin("step", 0)
+            runner.layer(0, counts)
+            runner.end()
+            order = idx.reshape(-1).argsort(stable=True)
+            tokens = x[order // s.top_k]
+            return combine(tokens, order, w, x.dtype)
+        return work
+
     def overheads(self) -> dict[str, Any]:
         x = torch.zeros(16, device=self.device)
         launch = self.time(lambda: [x.add_(1) for _ in range(100)], self.reps) / 100
-        if self.device.type == "cuda":
-            sync = self.time(lambda: torch.cuda.synchronize(self.device), self.reps)
-        else:
-            sync = 0.0  # nothing to wait for: the CPU is its own fast device
+        sync = self.time(self._engine_layer(), self.reps)
         w = self._experts(1, self.dtype, torch.device("cpu"))
         one = torch.randn(1, self.cfg.shape.hidden, dtype=self.dtype)
         task = self.time(lambda: expert_ffn(one, w.gate[0][:1], w.up[0][:1], w.down[0][:, :1]), self.reps)
         self._step("overheads")
-        return {"launch_s": _m(launch), "sync_s": _m(sync), "cpu_task_s": _m(task)}
+        return {"launch_s": _m(launch),
+                "sync_s": {**_m(sync), "note": "per MoE layer: routing to the host and the engine's decision"},
+                "cpu_task_s": _m(task)}
 
     def run(self) -> dict[str, Any]:
         h2d, d2h = self.bandwidths()

@@ -9,8 +9,9 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
   boxes without a GPU): then fast-device and CPU work share the same cores.
 * ``capacities``: ``gpu_mem_bytes``, ``host_mem_bytes``, ``cpu_cores``,
   ``host_mem_bw_gbps``, ``gpu_mem_bw_gbps``.
-* ``overheads``: ``launch_s`` (one kernel launch from eager PyTorch), ``sync_s`` (a host
-  synchronisation with the device), ``cpu_task_s`` (dispatching one expert on the CPU).
+* ``overheads``: ``launch_s`` (one kernel launch from eager PyTorch), ``sync_s`` (per MoE
+  layer: the routing reaching the host and the engine's host-side decision),
+  ``cpu_task_s`` (dispatching one expert on the CPU).
 * ``h2d`` / ``d2h``: per ``pinned`` / ``pageable``, bandwidth against transfer size
   (``bytes``, ``gbps``), interpolated in log size.
 * ``gpu_experts``: per expert shape (``HIDDENxINTER``) and dtype, the time to compute
@@ -19,8 +20,8 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
   against ``tokens``.
 * ``non_expert``: per model key (:attr:`traces.shapes.ModelShape.model_key`), the time of
   a MoE layer's non-expert work (norms, attention, router, shared expert) and of a dense
-  layer against ``tokens`` and ``context``, and of the ``head`` (final norm and lm_head)
-  against ``tokens``.
+  layer against ``tokens`` and ``context``, and of the ``head`` (final norm, lm_head and
+  choosing the tokens from the logits) against ``tokens``.
 
 Lookups interpolate linearly between measured points; below the first point the first
 value holds; above the last the last segment's slope continues.

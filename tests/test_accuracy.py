@@ -1,0 +1,20 @@
+import pandas as pd
+
+from conftest import assert_clean_error, run_module
+
+
+def test_capture_then_replay_elsewhere(tmp_path):
+    d = tmp_path / "acc"
+    cap = run_module("experiments.accuracy", "--capture-only", str(d), "--device", "cpu", "--gen-length", "64")
+    assert cap.returncode == 0, cap.stderr
+    assert (d / "runs.json").is_file() and (d / "profile.json").is_file()
+    rep = run_module("experiments.accuracy", "--replay-only", str(d))
+    assert rep.returncode == 0, rep.stderr
+    df = pd.read_parquet(d / "accuracy.parquet")
+    assert len(df) == 9 and df["counters_agree"].all()
+    assert (df["predicted_s"] > 0).all() and (df["measured_s"] > 0).all()
+    assert "median |error|" in rep.stdout
+
+
+def test_replay_only_needs_a_capture(tmp_path):
+    assert_clean_error(run_module("experiments.accuracy", "--replay-only", str(tmp_path)), "no runs.json")
