@@ -32,6 +32,14 @@ def torch_dtype(name: str) -> torch.dtype:
         raise TideError(f"--dtype: unknown dtype {name!r} (expected one of {', '.join(DTYPES)})") from None
 
 
+def dtype_name(dt: torch.dtype) -> str:
+    """The name traces and profiles use for a torch dtype."""
+    for name, t in DTYPES.items():
+        if t == dt:
+            return name
+    raise TideError(f"unsupported dtype {dt}")
+
+
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a checkpoint of this config holds, with its shape (the published names)."""
     s = cfg.shape

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.capture import TraceRecorder
-from runtime.checkpoint import load_model
+from runtime.checkpoint import dtype_name, load_model
 from runtime.model import LLaDA2, KVCache, block_causal_mask
 from runtime.offload import OffloadEngine
 from runtime.replay import ChoiceReplay, check_replayable, replay_prompt
@@ -331,15 +331,13 @@ def make_engine(args: argparse.Namespace, model: LLaDA2, device: torch.device, k
         return None
     shape = model.cfg.shape
     limit = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    policy = resolve_policy(args.policy, shape, _dtype_name(model.dtype), tau=args.tau,
+    policy = resolve_policy(args.policy, shape, dtype_name(model.dtype), tau=args.tau,
                             gpu_experts=parse_budget(args.gpu_experts), gpu_mem_gb=args.gpu_mem_gb, plan=args.plan,
                             kv_tokens=kv_tokens, mem_limit_bytes=limit)
     popularity = load_popularity(args.popularity, shape) if args.popularity else None
     return OffloadEngine(model, policy, device, setup_counts=popularity)
 
 
-def _dtype_name(dt: torch.dtype) -> str:
-    return {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dt]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -370,12 +368,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lengths = [args.gen_length] * len(prompts)
     bl = decoding.block_length
     kv_tokens = max(math.ceil((len(p) + g) / bl) * bl for p, g in zip(prompts, lengths)) if decoding.kv_cache else 0
-    dtype_name = _dtype_name(model.dtype)
+    dtype = dtype_name(model.dtype)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     Generator(model, Decoding(bl, 1, decoding.threshold, decoding.kv_cache), sampling).generate(
         prompts[0][:bl], 1)  # warm-up, not timed, before any engine state exists
     engine = make_engine(args, model, device, kv_tokens)
-    rec = TraceRecorder(model, decoding, dtype_name).attach() if args.trace_out else None
+    rec = TraceRecorder(model, decoding, dtype).attach() if args.trace_out else None
     gen = Generator(model, decoding, sampling, rec, engine)
     results = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -406,7 +404,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_forward": sum(r.committed for r in results) / max(steps, 1),
         "seconds": seconds,
         "tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
-        "device": str(device), "dtype": dtype_name, "kv_cache": decoding.kv_cache,
+        "device": str(device), "dtype": dtype, "kv_cache": decoding.kv_cache,
     }
     if engine is not None:
         out["policy"] = policy_meta

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from runtime.checkpoint import dtype_name
 from runtime.model import LLaDA2, ExpertWeights, combine, expert_ffn
 from traces.counters import COUNTERS, forward_counters
 from traces.errors import TideError
@@ -63,8 +64,8 @@ class OffloadEngine:
                                         for t in (host.gate, host.up, host.down)))
             self.layers.append(_Layer(host, slots, np.full(s.experts, -1, dtype=np.int64)))
             blk.executor = self._execute
-        self.expert_bytes = s.expert_bytes(_dtype_name(self.model.dtype))
-        self.act_bytes = 2 * s.hidden * dtype_bytes(_dtype_name(self.model.dtype))
+        self.expert_bytes = s.expert_bytes(dtype_name(self.model.dtype))
+        self.act_bytes = 2 * s.hidden * dtype_bytes(dtype_name(self.model.dtype))
         self.forward_counters: list[dict[str, np.ndarray]] = []
         self._in_forward = False
 
@@ -219,5 +220,3 @@ def run_experts(tokens: torch.Tensor, out: torch.Tensor, bounds: np.ndarray, exp
         out[a:b] = expert_ffn(tokens[a:b], weights.gate[s], weights.up[s], weights.down[s])
 
 
-def _dtype_name(dt: torch.dtype) -> str:
-    return {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dt]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from runtime.checkpoint import torch_dtype
+from runtime.checkpoint import dtype_name, torch_dtype
 from runtime.config import ModelConfig
 from runtime.generate import Sampling, check_device, sample
 from runtime.model import DecoderLayer, ExpertWeights, KVCache, LLaDA2, combine, expert_ffn
@@ -79,7 +79,7 @@ class Profiler:
 
     # ---- transfers -----------------------------------------------------------------------
     def bandwidths(self) -> tuple[dict, dict]:
-        sizes = [65536, 1 << 20, self.cfg.shape.expert_bytes(_name(self.dtype)), 1 << 26]
+        sizes = [65536, 1 << 20, self.cfg.shape.expert_bytes(dtype_name(self.dtype)), 1 << 26]
         if not self.quick:
             sizes = [4096] + sizes + [1 << 28]
         sizes = sorted(set(int(s) for s in sizes))
@@ -131,12 +131,12 @@ class Profiler:
                 row.append(self.time(lambda: run_experts(x, out, bounds, idx, w, idx), self.reps))
             table.append(row)
         self._step("grouped experts")
-        return {_name(self.dtype): {"source": "measured", "experts": experts, "tokens_per_expert": tpe, "seconds": table}}
+        return {dtype_name(self.dtype): {"source": "measured", "experts": experts, "tokens_per_expert": tpe, "seconds": table}}
 
     def cpu_expert_ffn(self) -> dict[str, Any]:
         tokens = [1, 4, 16, 64, 256] if self.quick else [1, 4, 16, 64, 256, 1024]
         out = {}
-        for dt in sorted({_name(self.dtype), "float32", "bfloat16"}):
+        for dt in sorted({dtype_name(self.dtype), "float32", "bfloat16"}):
             w = self._experts(1, torch_dtype(dt), torch.device("cpu"))
             secs = []
             for t in tokens:
@@ -242,7 +242,7 @@ class Profiler:
             "about": (f"Measured by runtime.profile on {platform.node()} ({platform.processor() or platform.machine()}), "
                       f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
                       f"{torch.cuda.get_device_name(self.device) if cuda else 'fast device = CPU'}, "
-                      f"{'quick' if self.quick else 'full'} grids, dtype {_name(self.dtype)}, model {self.cfg.shape.name}."),
+                      f"{'quick' if self.quick else 'full'} grids, dtype {dtype_name(self.dtype)}, model {self.cfg.shape.name}."),
             "box": {"gpu": torch.cuda.get_device_name(self.device) if cuda else "none (CPU)",
                     "cpu": platform.processor() or platform.machine(), "pcie": "unknown"},
             "fast_device": "cuda" if cuda else "cpu",
@@ -257,8 +257,6 @@ class Profiler:
         }
 
 
-def _name(dt: torch.dtype) -> str:
-    return {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dt]
 
 
 def profile_box(cfg: ModelConfig, device: torch.device, dtype: str, quick: bool, progress: bool = True) -> Profile:
