@@ -34,7 +34,8 @@ RUNS: list[tuple[str, float | None, int | None]] = [
 ]
 
 
-def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int, prompt_length: int) -> None:
+def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int, prompt_length: int,
+            repeats: int = 3) -> None:
     """The runtime half: profile, then run and record every configuration."""
     import torch
 
@@ -68,15 +69,18 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     for i, (name, frac, tau) in enumerate(RUNS):
         budget = None if frac is None else max(1, int(E * frac))
         policy = Policy.make(name, L, E, budget=budget, tau=tau)
-        rec = TraceRecorder(model, work.decoding, dtype).attach()
-        eng = OffloadEngine(model, policy, device)
-        gen = Generator(model, work.decoding, recorder=rec, engine=eng)
-        sync()
-        t0 = time.perf_counter()
-        gen.replay(work, 0)
-        sync()
-        seconds = time.perf_counter() - t0
-        eng.detach(), rec.detach()
+        times = []
+        for rep in range(repeats):  # the median of a few runs: single runs on a shared box are noisy
+            rec = TraceRecorder(model, work.decoding, dtype).attach()
+            eng = OffloadEngine(model, policy, device)
+            gen = Generator(model, work.decoding, recorder=rec, engine=eng)
+            sync()
+            t0 = time.perf_counter()
+            gen.replay(work, 0)
+            sync()
+            times.append(time.perf_counter() - t0)
+            eng.detach(), rec.detach()
+        seconds = float(sorted(times)[len(times) // 2])
         path = out / f"run{i}.parquet"
         rec.trace(policy={"name": name, "budget": policy.budget.tolist(),
                           "tau": policy.tau.tolist() if policy.tau is not None else None}).write(path)
@@ -120,14 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay-only", default=None, metavar="DIR")
     ap.add_argument("--gen-length", type=int, default=128)
     ap.add_argument("--prompt-length", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per setting; the median is kept")
     a = ap.parse_args(argv)
+    if a.repeats < 1:
+        raise TideError("--repeats must be at least 1")
     if a.capture_only and a.replay_only:
         raise TideError("give --capture-only or --replay-only, not both")
     out = Path(a.capture_only or a.replay_only or a.out)
     if not a.replay_only:
         import torch
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        capture(out, device, a.checkpoint, a.gen_length, a.prompt_length)
+        capture(out, device, a.checkpoint, a.gen_length, a.prompt_length, a.repeats)
         if a.capture_only:
             print(f"captured {out}; replay anywhere with python -m experiments.accuracy --replay-only {out}")
             return 0
