@@ -21,7 +21,6 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 

@@ -15,7 +15,6 @@ It exits 1 if a target is missed.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

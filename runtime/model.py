@@ -9,7 +9,6 @@ by an *expert executor* so the offload engine can take over without touching the
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 

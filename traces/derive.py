@@ -23,7 +23,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from traces.cli import run_cli, write_json
 from traces.profile import BUNDLED, FORMAT, VERSION, Profile
