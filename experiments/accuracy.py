@@ -62,7 +62,9 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     shape = model.cfg.shape
     work = synthesize(shape, gen_length, prompt_length, seed=0, dtype=dtype)
     L, E = shape.n_moe_layers, shape.experts
-    Generator(model, work.decoding).replay(work, 0)  # warm-up
+    warm = OffloadEngine(model, Policy.make("cpu", L, E), device)  # the experts live in host memory
+    Generator(model, work.decoding, engine=warm).replay(work, 0)  # warm-up
+    warm.detach()
     runs = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i, (name, frac, tau) in enumerate(RUNS):

@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     shape = model.cfg.shape
     trace = synthesize(shape, gen_length, a.prompt_length, seed=0, dtype=dtype)
     prompt = list(range(1, a.prompt_length + 1))
-    Generator(model, Decoding(32, 1, 0.95, True)).generate(prompt, 1) if not gpu else None  # warm-up (CPU)
+    warm = OffloadEngine(model, Policy.make("cpu", shape.n_moe_layers, shape.experts), device)
+    Generator(model, Decoding(32, 1, 0.95, True), engine=warm).generate(prompt, 1)  # warm-up
+    warm.detach()
     rows = []
     for pol in policies(shape.n_moe_layers, shape.experts, budgets):
         if pol.name == "all" and gpu and shape.routed_expert_bytes(dtype) > torch.cuda.mem_get_info(device)[0] * 0.9:

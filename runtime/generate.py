@@ -370,9 +370,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kv_tokens = max(math.ceil((len(p) + g) / bl) * bl for p, g in zip(prompts, lengths)) if decoding.kv_cache else 0
     dtype = dtype_name(model.dtype)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    Generator(model, Decoding(bl, 1, decoding.threshold, decoding.kv_cache), sampling).generate(
-        prompts[0][:bl], 1)  # warm-up, not timed, before any engine state exists
     engine = make_engine(args, model, device, kv_tokens)
+    Generator(model, Decoding(bl, 1, decoding.threshold, decoding.kv_cache), sampling, engine=engine).generate(
+        prompts[0][:bl], 1)  # warm-up, not timed
+    if engine is not None:
+        engine.reset()
     rec = TraceRecorder(model, decoding, dtype).attach() if args.trace_out else None
     gen = Generator(model, decoding, sampling, rec, engine)
     results = []

@@ -269,7 +269,16 @@ class LLaDA2(nn.Module):
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, pos0: int = 0, cache: KVCache | None = None, mask: torch.Tensor | None = None,
                 logits_from: int | None = 0) -> torch.Tensor | None:
-        """Logits ``[T - logits_from, vocab]`` in fp32, or None when ``logits_from`` is None."""
+        """Logits ``[T - logits_from, vocab]`` in fp32, or None when ``logits_from`` is None.
+
+        ``ids`` is ``[T]``, or ``[1, T]`` as Hugging Face callers pass it (logits then ``[1, ...]``).
+        """
+        if ids.dim() == 2:
+            if ids.shape[0] != 1:
+                raise ValueError("LLaDA2.forward runs one sequence (batch size 1)")
+            out = self.forward(ids[0], pos0, cache, mask.reshape(mask.shape[-2:]) if mask is not None else None,
+                               logits_from)
+            return None if out is None else out[None]
         h = self.model.word_embeddings(ids)
         cos, sin = self.rope(pos0, ids.shape[0], h.dtype)
         for i, layer in enumerate(self.model.layers):

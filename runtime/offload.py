@@ -26,6 +26,8 @@ from traces.errors import TideError
 from traces.policies import Policy, PolicyRunner
 from traces.shapes import dtype_bytes
 
+#: Host-side seconds issuing fast-device work, computing CPU experts, issuing copies, and
+#: waiting (for routing, copies, activations). On a GPU, device work overlaps these.
 TIMERS = ("fast_s", "cpu_s", "copy_s", "wait_s")
 
 
@@ -68,6 +70,14 @@ class OffloadEngine:
         self.act_bytes = 2 * s.hidden * dtype_bytes(dtype_name(self.model.dtype))
         self.forward_counters: list[dict[str, np.ndarray]] = []
         self._in_forward = False
+
+    def reset(self) -> None:
+        """Forget placement, counters and timers (after a warm-up): the next forward sets up anew."""
+        self.runner = PolicyRunner(self.policy, self.model.cfg.shape.experts, setup_counts=self.setup_counts)
+        for layer in self.layers:
+            layer.slot_of[:] = -1
+        self.forward_counters = []
+        self.timers = dict.fromkeys(TIMERS, 0.0)
 
     def detach(self) -> None:
         from runtime.model import local_experts

@@ -135,3 +135,12 @@ def test_generate_bad_input(tmp_path, tiny_ckpt):
     bad = tmp_path / "p.jsonl"
     bad.write_text("{nope\n")
     assert_clean_error(run_module(*base, "--prompts", str(bad)), "p.jsonl:1")
+
+
+def test_forward_takes_a_batch_of_one_as_hugging_face_callers_pass_it(models):
+    from runtime.model import block_causal_mask
+    ids = torch.arange(1, 65)
+    mask = block_causal_mask(64, 32, ids.device)
+    a = models[0](ids, 0, None, mask)
+    b = models[0](ids[None], 0, None, mask[None, None])
+    assert b.shape == (1, 64, models[0].cfg.shape.vocab) and torch.equal(a, b[0])

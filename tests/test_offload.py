@@ -149,3 +149,15 @@ def test_bad_offload_settings_fail_cleanly(tmp_path, tiny_ckpt, small_shape):
     synthesize(load_model(tiny_ckpt).cfg.shape, 64, 32, seed=1, kv_cache=False).write(nokv)
     assert_clean_error(run_module("runtime.generate", "--checkpoint", str(tiny_ckpt), "--gen-length", "8",
                                   "--replay-trace", str(nokv)), "without the KV cache")
+
+
+def test_reset_after_a_warm_up_starts_the_run_afresh(model):
+    L, E = model.cfg.shape.n_moe_layers, model.cfg.shape.experts
+    policy = Policy.make("tide", L, E, budget=8, tau=2)
+    eng = OffloadEngine(model, policy, torch.device("cpu"))
+    Generator(model, Decoding(32, 1, 0.3, True), engine=eng).generate(PROMPTS[0][:5], 1)
+    eng.reset()
+    r = Generator(model, Decoding(32, 32, 0.3, True), engine=eng).generate(PROMPTS[0], 64)
+    fresh, eng2 = _run(model, policy, True, PROMPTS[0])
+    eng.detach()
+    assert r.tokens == fresh.tokens and eng.totals() == eng2.totals()
