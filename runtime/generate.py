@@ -78,6 +78,21 @@ def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> tu
     return tok[:, 0], probs.gather(-1, tok)[:, 0]
 
 
+def accept(block: torch.Tensor, tok: torch.Tensor, prob: torch.Tensor, mask_id: int, n: int,
+           threshold: float | None = None) -> int:
+    """Unmask positions of ``block`` (in place) with their sampled tokens: every masked position
+    whose confidence exceeds ``threshold`` if at least ``n`` do, else the ``n`` most confident
+    (fewer if fewer are masked). Returns how many were accepted."""
+    active = block == mask_id
+    conf = torch.where(active, prob, torch.full_like(prob, float("-inf")))
+    transfer = conf > threshold if threshold is not None else None
+    if transfer is None or int(transfer.sum()) < n:
+        transfer = torch.zeros_like(active)
+        transfer[torch.topk(conf, k=min(n, int(active.sum()))).indices] = True
+    block.copy_(torch.where(transfer, tok, block))
+    return int(transfer.sum())
+
+
 @dataclass
 class Result:
     tokens: list[int]
@@ -147,24 +162,14 @@ class Generator:
         for b in range(first, n_blocks):
             s0, e = b * bl, (b + 1) * bl
             for step in range(steps):
-                active = x[s0:e] == cfg.mask_id
-                n_active = int(active.sum())
-                if not n_active:
+                if not bool((x[s0:e] == cfg.mask_id).any()):
                     break
                 if d.kv_cache:
                     logits = self._forward(x[s0:e], s0, cache, None, 0, request, "step", b, step, 0)
                 else:
                     logits = self._forward(x[:e], 0, None, block_causal_mask(e, bl, dev), s0, request, "step", b, step, s0)
                 tok, prob = sample(logits, self.sampling, gen)
-                conf = torch.where(active, prob, torch.full_like(prob, float("-inf")))
-                high = conf > d.threshold
-                if int(high.sum()) >= schedule[step]:
-                    transfer = high
-                else:
-                    transfer = torch.zeros_like(high)
-                    transfer[torch.topk(conf, k=min(schedule[step], n_active)).indices] = True
-                x[s0:e] = torch.where(transfer, tok, x[s0:e])
-                n = int(transfer.sum())
+                n = accept(x[s0:e], tok, prob, cfg.mask_id, schedule[step], d.threshold)
                 res.forwards += 1
                 res.step_forwards += 1
                 res.committed += n
@@ -219,12 +224,7 @@ class Generator:
                 else:
                     logits = self._forward(x[s0:e], s0, cache, None, 0, request, kind, b, step, 0)
                     tok, prob = sample(logits, self.sampling, None)
-                    active = x[s0:e] == cfg.mask_id
-                    n = min(n, int(active.sum()))
-                    conf = torch.where(active, prob, torch.full_like(prob, float("-inf")))
-                    transfer = torch.zeros_like(active)
-                    transfer[torch.topk(conf, k=n).indices] = True
-                    x[s0:e] = torch.where(transfer, tok, x[s0:e])
+                    n = accept(x[s0:e], tok, prob, cfg.mask_id, n)
                     res.step_forwards += 1
                     res.committed += n
                     self._end(n)

@@ -32,6 +32,16 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dt)
 
 
+def rope(cfg: ModelConfig, pos0: int, n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[n, rope_dim]`` for positions ``pos0..pos0+n`` (computed in fp32, then cast)."""
+    d = cfg.rope_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    pos = torch.arange(pos0, pos0 + n, device=device, dtype=torch.float32)
+    freqs = pos[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -243,7 +253,6 @@ class LLaDA2(nn.Module):
         self.cfg = cfg
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.shape.hidden, cfg.shape.vocab, bias=False)
-        self.inv_freq: torch.Tensor | None = None
 
     @property
     def moe_blocks(self) -> list[MoE]:
@@ -256,15 +265,6 @@ class LLaDA2(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
-
-    def rope(self, pos0: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.inv_freq is None or self.inv_freq.device != self.device:
-            d = self.cfg.rope_dim
-            self.inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=self.device).float() / d))
-        pos = torch.arange(pos0, pos0 + n, device=self.device, dtype=torch.float32)
-        freqs = pos[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, pos0: int = 0, cache: KVCache | None = None, mask: torch.Tensor | None = None,
@@ -280,7 +280,7 @@ class LLaDA2(nn.Module):
                                logits_from)
             return None if out is None else out[None]
         h = self.model.word_embeddings(ids)
-        cos, sin = self.rope(pos0, ids.shape[0], h.dtype)
+        cos, sin = rope(self.cfg, pos0, ids.shape[0], h.dtype, h.device)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, pos0, cache.layers[i] if cache is not None else None, mask)
         if logits_from is None:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from runtime.checkpoint import dtype_name, torch_dtype
 from runtime.config import ModelConfig
 from runtime.generate import Sampling, check_device, sample
-from runtime.model import DecoderLayer, ExpertWeights, KVCache, LLaDA2, combine, expert_ffn
+from runtime.model import DecoderLayer, ExpertWeights, KVCache, combine, expert_ffn, rope
 from runtime.offload import run_experts
 from traces.cli import check_out_path, run_cli
 from traces.policies import Policy, PolicyRunner
@@ -158,10 +158,6 @@ class Profiler:
             moe = DecoderLayer(self.cfg, s.first_k_dense).to(self.dtype)
             dense = DecoderLayer(self.cfg, 0).to(self.dtype) if s.first_k_dense else None
         moe.mlp.executor = lambda l, x, idx, w, ew: torch.zeros_like(x)  # experts are priced apart
-        holder = LLaDA2.__new__(LLaDA2)  # only for its rotary helper
-        torch.nn.Module.__init__(holder)
-        holder.cfg, holder.inv_freq = self.cfg, None
-        holder.lm_head = torch.nn.Linear(1, 1, device=self.device)
 
         def layer_table(layer) -> list[list[float]]:
             rows = []
@@ -171,7 +167,7 @@ class Profiler:
                     cache = KVCache(self.cfg, max(c, t), self.device, self.dtype)  # a context holds its tokens
                     x = torch.randn(t, s.hidden, device=self.device, dtype=self.dtype)
                     pos0 = max(c - t, 0)
-                    cos, sin = holder.rope(pos0, t, self.dtype)
+                    cos, sin = rope(self.cfg, pos0, t, self.dtype, self.device)
                     kv = (cache.layers[0][0], cache.layers[0][1])
                     row.append(self.time(lambda: layer(x, cos, sin, pos0, kv, None), self.reps))
                 rows.append(row)

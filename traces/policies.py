@@ -223,12 +223,10 @@ def _swap_layer(state: PlacementState, l: int, counts: np.ndarray, b: int) -> tu
     return waves, all_copies
 
 
-def begin_forward(policy: Policy, state: PlacementState | None, kind: str, step_in_block: int) -> np.ndarray | None:
-    """Start a forward on ``state`` (mutated): advance the clock; which layers refresh (tide/plan)."""
+def begin_forward(policy: Policy, kind: str, step_in_block: int) -> np.ndarray | None:
+    """Which layers refresh at this forward (tide/plan; None for other policies)."""
     if kind not in FORWARD_KINDS:
         raise TideError(f"unknown forward kind {kind!r}")
-    if state is not None:
-        state.clock += 1
     return policy.refresh_mask(kind, step_in_block) if policy.tau is not None else None
 
 
@@ -290,12 +288,11 @@ class PolicyRunner:
 
     def begin(self, kind: str, step_in_block: int) -> None:
         """Start a forward; then call :meth:`layer` for every MoE layer in order, then :meth:`end`."""
+        self._refresh = begin_forward(self.policy, kind, step_in_block)
         self._first = self.state is None
         if self._first:
             self.state = PlacementState.empty(self.policy, self.experts)
-        self._refresh = begin_forward(self.policy, None if self._first else self.state, kind, step_in_block)
-        if self._first:
-            self.state.clock += 1
+        self.state.clock += 1
         L = self.policy.n_layers
         self._setup: list[np.ndarray] = [_NO_COPIES] * L
         self._copies: list[np.ndarray] = [_NO_COPIES] * L
