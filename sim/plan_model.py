@@ -7,7 +7,9 @@ priced the way the simulator prices it), then solved by HiGHS through Pyomo:
     minimise    sum_l sum_{t,b} seconds[l,t,b] x[l,t,b]
     subject to  sum_{t,b} x[l,t,b] = 1                                   for every layer l
                 fixed_bytes + expert_bytes sum_{l,t,b} budgets[b] x[l,t,b] <= mem_limit
-                x binary;  with ``uniform``: x[l,t,b] = y[t,b], sum y = 1  (the paper's single tau)
+                x binary
+    uniform (the paper's single tau): every layer takes the same candidate, x[l,t,b] = y[t,b],
+                substituted: binaries y[t,b] only, each priced at sum_l seconds[l,t,b]
 
 Layers run one after another, so their times add. Turning a trace and a profile into the
 table (by replaying the policy functions) is the planner's other half.
@@ -50,59 +52,68 @@ class Solution:
     tau: list[int]
     budget: list[int]
     seconds: float  # the objective: predicted seconds summed over layers
-    solve_s: float
+    build_s: float  # building the Pyomo model
+    solve_s: float  # HiGHS, through Pyomo
+    variables: int  # binaries
 
 
-def add_choice(m: pyo.ConcreteModel, table: CandidateTable) -> None:
-    """Binaries x[l, t, b]: exactly one candidate per layer."""
-    m.L = pyo.RangeSet(0, len(table.layers) - 1)
+def add_choice(m: pyo.ConcreteModel, table: CandidateTable, uniform: bool) -> None:
+    """Binaries: exactly one candidate per layer (``x[l, t, b]``), or one for all layers (``y[t, b]``)."""
     m.T = pyo.RangeSet(0, len(table.taus) - 1)
     m.B = pyo.RangeSet(0, len(table.budgets) - 1)
-    m.x = pyo.Var(m.L, m.T, m.B, domain=pyo.Binary)
-    m.one = pyo.Constraint(m.L, rule=lambda m, l: sum(m.x[l, t, b] for t in m.T for b in m.B) == 1)
+    if uniform:
+        m.y = pyo.Var(m.T, m.B, domain=pyo.Binary)
+        m.one = pyo.Constraint(expr=sum(m.y[t, b] for t in m.T for b in m.B) == 1)
+    else:
+        m.L = pyo.RangeSet(0, len(table.layers) - 1)
+        m.x = pyo.Var(m.L, m.T, m.B, domain=pyo.Binary)
+        m.one = pyo.Constraint(m.L, rule=lambda m, l: sum(m.x[l, t, b] for t in m.T for b in m.B) == 1)
 
 
-def add_memory(m: pyo.ConcreteModel, table: CandidateTable) -> None:
+def add_memory(m: pyo.ConcreteModel, table: CandidateTable, uniform: bool) -> None:
     """Non-expert weights, KV cache and every layer's expert slots fit in the limit."""
-    slots = sum(table.budgets[b] * m.x[l, t, b] for l in m.L for t in m.T for b in m.B)
+    if uniform:
+        slots = len(table.layers) * sum(table.budgets[b] * m.y[t, b] for t in m.T for b in m.B)
+    else:
+        slots = sum(table.budgets[b] * m.x[l, t, b] for l in m.L for t in m.T for b in m.B)
     m.memory = pyo.Constraint(expr=table.fixed_bytes + table.expert_bytes * slots <= table.mem_limit)
 
 
-def add_uniform(m: pyo.ConcreteModel) -> None:
-    """All layers take the same (tau, B): the paper's single-interval program."""
-    m.y = pyo.Var(m.T, m.B, domain=pyo.Binary)
-    m.y_one = pyo.Constraint(expr=sum(m.y[t, b] for t in m.T for b in m.B) == 1)
-    m.tied = pyo.Constraint(m.L, m.T, m.B, rule=lambda m, l, t, b: m.x[l, t, b] == m.y[t, b])
-
-
-def add_objective(m: pyo.ConcreteModel, table: CandidateTable) -> None:
+def add_objective(m: pyo.ConcreteModel, table: CandidateTable, uniform: bool) -> None:
+    """Layers run one after another: the predicted time is the sum of the chosen candidates'."""
     s = table.seconds
-    m.time = pyo.Objective(expr=sum(float(s[l, t, b]) * m.x[l, t, b] for l in m.L for t in m.T for b in m.B),
-                           sense=pyo.minimize)
+    if uniform:
+        per = s.sum(axis=0)
+        expr = sum(float(per[t, b]) * m.y[t, b] for t in m.T for b in m.B)
+    else:
+        expr = sum(float(s[l, t, b]) * m.x[l, t, b] for l in m.L for t in m.T for b in m.B)
+    m.time = pyo.Objective(expr=expr, sense=pyo.minimize)
 
 
 def build(table: CandidateTable, uniform: bool = False) -> pyo.ConcreteModel:
     table.check()
     m = pyo.ConcreteModel(name="tide-plan")
-    add_choice(m, table)
-    add_memory(m, table)
-    if uniform:
-        add_uniform(m)
-    add_objective(m, table)
+    add_choice(m, table, uniform)
+    add_memory(m, table, uniform)
+    add_objective(m, table, uniform)
     return m
 
 
 def solve(table: CandidateTable, uniform: bool = False) -> Solution:
     """Build and solve with HiGHS; the chosen tau and budget per layer."""
-    m = build(table, uniform)
     t0 = time.perf_counter()
+    m = build(table, uniform)
+    t1 = time.perf_counter()
     res = pyo.SolverFactory("appsi_highs").solve(m)
-    solve_s = time.perf_counter() - t0
+    t2 = time.perf_counter()
     if res.solver.termination_condition != pyo.TerminationCondition.optimal:
         raise TideError(f"the planner found no feasible plan ({res.solver.termination_condition})")
-    tau, budget = [], []
-    for l in m.L:
-        t, b = next((t, b) for t in m.T for b in m.B if pyo.value(m.x[l, t, b]) > 0.5)
-        tau.append(table.taus[t])
-        budget.append(table.budgets[b])
-    return Solution(tau=tau, budget=budget, seconds=float(pyo.value(m.time)), solve_s=solve_s)
+    L = len(table.layers)
+    if uniform:
+        t, b = next((t, b) for t in m.T for b in m.B if pyo.value(m.y[t, b]) > 0.5)
+        picks = [(t, b)] * L
+    else:
+        picks = [next((t, b) for t in m.T for b in m.B if pyo.value(m.x[l, t, b]) > 0.5) for l in m.L]
+    return Solution(tau=[table.taus[t] for t, _ in picks], budget=[table.budgets[b] for _, b in picks],
+                    seconds=float(pyo.value(m.time)), build_s=t1 - t0, solve_s=t2 - t1,
+                    variables=len(table.taus) * len(table.budgets) * (1 if uniform else L))

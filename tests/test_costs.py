@@ -32,7 +32,7 @@ def test_more_misses_cost_more_cpu_time():
     times = []
     for b in (0, 64, 128, 256):
         d, c = _one_forward("static", b, counts)
-        times.append(cm.layer_costs(d, counts, c, 32, 96)["cpu_s"].sum())
+        times.append(cm.layer_costs(cm.layer_parts(d, counts, c, 32, 96))["cpu_s"].sum())
     assert times[0] > times[1] > times[2] > times[3] == 0
 
 

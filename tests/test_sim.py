@@ -12,6 +12,8 @@ from runtime.checkpoint import load_model
 from runtime.generate import Generator
 from runtime.offload import OffloadEngine
 from sim.replay import simulate
+from traces.costs import CostModel
+from traces.counters import replay_policy
 from traces.policies import Policy
 from traces.profile import Profile
 from traces.shapes import ModelShape
@@ -75,6 +77,26 @@ def test_overlap_on_a_gpu_box_and_serial_cores_when_the_fast_device_is_the_cpu(m
     b = serial.busy
     syncs = mini_trace.n_forwards * L * prof.overhead("sync_s")
     assert serial.seconds == pytest.approx(b["gpu"] + b["cpu"] + b["h2d"] + b["d2h"] + syncs, rel=1e-9)
+
+
+@pytest.mark.parametrize("fast_device", ["gpu", "cpu"])
+def test_simulator_equals_the_cost_models_layer_times(mini_trace, fast_device):
+    """The planner prices candidates with CostModel.layer_seconds; it must be what the events add up to."""
+    prof = Profile.load("h200")
+    if fast_device == "cpu":
+        data = json.loads(json.dumps(prof.data))
+        data["fast_device"] = "cpu"
+        prof = Profile(data)
+    cm = CostModel(prof, mini_trace.shape, mini_trace.dtype)
+    L, E = mini_trace.shape.n_moe_layers, mini_trace.shape.experts
+    for name, b, tau in [("all", None, None), ("cpu", None, None), ("static", 48, None), ("swap", 24, None),
+                         ("tide", 40, 1), ("tide", 96, 3), ("plan", [0, 8, 200, 64, 256], [1, 5, 2, 4, 3])]:
+        pol = Policy.make(name, L, E, budget=b, tau=tau)
+        sim = simulate(mini_trace, prof, pol)
+        rep = replay_policy(mini_trace, pol, cost=cm)
+        assert rep.seconds() == pytest.approx(sim.seconds, rel=1e-9), name
+        per_forward = rep.times["layer_s"].sum(axis=1) + rep.times["fixed_s"]
+        np.testing.assert_allclose(per_forward, sim.per_forward["seconds"], rtol=1e-9)
 
 
 def test_command_json_timeline_and_gantt(tmp_path, mini_trace):

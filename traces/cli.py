@@ -1,6 +1,7 @@
 """Shared command-line plumbing: one clear error line, non-zero exit, no traceback."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -77,3 +78,17 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=1))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (provenance: which trace, checkpoint or plan)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_sha256(obj: Any) -> str:
+    """Hex SHA-256 of a JSON value in canonical form (provenance of a loaded profile)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -65,9 +65,11 @@ class CostModel:
     def hits_s(self, gpu_counts: np.ndarray) -> np.ndarray:
         """Grouped computation of each layer's resident experts' tokens, ``[L, E] -> [L]``."""
         gpu_counts = np.asarray(gpu_counts)
-        n = (gpu_counts > 0).sum(axis=-1)
-        tok = gpu_counts.sum(axis=-1)
-        return self.profile.gpu_experts_s(self._key, self._gpu_dtype, n, tok / np.maximum(n, 1))
+        return self.grouped_s((gpu_counts > 0).sum(axis=-1), gpu_counts.sum(axis=-1))
+
+    def grouped_s(self, experts: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """``experts`` experts holding ``tokens`` tokens in all, computed grouped on the fast device."""
+        return self.profile.gpu_experts_s(self._key, self._gpu_dtype, experts, tokens / np.maximum(experts, 1))
 
     def misses_s(self, cpu_counts: np.ndarray) -> np.ndarray:
         """Each layer's missed experts on the CPU, ``[L, E] -> [L]``."""
@@ -87,18 +89,22 @@ class CostModel:
     # ---- one forward --------------------------------------------------------------------
     def layer_parts(self, decision: Decision, counts: np.ndarray, counters: dict[str, np.ndarray],
                     tokens: int, context: int) -> dict[str, object]:
-        """One forward's MoE-layer work split the way the runtime orders it, seconds ``[L]`` each:
+        """One forward's MoE-layer work split the way the runtime orders it, seconds per row:
         ``non_expert`` (attention, router, shared expert), ``sync`` (routing to the host),
         ``setup_copy`` and ``copy`` (expert copies), ``hits_ready`` (residents that were
         already there) and ``hits_fresh`` (experts copied in this forward), ``cpu`` (misses),
         ``d2h_act`` / ``h2d_act`` (activations to the CPU and back); for swap, ``waves``: per
-        layer a list of (copy seconds, hit seconds)."""
+        layer a list of (copy seconds, hit seconds).
+
+        ``counts`` is ``[L, E]``; the decision has ``L`` rows, or ``L x G`` when it decides
+        ``G`` candidate rows per layer (the planner's table)."""
         counts = np.asarray(counts)
-        L = counts.shape[0]
-        sync = np.full(L, self.profile.overhead("sync_s"))
+        L, E = counts.shape
+        V = decision.n_rows
+        sync = np.full(V, self.profile.overhead("sync_s"))
         act_tokens = counters["bytes_act"] / self.act_bytes / 2
         parts: dict[str, object] = {
-            "non_expert": np.full(L, self.non_expert_s("moe_layer", tokens, context)),
+            "non_expert": np.full(V, self.non_expert_s("moe_layer", tokens, context)),
             "sync": sync,
             "setup_copy": self.copies_s(counters["setup_migrations"]),
             "copy": self.copies_s(counters["migrations"]),
@@ -106,13 +112,18 @@ class CostModel:
             "h2d_act": self.act_s(act_tokens, "h2d"),
         }
         if decision.waves is None:
-            fresh = np.zeros(counts.shape, dtype=bool)
-            for l, c in enumerate(decision.copies):
-                fresh[l, c[:, 0]] = True
-            hit = decision.resident & (counts > 0)
-            parts["hits_ready"] = self.hits_s(np.where(hit & ~fresh, counts, 0))
-            parts["hits_fresh"] = self.hits_s(np.where(hit & fresh, counts, 0))
-            parts["cpu"] = self.misses_s(np.where(decision.resident, 0, counts))
+            active = (counts > 0)[:, None, :]
+            resident = decision.resident.reshape(L, -1, E)
+            fresh = decision.fresh().reshape(L, -1, E)
+            cnt = counts[:, :, None].astype(np.float64)
+            ready, new = active & resident & ~fresh, active & resident & fresh
+
+            def grouped(mask: np.ndarray) -> np.ndarray:
+                return self.grouped_s(mask.sum(axis=-1), (mask @ cnt)[..., 0]).reshape(V)
+            parts["hits_ready"] = grouped(ready)
+            parts["hits_fresh"] = grouped(new)
+            per_expert = self.profile.cpu_expert_s(self._key, self.cpu_dtype, counts)[:, :, None]
+            parts["cpu"] = ((active & ~resident) @ per_expert)[..., 0].reshape(V)
             parts["waves"] = None
         else:
             waves = [[(float(self.copies_s(len(w.copies))), float(self.hits_s(counts[l][w.gpu_experts])))
@@ -123,10 +134,28 @@ class CostModel:
             parts["cpu"] = np.zeros(L)
         return parts
 
-    def layer_costs(self, decision: Decision, counts: np.ndarray, counters: dict[str, np.ndarray],
-                    tokens: int, context: int) -> dict[str, np.ndarray]:
-        """Per-resource seconds ``[L]`` for one forward's MoE layers (from :meth:`layer_parts`)."""
-        p = self.layer_parts(decision, counts, counters, tokens, context)
+    def layer_seconds(self, parts: dict[str, object]) -> np.ndarray:
+        """Seconds per MoE layer (row) as the runtime orders the work of :meth:`layer_parts`:
+        exactly what the simulator's events add up to, since a layer starts when the previous
+        one has finished. Attention, routing to the host and setup copies run one after
+        another; then the copies, the hits and the misses' path (activations out, CPU,
+        activations back on the copy engine the expert copies also use) run side by side,
+        hits of freshly copied experts after their copies. Swap's waves, and everything when
+        the fast device is the CPU, add up."""
+        p = parts
+        head = p["non_expert"] + p["sync"] + p["setup_copy"]
+        if p["waves"] is not None:
+            return head + np.array([sum(c + h for c, h in ws) for ws in p["waves"]])
+        C, D, P, A = p["copy"], p["d2h_act"], p["cpu"], p["h2d_act"]
+        R, N = p["hits_ready"], p["hits_fresh"]
+        if self.profile.shares_cores:
+            return head + C + D + P + A + R + N
+        miss = np.where(P > 0, np.where(A > 0, np.maximum(D + P, C) + A, D + P), 0.0)
+        gpu = np.where(N > 0, np.maximum(R, C) + N, R)
+        return head + np.maximum(np.maximum(gpu, C), miss)
+
+    def layer_costs(self, p: dict[str, object]) -> dict[str, np.ndarray]:
+        """Per-resource seconds per MoE layer, from :meth:`layer_parts`."""
         cpu_work = p["cpu"] > 0
         return {
             "gpu_s": p["non_expert"] + p["hits_ready"] + p["hits_fresh"],

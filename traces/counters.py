@@ -34,34 +34,37 @@ COUNTERS: tuple[str, ...] = ("gpu_tokens", "cpu_tokens", "migrations", "setup_mi
 
 
 def cpu_mask(decision: Decision, counts: np.ndarray) -> np.ndarray:
-    """[L, E] experts whose tokens this forward computes on the CPU."""
+    """``[L, G, E]`` experts whose tokens this forward computes on the CPU (``G`` rows per layer)."""
+    L, E = counts.shape
     if decision.waves is not None:
-        return np.zeros(counts.shape, dtype=bool)
-    return (counts > 0) & ~decision.resident
+        return np.zeros((L, decision.n_rows // L, E), dtype=bool)
+    return (counts > 0)[:, None, :] & ~decision.resident.reshape(L, -1, E)
 
 
 def forward_counters(decision: Decision, counts: np.ndarray, expert_bytes: int, act_bytes_per_token: int,
                      choices: np.ndarray | None = None, tokens_run: int | None = None) -> dict[str, np.ndarray]:
-    """Counters of one forward, each ``[L]`` int64.
+    """Counters of one forward, each ``[rows]`` int64 (``rows`` = the decision's: the MoE
+    layers, or ``L x G`` candidate rows for the planner, all seeing ``counts`` ``[L, E]``).
 
     ``choices`` is ``[n, L, k]`` expert ids of the tokens whose choices are known; when
     ``n < tokens_run`` the other tokens' activation traffic is bounded as the module says.
     """
     counts = np.asarray(counts, dtype=np.int64)
-    miss = cpu_mask(decision, counts)
-    cpu_tokens = (counts * miss).sum(axis=1)
-    total = counts.sum(axis=1)
-    migrations = decision.migrations
     L = counts.shape[0]
+    V = decision.n_rows
+    miss = cpu_mask(decision, counts)  # [L, G, E]
+    cpu_tokens = np.rint(miss @ counts[:, :, None].astype(np.float64)).astype(np.int64).reshape(V)
+    total = np.repeat(counts.sum(axis=1), V // L)
+    migrations = decision.migrations
     if choices is None or len(choices) == 0:
-        known_miss_tokens = np.zeros(L, dtype=np.int64)
-        known_cpu = np.zeros(L, dtype=np.int64)
+        known_miss_tokens = np.zeros(V, dtype=np.int64)
+        known_cpu = np.zeros(V, dtype=np.int64)
         n_known = 0
     else:
         ch = np.asarray(choices)
-        hit_miss = miss[np.arange(L)[None, :, None], ch]  # [n, L, k]
-        known_miss_tokens = hit_miss.any(axis=2).sum(axis=0).astype(np.int64)
-        known_cpu = hit_miss.sum(axis=(0, 2)).astype(np.int64)
+        hit_miss = miss[np.arange(L)[None, :, None], :, ch]  # [n, L, k, G]
+        known_miss_tokens = hit_miss.any(axis=2).sum(axis=0).reshape(V).astype(np.int64)
+        known_cpu = hit_miss.sum(axis=(0, 2)).reshape(V).astype(np.int64)
         n_known = len(ch)
     rest_tokens = max(0, (tokens_run if tokens_run is not None else n_known) - n_known)
     rest = np.minimum(rest_tokens, np.maximum(cpu_tokens - known_cpu, 0))
@@ -81,7 +84,13 @@ class PolicyReplay:
 
     policy: Policy
     counters: dict[str, np.ndarray]
-    times: dict[str, np.ndarray] | None = None  # per resource [F, L] seconds, plus "bound_s" [F, L], "fixed_s" [F]
+    times: dict[str, np.ndarray] | None = None  # per resource [F, L] seconds, "layer_s" and "bound_s" [F, L], "fixed_s" [F]
+
+    def seconds(self) -> float:
+        """The run's time as the runtime orders its work: the simulator's figure, without events."""
+        if self.times is None:
+            raise ValueError("replay_policy ran without a cost model")
+        return float(self.times["layer_s"].sum() + self.times["fixed_s"].sum())
 
     def bound_seconds(self) -> float:
         """The run's time when all overlap that the runtime allows happens (needs a cost model)."""
@@ -127,7 +136,7 @@ def replay_policy(trace: "Trace", policy: Policy, popularity: np.ndarray | None 
     times = None
     if cost is not None:
         from traces.costs import RESOURCES
-        times = {k: np.zeros((F, L)) for k in (*RESOURCES, "bound_s")}
+        times = {k: np.zeros((F, L)) for k in (*RESOURCES, "layer_s", "bound_s")}
         times["fixed_s"] = np.zeros(F)
     for f in range(F):
         decision = runner.step(trace.counts[f], kinds[f], int(steps[f]))
@@ -136,7 +145,9 @@ def replay_policy(trace: "Trace", policy: Policy, popularity: np.ndarray | None 
         for k in COUNTERS:
             out[k][f] = c[k]
         if times is not None:
-            lc = cost.layer_costs(decision, trace.counts[f], c, int(runs[f]), int(ctx[f]))
+            parts = cost.layer_parts(decision, trace.counts[f], c, int(runs[f]), int(ctx[f]))
+            lc = cost.layer_costs(parts)
+            times["layer_s"][f] = cost.layer_seconds(parts)
             for k, v in lc.items():
                 times[k][f] = v
             times["bound_s"][f] = cost.layer_bound(lc, serial_copies=decision.waves is not None)

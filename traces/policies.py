@@ -23,9 +23,12 @@ Rules (ranking is always by count, ties by lower expert id):
   refreshing forward runs on the new placement; between refreshes misses run on the CPU.
 * ``plan``: ``tide`` with a per-layer ``tau`` and ``B``.
 
-Free slots are filled lowest index first, then the slots of evicted experts in eviction
-order, so slot numbers (which the runtime uses to index its stacked weights) are part of
-the decision too.
+After evictions, new experts (in rank order) take the lowest-numbered free slots, so slot
+numbers (which the runtime uses to index its stacked weights) are part of the decision too.
+
+Every function decides a batch of rows (MoE layers) at once: the runtime passes one layer
+as its router chooses, the simulator a whole forward, and the planner thousands of
+candidate rows (every refresh interval and budget of every layer) in one pass.
 """
 from __future__ import annotations
 
@@ -94,29 +97,44 @@ class Policy:
 
 @dataclass
 class PlacementState:
-    """Per MoE layer: which experts are resident, in which slot, and when last used."""
+    """Per row (an MoE layer, or one of a layer's ``group`` candidate rows): which experts are
+    resident, in which slot, and when placed; per layer, when each expert was last chosen.
 
-    slot_of: np.ndarray  # [L, E] int32, -1 when not resident
-    in_slot: np.ndarray  # [L, Bmax] int32, -1 when empty, -2 past the layer's budget
-    last_use: np.ndarray  # [L, E] int64, -1 never
+    A resident expert's last use is the later of its placement and its layer's last choice
+    of it (it has been resident ever since it was placed), so choices are recorded once per
+    layer, not once per row."""
+
+    slot_of: np.ndarray  # [rows, E] int32, -1 when not resident
+    in_slot: np.ndarray  # [rows, Bmax] int32, -1 when empty, -2 past the row's budget
+    placed: np.ndarray  # [rows, E] int32 clock of the current placement, -1 never
+    chosen: np.ndarray  # [rows / group, E] int32 clock of the layer's last choice, -1 never
+    group: int = 1
     clock: int = 0
     setup_done: bool = False
 
     @classmethod
-    def empty(cls, policy: Policy, experts: int) -> "PlacementState":
-        L = policy.n_layers
-        bmax = int(policy.budget.max()) if L else 0
-        in_slot = np.full((L, bmax), -1, np.int32)
-        in_slot[np.arange(bmax)[None, :] >= policy.budget[:, None]] = -2  # beyond this layer's budget
-        return cls(slot_of=np.full((L, experts), -1, np.int32), in_slot=in_slot,
-                   last_use=np.full((L, experts), -1, np.int64))
+    def empty(cls, policy: Policy, experts: int, group: int = 1) -> "PlacementState":
+        V = policy.n_layers
+        if V % group:
+            raise TideError(f"{V} policy rows do not split into groups of {group}")
+        bmax = int(policy.budget.max()) if V else 0
+        in_slot = np.full((V, bmax), -1, np.int32)
+        in_slot[np.arange(bmax)[None, :] >= policy.budget[:, None]] = -2  # beyond this row's budget
+        return cls(slot_of=np.full((V, experts), -1, np.int32), in_slot=in_slot,
+                   placed=np.full((V, experts), -1, np.int32), chosen=np.full((V // group, experts), -1, np.int32),
+                   group=group)
 
     @property
     def resident(self) -> np.ndarray:
         return self.slot_of >= 0
 
+    def last_use(self, rows: np.ndarray) -> np.ndarray:
+        """``[n, E]`` when each resident expert of ``rows`` was last used (placed or chosen)."""
+        return np.maximum(self.placed[rows], self.chosen[rows // self.group])
+
     def copy(self) -> "PlacementState":
-        return replace(self, slot_of=self.slot_of.copy(), in_slot=self.in_slot.copy(), last_use=self.last_use.copy())
+        return replace(self, slot_of=self.slot_of.copy(), in_slot=self.in_slot.copy(), placed=self.placed.copy(),
+                       chosen=self.chosen.copy())
 
 
 @dataclass
@@ -127,80 +145,161 @@ class Wave:
     gpu_experts: np.ndarray
 
 
+_NO_TABLE = np.zeros((0, 3), dtype=np.int32)
+
+
+def _per_row(table: np.ndarray, n_rows: int) -> list[np.ndarray]:
+    """Split a ``[n, 3]`` (row, expert, slot) table, sorted by row, into per-row ``[m, 2]`` copies."""
+    cuts = np.cumsum(np.bincount(table[:, 0], minlength=n_rows))[:-1] if len(table) else np.zeros(n_rows - 1, int)
+    return [c[:, 1:] for c in np.split(table, cuts)] if n_rows else []
+
+
 @dataclass
 class Decision:
-    """What one forward does per MoE layer.
+    """What one forward does per MoE layer (row).
 
     ``resident`` is the placement the forward computes on. For every policy but ``swap``,
     chosen resident experts run on the fast device and chosen non-resident ones on the CPU,
-    after ``copies[l]``; for ``swap`` each layer runs ``waves[l]`` in order and nothing runs
-    on the CPU.
+    after the copies; for ``swap`` each layer runs ``waves[l]`` in order and nothing runs
+    on the CPU. Copies are tables ``[n, 3]`` of (row, expert, slot), in the order they are
+    made; ``copies`` / ``setup_copies`` give them per row as ``[m, 2]`` (expert, slot).
     """
 
-    resident: np.ndarray  # [L, E] bool
-    setup_copies: list[np.ndarray]  # per layer [n, 2] (expert, slot)
-    copies: list[np.ndarray]  # per layer [n, 2] (expert, slot), after setup
+    resident: np.ndarray  # [rows, E] bool
+    setup_table: np.ndarray  # [n, 3] (row, expert, slot)
+    copy_table: np.ndarray  # [n, 3] (row, expert, slot), after setup
     waves: list[list[Wave]] | None = None
-    refreshed: np.ndarray | None = None  # [L] bool, tide/plan
+    refreshed: np.ndarray | None = None  # [rows] bool, tide/plan
+
+    @property
+    def n_rows(self) -> int:
+        return self.resident.shape[0]
+
+    @property
+    def copies(self) -> list[np.ndarray]:
+        return _per_row(self.copy_table, self.n_rows)
+
+    @property
+    def setup_copies(self) -> list[np.ndarray]:
+        return _per_row(self.setup_table, self.n_rows)
 
     @property
     def migrations(self) -> np.ndarray:
-        return np.array([len(c) for c in self.copies], dtype=np.int64)
+        return np.bincount(self.copy_table[:, 0], minlength=self.n_rows).astype(np.int64)
 
     @property
     def setup_migrations(self) -> np.ndarray:
-        return np.array([len(c) for c in self.setup_copies], dtype=np.int64)
+        return np.bincount(self.setup_table[:, 0], minlength=self.n_rows).astype(np.int64)
+
+    def fresh(self) -> np.ndarray:
+        """[rows, E] experts copied in during this forward (their hits wait for the copy)."""
+        out = np.zeros(self.resident.shape, dtype=bool)
+        out[self.copy_table[:, 0], self.copy_table[:, 1]] = True
+        return out
 
 
-_NO_COPIES = np.zeros((0, 2), dtype=np.int32)
+def _rank_keys(counts: np.ndarray, resident: np.ndarray | None = None) -> np.ndarray:
+    """Composite keys ``-count * 2E + (not resident) * E + id``: ascending key = rank order."""
+    E = counts.shape[-1]
+    key = np.multiply(counts, -2 * E, dtype=np.int64)
+    key += _ids(E) if resident is None else np.where(resident, _ids(E), _ids(E) + E)
+    return key
 
 
 def rank(counts: np.ndarray, resident: np.ndarray | None = None) -> np.ndarray:
-    """Expert ids by count descending, then (if given) resident first, then lower id."""
-    ids = np.arange(len(counts))
-    if resident is None:
-        return np.lexsort((ids, -counts))
-    return np.lexsort((ids, ~resident, -counts))
+    """Expert ids by count descending, then (if given) resident first, then lower id.
+
+    ``counts`` is ``[E]`` or ``[rows, E]``; the ranking is along the last axis."""
+    counts = np.asarray(counts)
+    key = _rank_keys(counts, resident)
+    key.sort(axis=-1)
+    return key % counts.shape[-1]
 
 
-def _place(slot_of: np.ndarray, in_slot: np.ndarray, new: np.ndarray, evict: np.ndarray) -> np.ndarray:
-    """Evict ``evict`` then put ``new`` into free slots (lowest first) then evicted slots, in order.
+_IDS: dict[int, np.ndarray] = {}
 
-    Mutates the layer's rows; returns the ``[n, 2]`` copies (expert, slot).
-    """
-    if len(new) == 0:
-        return _NO_COPIES
-    free = np.flatnonzero(in_slot == -1)
-    freed = slot_of[evict]
-    slot_of[evict] = -1
-    slots = np.concatenate([free, freed])[: len(new)]
-    if len(slots) < len(new):  # defensive: the callers guarantee room
+
+def _ids(E: int) -> np.ndarray:
+    ids = _IDS.get(E)
+    if ids is None:
+        ids = _IDS[E] = np.arange(E)
+    return ids
+
+
+def _place(state: PlacementState, rows: np.ndarray, new: np.ndarray, new_mask: np.ndarray, n_new: np.ndarray,
+           evict: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Evict then place: ``evict`` is (row index into ``rows``, expert) pairs that leave; then
+    each row's ``n_new`` experts ``new[r][new_mask[r]]`` (in that order) take its
+    lowest-numbered free slots. Mutates ``state``; returns the ``[n, 3]`` copies (row, expert, slot)."""
+    nr, nk = np.nonzero(new_mask)
+    if not len(nr):
+        return _NO_TABLE
+    in_slot, slot_of = state.in_slot[rows], state.slot_of[rows]
+    if evict is not None:
+        er, ee = evict
+        in_slot[er, slot_of[er, ee]] = -1
+        slot_of[er, ee] = -1
+    free = in_slot == -1
+    fr, fs = np.nonzero(free & (free.cumsum(axis=1, dtype=np.int16) <= n_new[:, None]))
+    if len(fs) != len(nr):  # defensive: the callers guarantee room
         raise AssertionError("placement has no room")
-    in_slot[slots] = new
-    slot_of[new] = slots
-    return np.stack([new, slots], axis=1).astype(np.int32)
+    ne = new[nr, nk]  # row-major like (fr, fs): the k-th new expert of a row takes its k-th free slot
+    slot_of[nr, ne] = fs
+    in_slot[nr, fs] = ne
+    state.slot_of[rows], state.in_slot[rows] = slot_of, in_slot
+    state.placed[rows[nr], ne] = state.clock
+    out = np.empty((len(nr), 3), dtype=np.int32)
+    out[:, 0], out[:, 1], out[:, 2] = rows[nr], ne, fs
+    return out
 
 
-def _tide_refresh(state: PlacementState, l: int, counts: np.ndarray, b: int) -> np.ndarray:
-    slot_of, in_slot, last_use = state.slot_of[l], state.in_slot[l], state.last_use[l]
-    resident = slot_of >= 0
-    order = rank(counts, resident)
-    order = order[counts[order] > 0][:b]
-    target = np.zeros(len(counts), dtype=bool)
-    target[order] = True
-    new = order[~resident[order]]
-    n_free = int((in_slot == -1).sum())
-    n_evict = max(0, len(new) - n_free)
-    evict = np.zeros(0, dtype=np.int64)
-    if n_evict:
-        cand = np.flatnonzero(resident & ~target)
-        ev_order = np.lexsort((cand, last_use[cand], counts[cand]))
-        evict = cand[ev_order[:n_evict]]
-    return _place(slot_of, in_slot, new.astype(np.int32), evict)
+def _tide_refresh(state: PlacementState, rows: np.ndarray, counts: np.ndarray, budgets: np.ndarray) -> np.ndarray:
+    """Refresh ``rows`` (``counts`` ``[n, E]``, ``budgets`` ``[n]``) at once; the copies ``[m, 3]``.
+
+    The forward's experts with non-zero count, ranked, fill up to ``B`` slots (the target);
+    residents outside the target leave only to make room (lowest count, then least recently
+    used, then lower id)."""
+    E = counts.shape[1]
+    resident = state.slot_of[rows] >= 0
+    key = _rank_keys(counts, resident)
+    ranked = np.sort(key, axis=1)  # the key holds count, residency and id: no gathers needed
+    n_take = np.minimum(budgets, np.count_nonzero(counts, axis=1))
+    new_mask = (_ids(E) < n_take[:, None]) & (ranked % (2 * E) >= E)  # target positions not resident
+    n_new = new_mask.sum(axis=1)
+    keep = np.flatnonzero(n_new)  # rows whose target is all resident do nothing
+    if not len(keep):
+        return _NO_TABLE
+    rows, counts, resident, key, ranked, n_take, new_mask, n_new = (
+        a[keep] for a in (rows, counts, resident, key, ranked, n_take, new_mask, n_new))
+    order = ranked % E
+    n_evict = n_new - (state.in_slot[rows] == -1).sum(axis=1)
+    ev = np.flatnonzero(n_evict > 0)
+    if not len(ev):
+        return _place(state, rows, order, new_mask, n_new)
+    last_in_target = ranked[ev, n_take[ev] - 1]  # n_take >= n_new > 0
+    keep_out = ~resident[ev] | (key[ev] <= last_in_target[:, None])  # only residents outside the target leave
+    out = np.multiply(counts[ev], state.clock + 2, dtype=np.int64)  # count first, then last use (< clock)
+    out += state.last_use(rows[ev]) + 1
+    out *= E
+    out += _ids(E)
+    out[keep_out] = np.iinfo(np.int64).max
+    out.sort(axis=1)
+    er, ek = np.nonzero(_ids(E) < n_evict[ev][:, None])
+    return _place(state, rows, order, new_mask, n_new, (ev[er], out[er, ek] % E))
+
+
+def _setup(state: PlacementState, rows: np.ndarray, counts: np.ndarray, budgets: np.ndarray) -> np.ndarray:
+    """Fill each row's ``B`` slots with its top ``B`` experts by setup count; the copies."""
+    take = _ids(counts.shape[1]) < budgets[:, None]
+    clock, state.clock = state.clock, 0  # setup placements predate the first forward
+    copies = _place(state, rows, rank(counts), take, take.sum(axis=1))
+    state.clock = clock
+    return copies
 
 
 def _swap_layer(state: PlacementState, l: int, counts: np.ndarray, b: int) -> tuple[list[Wave], list[np.ndarray]]:
-    slot_of, in_slot, last_use = state.slot_of[l], state.in_slot[l], state.last_use[l]
+    row = np.array([l])
+    slot_of = state.slot_of[l]
     chosen = rank(counts)
     chosen = chosen[counts[chosen] > 0]
     waves, all_copies = [], []
@@ -211,14 +310,13 @@ def _swap_layer(state: PlacementState, l: int, counts: np.ndarray, b: int) -> tu
         in_chunk = np.zeros(len(counts), dtype=bool)
         in_chunk[chunk] = True
         new = chunk[slot_of[chunk] < 0]
-        n_evict = max(0, len(new) - int((in_slot == -1).sum()))
-        evict = np.zeros(0, dtype=np.int64)
-        if n_evict:
-            cand = np.flatnonzero((slot_of >= 0) & ~in_chunk)
-            evict = cand[np.lexsort((cand, last_use[cand]))[:n_evict]]
-        copies = _place(slot_of, in_slot, new, evict)
-        last_use[chunk] = state.clock
-        waves.append(Wave(copies=copies, gpu_experts=chunk))
+        n_evict = max(0, len(new) - int((state.in_slot[l] == -1).sum()))
+        cand = np.flatnonzero((slot_of >= 0) & ~in_chunk)
+        evict = cand[np.lexsort((cand, state.last_use(row)[0, cand]))[:n_evict]]
+        copies = _place(state, row, new[None, :], np.ones((1, len(new)), bool), np.array([len(new)]),
+                        (np.zeros(len(evict), np.int64), evict))
+        state.chosen[l, chunk] = state.clock
+        waves.append(Wave(copies=copies[:, 1:], gpu_experts=chunk))
         all_copies.append(copies)
     return waves, all_copies
 
@@ -230,32 +328,35 @@ def begin_forward(policy: Policy, kind: str, step_in_block: int) -> np.ndarray |
     return policy.refresh_mask(kind, step_in_block) if policy.tau is not None else None
 
 
-def step_layer(policy: Policy, state: PlacementState, l: int, counts_l: np.ndarray,
-               refresh: np.ndarray | None) -> tuple[np.ndarray, list[Wave] | None]:
-    """Decide one MoE layer of the current forward, mutating ``state``'s row ``l``.
+def layer_rows(layers: np.ndarray, group: int) -> np.ndarray:
+    """The policy rows of ``layers``: ``group`` consecutive rows per layer."""
+    return (np.asarray(layers)[:, None] * group + np.arange(group)).reshape(-1)
 
-    Returns the copies ``[n, 2]`` (expert, slot) and, for swap, the waves. Layers are
-    independent, so the runtime can decide each layer as soon as its router has chosen.
-    """
-    waves = None
-    copies = _NO_COPIES
+
+def step_layers(policy: Policy, state: PlacementState, layers: np.ndarray, counts: np.ndarray,
+                refresh: np.ndarray | None) -> tuple[np.ndarray, list[list[Wave]] | None]:
+    """Decide every row of ``layers`` for the current forward from the layers' ``counts``
+    ``[n, E]``, mutating ``state``. Returns the copies ``[m, 3]`` (row, expert, slot) and, for
+    swap, the waves per row. Rows are independent, so the runtime decides each layer as soon
+    as its router has chosen, and the planner thousands of candidate rows at once."""
+    G = state.group
+    rows = layer_rows(layers, G)
     if policy.name == "swap":
-        waves, c = _swap_layer(state, l, counts_l, int(policy.budget[l]))
-        copies = np.concatenate(c) if c else _NO_COPIES
-    else:
-        if refresh is not None and refresh[l] and policy.budget[l] > 0:
-            copies = _tide_refresh(state, l, counts_l, int(policy.budget[l]))
-        used = (counts_l > 0) & (state.slot_of[l] >= 0)
-        state.last_use[l, used] = state.clock
-    return copies, waves
-
-
-def setup_layer(policy: Policy, state: PlacementState, l: int, setup_counts_l: np.ndarray) -> np.ndarray:
-    """Fill layer ``l``'s ``B`` slots with its top ``B`` experts by setup count; the copies."""
-    top = rank(np.asarray(setup_counts_l))[: int(policy.budget[l])].astype(np.int32)
-    copies = _place(state.slot_of[l], state.in_slot[l], top, np.zeros(0, np.int64))
-    state.last_use[l, top] = 0
-    return copies
+        if G != 1:
+            raise TideError("swap runs one row per layer")
+        waves, tables = [], []
+        for r, c in zip(rows.tolist(), counts):
+            w, t = _swap_layer(state, r, c, int(policy.budget[r]))
+            waves.append(w)
+            tables.extend(t)
+        return (np.concatenate(tables) if tables else _NO_TABLE), waves
+    copies = _NO_TABLE
+    if refresh is not None:
+        pick = np.flatnonzero(refresh[rows] & (policy.budget[rows] > 0))
+        if len(pick):
+            copies = _tide_refresh(state, rows[pick], counts[pick // G], policy.budget[rows[pick]])
+    state.chosen[layers] = np.where(counts > 0, state.clock, state.chosen[layers])
+    return copies, None
 
 
 def step(policy: Policy, state: PlacementState | None, counts: np.ndarray, kind: str, step_in_block: int,
@@ -279,11 +380,16 @@ def step(policy: Policy, state: PlacementState | None, counts: np.ndarray, kind:
 @dataclass
 class PolicyRunner:
     """Holds the placement state between forwards (mutating it in place): what the runtime and
-    the simulator drive, one forward at a time or one layer at a time."""
+    the simulator drive, one forward at a time or one layer at a time.
+
+    ``group`` > 1 runs ``group`` rows of the policy per model layer (row ``r`` sees layer
+    ``r // group``'s counts): the planner's candidates, every (tau, B) of every layer, in
+    one pass over a trace."""
 
     policy: Policy
     experts: int
     setup_counts: np.ndarray | None = None
+    group: int = 1
     state: PlacementState | None = field(default=None, init=False)
 
     def begin(self, kind: str, step_in_block: int) -> None:
@@ -291,35 +397,43 @@ class PolicyRunner:
         self._refresh = begin_forward(self.policy, kind, step_in_block)
         self._first = self.state is None
         if self._first:
-            self.state = PlacementState.empty(self.policy, self.experts)
+            self.state = PlacementState.empty(self.policy, self.experts, self.group)
         self.state.clock += 1
-        L = self.policy.n_layers
-        self._setup: list[np.ndarray] = [_NO_COPIES] * L
-        self._copies: list[np.ndarray] = [_NO_COPIES] * L
-        self._waves: list[list[Wave]] | None = [[] for _ in range(L)] if self.policy.name == "swap" else None
+        self._setup: list[np.ndarray] = []
+        self._copies: list[np.ndarray] = []
+        self._waves: list[list[Wave]] | None = [[] for _ in range(self.policy.n_layers)] \
+            if self.policy.name == "swap" else None
+
+    def _decide(self, layers: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        setup = _NO_TABLE
+        if self._first:
+            rows = layer_rows(layers, self.group)
+            src = counts if self.setup_counts is None else np.asarray(self.setup_counts)[layers]
+            setup = _setup(self.state, rows, np.repeat(np.asarray(src), self.group, axis=0), self.policy.budget[rows])
+        copies, waves = step_layers(self.policy, self.state, layers, counts, self._refresh)
+        if waves is not None:
+            for l, w in zip(layers.tolist(), waves):
+                self._waves[l] = w
+        self._setup.append(setup)
+        self._copies.append(copies)
+        return setup, copies
 
     def layer(self, l: int, counts_l: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Wave] | None]:
-        """Decide layer ``l``: setup copies (first forward only), copies, swap waves."""
-        counts_l = np.asarray(counts_l)
-        if self._first:
-            src = counts_l if self.setup_counts is None else np.asarray(self.setup_counts[l])
-            self._setup[l] = setup_layer(self.policy, self.state, l, src)
-        copies, waves = step_layer(self.policy, self.state, l, counts_l, self._refresh)
-        self._copies[l] = copies
-        if self._waves is not None:
-            self._waves[l] = waves
-        return self._setup[l], copies, waves
+        """Decide layer ``l`` (one row per layer): setup copies (first forward only), copies,
+        swap waves (``[n, 2]`` each)."""
+        setup, copies = self._decide(np.array([l]), np.asarray(counts_l)[None, :])
+        return setup[:, 1:], copies[:, 1:], self._waves[l] if self._waves is not None else None
 
     def end(self) -> Decision:
         if self._first:
             self.state.setup_done = True
-        return Decision(resident=self.state.slot_of >= 0, setup_copies=self._setup, copies=self._copies,
+        cat = lambda ts: np.concatenate(ts) if ts else _NO_TABLE  # noqa: E731
+        return Decision(resident=self.state.slot_of >= 0, setup_table=cat(self._setup), copy_table=cat(self._copies),
                         waves=self._waves, refreshed=self._refresh)
 
     def step(self, counts: np.ndarray, kind: str, step_in_block: int) -> Decision:
-        """One whole forward: ``counts`` is ``[L, E]``."""
+        """One whole forward: ``counts`` is ``[L, E]``; every row of every layer at once."""
         counts = np.asarray(counts)
         self.begin(kind, step_in_block)
-        for l in range(self.policy.n_layers):
-            self.layer(l, counts[l])
+        self._decide(np.arange(len(counts)), counts)
         return self.end()

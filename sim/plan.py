@@ -1,0 +1,221 @@
+"""The planner: the refresh interval tau and GPU expert budget B of every MoE layer.
+
+``python -m sim.plan --trace FILE [--trace FILE ...] --profile NAME|FILE --gpu-mem-gb G
+[--uniform] [--budget-step 8] [--jobs N] --out PLAN.json [--json]``
+
+1. Prices every candidate (tau in 1..steps, B in 0, 8, ..., experts plus the largest
+   uniform budget that fits) of every layer on the traces (:mod:`sim.candidates`).
+2. Picks one candidate per layer under the memory limit with the Pyomo/HiGHS program of
+   :mod:`sim.plan_model` (``--uniform``: one candidate for all layers, the paper's program).
+3. Simulates the plan and the baselines (``cpu``, ``static``, ``swap``, ``tide`` tau=1 at
+   the largest uniform budget that fits) on the traces, and keeps the per-layer plan only
+   if it is within 1% of the best uniform plan (otherwise the uniform one, said so).
+4. Writes the plan (``tide-plan``: per-layer tau and B, predicted seconds, tokens/s and
+   speedups, provenance) and prints a short table.
+
+In Python, :func:`make_plan` returns the plan and a DataFrame of the policies compared.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata as md
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from sim.candidates import budget_grid, candidate_table_seconds, distinct_taus, fixed_seconds
+from sim.plan_model import CandidateTable, Solution, solve
+from sim.replay import simulate
+from traces.cli import check_out_path, data_sha256, file_sha256, print_json, run_cli
+from traces.costs import check_fits
+from traces.errors import TideError
+from traces.plan import Plan
+from traces.policies import Policy
+from traces.profile import Profile
+from traces.trace import Trace, read_trace
+
+#: The per-layer plan may be this much slower than the best uniform plan (in simulation)
+#: before the planner falls back to the uniform one.
+TOLERANCE = 0.01
+
+
+def check_traces(traces: Sequence[Trace], names: Sequence[str]) -> None:
+    """All traces must be of one model and dtype."""
+    first = traces[0]
+    for tr, name in zip(traces[1:], names[1:]):
+        if tr.shape.model_key != first.shape.model_key or tr.shape.experts != first.shape.experts \
+                or tr.shape.moe_layers != first.shape.moe_layers:
+            raise TideError(f"--trace {name}: a trace of {tr.shape.name}, the first is of {first.shape.name}")
+        if tr.dtype != first.dtype:
+            raise TideError(f"--trace {name}: dtype {tr.dtype}, the first trace's is {first.dtype}")
+
+
+def kv_tokens(traces: Sequence[Trace]) -> int:
+    """KV-cache tokens the GPU must hold: the longest context of any KV-cache trace."""
+    return max((int(t.forwards["context"].max()) for t in traces if t.decoding.kv_cache), default=0)
+
+
+def memory(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float) -> tuple[float, float]:
+    """(limit, fixed bytes): the GPU memory the plan may use and what the non-expert weights
+    and the KV cache take of it. One clear error when the limit is impossible."""
+    shape, dtype = traces[0].shape, traces[0].dtype
+    check_fits(shape, profile, dtype)
+    if not gpu_mem_gb > 0:
+        raise TideError(f"--gpu-mem-gb must be positive, got {gpu_mem_gb}")
+    limit = gpu_mem_gb * 1e9
+    have = profile.capacity("gpu_mem_bytes")
+    if limit > have:
+        raise TideError(f"--gpu-mem-gb {gpu_mem_gb:g}: more than {profile.name}'s GPU memory ({have / 1e9:.1f} GB)")
+    fixed = shape.non_expert_bytes(dtype) + kv_tokens(traces) * shape.kv_bytes_per_token(dtype)
+    one_each = shape.n_moe_layers * shape.expert_bytes(dtype)
+    if fixed + one_each > limit:
+        raise TideError(f"--gpu-mem-gb {gpu_mem_gb:g}: cannot hold the non-expert weights and KV cache "
+                        f"({fixed / 1e9:.2f} GB) plus one expert per layer ({one_each / 1e9:.2f} GB)")
+    return limit, fixed
+
+
+def candidate_table(traces: Sequence[Trace], profile: Profile, limit: float, fixed: float, budget_step: int = 8,
+                    jobs: int | None = None, progress: bool = True) -> CandidateTable:
+    """Every (tau, B) of every layer priced on the traces (taus that refresh at the same
+    forwards, and budgets that cannot fit even alone, left out)."""
+    shape, dtype = traces[0].shape, traces[0].dtype
+    if budget_step < 1:
+        raise TideError(f"--budget-step must be at least 1, got {budget_step}")
+    eb = shape.expert_bytes(dtype)
+    b_fit = shape.experts_fitting(limit, dtype, kv_tokens(traces))
+    budgets = [b for b in budget_grid(shape.experts, budget_step, [b_fit]) if fixed + b * eb <= limit]
+    taus = distinct_taus(traces, range(1, max(t.decoding.steps for t in traces) + 1))
+    seconds = candidate_table_seconds(traces, profile, taus, budgets, jobs=jobs, progress=progress)
+    return CandidateTable(layers=shape.moe_layers, taus=taus, budgets=budgets, seconds=seconds,
+                          expert_bytes=eb, fixed_bytes=fixed, mem_limit=limit)
+
+
+def simulated_seconds(traces: Sequence[Trace], profile: Profile, policy: Policy) -> float:
+    """The simulator's time for the traces, each run from an empty placement."""
+    return float(sum(simulate(tr, profile, policy).seconds for tr in traces))
+
+
+def _blocks(traces: Sequence[Trace]) -> int:
+    return int(sum(t.forwards[["request", "block"]].drop_duplicates().shape[0] for t in traces))
+
+
+def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, uniform: bool = False,
+              budget_step: int = 8, jobs: int | None = None, names: Sequence[str] | None = None,
+              progress: bool = True) -> tuple[Plan, pd.DataFrame]:
+    """Plan, simulate the plan and the baselines, and fill the plan's predictions and provenance."""
+    names = list(names) if names is not None else [f"trace {i}" for i in range(len(traces))]
+    check_traces(traces, names)
+    shape, dtype = traces[0].shape, traces[0].dtype
+    L, E = shape.n_moe_layers, shape.experts
+    limit, fixed = memory(traces, profile, gpu_mem_gb)
+    t0 = time.perf_counter()
+    table = candidate_table(traces, profile, limit, fixed, budget_step, jobs, progress)
+    table_s = time.perf_counter() - t0
+    fixed_s = sum(fixed_seconds(tr, profile) for tr in traces)
+    best_uniform = solve(table, uniform=True)
+    sol: Solution = best_uniform if uniform else solve(table)
+    plan_policy = Policy.make("plan", L, E, budget=sol.budget, tau=sol.tau)
+    plan_s = simulated_seconds(traces, profile, plan_policy)
+    fell_back = False
+    if not uniform:
+        uni_policy = Policy.make("plan", L, E, budget=best_uniform.budget, tau=best_uniform.tau)
+        uni_s = simulated_seconds(traces, profile, uni_policy)
+        if plan_s > (1 + TOLERANCE) * uni_s:  # the program's prices disagree with the simulator
+            sol, plan_s, fell_back = best_uniform, uni_s, True
+    else:
+        uni_s = plan_s
+    tokens, blocks = sum(t.tokens_generated for t in traces), _blocks(traces)
+    b_fit = shape.experts_fitting(limit, dtype, kv_tokens(traces))
+    rows = [{"policy": "plan", "tau": _span(sol.tau), "budget": _span(sol.budget), "seconds": plan_s},
+            {"policy": "uniform best", "tau": str(best_uniform.tau[0]), "budget": str(best_uniform.budget[0]),
+             "seconds": uni_s}]
+    baselines = {"cpu": Policy.make("cpu", L, E), "static": Policy.make("static", L, E, budget=b_fit),
+                 "tide_tau1": Policy.make("tide", L, E, budget=b_fit, tau=1)}
+    if b_fit >= 1:
+        baselines["swap"] = Policy.make("swap", L, E, budget=b_fit)
+    for name, pol in baselines.items():
+        rows.append({"policy": name, "tau": "1" if name == "tide_tau1" else "-",
+                     "budget": str(int(pol.budget[0])), "seconds": simulated_seconds(traces, profile, pol)})
+    frame = pd.DataFrame(rows)
+    frame["tokens_per_s"] = tokens / frame["seconds"]
+    frame["plan_speedup"] = frame["seconds"] / plan_s
+    base = frame.set_index("policy")
+    predicted: dict[str, Any] = {
+        "seconds": plan_s, "tokens_per_s": tokens / plan_s, "seconds_per_block": plan_s / blocks,
+        "program_seconds": sol.seconds + fixed_s, "tokens": tokens, "blocks": blocks,
+        "speedup": {n: float(base.loc[n, "plan_speedup"]) for n in baselines},
+        "baselines": {n: {"seconds": float(base.loc[n, "seconds"]), "budget": int(pol.budget[0]),
+                          "tau": 1 if n == "tide_tau1" else None} for n, pol in baselines.items()},
+        "uniform_best": {"tau": best_uniform.tau[0], "budget": best_uniform.budget[0], "seconds": uni_s},
+    }
+    provenance = {
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "tide": _version("tide"), "mode": "uniform" if uniform else "per-layer", "fell_back_to_uniform": fell_back,
+        "traces": [{"name": n, "sha256": file_sha256(n) if _is_file(n) else None, "forwards": t.n_forwards,
+                    "tokens": t.tokens_generated} for n, t in zip(names, traces)],
+        "profile": {"name": profile.name, "where": profile.where, "sha256": data_sha256(profile.data)},
+        "solver": {"name": "HiGHS via Pyomo (appsi_highs)", "highspy": _version("highspy"), "pyomo": _version("pyomo"),
+                   "build_s": sol.build_s, "solve_s": sol.solve_s, "binaries": sol.variables},
+        "candidates": {"taus": table.taus, "budgets": table.budgets, "pricing_s": table_s},
+    }
+    plan = Plan.for_shape(shape, sol.tau, sol.budget, dtype=dtype, gpu_mem_bytes=limit, predicted=predicted,
+                          provenance=provenance)
+    return plan, frame
+
+
+def _span(values: Sequence[int]) -> str:
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _is_file(name: str) -> bool:
+    from pathlib import Path
+    return Path(name).is_file()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sim.plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trace", action="append", required=True, help="a trace (Parquet); repeat for several")
+    ap.add_argument("--profile", required=True, help="a bundled profile name (h200, a100-40gb, rtx4090) or a JSON file")
+    ap.add_argument("--gpu-mem-gb", type=float, required=True, help="GPU memory the plan may use")
+    ap.add_argument("--uniform", action="store_true", help="one tau and B for all layers (the paper's program)")
+    ap.add_argument("--budget-step", type=int, default=8, help="candidate budgets: multiples of this")
+    ap.add_argument("--jobs", type=int, default=None, help="processes pricing candidates (default: every core)")
+    ap.add_argument("--out", required=True, help="plan JSON to write")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    a = ap.parse_args(argv)
+    check_out_path(a.out)
+    if a.jobs is not None and a.jobs < 1:
+        raise TideError(f"--jobs must be at least 1, got {a.jobs}")
+    traces = [read_trace(p) for p in a.trace]
+    profile = Profile.load(a.profile)
+    plan, frame = make_plan(traces, profile, a.gpu_mem_gb, a.uniform, a.budget_step, a.jobs, names=a.trace)
+    plan.write(a.out)
+    if a.json:
+        print_json(plan.to_json())
+        return 0
+    p, s = plan.predicted, plan.provenance["solver"]
+    print(f"{traces[0].shape.name} on {profile.name}, {a.gpu_mem_gb:g} GB, {p['tokens']} tokens in "
+          f"{len(traces)} trace(s): {plan.provenance['mode']} plan"
+          f"{' (fell back to uniform)' if plan.provenance['fell_back_to_uniform'] else ''}; "
+          f"solved in {s['solve_s']:.2f} s ({s['binaries']} binaries)")
+    print("tau per layer:    " + " ".join(map(str, plan.tau)))
+    print("budget per layer: " + " ".join(map(str, plan.budget)))
+    print(frame.to_string(index=False, formatters={"seconds": "{:.3f}".format, "tokens_per_s": "{:.1f}".format,
+                                                   "plan_speedup": "{:.2f}x".format}))
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
