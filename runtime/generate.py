@@ -100,6 +100,10 @@ class Result:
     step_forwards: int = 0
     committed: int = 0
     seconds: float = 0.0
+    #: with ``Generator(margins=True)``, per generated position: the forward that committed
+    #: it and its logits' top-2 gap relative to the largest |logit| then (near-tie checks)
+    committed_at: list[int] | None = None
+    margin: list[float] | None = None
 
 
 @dataclass
@@ -111,6 +115,7 @@ class Generator:
     sampling: Sampling = field(default_factory=Sampling)
     recorder: TraceRecorder | None = None
     engine: "OffloadEngine | None" = None
+    margins: bool = False
 
     def _forward(self, ids, pos0, cache, mask, logits_from, request, kind, block, step, choice_from):
         if self.engine is not None:
@@ -119,6 +124,28 @@ class Generator:
             T = ids.shape[0]
             self.recorder.begin(request, kind, block, step, T, pos0 + T, pos0 + choice_from, T - choice_from)
         return self.model(ids, pos0, cache, mask, logits_from)
+
+    def _accept(self, res: Result, x: torch.Tensor, s0: int, logits: torch.Tensor, n: int,
+                threshold: float | None = None) -> int:
+        """Sample and commit in ``x[s0:s0 + rows]``; with ``margins``, note each committed
+        position's forward and top-2 logit gap (relative to the largest |logit|)."""
+        block = x[s0:s0 + logits.shape[0]]
+        masked = block == self.model.cfg.mask_id if self.margins else None
+        tok, prob = sample(logits, self.sampling, self._gen)
+        n = accept(block, tok, prob, self.model.cfg.mask_id, n, threshold)
+        if masked is not None:
+            lf = logits.float()
+            top2 = lf.topk(2, dim=-1).values
+            rel = ((top2[:, 0] - top2[:, 1]) / lf.abs().amax(dim=-1).clamp_min(1e-30)).tolist()
+            for i in (masked & (block != self.model.cfg.mask_id)).nonzero().flatten().tolist():
+                self._notes[s0 + i] = (res.forwards, rel[i])
+        return n
+
+    def _finish(self, res: Result, start: int, length: int) -> None:
+        if self.margins:
+            notes = [self._notes.get(p, (-1, float("inf"))) for p in range(start, start + length)]
+            res.committed_at = [f for f, _ in notes]
+            res.margin = [m for _, m in notes]
 
     def _end(self, committed: int) -> None:
         counters = self.engine.end() if self.engine is not None else None
@@ -147,7 +174,8 @@ class Generator:
         x = torch.full((total,), cfg.mask_id, dtype=torch.long, device=dev)
         x[:P] = torch.tensor(prompt, dtype=torch.long, device=dev)
         schedule = transfer_schedule(bl, steps)
-        gen = torch.Generator(device=dev).manual_seed(self.sampling.seed + request) if self.sampling.temperature > 0 else None
+        self._gen = torch.Generator(device=dev).manual_seed(self.sampling.seed + request) if self.sampling.temperature > 0 else None
+        self._notes: dict[int, tuple[int, float]] = {}
         cache = KVCache(cfg, total, dev, self.model.dtype) if d.kv_cache else None
         rec = self.recorder
         if rec is not None:
@@ -168,8 +196,7 @@ class Generator:
                     logits = self._forward(x[s0:e], s0, cache, None, 0, request, "step", b, step, 0)
                 else:
                     logits = self._forward(x[:e], 0, None, block_causal_mask(e, bl, dev), s0, request, "step", b, step, s0)
-                tok, prob = sample(logits, self.sampling, gen)
-                n = accept(x[s0:e], tok, prob, cfg.mask_id, schedule[step], d.threshold)
+                n = self._accept(res, x, s0, logits, schedule[step], d.threshold)
                 res.forwards += 1
                 res.step_forwards += 1
                 res.committed += n
@@ -181,8 +208,12 @@ class Generator:
                 self._end(0)
             if stop:
                 break
+        self._finish(res, P, gen_length)
         out = x[P:P + gen_length].tolist()
         if cfg.eos_id in out:
+            if res.margin is not None:
+                cut = out.index(cfg.eos_id) + 1
+                res.committed_at, res.margin = res.committed_at[:cut], res.margin[:cut]
             out = out[:out.index(cfg.eos_id) + 1]
         res.tokens = out
         return res
@@ -207,6 +238,8 @@ class Generator:
         if self.recorder is not None:
             self.recorder.add_request(request, P, G)
         res = Result(tokens=[])
+        self._gen = None
+        self._notes = {}
         fw = trace.forwards
         try:
             for f in fw.index[fw["request"] == request]:
@@ -223,13 +256,13 @@ class Generator:
                     self._end(0)
                 else:
                     logits = self._forward(x[s0:e], s0, cache, None, 0, request, kind, b, step, 0)
-                    tok, prob = sample(logits, self.sampling, None)
-                    n = accept(x[s0:e], tok, prob, cfg.mask_id, n)
+                    n = self._accept(res, x, s0, logits, n)
                     res.step_forwards += 1
                     res.committed += n
                     self._end(n)
         finally:
             chooser.detach()
+        self._finish(res, P, G)
         res.tokens = x[P:P + G].tolist()
         return res
 

@@ -11,8 +11,11 @@ priced the way the simulator prices it), then solved by HiGHS through Pyomo:
     uniform (the paper's single tau): every layer takes the same candidate, x[l,t,b] = y[t,b],
                 substituted: binaries y[t,b] only, each priced at sum_l seconds[l,t,b]
 
-Layers run one after another, so their times add. Turning a trace and a profile into the
-table (by replaying the policy functions) is the planner's other half.
+Layers run one after another, so their times add. Memory depends on B alone, so for the
+per-layer program only each layer's Pareto candidates can be optimal: for each B its best
+tau, and only if it is faster than every smaller B. The program holds those binaries only
+(an exact reduction; tens per layer instead of taus x budgets). Turning a trace and a
+profile into the table (by replaying the policy functions) is the planner's other half.
 """
 from __future__ import annotations
 
@@ -57,8 +60,24 @@ class Solution:
     variables: int  # binaries
 
 
+def pareto(table: CandidateTable) -> list[tuple[int, int, int]]:
+    """(layer, tau index, budget index) of each layer's Pareto candidates (see module doc)."""
+    s = table.seconds
+    order = np.argsort(table.budgets, kind="stable")
+    keep = []
+    for l in range(s.shape[0]):
+        best = np.inf
+        for b in order:
+            t = int(np.argmin(s[l, :, b]))  # ties: the smallest tau
+            if s[l, t, b] < best:
+                best = s[l, t, b]
+                keep.append((l, t, int(b)))
+    return keep
+
+
 def add_choice(m: pyo.ConcreteModel, table: CandidateTable, uniform: bool) -> None:
-    """Binaries: exactly one candidate per layer (``x[l, t, b]``), or one for all layers (``y[t, b]``)."""
+    """Binaries: exactly one candidate per layer (``x[l, t, b]``, Pareto candidates only), or
+    one for all layers (``y[t, b]``)."""
     m.T = pyo.RangeSet(0, len(table.taus) - 1)
     m.B = pyo.RangeSet(0, len(table.budgets) - 1)
     if uniform:
@@ -66,8 +85,9 @@ def add_choice(m: pyo.ConcreteModel, table: CandidateTable, uniform: bool) -> No
         m.one = pyo.Constraint(expr=sum(m.y[t, b] for t in m.T for b in m.B) == 1)
     else:
         m.L = pyo.RangeSet(0, len(table.layers) - 1)
-        m.x = pyo.Var(m.L, m.T, m.B, domain=pyo.Binary)
-        m.one = pyo.Constraint(m.L, rule=lambda m, l: sum(m.x[l, t, b] for t in m.T for b in m.B) == 1)
+        m.C = pyo.Set(initialize=pareto(table), dimen=3)
+        m.x = pyo.Var(m.C, domain=pyo.Binary)
+        m.one = pyo.Constraint(m.L, rule=lambda m, l: sum(m.x[c] for c in m.C if c[0] == l) == 1)
 
 
 def add_memory(m: pyo.ConcreteModel, table: CandidateTable, uniform: bool) -> None:
@@ -75,7 +95,7 @@ def add_memory(m: pyo.ConcreteModel, table: CandidateTable, uniform: bool) -> No
     if uniform:
         slots = len(table.layers) * sum(table.budgets[b] * m.y[t, b] for t in m.T for b in m.B)
     else:
-        slots = sum(table.budgets[b] * m.x[l, t, b] for l in m.L for t in m.T for b in m.B)
+        slots = sum(table.budgets[b] * m.x[l, t, b] for l, t, b in m.C)
     m.memory = pyo.Constraint(expr=table.fixed_bytes + table.expert_bytes * slots <= table.mem_limit)
 
 
@@ -86,7 +106,7 @@ def add_objective(m: pyo.ConcreteModel, table: CandidateTable, uniform: bool) ->
         per = s.sum(axis=0)
         expr = sum(float(per[t, b]) * m.y[t, b] for t in m.T for b in m.B)
     else:
-        expr = sum(float(s[l, t, b]) * m.x[l, t, b] for l in m.L for t in m.T for b in m.B)
+        expr = sum(float(s[l, t, b]) * m.x[l, t, b] for l, t, b in m.C)
     m.time = pyo.Objective(expr=expr, sense=pyo.minimize)
 
 
@@ -113,7 +133,8 @@ def solve(table: CandidateTable, uniform: bool = False) -> Solution:
         t, b = next((t, b) for t in m.T for b in m.B if pyo.value(m.y[t, b]) > 0.5)
         picks = [(t, b)] * L
     else:
-        picks = [next((t, b) for t in m.T for b in m.B if pyo.value(m.x[l, t, b]) > 0.5) for l in m.L]
+        chosen = {l: (t, b) for l, t, b in m.C if pyo.value(m.x[l, t, b]) > 0.5}
+        picks = [chosen[l] for l in m.L]
     return Solution(tau=[table.taus[t] for t, _ in picks], budget=[table.budgets[b] for _, b in picks],
                     seconds=float(pyo.value(m.time)), build_s=t1 - t0, solve_s=t2 - t1,
-                    variables=len(table.taus) * len(table.budgets) * (1 if uniform else L))
+                    variables=len(table.taus) * len(table.budgets) if uniform else len(m.C))

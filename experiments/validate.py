@@ -1,0 +1,202 @@
+"""Does the plan deliver on this box? Predicted against measured, and the tokens checked.
+
+``python -m experiments.validate --checkpoint DIR --plan PLAN.json [--trace FILE ...]
+[--device cpu|cuda] [--repeats 3] [--out FILE]``
+
+Replays the traces the plan was made from (``--trace`` to give others; KV-cache traces:
+their schedules and expert choices, so the work is the work the planner priced) through the
+runtime under the plan and under the baselines the planner compared it with (``cpu``,
+``static``, ``swap``, ``tide`` tau=1, with the plan's budgets), plus ``all`` (every expert on
+the fast device) as the reference for the tokens when it fits. Prints predicted against
+measured seconds, tokens/s and the plan's speedups, writes the table with provenance (torch
+version, device, checkpoint, plan, profile and trace hashes) to ``--out`` (``.parquet`` or
+``.json``), and fails with one clear line unless every run's tokens agree with the
+reference as the lossless rule (:mod:`runtime.lossless`) requires: exactly when the fast
+device is the CPU, differences only from a near-tie on a GPU.
+
+Needs only ``runtime`` and ``traces``: it runs on the GPU box's own Python.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from traces.cli import atomic_write, check_out_path, file_sha256, run_cli
+from traces.errors import TideError
+from traces.plan import Plan
+from traces.policies import Policy
+from traces.trace import Trace, read_trace
+
+
+def plan_traces(plan: Plan, given: list[str] | None) -> list[tuple[str, Trace]]:
+    """The traces to replay: ``--trace`` files, or those the plan names (checked by hash)."""
+    if given:
+        return [(p, read_trace(p)) for p in given]
+    named = plan.provenance.get("traces") or []
+    if not named:
+        raise TideError("--plan: the plan names no traces; give --trace")
+    out = []
+    for t in named:
+        path = Path(t["name"])
+        if not path.is_file():
+            raise TideError(f"--plan: its trace {path} is not here; give --trace")
+        if t.get("sha256") and file_sha256(path) != t["sha256"]:
+            raise TideError(f"--plan: {path} has changed since the plan was made (sha256 differs); give --trace")
+        out.append((str(path), read_trace(path)))
+    return out
+
+
+def runs_to_make(plan: Plan, n_layers: int, experts: int, all_fits: bool) -> dict[str, Policy]:
+    """The plan, its baselines with the planner's budgets, and ``all`` when it fits."""
+    runs: dict[str, Policy] = {}
+    if all_fits:
+        runs["all"] = Policy.make("all", n_layers, experts)
+    runs["plan"] = Policy.make("plan", n_layers, experts, budget=plan.budget, tau=plan.tau)
+    for name, b in (plan.predicted.get("baselines") or {}).items():
+        kind = "tide" if name == "tide_tau1" else name
+        runs[name] = Policy.make(kind, n_layers, experts, budget=b["budget"] if kind != "cpu" else None,
+                                 tau=1 if kind == "tide" else None)
+    return runs
+
+
+def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], device_name: str = "cpu",
+             repeats: int = 3) -> tuple[pd.DataFrame, list[str]]:
+    """Run every policy on every trace; the table and the lossless failures (empty: all agree)."""
+    import torch
+
+    from runtime.checkpoint import dtype_name, load_model
+    from runtime.generate import Generator, check_device
+    from runtime.lossless import agree
+    from runtime.offload import OffloadEngine
+
+    device = check_device(device_name)
+    model = load_model(checkpoint, device=device, dtype=plan.dtype, experts_device="cpu")
+    shape = model.cfg.shape
+    plan.check_model(shape, "--plan")
+    for name, tr in traces:
+        if tr.dtype != dtype_name(model.dtype):
+            raise TideError(f"--trace {name}: recorded in {tr.dtype}, the plan runs {dtype_name(model.dtype)}")
+    L, E = shape.n_moe_layers, shape.experts
+    all_fits = device.type == "cpu" or shape.experts_fitting(
+        torch.cuda.get_device_properties(device).total_memory * 0.9, plan.dtype,
+        kv_tokens=max(int(t.forwards["context"].max()) for _, t in traces)) >= E
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    exact = device.type == "cpu"
+    rows, failures, reference = [], [], None
+    for name, policy in runs_to_make(plan, L, E, all_fits).items():
+        results, seconds = [], []
+        for rep in range(repeats + 1):  # the first run checks tokens (and warms up); the rest are timed
+            total, counters = 0.0, dict.fromkeys(("gpu_tokens", "cpu_tokens", "migrations"), 0)
+            for _, tr in traces:  # each trace from an empty placement, as the planner priced it
+                engine = OffloadEngine(model, policy, device)
+                gen = Generator(model, tr.decoding, engine=engine, margins=rep == 0)
+                for r in tr.requests:
+                    sync()
+                    t0 = time.perf_counter()
+                    res = gen.replay(tr, r["request"])
+                    sync()
+                    total += time.perf_counter() - t0
+                    if rep == 0:
+                        results.append(res)
+                counters = {k: v + engine.totals()[k] for k, v in counters.items()}
+                engine.detach()
+            if rep:
+                seconds.append(total)
+        if reference is None:
+            reference = results
+        checks = [agree(a, b, exact) for a, b in zip(reference, results)]
+        bad = [c.detail for c in checks if not c.ok]
+        if bad:
+            failures.append(f"{name}: {bad[0]}")
+        measured = sorted(seconds)[len(seconds) // 2]
+        rows.append({"policy": name, "budget": _span(policy.budget.tolist()),
+                     "tau": _span(policy.tau.tolist()) if policy.tau is not None else "-",
+                     "predicted_s": _predicted(plan, name), "measured_s": measured,
+                     "tokens_identical": all(c.identical for c in checks), "tokens_ok": not bad,
+                     "note": next((c.detail for c in checks if c.detail), ""),
+                     **{k: counters[k] for k in ("gpu_tokens", "cpu_tokens", "migrations")}})
+    df = pd.DataFrame(rows)
+    tokens = sum(t.tokens_generated for _, t in traces)
+    df["predicted_tokens_per_s"] = tokens / df["predicted_s"]
+    df["measured_tokens_per_s"] = tokens / df["measured_s"]
+    df["error"] = (df["predicted_s"] - df["measured_s"]) / df["measured_s"]
+    plan_row = df.set_index("policy").loc["plan"]
+    df["predicted_plan_speedup"] = df["predicted_s"] / plan_row["predicted_s"]
+    df["measured_plan_speedup"] = df["measured_s"] / plan_row["measured_s"]
+    return df, failures
+
+
+def _predicted(plan: Plan, name: str) -> float:
+    p = plan.predicted
+    if name == "plan":
+        return float(p.get("seconds", "nan"))
+    return float((p.get("baselines") or {}).get(name, {}).get("seconds", "nan"))
+
+
+def _span(values: list[int]) -> str:
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def provenance(checkpoint: str, plan_path: str, plan: Plan, traces: list[tuple[str, Trace]],
+               device_name: str) -> dict[str, Any]:
+    import torch
+    device = torch.cuda.get_device_name(torch.device(device_name)) if device_name.startswith("cuda") \
+        else (platform.processor() or platform.machine())
+    return {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "device": device_name, "device_name": device,
+            "checkpoint": str(checkpoint), "plan": {"path": plan_path, "sha256": file_sha256(plan_path)},
+            "profile": plan.provenance.get("profile"),
+            "traces": [{"path": n, "sha256": file_sha256(n)} for n, _ in traces]}
+
+
+def write(out: str, df: pd.DataFrame, prov: dict[str, Any]) -> None:
+    if out.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               b"tide.validation": json.dumps(prov).encode()})
+        atomic_write(out, lambda tmp: pq.write_table(table, tmp))
+    else:
+        text = json.dumps({"provenance": prov, "runs": df.to_dict(orient="records")}, indent=1) + "\n"
+        atomic_write(out, lambda tmp: tmp.write_text(text))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.validate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--plan", required=True)
+    ap.add_argument("--trace", action="append", default=None, help="trace(s) to replay (default: the plan's)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per policy; the median is kept")
+    ap.add_argument("--out", default=None, help="write the table here (.parquet or .json)")
+    a = ap.parse_args(argv)
+    if a.repeats < 1:
+        raise TideError(f"--repeats must be at least 1, got {a.repeats}")
+    if a.out:
+        check_out_path(a.out)
+    plan = Plan.read(a.plan)
+    traces = plan_traces(plan, a.trace)
+    df, failures = validate(a.checkpoint, plan, traces, a.device, a.repeats)
+    if a.out:
+        write(a.out, df, provenance(a.checkpoint, a.plan, plan, traces, a.device))
+    cols = ["policy", "budget", "tau", "predicted_s", "measured_s", "error", "predicted_tokens_per_s",
+            "measured_tokens_per_s", "predicted_plan_speedup", "measured_plan_speedup", "tokens_ok"]
+    print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if failures:
+        raise TideError("the lossless rule does not hold: " + "; ".join(failures))
+    print(f"tokens agree with the reference ({df['policy'].iloc[0]}) for every policy"
+          + (f"; wrote {a.out}" if a.out else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,107 @@
+"""The planner end to end on a reduced mini trace: candidate prices equal the simulator, the
+plan is no worse than any uniform (tau, B) that fits, and the command's plan and errors."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import assert_clean_error, run_module
+from sim.candidates import candidate_seconds, distinct_taus, fixed_seconds
+from sim.plan import make_plan
+from sim.replay import simulate
+from traces.errors import TideError
+from traces.plan import Plan
+from traces.policies import Policy
+from traces.profile import Profile
+from traces.shapes import ModelShape
+from traces.synth import synthesize
+
+MEM_GB = 3.3  # the reduced mini: 1.3 GB of non-expert weights, 768 experts of 6.3 MB: about half fit
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return synthesize(ModelShape.named("llada2-mini").replace(num_hidden_layers=4), 96, 48, seed=2)
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return Profile.load("a100-40gb")
+
+
+def test_candidate_prices_add_up_to_the_simulated_time(trace, profile):
+    taus, budgets = [1, 3, 6], [0, 16, 96, 256]
+    s = candidate_seconds(trace, profile, taus, budgets)
+    fixed = fixed_seconds(trace, profile)
+    L, E = trace.shape.n_moe_layers, trace.shape.experts
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        ti, bi = rng.integers(0, len(taus), L), rng.integers(0, len(budgets), L)
+        pol = Policy.make("plan", L, E, budget=[budgets[b] for b in bi], tau=[taus[t] for t in ti])
+        predicted = s[np.arange(L), ti, bi].sum() + fixed
+        assert predicted == pytest.approx(simulate(trace, profile, pol).seconds, rel=1e-9)
+
+
+def test_taus_that_refresh_at_the_same_steps_are_priced_once(trace):
+    longest = int(trace.forwards["step"].max())
+    taus = distinct_taus([trace], range(1, 33))
+    assert taus == list(range(1, longest + 2))  # past the longest block, only each block's first step refreshes
+
+
+def test_plan_is_no_worse_than_any_uniform_grid_point_in_simulation(trace, profile):
+    plan, frame = make_plan([trace], profile, MEM_GB, budget_step=32, jobs=1, progress=False)
+    uniform, _ = make_plan([trace], profile, MEM_GB, uniform=True, budget_step=32, jobs=1, progress=False)
+    shape, L, E = trace.shape, trace.shape.n_moe_layers, trace.shape.experts
+    limit = MEM_GB * 1e9
+    fixed = shape.non_expert_bytes(trace.dtype) + int(trace.forwards["context"].max()) * shape.kv_bytes_per_token(trace.dtype)
+    assert fixed + sum(plan.budget) * shape.expert_bytes(trace.dtype) <= limit
+    grid = []
+    for b in plan.provenance["candidates"]["budgets"]:
+        if fixed + L * b * shape.expert_bytes(trace.dtype) > limit:
+            continue
+        for tau in plan.provenance["candidates"]["taus"]:
+            grid.append(simulate(trace, profile, Policy.make("plan", L, E, budget=b, tau=tau)).seconds)
+    best = min(grid)
+    assert uniform.predicted["seconds"] <= best * 1.01
+    assert plan.predicted["seconds"] <= best * 1.01
+    assert plan.predicted["seconds"] <= uniform.predicted["seconds"] * 1.01
+    sim = simulate(trace, profile, plan.policy(shape)).seconds
+    assert plan.predicted["seconds"] == pytest.approx(sim)
+    assert plan.predicted["program_seconds"] == pytest.approx(sim, rel=1e-9)
+    assert set(frame["policy"]) == {"plan", "uniform best", "cpu", "static", "swap", "tide_tau1"}
+    assert plan.predicted["speedup"]["cpu"] > 1
+
+
+def test_command_writes_a_plan_the_runtime_reads(tmp_path, trace):
+    tr = tmp_path / "t.parquet"
+    trace.write(tr)
+    out = tmp_path / "plan.json"
+    p = run_module("sim.plan", "--trace", str(tr), "--trace", str(tr), "--profile", "a100-40gb", "--gpu-mem-gb",
+                   str(MEM_GB), "--budget-step", "64", "--jobs", "2", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "tau per layer" in p.stdout and "tide_tau1" in p.stdout
+    plan = Plan.read(out)
+    pol = plan.policy(trace.shape)
+    assert pol.name == "plan" and len(pol.tau) == trace.shape.n_moe_layers
+    d = json.loads(out.read_text())
+    assert d["predicted"]["tokens"] == 2 * trace.tokens_generated
+    assert len(d["provenance"]["traces"]) == 2 and len(d["provenance"]["traces"][0]["sha256"]) == 64
+    assert d["provenance"]["profile"]["name"] == "a100-40gb"
+    assert d["provenance"]["solver"]["solve_s"] >= 0
+
+
+def test_bad_input_fails_cleanly(tmp_path, trace):
+    tr = tmp_path / "t.parquet"
+    trace.write(tr)
+    out = tmp_path / "plan.json"
+    base = ["sim.plan", "--trace", str(tr), "--profile", "a100-40gb", "--out", str(out)]
+    assert_clean_error(run_module(*base, "--gpu-mem-gb", "1.0"), "--gpu-mem-gb 1", "one expert per layer")
+    assert_clean_error(run_module(*base, "--gpu-mem-gb", "80"), "--gpu-mem-gb 80", "more than")
+    assert_clean_error(run_module(*base, "--gpu-mem-gb", "3", "--budget-step", "0"), "--budget-step")
+    assert not out.exists()
+    flash = synthesize(ModelShape.named("llada2-flash"), 32, 16, seed=0)
+    with pytest.raises(TideError, match="do not fit in h200's host memory"):
+        make_plan([flash], Profile.load("h200"), 100, progress=False)
+    other = tmp_path / "o.parquet"
+    synthesize(ModelShape.named("llada2-mini").replace(num_hidden_layers=5), 32, 16, seed=0).write(other)
+    assert_clean_error(run_module(*base, "--trace", str(other), "--gpu-mem-gb", "3"), str(other), "a trace of")
