@@ -19,6 +19,7 @@ profile into the table (by replaying the policy functions) is the planner's othe
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,9 @@ import numpy as np
 import pyomo.environ as pyo
 
 from traces.errors import TideError
+
+
+_SOLVING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,8 @@ def solve(table: CandidateTable, uniform: bool = False) -> Solution:
     t0 = time.perf_counter()
     m = build(table, uniform)
     t1 = time.perf_counter()
-    res = pyo.SolverFactory("appsi_highs").solve(m)
+    with _SOLVING:  # Pyomo's solver plumbing is not thread-safe (threaded Dask workers)
+        res = pyo.SolverFactory("appsi_highs").solve(m)
     t2 = time.perf_counter()
     if res.solver.termination_condition != pyo.TerminationCondition.optimal:
         raise TideError(f"the planner found no feasible plan ({res.solver.termination_condition})")

@@ -5,23 +5,9 @@ from conftest import assert_clean_error, run_module
 from runtime.generate import Result
 from runtime.lossless import agree
 
-PROMPT = ",".join(str(i) for i in range(1, 41))
-
-
-def test_capture_profile_plan_validate_end_to_end(tmp_path, tiny_ckpt, tiny_profile):
-    trace, plan, out = tmp_path / "t.parquet", tmp_path / "plan.json", tmp_path / "v.json"
-    p = run_module("runtime.generate", "--checkpoint", str(tiny_ckpt), "--prompt-ids", PROMPT, "--gen-length", "48",
-                   "--trace-out", str(trace))
-    assert p.returncode == 0, p.stderr
-    # 1.2 MB: the tiny model's 0.66 MB of non-expert weights and KV cache leave room for about 20 of its 96 experts
-    p = run_module("sim.plan", "--trace", str(trace), "--profile", str(tiny_profile), "--gpu-mem-gb", "0.0012",
-                   "--jobs", "1", "--out", str(plan))
-    assert p.returncode == 0, p.stderr
-    p = run_module("experiments.validate", "--checkpoint", str(tiny_ckpt), "--plan", str(plan), "--repeats", "1",
-                   "--out", str(out))
-    assert p.returncode == 0, p.stderr
-    assert "tokens agree with the reference (all)" in p.stdout
-    d = json.loads(out.read_text())
+def test_capture_profile_plan_validate_end_to_end(validated, tiny_ckpt, tmp_path):
+    assert "tokens agree with the reference (all)" in validated["stdout"]
+    d = json.loads(validated["result"].read_text())
     runs = {r["policy"]: r for r in d["runs"]}
     assert set(runs) == {"all", "plan", "cpu", "static", "swap", "tide_tau1"}
     assert all(r["tokens_identical"] for r in runs.values())  # the fast device is the CPU: exactly equal
@@ -31,8 +17,11 @@ def test_capture_profile_plan_validate_end_to_end(tmp_path, tiny_ckpt, tiny_prof
     assert prov["torch"] and prov["device"] == "cpu" and len(prov["traces"][0]["sha256"]) == 64
     assert prov["profile"]["sha256"] and prov["plan"]["sha256"]
 
-    trace.write_bytes(trace.read_bytes() + b"x")  # the plan's trace changed since: refuse
-    assert_clean_error(run_module("experiments.validate", "--checkpoint", str(tiny_ckpt), "--plan", str(plan)),
+    plan = json.loads(validated["plan"].read_text())  # a plan whose trace has changed since: refused
+    plan["provenance"]["traces"][0]["sha256"] = "0" * 64
+    stale = tmp_path / "stale.json"
+    stale.write_text(json.dumps(plan))
+    assert_clean_error(run_module("experiments.validate", "--checkpoint", str(tiny_ckpt), "--plan", str(stale)),
                        "has changed since the plan was made")
 
 

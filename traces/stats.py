@@ -33,8 +33,11 @@ BUDGETS = (32, 64, 128)
 TAUS = tuple(range(1, 9))
 
 
-def cosine_gap(trace: Trace, gaps: Iterable[int] = GAPS, per_layer: bool = False) -> pd.Series | pd.DataFrame:
-    """Mean cosine similarity of block-token expert counts between steps ``g`` apart in a block."""
+def cosine_gap(trace: Trace, gaps: Iterable[int] = GAPS, per_layer: bool = False,
+               within_block: bool = True) -> pd.Series | pd.DataFrame:
+    """Mean cosine similarity of block-token expert counts between steps ``g`` apart in a block
+    (``within_block=False``: between denoising forwards ``g`` apart in a request, across
+    block boundaries too)."""
     fw = trace.forwards
     steps = fw.index[fw["kind"] == "step"].to_numpy()
     order = np.lexsort((fw["step"].to_numpy()[steps], fw["block"].to_numpy()[steps], fw["request"].to_numpy()[steps]))
@@ -49,7 +52,7 @@ def cosine_gap(trace: Trace, gaps: Iterable[int] = GAPS, per_layer: bool = False
             out[g] = np.full(trace.shape.n_moe_layers, np.nan)
             continue
         i, j = np.arange(len(steps) - g), np.arange(g, len(steps))
-        ok = (key[i] == key[j]).all(axis=1) & (st[j] - st[i] == g)
+        ok = (key[i] == key[j]).all(axis=1) & (st[j] - st[i] == g) if within_block else key[i, 0] == key[j, 0]
         i, j = i[ok], j[ok]
         den = norm[i] * norm[j]
         with np.errstate(invalid="ignore", divide="ignore"):

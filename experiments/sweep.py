@@ -1,0 +1,289 @@
+"""Hardware sweeps: which box, how much memory, which link, how many cores, which policy and tau.
+
+``python -m experiments.sweep [--out DIR] [--quick] [--grid FILE.toml] [grid options]
+[--executor local|dask] [--scheduler ADDRESS] [--jobs N]``
+
+With no arguments it runs the default study on bundled data (about four minutes on 2
+cores): LLaDA2.0-mini and -flash, 256 generated tokens (synthetic traces, cached in
+``DIR/traces``), on
+
+* ``memory``: the a100-40gb box with 8, 16, 24, 32 and 40 GB of GPU memory;
+* ``link_cores``: the same box at 16 GB with PCIe x0.5, x1, x2 and CPU cores x0.25 .. x2;
+* ``boxes``: the bundled h200, a100-40gb and rtx4090 boxes as they are;
+
+pricing ``cpu``, ``static``, ``swap``, ``tide`` (tau 1, 2, 4, 8) at the largest uniform
+budget that fits, and the planner's per-layer optimum (``plan``), at every point.
+``--quick`` runs a tiny grid (mini, 64 tokens, four points) in well under a minute.
+
+Grid options replace the default with one study: ``--profiles``, ``--models``,
+``--gen-lengths``, ``--pcie``, ``--cpu-cores``, ``--gpu-mem-gb``, ``--host-mem-gb``,
+``--policies``, ``--taus``, ``--budgets`` (comma-separated; ``fit`` = the largest uniform
+budget that fits). ``--grid FILE.toml`` holds studies: top-level keys are defaults, each
+``[[study]]`` table (with a ``name``) a grid of its own, with the same names (underscores).
+
+Every point is keyed by a hash of its inputs and written to ``DIR/points/KEY.parquet`` when
+done (atomically), so an interrupted sweep resumes where it stopped. Results:
+``DIR/sweep.parquet`` (a row per point and policy setting), figures
+``DIR/tokens_vs_memory.png``, ``DIR/speedup_heatmap.png``, ``DIR/best_tau.png``, and a short
+table on stdout. ``--executor dask`` sends points to a Dask cluster (``--scheduler
+ADDRESS``; without one, a local Dask cluster of ``--jobs`` workers).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from experiments.sweep_points import POLICY_SET, Point, evaluate, save
+from traces.cli import atomic_write, run_cli
+from traces.errors import TideError
+
+
+@dataclass
+class Study:
+    """A grid: every combination of its axes is a point."""
+
+    name: str
+    profiles: list[str] = field(default_factory=lambda: ["a100-40gb"])
+    models: list[str] = field(default_factory=lambda: ["llada2-mini", "llada2-flash"])
+    gen_lengths: list[int] = field(default_factory=lambda: [256])
+    pcie: list[float] = field(default_factory=lambda: [1.0])
+    cpu_cores: list[float] = field(default_factory=lambda: [1.0])
+    gpu_mem_gb: list[float | None] = field(default_factory=lambda: [None])
+    host_mem_gb: list[float | None] = field(default_factory=lambda: [None])
+    policies: list[str] = field(default_factory=lambda: list(POLICY_SET))
+    taus: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    budgets: list[int | str] = field(default_factory=lambda: ["fit"])
+    prompt_length: int = 64
+    seed: int = 0
+
+    def points(self) -> list[Point]:
+        return [Point(study=self.name, profile=p, model=m, gen_length=g, prompt_length=self.prompt_length,
+                      seed=self.seed, pcie=x, cpu_cores=c, gpu_mem_gb=gm, host_mem_gb=hm,
+                      policies=tuple(self.policies), taus=tuple(self.taus), budgets=tuple(self.budgets))
+                for p, m, g, x, c, gm, hm in itertools.product(self.profiles, self.models, self.gen_lengths, self.pcie,
+                                                                self.cpu_cores, self.gpu_mem_gb, self.host_mem_gb)]
+
+
+DEFAULT = [
+    Study("memory", gpu_mem_gb=[8, 16, 24, 32, 40]),
+    Study("link_cores", gpu_mem_gb=[16], pcie=[0.5, 1.0, 2.0], cpu_cores=[0.25, 0.5, 1.0, 2.0]),
+    Study("boxes", profiles=["h200", "a100-40gb", "rtx4090"]),
+]
+QUICK = [Study("quick", models=["llada2-mini"], gen_lengths=[64], gpu_mem_gb=[8, 16], pcie=[1.0, 2.0], taus=[1, 4])]
+_LIST_FIELDS = [f.name for f in fields(Study) if f.name not in ("name", "prompt_length", "seed")]
+
+
+def studies_from_toml(path: str) -> list[Study]:
+    """``[[study]]`` tables (top-level keys are their defaults)."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise TideError(f"--grid {path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TideError(f"--grid {path}: not valid TOML ({exc})") from None
+    tables = data.pop("study", None)
+    if not isinstance(tables, list) or not tables:
+        raise TideError(f"--grid {path}: needs at least one [[study]] table")
+    out = []
+    for i, t in enumerate(tables):
+        merged = {**data, **t}
+        merged.setdefault("name", f"study{i}")
+        unknown = set(merged) - {f.name for f in fields(Study)}
+        if unknown:
+            raise TideError(f"--grid {path}: unknown key(s) {', '.join(sorted(unknown))} in study {merged['name']!r}")
+        for k in _LIST_FIELDS:
+            if k in merged and not isinstance(merged[k], list):
+                merged[k] = [merged[k]]
+        out.append(Study(**merged))
+    return out
+
+
+def _list(text: str, flag: str, kind: type) -> list[Any]:
+    try:
+        return [v if kind is str else (v if v == "fit" and flag == "--budgets" else kind(v))
+                for v in (s.strip() for s in text.split(",")) if v]
+    except ValueError:
+        raise TideError(f"{flag}: expected comma-separated {kind.__name__} values, got {text!r}") from None
+
+
+# ---- running points ------------------------------------------------------------------------
+def _evaluate_to(args: tuple[Point, str | None]) -> pd.DataFrame:
+    point, cache = args
+    return evaluate(point, cache)
+
+
+def run_points(points: Iterable[Point], out: Path, executor: str = "local", jobs: int | None = None,
+               scheduler: str | None = None, progress: bool = True) -> dict[str, int]:
+    """Evaluate the points not yet in ``out/points`` and store each as it finishes."""
+    points = list(points)
+    keys = [p.key() for p in points]
+    pdir = out / "points"
+    pdir.mkdir(parents=True, exist_ok=True)
+    (out / "traces").mkdir(exist_ok=True)
+    todo = [(p, k) for p, k in zip(points, keys) if not (pdir / f"{k}.parquet").is_file()]
+    todo = list({k: (p, k) for p, k in todo}.values())  # the same point twice: once
+    stats = {"points": len(set(keys)), "reused": len(set(keys)) - len(todo), "evaluated": 0}
+    cache = str(out / "traces")
+    bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress)
+    if executor == "local" and (jobs == 1 or len(todo) <= 1):
+        for p, k in todo:
+            save(evaluate(p, cache), pdir / f"{k}.parquet")
+            stats["evaluated"] += 1
+            bar.update()
+    elif executor == "local":
+        import multiprocessing
+        import os
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        n = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_evaluate_to, (p, cache)): k for p, k in todo}
+            for fut in as_completed(futures):
+                save(fut.result(), pdir / f"{futures[fut]}.parquet")
+                stats["evaluated"] += 1
+                bar.update()
+    elif executor == "dask":
+        try:
+            from distributed import Client, LocalCluster, as_completed as dask_completed
+        except ImportError:
+            raise TideError("--executor dask needs dask.distributed: pip install 'dask[distributed]'") from None
+        cluster = None
+        if scheduler:
+            client = Client(scheduler)
+        else:
+            cluster = LocalCluster(n_workers=jobs or 2, threads_per_worker=1, processes=True, dashboard_address=None)
+            client = Client(cluster)
+        try:
+            futures = client.map(_evaluate_to, [(p, cache) for p, _ in todo], pure=False)
+            where = {f.key: k for f, (_, k) in zip(futures, todo)}
+            for fut in dask_completed(futures):
+                save(fut.result(), pdir / f"{where[fut.key]}.parquet")
+                stats["evaluated"] += 1
+                bar.update()
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    else:
+        raise TideError(f"--executor: expected local or dask, got {executor!r}")
+    bar.close()
+    return stats
+
+
+def collect(points: Iterable[Point], out: Path) -> pd.DataFrame:
+    """The stored rows of ``points``, in the points' order."""
+    seen, frames = set(), []
+    for p in points:
+        k = p.key()
+        if k not in seen:
+            seen.add(k)
+            frames.append(pd.read_parquet(out / "points" / f"{k}.parquet"))
+    return pd.concat(frames, ignore_index=True)
+
+
+def check(points: list[Point]) -> None:
+    """Fail before any work on a grid value that cannot run (one clear line naming the option)."""
+    from traces.profile import Profile
+    from traces.shapes import ModelShape
+    allowed = ("all", "cpu", "static", "swap", "tide", "plan")
+    for p in {(p.profile, p.model, p.gen_length, p.policies, p.taus, p.budgets) for p in points}:
+        profile, model, gen, policies, taus, budgets = p
+        bad = [x for x in policies if x not in allowed]
+        if bad:
+            raise TideError(f"--policies: unknown policy {bad[0]!r} (expected {', '.join(allowed)})")
+        if any(t < 1 for t in taus):
+            raise TideError("--taus: every tau must be at least 1")
+        if any(b != "fit" and (not isinstance(b, int) or b < 0) for b in budgets):
+            raise TideError("--budgets: non-negative integers or fit")
+        if gen < 1:
+            raise TideError("--gen-lengths: at least 1")
+        Profile.load(profile)
+        ModelShape.named(model)
+
+
+def sweep(studies: list[Study], out: Path, executor: str = "local", jobs: int | None = None,
+          scheduler: str | None = None, progress: bool = True, figures: bool = True) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Run the studies (resuming), write ``sweep.parquet`` and the figures; the table and counts."""
+    points = [p for s in studies for p in s.points()]
+    if not points:
+        raise TideError("the grid has no points")
+    check(points)
+    t0 = time.perf_counter()
+    stats = run_points(points, out, executor, jobs, scheduler, progress)
+    stats["wall_s"] = time.perf_counter() - t0
+    df = collect(points, out)
+    atomic_write(out / "sweep.parquet", lambda tmp: df.to_parquet(tmp, index=False))
+    if figures:
+        from experiments.sweep_figures import draw_all
+        stats["figures"] = draw_all(df, out)
+    return df, stats
+
+
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per study and model: points, the plan's tokens/s range, its median speedup over each baseline."""
+    ok = df[df["policy"] == "plan"]
+    if ok.empty:
+        return pd.DataFrame()
+    g = ok.groupby(["study", "model"], sort=False)
+    table = g.agg(points=("key", "nunique"), plan_tok_s_min=("tokens_per_s", "min"),
+                  plan_tok_s_max=("tokens_per_s", "max"),
+                  **{f"x_{b}": (f"speedup_vs_{b}", "median") for b in ("cpu", "static", "swap", "tide_tau1")})
+    skipped = df[df["policy"] == "-"].groupby(["study", "model"], sort=False)["key"].nunique()
+    table["unfit"] = skipped.reindex(table.index).fillna(0).astype(int)
+    return table.reset_index()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="out/sweep", help="results folder (resumes what it holds)")
+    ap.add_argument("--quick", action="store_true", help="a tiny grid, well under a minute")
+    ap.add_argument("--grid", default=None, help="TOML file of [[study]] grids")
+    for name, help_ in (("profiles", "bundled names or profile JSON files"), ("models", "llada2-mini, llada2-flash"),
+                        ("gen-lengths", "tokens generated per trace"), ("pcie", "PCIe bandwidth scalings"),
+                        ("cpu-cores", "CPU core scalings"), ("gpu-mem-gb", "GPU memory limits"),
+                        ("host-mem-gb", "host memory sizes"), ("policies", "cpu, static, swap, tide, plan, all"),
+                        ("taus", "tide refresh intervals"), ("budgets", "GPU experts per layer, or fit")):
+        ap.add_argument(f"--{name}", default=None, help=f"comma-separated {help_}")
+    ap.add_argument("--executor", default="local", help="local (worker processes) or dask")
+    ap.add_argument("--scheduler", default=None, help="Dask scheduler address (default: a local Dask cluster)")
+    ap.add_argument("--jobs", type=int, default=None, help="worker processes (default: every core)")
+    ap.add_argument("--no-figures", action="store_true")
+    a = ap.parse_args(argv)
+    if a.jobs is not None and a.jobs < 1:
+        raise TideError(f"--jobs must be at least 1, got {a.jobs}")
+    if a.scheduler and a.executor != "dask":
+        raise TideError("--scheduler needs --executor dask")
+    kinds = {"profiles": str, "models": str, "gen_lengths": int, "pcie": float, "cpu_cores": float,
+             "gpu_mem_gb": float, "host_mem_gb": float, "policies": str, "taus": int, "budgets": int}
+    given = {k: _list(getattr(a, k), f"--{k.replace('_', '-')}", t) for k, t in kinds.items() if getattr(a, k)}
+    if a.grid and (given or a.quick):
+        raise TideError("--grid holds the whole grid: drop --quick and the grid options")
+    if a.grid:
+        studies = studies_from_toml(a.grid)
+    elif given:
+        studies = [replace(QUICK[0], **given)] if a.quick else [Study("custom", **given)]
+    else:
+        studies = QUICK if a.quick else DEFAULT
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise TideError(f"--out {out}: not a folder")
+    if not out.parent.is_dir():
+        raise TideError(f"--out {out}: folder {out.parent} does not exist")
+    df, stats = sweep(studies, out, a.executor, a.jobs, a.scheduler, figures=not a.no_figures)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(summary(df).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(f"{stats['points']} points ({stats['evaluated']} evaluated, {stats['reused']} reused) in "
+          f"{stats['wall_s']:.0f} s; {len(df)} rows in {out / 'sweep.parquet'}"
+          + (f"; figures: {', '.join(stats['figures'])}" if stats.get("figures") else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
