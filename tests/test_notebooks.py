@@ -1,4 +1,5 @@
 """Every notebook runs top to bottom (nbclient) on small inputs."""
+import os
 from pathlib import Path
 
 import nbformat
@@ -9,6 +10,8 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
 def run_notebook(name: str, params: str, cwd: Path) -> nbformat.NotebookNode:
+    root = str(NOTEBOOKS.parent)  # the kernel imports this checkout even where it is not installed
+    os.environ["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     cell.source = params

@@ -1,0 +1,20 @@
+"""The device check in CPU mode (tiny preset, the CPU as the fast device): every run, the
+token agreement with `all`, the cost model's bound, the table and the JSON."""
+import json
+
+from conftest import run_module
+
+
+def test_gpu_check_runs_on_cpu(tmp_path):
+    out = tmp_path / "check.json"
+    p = run_module("experiments.gpu_check", "--quick", "--device", "cpu", "--out", str(out), timeout=900)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(out.read_text())
+    runs = d["runs"]
+    cases = {(r["case"], r["kv_cache"], r["total_tokens"]) for r in runs}
+    assert ("all", False, 64) in cases and ("all", True, 256) in cases and ("tide B=16 tau=4", False, 256) in cases
+    assert {r["case"] for r in runs} >= {"all", "cpu", "static B=8", "swap B=16", "tide B=8 tau=1", "tide B=16 tau=4"}
+    assert all(r["tokens_agree"] and r["tokens_identical"] for r in runs)  # exact on the CPU
+    assert all(r["bound_ms_per_forward"] > 0 and r["measured_over_bound"] > 0 for r in runs)
+    assert d["device"] == "cpu" and d["profile"]["format"] == "tide-profile"
+    assert "measured_over_bound" in p.stdout
