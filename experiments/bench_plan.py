@@ -21,7 +21,7 @@ import pandas as pd
 from sim.candidates import budget_grid, candidate_table_seconds, distinct_taus, fixed_seconds
 from sim.plan import kv_tokens, memory, simulated_seconds
 from sim.plan_model import CandidateTable, solve
-from traces.cli import atomic_write, check_out_path, run_cli
+from traces.cli import atomic_write, check_out_path, run_cli, span
 from traces.policies import Policy
 from traces.profile import Profile
 from traces.shapes import ModelShape
@@ -59,8 +59,7 @@ def bench_case(model: str, box: str, limits: tuple[float, ...], gen_length: int,
             "model": model, "profile": box, "gpu_mem_gb": g, "layers": L, "taus": len(taus),
             "candidates_per_layer": len(taus) * len(table.budgets), "pricing_s": pricing_s,
             "build_s": per_layer.build_s, "solve_s": per_layer.solve_s, "uniform_solve_s": uniform.solve_s,
-            "plan_tau": f"{min(per_layer.tau)}-{max(per_layer.tau)}",
-            "plan_budget": f"{min(per_layer.budget)}-{max(per_layer.budget)}",
+            "plan_tau": span(per_layer.tau), "plan_budget": span(per_layer.budget),
             "uniform": f"tau {uniform.tau[0]}, B {uniform.budget[0]}",
             "plan_s": plan_s, "uniform_s": uni_s, "tide_tau1_s": tide_s,
             "program_error": (per_layer.seconds + fixed_s) / plan_s - 1,

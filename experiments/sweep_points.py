@@ -21,7 +21,7 @@ import pandas as pd
 
 from sim.plan import candidate_table, memory
 from sim.plan_model import solve
-from traces.cli import atomic_write, data_sha256
+from traces.cli import atomic_write, data_sha256, span
 from traces.costs import CostModel
 from traces.counters import replay_policy
 from traces.errors import TideError
@@ -83,10 +83,6 @@ def workload(model: str, gen_length: int, prompt_length: int, seed: int, cache: 
     return trace
 
 
-def _span(values) -> str:
-    lo, hi = int(min(values)), int(max(values))
-    return str(lo) if lo == hi else f"{lo}-{hi}"
-
 
 def evaluate(point: Point, cache: str | None = None) -> pd.DataFrame:
     """Every policy setting of ``point``: one row each (one row with a ``status`` if the
@@ -139,7 +135,7 @@ def evaluate(point: Point, cache: str | None = None) -> pd.DataFrame:
         elif name == "plan":
             table = candidate_table([trace], profile, limit, fixed, point.budget_step, jobs=1, progress=False)
             sol = solve(table)
-            price("plan", Policy.make("plan", L, E, budget=sol.budget, tau=sol.tau), _span(sol.tau), _span(sol.budget),
+            price("plan", Policy.make("plan", L, E, budget=sol.budget, tau=sol.tau), span(sol.tau), span(sol.budget),
                   plan_tau=" ".join(map(str, sol.tau)), plan_budget=" ".join(map(str, sol.budget)),
                   solve_s=sol.solve_s)
         else:

@@ -28,7 +28,7 @@ from typing import Any
 
 import pandas as pd
 
-from traces.cli import atomic_write, check_out_path, file_sha256, run_cli
+from traces.cli import atomic_write, check_out_path, file_sha256, run_cli, span
 from traces.errors import TideError
 from traces.plan import Plan
 from traces.policies import Policy
@@ -116,8 +116,8 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
         if bad:
             failures.append(f"{name}: {bad[0]}")
         measured = sorted(seconds)[len(seconds) // 2]
-        rows.append({"policy": name, "budget": _span(policy.budget.tolist()),
-                     "tau": _span(policy.tau.tolist()) if policy.tau is not None else "-",
+        rows.append({"policy": name, "budget": span(policy.budget.tolist()),
+                     "tau": span(policy.tau.tolist()) if policy.tau is not None else "-",
                      "predicted_s": _predicted(plan, name), "measured_s": measured,
                      "tokens_identical": all(c.identical for c in checks), "tokens_ok": not bad,
                      "note": next((c.detail for c in checks if c.detail), ""),
@@ -139,10 +139,6 @@ def _predicted(plan: Plan, name: str) -> float:
         return float(p.get("seconds", "nan"))
     return float((p.get("baselines") or {}).get(name, {}).get("seconds", "nan"))
 
-
-def _span(values: list[int]) -> str:
-    lo, hi = min(values), max(values)
-    return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
 def provenance(checkpoint: str, plan_path: str, plan: Plan, traces: list[tuple[str, Trace]],

@@ -29,7 +29,7 @@ import pandas as pd
 from sim.candidates import budget_grid, candidate_table_seconds, distinct_taus, fixed_seconds
 from sim.plan_model import CandidateTable, Solution, solve
 from sim.replay import simulate
-from traces.cli import check_out_path, data_sha256, file_sha256, print_json, run_cli
+from traces.cli import check_out_path, data_sha256, file_sha256, print_json, run_cli, span
 from traces.costs import check_fits
 from traces.errors import TideError
 from traces.plan import Plan
@@ -129,7 +129,7 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
         uni_s = plan_s
     tokens, blocks = sum(t.tokens_generated for t in traces), _blocks(traces)
     b_fit = shape.experts_fitting(limit, dtype, kv_tokens(traces))
-    rows = [{"policy": "plan", "tau": _span(sol.tau), "budget": _span(sol.budget), "seconds": plan_s},
+    rows = [{"policy": "plan", "tau": span(sol.tau), "budget": span(sol.budget), "seconds": plan_s},
             {"policy": "uniform best", "tau": str(best_uniform.tau[0]), "budget": str(best_uniform.budget[0]),
              "seconds": uni_s}]
     baselines = {"cpu": Policy.make("cpu", L, E), "static": Policy.make("static", L, E, budget=b_fit),
@@ -165,10 +165,6 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
                           provenance=provenance)
     return plan, frame
 
-
-def _span(values: Sequence[int]) -> str:
-    lo, hi = min(values), max(values)
-    return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
 def _is_file(name: str) -> bool:

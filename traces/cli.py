@@ -92,3 +92,9 @@ def file_sha256(path: str | os.PathLike) -> str:
 def data_sha256(obj: Any) -> str:
     """Hex SHA-256 of a JSON value in canonical form (provenance of a loaded profile)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def span(values: Any) -> str:
+    """``"lo-hi"`` of per-layer values (``"v"`` when all equal): a plan's taus or budgets in a table cell."""
+    lo, hi = int(min(values)), int(max(values))
+    return str(lo) if lo == hi else f"{lo}-{hi}"
