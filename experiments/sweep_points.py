@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sim.plan import candidate_table, memory
+from sim.plan import candidate_table, kv_tokens, memory
 from sim.plan_model import solve
 from traces.cli import atomic_write, data_sha256, span
 from traces.costs import CostModel
@@ -103,7 +103,7 @@ def evaluate(point: Point, cache: str | None = None) -> pd.DataFrame:
     except TideError as exc:
         return pd.DataFrame([{**base, "policy": "-", "status": str(exc)}])
     cost = CostModel(profile, shape, dtype)
-    b_fit = shape.experts_fitting(limit, dtype, int(trace.forwards["context"].max()))
+    b_fit = shape.experts_fitting(limit, dtype, kv_tokens([trace]))  # a uniform budget B fits iff B <= b_fit
     budgets = sorted({b_fit if b == "fit" else int(b) for b in point.budgets})
     rows = []
 
@@ -120,15 +120,15 @@ def evaluate(point: Point, cache: str | None = None) -> pd.DataFrame:
         if name == "cpu":
             price("cpu", Policy.make("cpu", L, E), "-", "0")
         elif name == "all":
-            if shape.n_moe_layers * E * shape.expert_bytes(dtype) + fixed <= limit:
+            if b_fit == E:
                 price("all", Policy.make("all", L, E), "-", str(E))
         elif name in ("static", "swap"):
             for b in budgets:
-                if b >= (1 if name == "swap" else 0) and b * L * shape.expert_bytes(dtype) + fixed <= limit:
+                if (1 if name == "swap" else 0) <= b <= b_fit:
                     price(name, Policy.make(name, L, E, budget=b), "-", str(b))
         elif name == "tide":
             for b in budgets:
-                if b * L * shape.expert_bytes(dtype) + fixed <= limit:
+                if b <= b_fit:
                     for tau in point.taus:
                         price(f"tide tau={tau}" if tau != 1 else "tide_tau1", Policy.make("tide", L, E, budget=b, tau=tau),
                               str(tau), str(b))

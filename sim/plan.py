@@ -21,6 +21,7 @@ import argparse
 import datetime as dt
 import importlib.metadata as md
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -168,7 +169,6 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
 
 
 def _is_file(name: str) -> bool:
-    from pathlib import Path
     return Path(name).is_file()
 
 
