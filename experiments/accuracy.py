@@ -17,15 +17,16 @@ half (``--replay-only DIR``) runs anywhere. Results go to ``DIR/accuracy.parquet
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from traces.cli import atomic_write, run_cli, write_json
+from tqdm.auto import tqdm
+
+from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, read_json, run_cli, write_json
 from traces.errors import TideError
+from traces.values import get, need_dict, need_float, need_int, need_list, need_str
 
 RUNS: list[tuple[str, float | None, int | None]] = [
     ("all", None, None), ("cpu", None, None), ("static", 0.25, None), ("static", 0.5, None),
@@ -67,6 +68,7 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     warm.detach()
     runs = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    bar = tqdm(total=len(RUNS) * repeats, desc="runs", unit="run")
     for i, (name, frac, tau) in enumerate(RUNS):
         budget = None if frac is None else max(1, int(E * frac))
         policy = Policy.make(name, L, E, budget=budget, tau=tau)
@@ -81,13 +83,38 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
             sync()
             times.append(time.perf_counter() - t0)
             eng.detach(), rec.detach()
+            bar.update()
         seconds = float(sorted(times)[len(times) // 2])
         path = out / f"run{i}.parquet"
         rec.trace(policy={"name": name, "budget": policy.budget.tolist(),
                           "tau": policy.tau.tolist() if policy.tau is not None else None}).write(path)
         runs.append({"run": i, "policy": name, "budget": budget, "tau": tau, "trace": path.name,
                      "measured_s": seconds, "device": str(device)})
+    bar.close()
     write_json(out / "runs.json", {"checkpoint": checkpoint, "runs": runs})
+
+
+def read_runs(out: Path) -> list[dict]:
+    """``runs.json`` of a capture, every field of its type (one error line naming the field)."""
+    path = out / "runs.json"
+    if not path.is_file():
+        raise TideError(f"{out}: no runs.json (run --capture-only {out} first)")
+    w = str(path)
+    runs = need_list(get(need_dict(read_json(path, "runs"), w), "runs", w), f"{w}: runs", nonempty=True)
+    out_runs = []
+    for i, r in enumerate(runs):
+        wi = f"{w}: runs[{i}]"
+        r = need_dict(r, wi)
+        opt = lambda k: None if r.get(k) is None else need_int(r[k], f"{wi}.{k}", lo=1)  # noqa: E731
+        trace = need_str(get(r, "trace", wi), f"{wi}.trace")
+        if Path(trace).name != trace:
+            raise TideError(f"{wi}.trace must be a file name in {out}, got {trace!r}")
+        out_runs.append({"run": need_int(get(r, "run", wi), f"{wi}.run", lo=0),
+                         "policy": need_str(get(r, "policy", wi), f"{wi}.policy"), "budget": opt("budget"),
+                         "tau": opt("tau"), "trace": trace,
+                         "measured_s": need_float(get(r, "measured_s", wi), f"{wi}.measured_s", positive=True),
+                         "device": need_str(get(r, "device", wi), f"{wi}.device")})
+    return out_runs
 
 
 def replay(out: Path) -> pd.DataFrame:
@@ -97,15 +124,15 @@ def replay(out: Path) -> pd.DataFrame:
     from traces.profile import Profile
     from traces.trace import read_trace
 
-    if not (out / "runs.json").is_file():
-        raise TideError(f"{out}: no runs.json (run --capture-only {out} first)")
+    runs = read_runs(out)
     profile = Profile.load(out / "profile.json")
-    runs = json.loads((out / "runs.json").read_text())["runs"]
     rows = []
     for r in runs:
         trace = read_trace(out / r["trace"])
         p = trace.policy
-        policy = Policy.make(p["name"], trace.shape.n_moe_layers, trace.shape.experts, budget=p["budget"], tau=p["tau"])
+        if not p or not isinstance(p.get("name"), str):
+            raise TideError(f"{out / r['trace']}: records no policy (not a capture of experiments.accuracy)")
+        policy = Policy.make(p["name"], trace.shape.n_moe_layers, trace.shape.experts, budget=p.get("budget"), tau=p.get("tau"))
         res = simulate(trace, profile, policy)
         agree = all((res.counters[k] == trace.counters[k]).all() for k in res.counters)
         rows.append({**{k: r[k] for k in ("run", "policy", "budget", "tau", "device")},
@@ -117,21 +144,28 @@ def replay(out: Path) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.accuracy", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m experiments.accuracy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--out", default="out/accuracy")
     ap.add_argument("--capture-only", default=None, metavar="DIR")
     ap.add_argument("--replay-only", default=None, metavar="DIR")
-    ap.add_argument("--gen-length", type=int, default=128)
-    ap.add_argument("--prompt-length", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3, help="runs per setting; the median is kept")
+    ap.add_argument("--gen-length", type=integer, default=128)
+    ap.add_argument("--prompt-length", type=integer, default=64)
+    ap.add_argument("--repeats", type=integer, default=3, help="runs per setting; the median is kept")
     a = ap.parse_args(argv)
     if a.repeats < 1:
         raise TideError("--repeats must be at least 1")
     if a.capture_only and a.replay_only:
         raise TideError("give --capture-only or --replay-only, not both")
     out = Path(a.capture_only or a.replay_only or a.out)
+    if a.replay_only:
+        read_runs(out)
+    else:
+        check_out_path(out, "--capture-only" if a.capture_only else "--out", folder=True)
+        if a.checkpoint is not None:
+            from runtime.config import ModelConfig
+            ModelConfig.load(a.checkpoint)
     if not a.replay_only:
         import torch
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")

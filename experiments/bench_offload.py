@@ -9,7 +9,6 @@ shape (realistic expert traffic, ``--replay-trace``). Prints one table (``--json
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import pandas as pd
@@ -18,7 +17,7 @@ import torch
 from runtime.generate import Generator, check_device
 from runtime.make_checkpoint import preset_config, random_model
 from runtime.offload import OffloadEngine
-from traces.cli import print_json, run_cli
+from traces.cli import ArgumentParser, integer, print_json, run_cli
 from traces.errors import TideError
 from traces.policies import Policy
 from traces.synth import synthesize
@@ -53,11 +52,11 @@ def run_one(model, policy: Policy, device, prompt, gen_length, trace=None) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_offload", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m experiments.bench_offload", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--budgets", default=None, help="comma-separated GPU experts per layer")
-    ap.add_argument("--gen-length", type=int, default=None)
-    ap.add_argument("--prompt-length", type=int, default=32)
+    ap.add_argument("--gen-length", type=integer, default=None)
+    ap.add_argument("--prompt-length", type=integer, default=32)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     device = check_device(a.device)

@@ -13,7 +13,6 @@ simulated time (``tests/test_planner.py``), so the best uniform plan is the grid
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import pandas as pd
@@ -21,7 +20,7 @@ import pandas as pd
 from sim.candidates import budget_grid, candidate_table_seconds, distinct_taus, fixed_seconds
 from sim.plan import kv_tokens, memory, simulated_seconds
 from sim.plan_model import CandidateTable, solve
-from traces.cli import atomic_write, check_out_path, run_cli, span
+from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, run_cli, span
 from traces.policies import Policy
 from traces.profile import Profile
 from traces.shapes import ModelShape
@@ -70,9 +69,9 @@ def bench_case(model: str, box: str, limits: tuple[float, ...], gen_length: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_plan", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gen-length", type=int, default=1024)
-    ap.add_argument("--jobs", type=int, default=None, help="processes pricing candidates (default: every core)")
+    ap = ArgumentParser(prog="python -m experiments.bench_plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gen-length", type=integer, default=1024)
+    ap.add_argument("--jobs", type=integer, default=None, help="processes pricing candidates (default: every core)")
     ap.add_argument("--only", default=None, help="run only this model (llada2-mini or llada2-flash)")
     ap.add_argument("--out", default=None, help="write the table here (Parquet)")
     a = ap.parse_args(argv)

@@ -9,7 +9,6 @@ A random checkpoint of the preset is written once under ``--checkpoint-dir`` (de
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from runtime.checkpoint import load_model
 from runtime.generate import Generator, check_device
 from runtime.make_checkpoint import preset_config, write_checkpoint
-from traces.cli import print_json, run_cli
+from traces.cli import ArgumentParser, integer, print_json, run_cli
 from traces.trace import Decoding
 
 
@@ -48,13 +47,13 @@ def bench(model, prompt_length: int, gen_length: int, kv: bool, device: torch.de
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_runtime", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m experiments.bench_runtime", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--layers", type=integer, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--prompt-length", type=int, default=32)
-    ap.add_argument("--gen-length", type=int, default=64)
+    ap.add_argument("--prompt-length", type=integer, default=32)
+    ap.add_argument("--gen-length", type=integer, default=64)
     ap.add_argument("--checkpoint-dir", default="out/checkpoints")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)

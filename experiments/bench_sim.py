@@ -8,12 +8,11 @@ events, wall seconds and events per second of each replay.
 """
 from __future__ import annotations
 
-import argparse
 
 import pandas as pd
 
 from sim.replay import simulate
-from traces.cli import run_cli
+from traces.cli import ArgumentParser, integer, run_cli
 from traces.profile import Profile
 from traces.settings import resolve_policy
 from traces.shapes import ModelShape
@@ -21,10 +20,10 @@ from traces.synth import synthesize
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_sim", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m experiments.bench_sim", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llada2-flash")
     ap.add_argument("--profile", default="a100-40gb")
-    ap.add_argument("--gen-length", type=int, default=1024)
+    ap.add_argument("--gen-length", type=integer, default=1024)
     a = ap.parse_args(argv)
     shape = ModelShape.named(a.model)
     profile = Profile.load(a.profile)

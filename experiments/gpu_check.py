@@ -24,7 +24,6 @@ Needs only ``runtime`` and ``traces`` (the GPU box's own Python).
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import platform
@@ -41,7 +40,7 @@ from runtime.lossless import agree
 from runtime.make_checkpoint import preset_config, random_model
 from runtime.offload import OffloadEngine
 from runtime.profile import profile_box
-from traces.cli import atomic_write, check_out_path, run_cli
+from traces.cli import ArgumentParser, atomic_write, check_out_path, run_cli
 from traces.costs import CostModel
 from traces.counters import replay_policy
 from traces.errors import TideError
@@ -122,6 +121,8 @@ def cases(L: int, E: int, budgets: tuple[int, int], long_total: int, plans: list
 
 def check(device_name: str | None = None, quick: bool = False, plan_files: list[str] | None = None,
           progress: bool = True) -> tuple[pd.DataFrame, dict[str, Any]]:
+    if device_name is not None and device_name not in ("cpu", "cuda") and not device_name.startswith("cuda:"):
+        raise TideError(f"--device: expected cpu or cuda, got {device_name!r}")
     cuda = torch.cuda.is_available() if device_name is None else device_name.startswith("cuda")
     device = torch.device("cuda" if cuda else "cpu")
     if cuda and not torch.cuda.is_available():
@@ -181,7 +182,7 @@ def targets(df: pd.DataFrame, b2: int, long_total: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.gpu_check", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m experiments.gpu_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="own-router runs only; long runs at 256 tokens")
     ap.add_argument("--plans", nargs="*", default=[], help="plan JSON files (sim.plan) for the mini shape")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")

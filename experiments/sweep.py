@@ -32,18 +32,23 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import time
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from experiments.sweep_points import POLICY_SET, Point, evaluate, save
-from traces.cli import atomic_write, run_cli
+
+POLICY_NAMES = ("all", "cpu", "static", "swap", "tide", "plan")
+from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, number, run_cli
 from traces.errors import TideError
+from traces.pool import worker_pool
+from traces.values import need_float, need_int, need_ints, need_list, need_numbers, need_str
 
 
 @dataclass
@@ -63,6 +68,43 @@ class Study:
     budgets: list[int | str] = field(default_factory=lambda: ["fit"])
     prompt_length: int = 64
     seed: int = 0
+
+    def check(self, where: Callable[[str], str]) -> "Study":
+        """Every axis of its type and range, before anything is made: ``where(field)`` names
+        the field as the user wrote it (a flag, or a key of a grid file's study)."""
+        from traces.profile import Profile
+        from traces.shapes import ModelShape
+        strs = lambda k: [need_str(v, f"{where(k)}[{i}]") for i, v in enumerate(need_list(getattr(self, k), where(k), True))]  # noqa: E731
+        need_str(self.name, where("name"))
+        self.profiles, self.models, self.policies = strs("profiles"), strs("models"), strs("policies")
+        self.gen_lengths = need_ints(self.gen_lengths, where("gen_lengths"), lo=1, hi=1 << 20)
+        self.taus = need_ints(self.taus, where("taus"), lo=1)
+        self.pcie = need_numbers(self.pcie, where("pcie"), positive=True)
+        self.cpu_cores = need_numbers(self.cpu_cores, where("cpu_cores"), positive=True)
+        for k in ("gpu_mem_gb", "host_mem_gb"):
+            setattr(self, k, [None if v is None else need_float(v, f"{where(k)}[{i}]", positive=True)
+                              for i, v in enumerate(need_list(getattr(self, k), where(k), True))])
+        self.budgets = [v if v == "fit" else need_int(v, f"{where('budgets')}[{i}] (an integer or fit)", lo=0)
+                        for i, v in enumerate(need_list(self.budgets, where("budgets"), True))]
+        self.prompt_length = need_int(self.prompt_length, where("prompt_length"), lo=1, hi=1 << 20)
+        self.seed = need_int(self.seed, where("seed"), lo=0)
+        bad = [x for x in self.policies if x not in POLICY_NAMES]
+        if bad:
+            raise TideError(f"{where('policies')}: unknown policy {bad[0]!r} (expected {', '.join(POLICY_NAMES)})")
+        for p in self.profiles:
+            try:
+                Profile.load(p)
+            except TideError as exc:
+                raise TideError(f"{where('profiles')}: {exc}") from None
+        for m in self.models:
+            try:
+                E = ModelShape.named(m).experts
+            except TideError as exc:
+                raise TideError(f"{where('models')}: {exc}") from None
+            over = [b for b in self.budgets if b != "fit" and b > E]
+            if over:
+                raise TideError(f"{where('budgets')}: {over[0]} exceeds {m}'s {E} experts per layer")
+        return self
 
     def points(self) -> list[Point]:
         return [Point(study=self.name, profile=p, model=m, gen_length=g, prompt_length=self.prompt_length,
@@ -85,12 +127,12 @@ def studies_from_toml(path: str) -> list[Study]:
     """``[[study]]`` tables (top-level keys are their defaults)."""
     try:
         data = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise TideError(f"--grid {path}: no such file") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise TideError(f"--grid {path}: not valid TOML ({exc})") from None
     tables = data.pop("study", None)
-    if not isinstance(tables, list) or not tables:
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
         raise TideError(f"--grid {path}: needs at least one [[study]] table")
     out = []
     for i, t in enumerate(tables):
@@ -102,22 +144,27 @@ def studies_from_toml(path: str) -> list[Study]:
         for k in _LIST_FIELDS:
             if k in merged and not isinstance(merged[k], list):
                 merged[k] = [merged[k]]
-        out.append(Study(**merged))
+        name = merged["name"]
+        out.append(Study(**merged).check(lambda k: f"--grid {path}: study {name!r}: {k}"))
     return out
 
 
 def _list(text: str, flag: str, kind: type) -> list[Any]:
+    """A comma list of a flag; each value's range is checked by :meth:`Study.check`."""
     try:
-        return [v if kind is str else (v if v == "fit" and flag == "--budgets" else kind(v))
+        vals = [v if kind is str else (v if v == "fit" and flag == "--budgets" else kind(v))
                 for v in (s.strip() for s in text.split(",")) if v]
-    except ValueError:
-        raise TideError(f"{flag}: expected comma-separated {kind.__name__} values, got {text!r}") from None
+    except (ValueError, argparse.ArgumentTypeError):
+        raise TideError(f"{flag}: expected comma-separated {'integer' if kind is integer else 'number'} values, got {text!r}") from None
+    if not vals:
+        raise TideError(f"{flag}: no values")
+    return vals
 
 
 # ---- running points ------------------------------------------------------------------------
-def _evaluate_to(args: tuple[Point, str | None]) -> pd.DataFrame:
-    point, cache = args
-    return evaluate(point, cache)
+def _evaluate_to(args: tuple[Point, str | None, str]) -> tuple[str, pd.DataFrame]:
+    point, cache, key = args
+    return key, evaluate(point, cache)
 
 
 def run_points(points: Iterable[Point], out: Path, executor: str = "local", jobs: int | None = None,
@@ -126,54 +173,54 @@ def run_points(points: Iterable[Point], out: Path, executor: str = "local", jobs
     points = list(points)
     keys = [p.key() for p in points]
     pdir = out / "points"
-    pdir.mkdir(parents=True, exist_ok=True)
-    (out / "traces").mkdir(exist_ok=True)
     todo = [(p, k) for p, k in zip(points, keys) if not (pdir / f"{k}.parquet").is_file()]
     todo = list({k: (p, k) for p, k in todo}.values())  # the same point twice: once
     stats = {"points": len(set(keys)), "reused": len(set(keys)) - len(todo), "evaluated": 0}
     cache = str(out / "traces")
-    bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress)
-    if executor == "local" and (jobs == 1 or len(todo) <= 1):
-        for p, k in todo:
-            save(evaluate(p, cache), pdir / f"{k}.parquet")
-            stats["evaluated"] += 1
-            bar.update()
-    elif executor == "local":
-        import multiprocessing
-        import os
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-        n = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
-        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_evaluate_to, (p, cache)): k for p, k in todo}
-            for fut in as_completed(futures):
-                save(fut.result(), pdir / f"{futures[fut]}.parquet")
-                stats["evaluated"] += 1
-                bar.update()
-    elif executor == "dask":
+    client = cluster = None
+    if executor == "dask":  # connect first: a scheduler that does not answer is an error before any progress bar
         try:
-            from distributed import Client, LocalCluster, as_completed as dask_completed
+            from distributed import Client, LocalCluster
         except ImportError:
             raise TideError("--executor dask needs dask.distributed: pip install 'dask[distributed]'") from None
-        cluster = None
         if scheduler:
-            client = Client(scheduler)
+            try:
+                client = Client(scheduler, timeout="10s")
+            except (OSError, TimeoutError) as exc:
+                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise TideError(f"--scheduler {scheduler}: no Dask scheduler answered ({why})") from None
         else:
             cluster = LocalCluster(n_workers=jobs or 2, threads_per_worker=1, processes=True, dashboard_address=None)
             client = Client(cluster)
-        try:
-            futures = client.map(_evaluate_to, [(p, cache) for p, _ in todo], pure=False)
-            where = {f.key: k for f, (_, k) in zip(futures, todo)}
-            for fut in dask_completed(futures):
-                save(fut.result(), pdir / f"{where[fut.key]}.parquet")
+    elif executor != "local":
+        raise TideError(f"--executor: expected local or dask, got {executor!r}")
+    pdir.mkdir(parents=True, exist_ok=True)  # everything was checked before: nothing is made for a bad grid
+    (out / "traces").mkdir(exist_ok=True)
+    try:
+        with tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress) as bar:  # closed before errors print
+            def done(k: str, df: pd.DataFrame) -> None:
+                save(df, pdir / f"{k}.parquet")
                 stats["evaluated"] += 1
                 bar.update()
-        finally:
+
+            if client is not None:
+                from distributed import as_completed as dask_completed
+                futures = client.map(_evaluate_to, [(p, cache, k) for p, k in todo], pure=False)
+                for fut in dask_completed(futures):
+                    done(*fut.result())
+            elif jobs == 1 or len(todo) <= 1:
+                for p, k in todo:
+                    done(k, evaluate(p, cache))
+            else:
+                n = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
+                with worker_pool(n) as pool:
+                    for k, df in pool.imap_unordered(_evaluate_to, [(p, cache, k) for p, k in todo]):
+                        done(k, df)
+    finally:
+        if client is not None:
             client.close()
-            if cluster is not None:
-                cluster.close()
-    else:
-        raise TideError(f"--executor: expected local or dask, got {executor!r}")
-    bar.close()
+        if cluster is not None:
+            cluster.close()
     return stats
 
 
@@ -188,33 +235,12 @@ def collect(points: Iterable[Point], out: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def check(points: list[Point]) -> None:
-    """Fail before any work on a grid value that cannot run (one clear line naming the option)."""
-    from traces.profile import Profile
-    from traces.shapes import ModelShape
-    allowed = ("all", "cpu", "static", "swap", "tide", "plan")
-    for p in {(p.profile, p.model, p.gen_length, p.policies, p.taus, p.budgets) for p in points}:
-        profile, model, gen, policies, taus, budgets = p
-        bad = [x for x in policies if x not in allowed]
-        if bad:
-            raise TideError(f"--policies: unknown policy {bad[0]!r} (expected {', '.join(allowed)})")
-        if any(t < 1 for t in taus):
-            raise TideError("--taus: every tau must be at least 1")
-        if any(b != "fit" and (not isinstance(b, int) or b < 0) for b in budgets):
-            raise TideError("--budgets: non-negative integers or fit")
-        if gen < 1:
-            raise TideError("--gen-lengths: at least 1")
-        Profile.load(profile)
-        ModelShape.named(model)
-
-
 def sweep(studies: list[Study], out: Path, executor: str = "local", jobs: int | None = None,
           scheduler: str | None = None, progress: bool = True, figures: bool = True) -> tuple[pd.DataFrame, dict[str, int]]:
     """Run the studies (resuming), write ``sweep.parquet`` and the figures; the table and counts."""
     points = [p for s in studies for p in s.points()]
     if not points:
         raise TideError("the grid has no points")
-    check(points)
     t0 = time.perf_counter()
     stats = run_points(points, out, executor, jobs, scheduler, progress)
     stats["wall_s"] = time.perf_counter() - t0
@@ -222,7 +248,7 @@ def sweep(studies: list[Study], out: Path, executor: str = "local", jobs: int | 
     atomic_write(out / "sweep.parquet", lambda tmp: df.to_parquet(tmp, index=False))
     if figures:
         from experiments.sweep_figures import draw_all
-        stats["figures"] = draw_all(df, out)
+        stats["figures"], stats["skipped_figures"] = draw_all(df, out)
     return df, stats
 
 
@@ -241,7 +267,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m experiments.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="out/sweep", help="results folder (resumes what it holds)")
     ap.add_argument("--quick", action="store_true", help="a tiny grid, well under a minute")
     ap.add_argument("--grid", default=None, help="TOML file of [[study]] grids")
@@ -253,15 +279,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(f"--{name}", default=None, help=f"comma-separated {help_}")
     ap.add_argument("--executor", default="local", help="local (worker processes) or dask")
     ap.add_argument("--scheduler", default=None, help="Dask scheduler address (default: a local Dask cluster)")
-    ap.add_argument("--jobs", type=int, default=None, help="worker processes (default: every core)")
+    ap.add_argument("--jobs", type=integer, default=None, help="worker processes (default: every core)")
     ap.add_argument("--no-figures", action="store_true")
     a = ap.parse_args(argv)
     if a.jobs is not None and a.jobs < 1:
         raise TideError(f"--jobs must be at least 1, got {a.jobs}")
+    if a.executor not in ("local", "dask"):
+        raise TideError(f"--executor: expected local or dask, got {a.executor!r}")
     if a.scheduler and a.executor != "dask":
         raise TideError("--scheduler needs --executor dask")
-    kinds = {"profiles": str, "models": str, "gen_lengths": int, "pcie": float, "cpu_cores": float,
-             "gpu_mem_gb": float, "host_mem_gb": float, "policies": str, "taus": int, "budgets": int}
+    kinds = {"profiles": str, "models": str, "gen_lengths": integer, "pcie": number, "cpu_cores": number,
+             "gpu_mem_gb": number, "host_mem_gb": number, "policies": str, "taus": integer, "budgets": integer}
     given = {k: _list(getattr(a, k), f"--{k.replace('_', '-')}", t) for k, t in kinds.items() if getattr(a, k)}
     if a.grid and (given or a.quick):
         raise TideError("--grid holds the whole grid: drop --quick and the grid options")
@@ -271,17 +299,17 @@ def main(argv: list[str] | None = None) -> int:
         studies = [replace(QUICK[0], **given)] if a.quick else [Study("custom", **given)]
     else:
         studies = QUICK if a.quick else DEFAULT
-    out = Path(a.out)
-    if out.exists() and not out.is_dir():
-        raise TideError(f"--out {out}: not a folder")
-    if not out.parent.is_dir():
-        raise TideError(f"--out {out}: folder {out.parent} does not exist")
+    for st in studies:
+        st.check(lambda k: f"--{k.replace('_', '-')}")
+    out = check_out_path(a.out, "--out", folder=True)
     df, stats = sweep(studies, out, a.executor, a.jobs, a.scheduler, figures=not a.no_figures)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(summary(df).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print(f"{stats['points']} points ({stats['evaluated']} evaluated, {stats['reused']} reused) in "
           f"{stats['wall_s']:.0f} s; {len(df)} rows in {out / 'sweep.parquet'}"
           + (f"; figures: {', '.join(stats['figures'])}" if stats.get("figures") else ""))
+    for why in stats.get("skipped_figures", []):
+        print(f"note: {why}")
     return 0
 
 

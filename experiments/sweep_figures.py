@@ -1,9 +1,13 @@
 """The sweep's figures (seaborn), each drawn when the table varies what it needs.
 
-* ``tokens_vs_memory.png``: tokens/s against GPU memory, a line per policy, a panel per model;
-* ``speedup_heatmap.png``: the plan's speedup over each baseline over PCIe bandwidth and
-  CPU cores, a row of panels per model;
+* ``tokens_vs_memory.png``: tokens/s against GPU memory, a line per policy, a panel per
+  model (one study's points, one box);
+* ``speedup_heatmap.png``: the plan's speedup over each baseline the sweep priced, over PCIe
+  bandwidth and CPU cores, a row of panels per model, one colour scale and bar for all;
 * ``best_tau.png``: the tide refresh interval with the most tokens/s against PCIe bandwidth.
+
+A figure (or a panel) with nothing to show is skipped with a note saying why; a figure
+that fails to draw is reported and skipped too: drawing never costs the run its table.
 """
 from __future__ import annotations
 
@@ -13,17 +17,26 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from traces.cli import atomic_write  # noqa: E402
 
 BASELINES = ("cpu", "static", "swap", "tide_tau1")
+LABELS = {"cpu": "cpu", "static": "static", "swap": "swap", "tide_tau1": "tide tau=1"}
+
+
+class Skip(Exception):
+    """Nothing to draw; the message says why."""
 
 
 def _save(fig: plt.Figure, path: Path) -> str:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    finally:
+        plt.close(fig)
     return path.name
 
 
@@ -36,61 +49,100 @@ def _vary(df: pd.DataFrame, col: str, fixed: tuple[str, ...]) -> pd.DataFrame:
     return best
 
 
-def tokens_vs_memory(df: pd.DataFrame, out: Path) -> str | None:
-    ok = df[df["status"] == "ok"]
-    rows = []
-    for _, g in ok.groupby("model"):
-        rows.append(_vary(g, "gpu_mem_gb", ("profile", "pcie", "cpu_cores", "gen_length")))
-    data = pd.concat(rows) if rows else pd.DataFrame()
-    if data.empty:
-        return None
+def _ok(df: pd.DataFrame) -> pd.DataFrame:
+    return df[(df["status"] == "ok") & df["tokens_per_s"].notna()] if "tokens_per_s" in df else df.iloc[:0]
+
+
+def tokens_vs_memory(df: pd.DataFrame, out: Path) -> str:
+    ok = _ok(df)
+    parts = [_vary(g, "gpu_mem_gb", ("study", "profile", "pcie", "cpu_cores", "gen_length")) for _, g in ok.groupby("model")]
+    parts = [p for p in parts if not p.empty]
+    if not parts:
+        raise Skip("tokens_vs_memory.png: no study varies GPU memory")
+    data = pd.concat(parts)
     g = sns.relplot(data=data, x="gpu_mem_gb", y="tokens_per_s", hue="policy", style="policy", col="model",
                     kind="line", markers=True, facet_kws={"sharey": False}, height=3.6, aspect=1.2)
     g.set_axis_labels("GPU memory (GB)", "predicted tokens/s")
-    g.figure.suptitle(f"Tokens/s against GPU memory ({data['profile'].iloc[0]})", y=1.03)
+    g.set_titles("{col_name}")
+    box = ", ".join(sorted({f"{r.profile} (study {r.study})" for r in data[["profile", "study"]].drop_duplicates().itertuples()}))
+    g.figure.suptitle(f"Tokens/s against GPU memory: {box}", y=1.03)
     return _save(g.figure, out / "tokens_vs_memory.png")
 
 
-def speedup_heatmap(df: pd.DataFrame, out: Path) -> str | None:
-    plan = df[(df["policy"] == "plan") & (df["status"] == "ok")]
+def speedup_heatmap(df: pd.DataFrame, out: Path) -> str:
+    plan = _ok(df[df["policy"] == "plan"])
     panels = []
     for model, g in plan.groupby("model"):
-        g = _vary(g, "pcie", ("profile", "gpu_mem_gb", "gen_length"))
+        g = _vary(g, "pcie", ("study", "profile", "gpu_mem_gb", "gen_length"))
         if not g.empty and g["cpu_cores"].nunique() > 1:
             panels.append((model, g))
     if not panels:
-        return None
-    fig, axes = plt.subplots(len(panels), len(BASELINES), figsize=(3.3 * len(BASELINES), 2.8 * len(panels)),
-                             squeeze=False)
+        raise Skip("speedup_heatmap.png: no study varies both PCIe bandwidth and CPU cores")
+    cols = [b for b in BASELINES if any(f"speedup_vs_{b}" in g and g[f"speedup_vs_{b}"].notna().any() for _, g in panels)]
+    if not cols:
+        raise Skip("speedup_heatmap.png: no baseline was priced (--policies holds none of cpu, static, swap, tide)")
+    vals = np.concatenate([g[f"speedup_vs_{b}"].to_numpy(float) for _, g in panels for b in cols])
+    vals = vals[np.isfinite(vals) & (vals > 0)]
+    lo, hi = float(np.log2(vals.min())), float(np.log2(vals.max()))
+    lim = max(abs(lo), abs(hi), 0.1)
+    fig, axes = plt.subplots(len(panels), len(cols), figsize=(3.3 * len(cols) + 1, 2.8 * len(panels)), squeeze=False)
     for r, (model, g) in enumerate(panels):
-        for c, b in enumerate(BASELINES):
+        for c, b in enumerate(cols):
+            ax = axes[r][c]
             pivot = g.pivot_table(index="cpu_cores", columns="pcie", values=f"speedup_vs_{b}").sort_index(ascending=False)
-            sns.heatmap(pivot, annot=True, fmt=".2f", cmap="viridis", ax=axes[r][c], cbar=False)
-            axes[r][c].set_title(f"{model}: plan / {b}", fontsize=9)
-            axes[r][c].set_xlabel("PCIe bandwidth (x)")
-            axes[r][c].set_ylabel("CPU cores (x)")
-    fig.suptitle("The plan's speedup over each baseline", y=1.01)
-    fig.tight_layout()
+            if pivot.isna().all().all():
+                ax.set_axis_off()
+                ax.set_title(f"{model}: {LABELS[b]} not priced", fontsize=9)
+                continue
+            sns.heatmap(np.log2(pivot), annot=pivot, fmt=".2f", cmap="RdBu", vmin=-lim, vmax=lim, center=0,
+                        ax=ax, cbar=False)
+            ax.set_title(f"{model}: plan over {LABELS[b]}", fontsize=9)
+            ax.set_xlabel("PCIe bandwidth (x the box's)")
+            ax.set_ylabel("CPU cores (x the box's)")
+    sm = plt.cm.ScalarMappable(cmap="RdBu", norm=plt.Normalize(-lim, lim))
+    cb = fig.colorbar(sm, ax=axes, shrink=0.8)
+    ticks = np.arange(np.floor(-lim), np.ceil(lim) + 1)
+    cb.set_ticks(ticks)
+    cb.set_ticklabels([f"{2 ** t:g}x" for t in ticks])
+    cb.set_label("plan's speedup (log scale)")
+    where = "; ".join(f"{m}: {g['profile'].iloc[0]} at {g['gpu_mem_gb'].iloc[0]:g} GB" for m, g in panels)
+    fig.suptitle(f"The plan's speedup over each baseline ({where})", y=1.02)
     return _save(fig, out / "speedup_heatmap.png")
 
 
-def best_tau(df: pd.DataFrame, out: Path) -> str | None:
-    tide = df[df["policy"].str.startswith("tide") & (df["status"] == "ok")].copy()
+def best_tau(df: pd.DataFrame, out: Path) -> str:
+    tide = _ok(df[df["policy"].astype(str).str.startswith("tide")]).copy()
     if tide.empty:
-        return None
+        raise Skip("best_tau.png: no tide setting was priced")
     tide["tau_n"] = tide["tau"].astype(int)
     keys = ["key", "model", "h2d_gbps", "cpu_cores", "profile", "gpu_mem_gb"]
     best = tide.loc[tide.groupby(keys)["tokens_per_s"].idxmax()]
-    best = pd.concat([_vary(g, "h2d_gbps", ("profile", "gpu_mem_gb")) for _, g in best.groupby("model")])
-    if best.empty or best["tau_n"].nunique() < 1:
-        return None
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    sns.lineplot(data=best, x="h2d_gbps", y="tau_n", hue="model", style="cpu_cores", markers=True, ax=ax)
+    parts = [_vary(g, "h2d_gbps", ("study", "profile", "gpu_mem_gb")) for _, g in best.groupby("model")]
+    parts = [p for p in parts if not p.empty]
+    if not parts:
+        raise Skip("best_tau.png: no study varies PCIe bandwidth")
+    best = pd.concat(parts)
+    best["CPU cores (x)"] = best["cpu_cores"].map(lambda v: f"{v:g}")
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    sns.lineplot(data=best, x="h2d_gbps", y="tau_n", hue="model", style="CPU cores (x)", markers=True, ax=ax)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(0.5, max(best["tau_n"].max(), 2) + 0.5)
     ax.set_xlabel("host-to-device bandwidth (GB/s)")
-    ax.set_ylabel("best tide tau")
-    ax.set_title("Best refresh interval against PCIe bandwidth")
+    ax.set_ylabel("best tide tau (steps)")
+    taus = sorted(tide["tau_n"].unique())
+    ax.set_title(f"Best refresh interval (of tau {', '.join(map(str, taus))}) against PCIe", fontsize=10)
     return _save(fig, out / "best_tau.png")
 
 
-def draw_all(df: pd.DataFrame, out: Path) -> list[str]:
-    return [n for n in (tokens_vs_memory(df, out), speedup_heatmap(df, out), best_tau(df, out)) if n]
+def draw_all(df: pd.DataFrame, out: Path) -> tuple[list[str], list[str]]:
+    """The figures drawn, and a line for each skipped (nothing to show, or drawing failed)."""
+    drawn, skipped = [], []
+    for fn in (tokens_vs_memory, speedup_heatmap, best_tau):
+        try:
+            drawn.append(fn(df, out))
+        except Skip as why:
+            skipped.append(str(why))
+        except Exception as exc:  # a figure must never cost the run: the table is already written
+            plt.close("all")
+            skipped.append(f"{fn.__name__}: not drawn ({type(exc).__name__}: {exc})")
+    return drawn, skipped

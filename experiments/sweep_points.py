@@ -116,22 +116,32 @@ def evaluate(point: Point, cache: str | None = None) -> pd.DataFrame:
                      "bytes_act": t["bytes_act"], "cpu_tokens": t["cpu_tokens"], "gpu_tokens": t["gpu_tokens"],
                      "migrations": t["migrations"], "hit_ratio": rep.hit_ratio(), "status": "ok", **more})
 
+    def unfit(name: str, b: int) -> None:
+        why = f"budget {b} does not fit ({b_fit} experts per layer fit)" if b > b_fit else "swap needs a budget of at least 1"
+        rows.append({**base, "policy": name, "tau": "-", "budget": str(b), "status": why})
+
     for name in point.policies:
         if name == "cpu":
             price("cpu", Policy.make("cpu", L, E), "-", "0")
         elif name == "all":
             if b_fit == E:
                 price("all", Policy.make("all", L, E), "-", str(E))
+            else:
+                unfit("all", E)
         elif name in ("static", "swap"):
             for b in budgets:
                 if (1 if name == "swap" else 0) <= b <= b_fit:
                     price(name, Policy.make(name, L, E, budget=b), "-", str(b))
+                else:
+                    unfit(name, b)
         elif name == "tide":
             for b in budgets:
-                if b <= b_fit:
-                    for tau in point.taus:
-                        price(f"tide tau={tau}" if tau != 1 else "tide_tau1", Policy.make("tide", L, E, budget=b, tau=tau),
-                              str(tau), str(b))
+                if b > b_fit:
+                    unfit(name, b)
+                    continue
+                for tau in point.taus:
+                    price(f"tide tau={tau}" if tau != 1 else "tide_tau1", Policy.make("tide", L, E, budget=b, tau=tau),
+                          str(tau), str(b))
         elif name == "plan":
             table = candidate_table([trace], profile, limit, fixed, point.budget_step, jobs=1, progress=False)
             sol = solve(table)
@@ -140,10 +150,10 @@ def evaluate(point: Point, cache: str | None = None) -> pd.DataFrame:
                   solve_s=sol.solve_s)
         else:
             raise TideError(f"--policies: unknown policy {name!r} (expected all, cpu, static, swap, tide or plan)")
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows).reindex(columns=list(dict.fromkeys([*rows[0], "seconds", "tokens_per_s"])))
     ref = {}
     for b in BASELINES:  # baselines at the largest uniform budget that fits
-        hit = df[(df["policy"] == b) & (df["budget"].isin(["0", str(b_fit)]))]
+        hit = df[(df["policy"] == b) & (df["budget"].isin(["0", str(b_fit)])) & (df["status"] == "ok")]
         ref[b] = float(hit["seconds"].iloc[0]) if len(hit) else np.nan
     for b in BASELINES:
         df[f"speedup_vs_{b}"] = ref[b] / df["seconds"]

@@ -18,17 +18,17 @@ Needs only ``runtime`` and ``traces``: it runs on the GPU box's own Python.
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from traces.cli import atomic_write, check_out_path, file_sha256, run_cli, span
+from traces.cli import ArgumentParser, atomic_write, check_out_path, file_sha256, integer, run_cli, span
 from traces.errors import TideError
 from traces.plan import Plan
 from traces.policies import Policy
@@ -133,6 +133,51 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     return df, failures
 
 
+def box_check(plan: Plan, tolerance: float = 0.25) -> tuple[list[str], list[str]]:
+    """Is this run on the box, and under the load, the plan's profile was measured on?
+
+    Lines to print, and warnings: the profile's age and host against this one, the load
+    average now and then, and the profile's reference figure (host memory bandwidth)
+    re-measured now. A mismatch means predictions are for another box or another load.
+    """
+    import datetime as dt
+    import os
+    import socket
+
+    import torch
+
+    from runtime.profile import memory_bandwidth_gbps
+    prof = plan.provenance.get("profile") or {}
+    origin = prof.get("origin") if isinstance(prof.get("origin"), dict) else {}
+    name = prof.get("name", "?")
+    lines, warn = [], []
+    host = socket.gethostname()
+    if not origin.get("host"):
+        warn.append(f"profile {name} was not measured here (no host recorded: a bundled or derived box); "
+                    "the predictions are for that box, not this one")
+        return lines, warn
+    age = ""
+    try:
+        created = dt.datetime.fromisoformat(str(origin["created"]))
+        hours = (dt.datetime.now(dt.timezone.utc) - created).total_seconds() / 3600
+        age = f", {hours:.1f} h ago" if hours < 48 else f", {hours / 24:.0f} days ago"
+    except (KeyError, ValueError, TypeError):
+        pass
+    load_now = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines.append(f"profile {name}: measured on {origin['host']}{age} (load {origin.get('load_avg_1m', float('nan')):.1f}); "
+                 f"this run on {host} (load {load_now:.1f}, {os.cpu_count()} cores)")
+    if origin["host"] != host:
+        warn.append(f"the profile was measured on {origin['host']}, this run is on {host}: predictions are for another box")
+    ref = origin.get("host_mem_bw_gbps")
+    if isinstance(ref, (int, float)) and ref > 0:
+        now = memory_bandwidth_gbps(torch.device("cpu"))
+        lines.append(f"reference kernel (host memory copy): {ref:.1f} GB/s in the profile, {now:.1f} GB/s now")
+        if abs(now / ref - 1) > tolerance:
+            warn.append(f"host memory bandwidth is {now:.1f} GB/s now against {ref:.1f} GB/s when profiled "
+                        f"({100 * (now / ref - 1):+.0f}%): the box is under another load; re-profile, or expect errors")
+    return lines, warn
+
+
 def _predicted(plan: Plan, name: str) -> float:
     p = plan.predicted
     if name == "plan":
@@ -167,12 +212,12 @@ def write(out: str, df: pd.DataFrame, prov: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.validate", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m experiments.validate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--plan", required=True)
     ap.add_argument("--trace", action="append", default=None, help="trace(s) to replay (default: the plan's)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per policy; the median is kept")
+    ap.add_argument("--repeats", type=integer, default=3, help="timed runs per policy; the median is kept")
     ap.add_argument("--out", default=None, help="write the table here (.parquet or .json)")
     a = ap.parse_args(argv)
     if a.repeats < 1:
@@ -181,12 +226,19 @@ def main(argv: list[str] | None = None) -> int:
         check_out_path(a.out)
     plan = Plan.read(a.plan)
     traces = plan_traces(plan, a.trace)
+    lines, warnings = box_check(plan)
+    for line in lines:
+        print(line)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     df, failures = validate(a.checkpoint, plan, traces, a.device, a.repeats)
     if a.out:
-        write(a.out, df, provenance(a.checkpoint, a.plan, plan, traces, a.device))
+        write(a.out, df, {**provenance(a.checkpoint, a.plan, plan, traces, a.device), "box_check": lines, "warnings": warnings})
     cols = ["policy", "budget", "tau", "predicted_s", "measured_s", "error", "predicted_tokens_per_s",
             "measured_tokens_per_s", "predicted_plan_speedup", "measured_plan_speedup", "tokens_ok"]
     print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for w in warnings:
+        print(f"warning: {w}")
     if failures:
         raise TideError("the lossless rule does not hold: " + "; ".join(failures))
     print(f"tokens agree with the reference ({df['policy'].iloc[0]}) for every policy"

@@ -14,17 +14,17 @@ It exits 1 if a target is missed.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from traces.cli import atomic_write, run_cli, write_json
+from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, run_cli, write_json
 from traces.errors import TideError
 from traces.shapes import ModelShape
 from traces.stats import summarize
 from traces.synth import calibration_checks, synthesize
+from traces.values import need_int
 
 
 def run(out: Path, models: list[str], gen_length: int = 1024, prompt_length: int = 64, seed: int = 0) -> pd.DataFrame:
@@ -77,16 +77,22 @@ def plot(stats: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.workloads", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m experiments.workloads", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="out/workloads")
     ap.add_argument("--models", default="llada2-mini,llada2-flash")
-    ap.add_argument("--gen-length", type=int, default=1024)
-    ap.add_argument("--prompt-length", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gen-length", type=integer, default=1024)
+    ap.add_argument("--prompt-length", type=integer, default=64)
+    ap.add_argument("--seed", type=integer, default=0)
     a = ap.parse_args(argv)
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     if not models:
         raise TideError("--models: name at least one model")
+    for m in models:
+        ModelShape.named(m)
+    need_int(a.gen_length, "--gen-length", lo=1, hi=1 << 20)
+    need_int(a.prompt_length, "--prompt-length", lo=1, hi=1 << 20)
+    need_int(a.seed, "--seed", lo=0)
+    check_out_path(a.out, folder=True)
     t0 = time.perf_counter()
     table = run(Path(a.out), models, a.gen_length, a.prompt_length, a.seed)
     with pd.option_context("display.width", 120, "display.max_colwidth", 60):

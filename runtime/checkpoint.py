@@ -8,7 +8,6 @@ never in memory twice. Routed experts go into per-layer stacked tensors wherever
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -19,7 +18,9 @@ from torch import nn
 
 from runtime.config import ModelConfig
 from runtime.model import LLaDA2, ExpertWeights
+from traces.cli import read_json
 from traces.errors import TideError
+from traces.values import get, need_dict, need_str
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -84,12 +85,13 @@ def checkpoint_files(folder: Path) -> dict[Path, list[str] | None]:
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise TideError(f"{index}: not a valid safetensors index (needs a weight_map)") from None
+        data = need_dict(read_json(index, "safetensors index"), str(index))
+        weight_map = need_dict(get(data, "weight_map", str(index)), f"{index}: weight_map")
         files: dict[Path, list[str]] = {}
         for name, fname in weight_map.items():
+            fname = need_str(fname, f"{index}: weight_map[{name!r}]")
+            if Path(fname).name != fname or fname in ("", ".", ".."):
+                raise TideError(f"{index}: weight_map[{name!r}] must be a file name in the checkpoint folder, got {fname!r}")
             files.setdefault(folder / fname, []).append(name)
         for f in files:
             if not f.is_file():
@@ -111,6 +113,17 @@ def _no_init() -> Iterator[None]:
         nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
+def expert_bias(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device, fp32: bool = False) -> torch.Tensor:
+    """The router's ``expert_bias`` as the published code computes with it: loaded in the
+    model's dtype (``torch_dtype=bfloat16`` casts every parameter), so its values are
+    rounded to that dtype, then added to fp32 scores. ``fp32=True`` keeps the checkpoint's
+    full precision instead (more exact, but choices can differ from the published model's
+    on near-tied experts)."""
+    if not fp32 and dtype is not None:
+        t = t.to(dtype)
+    return t.to(device=device, dtype=torch.float32)
+
+
 def _assign(model: LLaDA2, name: str, tensor: torch.Tensor) -> None:
     mod_name, _, leaf = name.rpartition(".")
     mod = model.get_submodule(mod_name)
@@ -118,7 +131,7 @@ def _assign(model: LLaDA2, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
-               experts_device: str | torch.device = "cpu", pin: bool | None = None) -> LLaDA2:
+               experts_device: str | torch.device = "cpu", pin: bool | None = None, bias_fp32: bool = False) -> LLaDA2:
     """Load a checkpoint; any missing shard, missing tensor, wrong shape or dtype is a TideError."""
     folder = Path(folder)
     cfg = ModelConfig.load(folder)
@@ -139,12 +152,12 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: st
                 for name in keys:
                     yield name, f.get_tensor(name), str(path)
 
-    return build_model(cfg, stream(), device, dtype, experts_device, pin, where=str(folder))
+    return build_model(cfg, stream(), device, dtype, experts_device, pin, where=str(folder), bias_fp32=bias_fp32)
 
 
 def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str]], device: str | torch.device = "cpu",
                 dtype: str | None = None, experts_device: str | torch.device = "cpu", pin: bool | None = None,
-                where: str = "checkpoint") -> LLaDA2:
+                where: str = "checkpoint", bias_fp32: bool = False) -> LLaDA2:
     """Build the model from ``(name, tensor, source)`` items, one tensor in memory at a time.
 
     Routed experts go into per-layer stacked tensors on ``experts_device`` (pinned host
@@ -160,6 +173,7 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str
     s = cfg.shape
     stacks: dict[int, dict[str, torch.Tensor]] = {}
     seen: set[str] = set()
+    biases: dict[str, torch.Tensor] = {}
     for name, t, path in tensors:
         if name not in expected:
             continue  # buffers and extras published checkpoints may carry
@@ -167,6 +181,8 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str
             raise TideError(f"{path}: {name} has shape {list(t.shape)}, the config implies {list(expected[name])}")
         if not t.is_floating_point():
             raise TideError(f"{path}: {name} has dtype {t.dtype}, expected a floating-point type")
+        if not bool(torch.isfinite(t).all()):
+            raise TideError(f"{path}: {name} holds NaN or infinite values")
         if target is None and not name.endswith("expert_bias"):
             target = t.dtype
         seen.add(name)
@@ -179,9 +195,11 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str
                 layer[proj] = buf.pin_memory() if pin and experts_device.type == "cpu" else buf
             layer[proj][e].copy_(t)
         elif name.endswith("expert_bias"):
-            _assign(model, name, t.to(device=device, dtype=torch.float32))
+            biases[name] = t  # assigned once the model's dtype is known
         else:
             _assign(model, name, t.to(device=device, dtype=target))
+    for name, t in biases.items():
+        _assign(model, name, expert_bias(t, target, device, bias_fp32))
     missing = [n for n in expected if n not in seen]
     if missing:
         raise TideError(f"{where}: tensor {missing[0]} missing from the checkpoint"

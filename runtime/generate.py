@@ -37,11 +37,12 @@ from runtime.model import LLaDA2, KVCache, block_causal_mask
 from runtime.offload import OffloadEngine
 from runtime.replay import ChoiceReplay, check_replayable, replay_prompt
 from runtime.tokenizer import load_tokenizer
-from traces.cli import check_out_path, print_json, run_cli
+from traces.cli import ArgumentParser, check_out_path, integer, number, print_json, run_cli
 from traces.errors import TideError
 from traces.policies import POLICIES
 from traces.settings import parse_budget, resolve_policy
 from traces.trace import Decoding, Trace, load_popularity, read_trace
+from traces.values import need_float, need_int, need_ints
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,14 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+
+    def check(self, vocab: int) -> "Sampling":
+        """Values torch would reject mid-run, refused before any work."""
+        need_float(self.temperature, "--temperature", lo=0.0)
+        need_int(self.top_k, "--top-k", lo=0, hi=vocab)
+        need_float(self.top_p, "--top-p", hi=1.0, positive=True)
+        need_int(self.seed, "--seed", lo=0)
+        return self
 
 
 def transfer_schedule(block_length: int, steps: int) -> list[int]:
@@ -161,8 +170,7 @@ class Generator:
             raise TideError(f"--gen-length must be at least 1, got {gen_length}")
         if d.block_length < 1 or d.steps < 1:
             raise TideError("--block-length and --steps must be at least 1")
-        if not 0.0 <= d.threshold <= 1.0:
-            raise TideError(f"--threshold must lie in 0..1, got {d.threshold}")
+        need_float(d.threshold, "--threshold", lo=0.0, hi=1.0)
         bad = [t for t in prompt if not 0 <= t < cfg.shape.vocab]
         if bad:
             raise TideError(f"prompt token id {bad[0]} is outside the vocabulary of {cfg.shape.vocab}")
@@ -287,7 +295,7 @@ def read_prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
             raise TideError(f"{where}: token ids must be integers separated by commas") from None
         if not ids:
             raise TideError(f"{where}: no token ids")
-        return ids
+        return need_ints(ids, where, lo=0)
 
     given = [a for a in (args.prompt, args.prompt_ids, args.prompts) if a is not None]
     if len(given) != 1:
@@ -300,15 +308,19 @@ def read_prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
     if not path.is_file():
         raise TideError(f"--prompts {path}: file not found")
     prompts = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise TideError(f"{path}: not UTF-8 text") from None
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError:
             raise TideError(f"{path}:{i}: not a JSON object") from None
-        if isinstance(obj, dict) and isinstance(obj.get("prompt_ids"), list):
-            prompts.append([int(t) for t in obj["prompt_ids"]])
+        if isinstance(obj, dict) and "prompt_ids" in obj:
+            prompts.append(need_ints(obj["prompt_ids"], f"{path}:{i}: prompt_ids", lo=0))
         elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
             prompts.append(encode(obj["prompt"]))
         else:
@@ -324,14 +336,14 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prompt-ids", help="comma-separated token ids")
     ap.add_argument("--prompts", help="JSONL file, one {\"prompt\": ...} or {\"prompt_ids\": [...]} per line")
     ap.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    ap.add_argument("--gen-length", type=int, required=True)
-    ap.add_argument("--block-length", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--threshold", type=float, default=0.95)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gen-length", type=integer, required=True)
+    ap.add_argument("--block-length", type=integer, default=32)
+    ap.add_argument("--steps", type=integer, default=32)
+    ap.add_argument("--threshold", type=number, default=0.95)
+    ap.add_argument("--temperature", type=number, default=0.0)
+    ap.add_argument("--top-k", type=integer, default=0)
+    ap.add_argument("--top-p", type=number, default=1.0)
+    ap.add_argument("--seed", type=integer, default=0)
     ap.add_argument("--no-kv-cache", action="store_true", help="re-run the whole prefix each step")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: the checkpoint's)")
@@ -339,9 +351,9 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--policy", default=None, help="offload policy: all, cpu, static, swap, tide or plan "
                     "(default: no offload engine, every expert where the model runs)")
-    ap.add_argument("--tau", type=int, default=None, help="tide: refresh interval in denoising steps")
+    ap.add_argument("--tau", type=integer, default=None, help="tide: refresh interval in denoising steps")
     ap.add_argument("--gpu-experts", default=None, help="expert slots per MoE layer on the fast device (one number, or one per layer)")
-    ap.add_argument("--gpu-mem-gb", type=float, default=None, help="fast-device memory limit; the budget is what fits")
+    ap.add_argument("--gpu-mem-gb", type=number, default=None, help="fast-device memory limit; the budget is what fits")
     ap.add_argument("--plan", default=None, help="plan JSON (per-layer tau and budget) for --policy plan")
     ap.add_argument("--popularity", default=None, help="trace whose total counts fill the slots at setup")
     ap.add_argument("--replay-trace", default=None, help="run a KV-cache trace's schedule and expert choices")
@@ -375,8 +387,7 @@ def make_engine(args: argparse.Namespace, model: LLaDA2, device: torch.device, k
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load, warm up, generate every prompt, and report (the JSON fields)."""
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        raise TideError("--temperature must be >= 0, --top-k >= 0 and --top-p in (0, 1]")
+    Sampling(args.temperature, args.top_k, args.top_p, args.seed).check(2**62)
     if args.trace_out:
         check_out_path(args.trace_out, "--trace-out")
     if args.policy is not None and args.policy not in POLICIES:
@@ -402,7 +413,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bl = decoding.block_length
     kv_tokens = max(math.ceil((len(p) + g) / bl) * bl for p, g in zip(prompts, lengths)) if decoding.kv_cache else 0
     dtype = dtype_name(model.dtype)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).check(model.cfg.shape.vocab)
     engine = make_engine(args, model, device, kv_tokens)
     Generator(model, Decoding(bl, 1, decoding.threshold, decoding.kv_cache), sampling, engine=engine).generate(
         prompts[0][:bl], 1)  # warm-up, not timed
@@ -452,7 +463,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.generate", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m runtime.generate", description=__doc__.split("\n\n")[0])
     add_generation_args(ap)
     args = ap.parse_args(argv)
     out = run(args)

@@ -12,7 +12,6 @@ sharded with a ``model.safetensors.index.json``. The folder appears whole or not
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,9 +26,10 @@ from tqdm.auto import tqdm
 
 from runtime.checkpoint import expected_tensors, torch_dtype
 from runtime.config import ModelConfig
-from traces.cli import run_cli
+from traces.cli import ArgumentParser, check_out_path, integer, number, remove_stale, run_cli, temp_name
 from traces.errors import TideError
 from traces.shapes import ModelShape
+from traces.values import need_int
 
 TINY: dict[str, Any] = {
     "name": "llada2-tiny", "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
@@ -88,15 +88,16 @@ def random_model(config: dict[str, Any], seed: int = 0, dtype: str = "bfloat16",
 def write_checkpoint(out: str | Path, config: dict[str, Any], seed: int = 0, dtype: str = "bfloat16",
                      router_skew: float = 0.0, shard_bytes: float = 2e9, progress: bool = False) -> Path:
     """Write a random checkpoint to ``out`` (which must not hold files yet)."""
-    out = Path(out)
+    out = check_out_path(out, "--out", folder=True)
     if out.exists() and any(out.iterdir()):
         raise TideError(f"--out {out}: folder exists and is not empty")
-    if not out.parent.is_dir():
-        raise TideError(f"--out {out}: folder {out.parent} does not exist")
+    need_int(seed, "--seed", lo=0)
     cfg = ModelConfig.from_dict(config, source="preset")
     tdtype = torch_dtype(dtype)
     config = dict(config, torch_dtype=dtype)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)  # half-written folders of killed runs
+    tmp = Path(tempfile.mkdtemp(prefix=temp_name(out), suffix=".tmp", dir=out.parent))
     try:
         total = sum(torch.Size(s).numel() for s in expected_tensors(cfg).values())
         bar = tqdm(total=total, unit="param", unit_scale=True, desc="writing", disable=not progress)
@@ -146,14 +147,14 @@ def write_checkpoint(out: str | Path, config: dict[str, Any], seed: int = 0, dty
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.make_checkpoint", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m runtime.make_checkpoint", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", required=True, help="tiny, mini or flash")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
-    ap.add_argument("--router-skew", type=float, default=0.0, help="expert_bias = S x N(0, 1) per MoE layer")
+    ap.add_argument("--seed", type=integer, default=0)
+    ap.add_argument("--layers", type=integer, default=None, help="keep only the first N layers")
+    ap.add_argument("--router-skew", type=number, default=0.0, help="expert_bias = S x N(0, 1) per MoE layer")
     ap.add_argument("--dtype", default=None, help="bfloat16 (default for mini/flash) or float32 (default for tiny)")
-    ap.add_argument("--shard-gb", type=float, default=2.0, help="largest shard, GB")
+    ap.add_argument("--shard-gb", type=number, default=2.0, help="largest shard, GB")
     a = ap.parse_args(argv)
     if a.shard_gb <= 0:
         raise TideError("--shard-gb must be positive")

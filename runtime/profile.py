@@ -13,7 +13,6 @@ marked ``measured``. ``--quick`` keeps grids small (under a minute on 2 cores).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import socket
@@ -30,7 +29,7 @@ from runtime.config import ModelConfig
 from runtime.generate import Sampling, check_device, sample
 from runtime.model import DecoderLayer, ExpertWeights, KVCache, combine, expert_ffn, rope
 from runtime.offload import run_experts
-from traces.cli import check_out_path, run_cli
+from traces.cli import ArgumentParser, check_out_path, run_cli
 from traces.policies import Policy, PolicyRunner
 from traces.profile import FORMAT, VERSION, Profile
 from traces.shapes import ModelShape
@@ -64,6 +63,22 @@ def _host_memory_bytes() -> float:
 
 def _m(value: float) -> dict[str, Any]:
     return {"value": float(value), "source": "measured"}
+
+
+def memory_bandwidth_gbps(device: torch.device, n: int = 1 << 26, reps: int = 3) -> float:
+    """Copy bandwidth of ``device``'s memory (read + write), GB/s: the profile's reference
+    figure, re-measured before a validation to tell whether the box is as it was."""
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    return 2 * n / _timer(device)(lambda: b.copy_(a), reps) / 1e9
+
+
+def measured_where() -> dict[str, Any]:
+    """When and where a profile is measured, and how loaded the box was then."""
+    import datetime as dt
+    return {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": socket.gethostname(),
+            "threads": torch.get_num_threads(), "cores": os.cpu_count() or 1,
+            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 class Profiler:
@@ -101,10 +116,7 @@ class Profiler:
         return out["h2d"], out["d2h"]
 
     def memory_bandwidth(self, device: torch.device) -> float:
-        n = (1 << 26) if self.quick else (1 << 28)
-        a = torch.empty(n, dtype=torch.uint8, device=device)
-        b = torch.empty_like(a)
-        return 2 * n / self.time(lambda: b.copy_(a), self.reps) / 1e9
+        return memory_bandwidth_gbps(device, (1 << 26) if self.quick else (1 << 28), self.reps)
 
     # ---- experts ---------------------------------------------------------------------------
     def _experts(self, n: int, dtype: torch.dtype, device: torch.device) -> ExpertWeights:
@@ -236,7 +248,7 @@ class Profiler:
         key = self.cfg.shape.expert_shape_key
         name = f"{socket.gethostname()}-{self.device.type}"
         return {
-            "format": FORMAT, "version": VERSION, "name": name,
+            "format": FORMAT, "version": VERSION, "name": name, "measured": measured_where(),
             "about": (f"Measured by runtime.profile on {platform.node()} ({platform.processor() or platform.machine()}), "
                       f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
                       f"{torch.cuda.get_device_name(self.device) if cuda else 'fast device = CPU'}, "
@@ -263,7 +275,7 @@ def profile_box(cfg: ModelConfig, device: torch.device, dtype: str, quick: bool,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m runtime.profile", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m runtime.profile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--checkpoint", default=None, help="take the model shape from this checkpoint (default: LLaDA2.0-mini)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -13,9 +13,7 @@ which no candidate changes.
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -24,6 +22,7 @@ from tqdm.auto import tqdm
 from traces.costs import CostModel
 from traces.counters import forward_counters
 from traces.policies import Policy, PolicyRunner
+from traces.pool import worker_pool
 from traces.profile import Profile
 from traces.trace import Trace
 
@@ -106,9 +105,8 @@ def candidate_table_seconds(traces: Sequence[Trace], profile: Profile, taus: Seq
     if jobs == 1:
         parts = [_some_layers(t) for t in tqdm(tasks, **bar)]
     else:
-        ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-        with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-            parts = list(tqdm(pool.map(_some_layers, tasks), **bar))
+        with worker_pool(jobs) as pool:
+            parts = list(tqdm(pool.imap(_some_layers, tasks), **bar))
     return np.concatenate(parts)
 
 

@@ -17,22 +17,21 @@ In Python, :func:`make_plan` returns the plan and a DataFrame of the policies co
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import importlib.metadata as md
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 
 from sim.candidates import budget_grid, candidate_table_seconds, distinct_taus, fixed_seconds
 from sim.plan_model import CandidateTable, Solution, solve
 from sim.replay import simulate
-from traces.cli import check_out_path, data_sha256, file_sha256, print_json, run_cli, span
+from traces.cli import ArgumentParser, check_out_path, data_sha256, file_sha256, integer, number, print_json, run_cli, span
 from traces.costs import check_fits
 from traces.errors import TideError
+from traces.values import need_float
 from traces.plan import Plan
 from traces.policies import Policy
 from traces.profile import Profile
@@ -64,8 +63,7 @@ def memory(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float) -> tupl
     and the KV cache take of it. One clear error when the limit is impossible."""
     shape, dtype = traces[0].shape, traces[0].dtype
     check_fits(shape, profile, dtype)
-    if not gpu_mem_gb > 0:
-        raise TideError(f"--gpu-mem-gb must be positive, got {gpu_mem_gb}")
+    need_float(gpu_mem_gb, "--gpu-mem-gb", positive=True)
     limit = gpu_mem_gb * 1e9
     have = profile.capacity("gpu_mem_bytes")
     if limit > have:
@@ -104,9 +102,13 @@ def _blocks(traces: Sequence[Trace]) -> int:
 
 
 def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, uniform: bool = False,
-              budget_step: int = 8, jobs: int | None = None, names: Sequence[str] | None = None,
+              budget_step: int = 8, jobs: int | None = 1, names: Sequence[str] | None = None,
               progress: bool = True) -> tuple[Plan, pd.DataFrame]:
-    """Plan, simulate the plan and the baselines, and fill the plan's predictions and provenance."""
+    """Plan, simulate the plan and the baselines, and fill the plan's predictions and provenance.
+
+    ``jobs``: processes pricing candidates; the default 1 works from any script, ``None``
+    takes every core (spawned workers: the calling script needs an ``if __name__ ==
+    "__main__":`` guard, as multiprocessing requires)."""
     names = list(names) if names is not None else [f"trace {i}" for i in range(len(traces))]
     check_traces(traces, names)
     shape, dtype = traces[0].shape, traces[0].dtype
@@ -157,7 +159,8 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
         "tide": _version("tide"), "mode": "uniform" if uniform else "per-layer", "fell_back_to_uniform": fell_back,
         "traces": [{"name": n, "sha256": file_sha256(n) if _is_file(n) else None, "forwards": t.n_forwards,
                     "tokens": t.tokens_generated} for n, t in zip(names, traces)],
-        "profile": {"name": profile.name, "where": profile.where, "sha256": data_sha256(profile.data)},
+        "profile": {"name": profile.name, "where": profile.where, "sha256": data_sha256(profile.data),
+                    "origin": profile.origin()},
         "solver": {"name": "HiGHS via Pyomo (appsi_highs)", "highspy": _version("highspy"), "pyomo": _version("pyomo"),
                    "build_s": sol.build_s, "solve_s": sol.solve_s, "binaries": sol.variables},
         "candidates": {"taus": table.taus, "budgets": table.budgets, "pricing_s": table_s},
@@ -180,19 +183,21 @@ def _version(dist: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sim.plan", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m sim.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--trace", action="append", required=True, help="a trace (Parquet); repeat for several")
     ap.add_argument("--profile", required=True, help="a bundled profile name (h200, a100-40gb, rtx4090) or a JSON file")
-    ap.add_argument("--gpu-mem-gb", type=float, required=True, help="GPU memory the plan may use")
+    ap.add_argument("--gpu-mem-gb", type=number, required=True, help="GPU memory the plan may use")
     ap.add_argument("--uniform", action="store_true", help="one tau and B for all layers (the paper's program)")
-    ap.add_argument("--budget-step", type=int, default=8, help="candidate budgets: multiples of this")
-    ap.add_argument("--jobs", type=int, default=None, help="processes pricing candidates (default: every core)")
+    ap.add_argument("--budget-step", type=integer, default=8, help="candidate budgets: multiples of this")
+    ap.add_argument("--jobs", type=integer, default=None, help="processes pricing candidates (default: every core)")
     ap.add_argument("--out", required=True, help="plan JSON to write")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     a = ap.parse_args(argv)
     check_out_path(a.out)
     if a.jobs is not None and a.jobs < 1:
         raise TideError(f"--jobs must be at least 1, got {a.jobs}")
+    if a.budget_step < 1:
+        raise TideError(f"--budget-step must be at least 1, got {a.budget_step}")
     traces = [read_trace(p) for p in a.trace]
     profile = Profile.load(a.profile)
     plan, frame = make_plan(traces, profile, a.gpu_mem_gb, a.uniform, a.budget_step, a.jobs, names=a.trace)

@@ -13,7 +13,6 @@ object and whose DataFrames hold the per-forward times and the per-layer counter
 """
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,7 @@ import simpy
 
 from sim.box import Box
 from sim.forward import forward
-from traces.cli import atomic_write, check_out_path, print_json, run_cli
+from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, number, print_json, run_cli
 from traces.costs import CostModel, check_fits
 from traces.counters import COUNTERS, forward_counters
 from traces.policies import PolicyRunner, Policy
@@ -121,13 +120,13 @@ def simulate(trace: Trace, profile: Profile, policy: Policy, popularity: np.ndar
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sim.replay", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m sim.replay", description=__doc__.split("\n\n")[0])
     ap.add_argument("--trace", required=True)
     ap.add_argument("--profile", required=True, help="a bundled profile name (h200, a100-40gb, rtx4090) or a JSON file")
     ap.add_argument("--policy", required=True, help="all, cpu, static, swap, tide or plan")
-    ap.add_argument("--tau", type=int, default=None)
+    ap.add_argument("--tau", type=integer, default=None)
     ap.add_argument("--gpu-experts", default=None, help="expert slots per MoE layer (one number or one per layer)")
-    ap.add_argument("--gpu-mem-gb", type=float, default=None)
+    ap.add_argument("--gpu-mem-gb", type=number, default=None)
     ap.add_argument("--plan", default=None)
     ap.add_argument("--popularity", default=None, help="trace whose total counts fill the slots at setup")
     ap.add_argument("--cpu-dtype", default=None, help="weight dtype of CPU experts (default: the trace's)")

@@ -23,5 +23,7 @@ def test_quick_profile_of_this_box_validates_and_prices_the_model(tmp_path, tiny
 
 
 def test_profile_bad_flags(tmp_path):
-    assert_clean_error(run_module("runtime.profile", "--out", str(tmp_path / "no" / "p.json"), "--quick"), "does not exist")
+    (tmp_path / "afile").write_text("x")
+    assert_clean_error(run_module("runtime.profile", "--out", str(tmp_path / "afile" / "p.json"), "--quick"),
+                       "is a file, not a folder")
     assert_clean_error(run_module("runtime.profile", "--out", str(tmp_path / "p.json"), "--device", "tpu"), "--device")

@@ -20,6 +20,10 @@ def test_synth_bad_flags_fail_cleanly(tmp_path):
     assert_clean_error(run_module("traces.synth", "--model", "llada3", "--out", str(out)), "unknown model")
     assert_clean_error(run_module("traces.synth", "--model", "llada2-mini", "--gen-length", "0", "--out", str(out)),
                        "--gen-length")
+    (tmp_path / "afile").write_text("x")
     assert_clean_error(run_module("traces.synth", "--model", "llada2-mini", "--gen-length", "32",
-                                  "--out", str(tmp_path / "no" / "t.parquet")), "does not exist")
+                                  "--out", str(tmp_path / "afile" / "t.parquet")), "is a file, not a folder")
+    made = run_module("traces.synth", "--model", "llada2-mini", "--gen-length", "8", "--out",
+                      str(tmp_path / "new" / "t.parquet"))  # a missing folder is made, as the main job needs
+    assert made.returncode == 0 and (tmp_path / "new" / "t.parquet").is_file(), made.stderr
     assert not out.exists()

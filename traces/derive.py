@@ -16,7 +16,6 @@ transfer of ``s`` bytes moves at ``s / (latency + s / peak)``; one expert on the
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 
-from traces.cli import run_cli, write_json
+from traces.cli import ArgumentParser, run_cli, write_json
 from traces.profile import BUNDLED, FORMAT, VERSION, Profile
 from traces.shapes import DTYPE_BYTES, ModelShape
 
@@ -236,7 +235,7 @@ def build(spec: BoxSpec) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m traces.derive", description="Rewrite the bundled derived profiles.")
+    ap = ArgumentParser(prog="python -m traces.derive", description="Rewrite the bundled derived profiles.")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "data" / "profiles"))
     ap.add_argument("--check", action="store_true", help="only check that the bundled files are up to date")
     a = ap.parse_args(argv)

@@ -23,7 +23,8 @@ import numpy as np
 from traces.cli import read_json, write_json
 from traces.errors import TideError
 from traces.policies import Policy
-from traces.shapes import ModelShape
+from traces.shapes import DTYPE_BYTES, ModelShape
+from traces.values import get, need_dict, need_float, need_int, need_list, need_str
 
 FORMAT = "tide-plan"
 VERSION = 1
@@ -70,22 +71,24 @@ class Plan:
             raise TideError(f"{where}: format is {d.get('format')!r}, expected {FORMAT!r}")
         if d.get("version") != VERSION:
             raise TideError(f"{where}: plan version {d.get('version')!r} is not supported (this TIDE reads {VERSION})")
-        model = d.get("model")
-        if not isinstance(model, dict) or not isinstance(model.get("experts"), int):
-            raise TideError(f"{where}: 'model' must name the model and its number of experts")
-        rows = d.get("layers")
-        if not isinstance(rows, list) or not rows:
-            raise TideError(f"{where}: 'layers' must be a non-empty list")
+        model = need_dict(d.get("model"), f"{where}: model")
+        need_int(get(model, "experts", f"{where}: model"), f"{where}: model.experts", lo=1)
+        rows = need_list(d.get("layers"), f"{where}: layers", nonempty=True)
         layers, tau, budget = [], [], []
         for i, r in enumerate(rows):
-            if not isinstance(r, dict) or not {"layer", "tau", "budget"} <= set(r):
-                raise TideError(f"{where}: layers[{i}] must have layer, tau and budget")
-            layers.append(r["layer"])
-            tau.append(r["tau"])
-            budget.append(r["budget"])
-        plan = cls(model=model, layers=layers, tau=tau, budget=budget, dtype=d.get("dtype", "bfloat16"),
-                   gpu_mem_bytes=d.get("gpu_mem_bytes"), predicted=d.get("predicted") or {},
-                   provenance=d.get("provenance") or {})
+            w = f"{where}: layers[{i}]"
+            r = need_dict(r, w)
+            layers.append(need_int(get(r, "layer", w), f"{w}.layer", lo=0))
+            tau.append(need_int(get(r, "tau", w), f"{w}.tau", lo=1))
+            budget.append(need_int(get(r, "budget", w), f"{w}.budget", lo=0))
+        dtype = need_str(d.get("dtype", "bfloat16"), f"{where}: dtype", tuple(DTYPE_BYTES))
+        gpu_mem = d.get("gpu_mem_bytes")
+        if gpu_mem is not None:
+            gpu_mem = need_float(gpu_mem, f"{where}: gpu_mem_bytes", positive=True)
+        predicted = need_dict(d.get("predicted") or {}, f"{where}: predicted")
+        provenance = need_dict(d.get("provenance") or {}, f"{where}: provenance")
+        plan = cls(model=model, layers=layers, tau=tau, budget=budget, dtype=dtype,
+                   gpu_mem_bytes=gpu_mem, predicted=predicted, provenance=provenance)
         plan.validate(where)
         return plan
 

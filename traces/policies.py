@@ -43,6 +43,16 @@ POLICIES: tuple[str, ...] = ("all", "cpu", "static", "swap", "tide", "plan")
 FORWARD_KINDS: tuple[str, ...] = ("prefill", "step", "commit")
 
 
+def _per_layer(v: int | Sequence[int], n_layers: int, flag: str, what: str) -> np.ndarray:
+    """One integer for every layer, or one per layer; anything else is a TideError naming ``flag``."""
+    a = np.asarray(v)
+    if a.ndim > 1 or (a.ndim == 1 and len(a) != n_layers):
+        raise TideError(f"{flag}: expected one value or {n_layers} per-layer {what}, got {a.size}")
+    if a.size and not (np.issubdtype(a.dtype, np.integer) and a.dtype != np.bool_):
+        raise TideError(f"{flag}: {what} must be integers, got {v!r}")
+    return np.broadcast_to(a.astype(np.int64), (n_layers,)).copy()
+
+
 @dataclass(frozen=True)
 class Policy:
     """A placement policy with its per-MoE-layer budgets (and refresh intervals for tide/plan)."""
@@ -64,9 +74,7 @@ class Policy:
         else:
             if budget is None:
                 raise TideError(f"--gpu-experts: policy {name} needs a budget of GPU experts per layer")
-            b = np.broadcast_to(np.asarray(budget, dtype=np.int64), (n_layers,)).copy()
-            if b.shape != (n_layers,):
-                raise TideError(f"--gpu-experts: expected {n_layers} per-layer budgets, got {len(b)}")
+            b = _per_layer(budget, n_layers, "--gpu-experts", "budgets")
             if (b < 0).any() or (b > experts).any():
                 raise TideError(f"--gpu-experts: budgets must lie in 0..{experts}, got {b.min()}..{b.max()}")
             if name == "swap" and (b < 1).any():
@@ -77,7 +85,7 @@ class Policy:
                 if name == "plan":
                     raise TideError("--plan: plan policy needs per-layer tau")
                 tau = 1
-            t = np.broadcast_to(np.asarray(tau, dtype=np.int64), (n_layers,)).copy()
+            t = _per_layer(tau, n_layers, "--tau", "values of tau")
             if (t < 1).any():
                 raise TideError(f"--tau: tau must be at least 1, got {t.min()}")
         return cls(name=name, budget=b.astype(np.int64), tau=t)

@@ -23,6 +23,10 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
   layer against ``tokens`` and ``context``, and of the ``head`` (final norm, lm_head and
   choosing the tokens from the logits) against ``tokens``.
 
+* ``measured`` (optional, written by ``runtime.profile``): when and where the profile was
+  taken (``created``, ``host``, ``threads``, ``cores``, ``load_avg_1m``), so a validation can
+  tell whether it runs on the same box under the same load.
+
 Lookups interpolate linearly between measured points; below the first point the first
 value holds; above the last the last segment's slope continues.
 """
@@ -38,12 +42,14 @@ import numpy as np
 
 from traces.cli import read_json, write_json
 from traces.errors import TideError
+from traces.values import need_dict, need_float, need_list, need_numbers, need_str
 
 FORMAT = "tide-profile"
 VERSION = 1
 SOURCES = ("measured", "derived")
 CAPACITIES = ("gpu_mem_bytes", "host_mem_bytes", "cpu_cores", "host_mem_bw_gbps", "gpu_mem_bw_gbps")
 OVERHEADS = ("launch_s", "sync_s", "cpu_task_s")
+_POSITIVE = ("gpu_mem_bytes", "host_mem_bytes", "host_mem_bw_gbps", "gpu_mem_bw_gbps")  # they divide or bound
 BUNDLED = {
     "h200": "h200.json",
     "a100-40gb": "a100-40gb.json",
@@ -85,7 +91,10 @@ def _check_source(where: str, src: Any, shape: tuple[int, ...]) -> None:
         if src not in SOURCES:
             raise _fail(where, f"source {src!r} must be 'measured' or 'derived'")
         return
-    arr = np.asarray(src, dtype=object)
+    try:
+        arr = np.asarray(src, dtype=object)
+    except ValueError:
+        arr = np.asarray(None, dtype=object)
     if arr.shape != shape or not all(s in SOURCES for s in arr.reshape(-1)):
         raise _fail(where, f"source must be 'measured', 'derived' or a list of those shaped {list(shape)}")
 
@@ -93,10 +102,7 @@ def _check_source(where: str, src: Any, shape: tuple[int, ...]) -> None:
 def _axis(where: str, t: dict, key: str) -> np.ndarray:
     if key not in t:
         raise _fail(where, f"lacks {key!r}")
-    try:
-        a = np.asarray(t[key], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise _fail(where, f"{key} must be a list of numbers") from None
+    a = np.asarray(need_numbers(t[key], f"{where}: {key}"), dtype=np.float64)
     if a.ndim != 1 or len(a) < 1 or not np.isfinite(a).all() or (a <= 0).any() or (np.diff(a) <= 0).any():
         raise _fail(where, f"{key} must be a non-empty, increasing list of positive numbers")
     return a
@@ -105,16 +111,23 @@ def _axis(where: str, t: dict, key: str) -> np.ndarray:
 def _values(where: str, t: dict, key: str, shape: tuple[int, ...]) -> np.ndarray:
     if key not in t:
         raise _fail(where, f"lacks {key!r}")
-    try:
-        v = np.asarray(t[key], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise _fail(where, f"{key} must hold numbers") from None
+    v = np.asarray(_nested_numbers(t[key], f"{where}: {key}", len(shape)), dtype=np.float64)
     if v.shape != shape:
         raise _fail(where, f"{key} has shape {list(v.shape)}, expected {list(shape)}")
     if not np.isfinite(v).all() or (v < 0).any():
         raise _fail(where, f"{key} must be finite and non-negative")
     _check_source(where, t.get("source"), shape)
     return v
+
+
+def _nested_numbers(v: Any, where: str, depth: int) -> Any:
+    """A list (of lists, ``depth`` deep) of finite numbers, rows of equal length."""
+    if depth == 0:
+        return need_float(v, where)
+    rows = [_nested_numbers(x, f"{where}[{i}]", depth - 1) for i, x in enumerate(need_list(v, where, nonempty=True))]
+    if depth > 1 and len({len(r) for r in rows}) > 1:
+        raise _fail(where, "rows must all have the same length")
+    return rows
 
 
 @dataclass(frozen=True)
@@ -187,6 +200,10 @@ class Profile:
             raise _fail(w, f"format is {d.get('format')!r}, expected {FORMAT!r}")
         if d.get("version") != VERSION:
             raise _fail(w, f"profile version {d.get('version')!r} is not supported (this TIDE reads {VERSION})")
+        if d.get("name") is not None:
+            need_str(d["name"], f"{w}: name")
+        if d.get("measured") is not None:
+            need_dict(d["measured"], f"{w}: measured")
         if d.get("fast_device") not in ("cuda", "cpu"):
             raise _fail(w, f"fast_device must be 'cuda' or 'cpu', got {d.get('fast_device')!r}")
         for group, keys in (("capacities", CAPACITIES), ("overheads", OVERHEADS)):
@@ -197,8 +214,7 @@ class Profile:
                 v = sec.get(k)
                 if not isinstance(v, dict) or "value" not in v:
                     raise _fail(w, f"{group}.{k} missing (expected {{'value': ..., 'source': ...}})")
-                if not isinstance(v["value"], (int, float)) or isinstance(v["value"], bool) or not np.isfinite(v["value"]) or v["value"] < 0:
-                    raise _fail(w, f"{group}.{k} must be a non-negative number, got {v['value']!r}")
+                need_float(v["value"], f"{w}: {group}.{k}", lo=0.0, positive=k in _POSITIVE)
                 _check_source(f"{w}: {group}.{k}", v.get("source"), ())
         if self.capacity("cpu_cores") < 1:
             raise _fail(w, "capacities.cpu_cores must be at least 1")
@@ -300,6 +316,16 @@ class Profile:
             have = sorted(f"{s}/{d}" for s, d in tables)
             raise _fail(self.where, f"no {section} entry for expert shape {shape_key} in {dtype} (has: {', '.join(have) or 'none'})")
         return t
+
+    def origin(self) -> dict[str, Any]:
+        """Where and when the profile was measured (empty for a derived box) and its reference
+        figure: host memory bandwidth, when measured."""
+        m = self.data.get("measured")
+        out = dict(m) if isinstance(m, dict) else {}
+        bw = self.data["capacities"]["host_mem_bw_gbps"]
+        if bw.get("source") == "measured":
+            out["host_mem_bw_gbps"] = float(bw["value"])
+        return out
 
     def summary(self) -> dict[str, Any]:
         return {

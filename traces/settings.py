@@ -8,6 +8,7 @@ from traces.errors import TideError
 from traces.plan import Plan
 from traces.policies import POLICIES, Policy
 from traces.shapes import ModelShape
+from traces.values import need_float
 
 
 def parse_budget(text: str | None) -> int | list[int] | None:
@@ -36,8 +37,10 @@ def resolve_policy(name: str, shape: ModelShape, dtype: str, *, tau: int | None 
         raise TideError(f"--tau must be at least 1, got {tau}")
     if gpu_experts is not None and gpu_mem_gb is not None:
         raise TideError("give --gpu-experts or --gpu-mem-gb, not both")
-    if gpu_mem_gb is not None and gpu_mem_gb <= 0:
-        raise TideError(f"--gpu-mem-gb must be positive, got {gpu_mem_gb}")
+    if gpu_mem_gb is not None:
+        need_float(gpu_mem_gb, "--gpu-mem-gb", positive=True)
+        if mem_limit_bytes is not None and gpu_mem_gb * 1e9 > mem_limit_bytes:
+            raise TideError(f"--gpu-mem-gb {gpu_mem_gb:g}: more than the device's memory ({mem_limit_bytes / 1e9:.1f} GB)")
     L, E = shape.n_moe_layers, shape.experts
     budget: int | Sequence[int] | None = gpu_experts
     if name == "plan":

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from traces.errors import TideError
+from traces.cli import read_json
+from traces.values import need_bool, need_dict, need_int
 
 DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -67,21 +69,26 @@ class ModelShape:
     @classmethod
     def from_config(cls, config: Mapping[str, Any], name: str | None = None, source: str = "config") -> "ModelShape":
         """Build from a Hugging Face ``config.json`` dict; a missing or bad field is a TideError."""
+        if not isinstance(config, Mapping):
+            raise TideError(f"{source}: a model config is a JSON object, got {type(config).__name__}")
         missing = [k for k in _REQUIRED if k not in config]
         if missing:
             raise TideError(f"{source}: config lacks {', '.join(missing)}")
-        for k in _REQUIRED:
-            v = config[k]
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise TideError(f"{source}: {k} must be a positive integer, got {v!r}")
-        heads = config["num_attention_heads"]
-        hidden = config["hidden_size"]
-        head_dim = config.get("head_dim") or hidden // heads
-        experts = config["num_experts"]
-        top_k = config["num_experts_per_tok"]
-        n_group = config.get("n_group") or 1
-        topk_group = config.get("topk_group") or n_group
-        first_k = config.get("first_k_dense_replace", 0) or 0
+        c = {k: need_int(config[k], f"{source}: {k}", lo=1) for k in _REQUIRED}
+
+        def opt(key: str, default: int, lo: int) -> int:
+            v = config.get(key)
+            return default if v is None else need_int(v, f"{source}: {key}", lo=lo)
+
+        heads, hidden = c["num_attention_heads"], c["hidden_size"]
+        head_dim = opt("head_dim", hidden // heads, 1)
+        experts, top_k = c["num_experts"], c["num_experts_per_tok"]
+        n_group = opt("n_group", 1, 1)
+        topk_group = opt("topk_group", n_group, 1)
+        first_k = opt("first_k_dense_replace", 0, 0)
+        shared = opt("num_shared_experts", 0, 0)
+        if head_dim < 1:
+            raise TideError(f"{source}: hidden_size {hidden} / num_attention_heads {heads} leaves no head dimension")
         if top_k > experts:
             raise TideError(f"{source}: num_experts_per_tok {top_k} exceeds num_experts {experts}")
         if experts % n_group:
@@ -90,17 +97,22 @@ class ModelShape:
             raise TideError(f"{source}: topk_group {topk_group} exceeds n_group {n_group}")
         if top_k > topk_group * (experts // n_group):
             raise TideError(f"{source}: top-{top_k} cannot be chosen from {topk_group} groups of {experts // n_group}")
-        if not 0 <= first_k < config["num_hidden_layers"]:
+        if n_group > 1 and experts // n_group < 2:
+            raise TideError(f"{source}: n_group {n_group} leaves fewer than 2 experts per group (groups are scored by their top 2)")
+        if not first_k < c["num_hidden_layers"]:
             raise TideError(f"{source}: first_k_dense_replace {first_k} leaves no MoE layer")
-        if heads % config["num_key_value_heads"]:
+        if heads % c["num_key_value_heads"]:
             raise TideError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads")
+        for key in ("tie_word_embeddings", "use_qk_norm"):
+            if config.get(key) is not None:
+                need_bool(config[key], f"{source}: {key}")
+        label = name if name is not None else config.get("name") or config.get("_name_or_path") or "custom"
         return cls(
-            name=name or str(config.get("name") or config.get("_name_or_path") or "custom"),
-            layers=config["num_hidden_layers"], first_k_dense=first_k, hidden=hidden, heads=heads,
-            kv_heads=config["num_key_value_heads"], head_dim=head_dim,
-            intermediate=config["intermediate_size"], moe_intermediate=config["moe_intermediate_size"],
+            name=str(label), layers=c["num_hidden_layers"], first_k_dense=first_k, hidden=hidden, heads=heads,
+            kv_heads=c["num_key_value_heads"], head_dim=head_dim,
+            intermediate=c["intermediate_size"], moe_intermediate=c["moe_intermediate_size"],
             experts=experts, top_k=top_k, n_group=n_group, topk_group=topk_group,
-            shared_experts=int(config.get("num_shared_experts") or 0), vocab=config["vocab_size"],
+            shared_experts=shared, vocab=c["vocab_size"],
             config=dict(config),
         )
 
@@ -126,11 +138,9 @@ class ModelShape:
         if not path.is_file():
             raise TideError(f"{ref}: unknown model: not a bundled name (llada2-mini, llada2-flash) "
                             "nor a config.json or checkpoint folder")
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise TideError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_config(config, name=config.get("name") or path.parent.name, source=str(path))
+        config = need_dict(read_json(path, "model config"), f"{path}")
+        label = config.get("name") if isinstance(config.get("name"), str) else path.parent.name
+        return cls.from_config(config, name=label, source=str(path))
 
     def replace(self, **config_overrides: Any) -> "ModelShape":
         """A reduced or altered shape (tests use fewer layers, experts, smaller sizes)."""

@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any, Iterable
 
@@ -23,7 +22,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from traces.cli import print_json, run_cli
+from traces.cli import ArgumentParser, print_json, run_cli
 from traces.counters import replay_policy
 from traces.policies import Policy
 from traces.trace import Trace, read_trace
@@ -113,7 +112,7 @@ def _num(v: float) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m traces.stats", description="Statistics of an expert-activation trace.")
+    ap = ArgumentParser(prog="python -m traces.stats", description="Statistics of an expert-activation trace.")
     ap.add_argument("trace")
     ap.add_argument("--json", action="store_true", help="print one JSON object (default: a short table)")
     a = ap.parse_args(argv)

@@ -21,7 +21,6 @@ tests check them. Any architecture config works (tests use reduced shapes).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import time
@@ -31,8 +30,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from traces.cli import check_out_path, run_cli
+from traces.cli import ArgumentParser, check_out_path, integer, number, run_cli
 from traces.errors import TideError
+from traces.values import need_float, need_int
 from traces.routing import group_limited_topk
 from traces.shapes import DTYPE_BYTES, ModelShape
 from traces.trace import Decoding, Trace
@@ -177,14 +177,13 @@ def synthesize(shape: ModelShape, gen_length: int, prompt_length: int, seed: int
     decoding = decoding or Decoding(kv_cache=kv_cache)
     if decoding.kv_cache != kv_cache:
         decoding = Decoding(decoding.block_length, decoding.steps, decoding.threshold, kv_cache)
-    if gen_length < 1:
-        raise TideError(f"--gen-length must be at least 1, got {gen_length}")
-    if prompt_length < 1:
-        raise TideError(f"--prompt-length must be at least 1, got {prompt_length}")
-    if requests < 1:
-        raise TideError(f"--requests must be at least 1, got {requests}")
-    if decoding.block_length < 1 or decoding.steps < 1:
-        raise TideError("block length and steps must be at least 1")
+    need_int(gen_length, "--gen-length", lo=1, hi=1 << 20)
+    need_int(prompt_length, "--prompt-length", lo=1, hi=1 << 20)
+    need_int(requests, "--requests", lo=1, hi=1 << 16)
+    need_int(seed, "--seed", lo=0)
+    need_int(decoding.block_length, "--block-length", lo=1, hi=1 << 16)
+    need_int(decoding.steps, "--steps", lo=1)
+    need_float(decoding.threshold, "--threshold", lo=0.0, hi=1.0)
     if dtype not in DTYPE_BYTES:
         raise TideError(f"--dtype: unknown dtype {dtype!r}")
     p = params or params_for(shape)
@@ -260,15 +259,15 @@ def synthesize(shape: ModelShape, gen_length: int, prompt_length: int, seed: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m traces.synth", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m traces.synth", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="llada2-mini, llada2-flash, or a config.json / checkpoint folder")
-    ap.add_argument("--gen-length", type=int, default=1024)
-    ap.add_argument("--prompt-length", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--requests", type=int, default=1, help="prompts run one after another")
-    ap.add_argument("--block-length", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--threshold", type=float, default=0.95)
+    ap.add_argument("--gen-length", type=integer, default=1024)
+    ap.add_argument("--prompt-length", type=integer, default=64)
+    ap.add_argument("--seed", type=integer, default=0)
+    ap.add_argument("--requests", type=integer, default=1, help="prompts run one after another")
+    ap.add_argument("--block-length", type=integer, default=32)
+    ap.add_argument("--steps", type=integer, default=32)
+    ap.add_argument("--threshold", type=number, default=0.95)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--no-kv-cache", action="store_true", help="re-run the whole prefix each step (published generate())")
     ap.add_argument("--out", required=True)

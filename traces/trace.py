@@ -44,7 +44,8 @@ from traces.cli import atomic_write
 from traces.counters import COUNTERS
 from traces.errors import TideError
 from traces.policies import FORWARD_KINDS
-from traces.shapes import ModelShape, dtype_bytes
+from traces.shapes import DTYPE_BYTES, ModelShape, dtype_bytes
+from traces.values import get, need_bool, need_dict, need_float, need_int, need_list, need_str
 
 FORMAT = "tide-trace"
 VERSION = 1
@@ -64,6 +65,33 @@ class Decoding:
     steps: int = 32
     threshold: float = 0.95
     kv_cache: bool = True
+
+    @classmethod
+    def from_json(cls, d: Any, where: str = "decoding") -> "Decoding":
+        """Every field present and of its type: a trace's schedule depends on all four."""
+        d = need_dict(d, where)
+        unknown = set(d) - {"block_length", "steps", "threshold", "kv_cache"}
+        if unknown:
+            raise TideError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        return cls(block_length=need_int(get(d, "block_length", where), f"{where}.block_length", lo=1),
+                   steps=need_int(get(d, "steps", where), f"{where}.steps", lo=1),
+                   threshold=need_float(get(d, "threshold", where), f"{where}.threshold", lo=0.0, hi=1.0),
+                   kv_cache=need_bool(get(d, "kv_cache", where), f"{where}.kv_cache"))
+
+
+def read_requests(v: Any, where: str = "requests") -> list[dict[str, int]]:
+    """The requests of a run: distinct ids, a non-empty prompt and at least one token asked for each."""
+    out = []
+    for i, r in enumerate(need_list(v, where, nonempty=True)):
+        w = f"{where}[{i}]"
+        r = need_dict(r, w)
+        out.append({"request": need_int(get(r, "request", w), f"{w}.request", lo=0),
+                    "prompt_length": need_int(get(r, "prompt_length", w), f"{w}.prompt_length", lo=1),
+                    "gen_length": need_int(get(r, "gen_length", w), f"{w}.gen_length", lo=1)})
+    ids = [r["request"] for r in out]
+    if len(set(ids)) != len(ids):
+        raise TideError(f"{where}: request ids must be distinct, got {ids}")
+    return out
 
 
 @dataclass
@@ -102,7 +130,11 @@ class Trace:
 
     @property
     def tokens_generated(self) -> int:
-        return int(self.forwards["tokens_committed"].sum())
+        """Tokens the requests asked for and got: a request's last block may hold masked
+        positions past ``gen_length`` that its forwards also commit; they are not output
+        (``runtime.generate`` returns ``gen_length`` tokens), so they are not counted."""
+        committed = self.forwards.groupby("request")["tokens_committed"].sum()
+        return int(sum(min(r["gen_length"], int(committed.get(r["request"], 0))) for r in self.requests))
 
     def choices_of(self, f: int) -> np.ndarray:
         """``[n, L, k]`` expert ids of forward ``f``'s tokens with recorded choices."""
@@ -202,15 +234,19 @@ def trace_from_table(table: pa.Table, where: str = "trace") -> Trace:
         raise _fail(where, f"format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("version") != VERSION:
         raise _fail(where, f"trace format version {meta.get('version')!r} is not supported (this TIDE reads {VERSION})")
+    meta = need_dict(meta, f"{where}: tide.trace metadata")
     for key in ("model", "dtype", "decoding", "requests"):
         if key not in meta:
             raise _fail(where, f"metadata lacks {key!r}")
-    shape = ModelShape.from_config(meta["model"], name=meta.get("model_name"), source=f"{where} metadata")
-    dtype_bytes(meta["dtype"])
-    try:
-        decoding = Decoding(**meta["decoding"])
-    except TypeError as exc:
-        raise _fail(where, f"bad decoding settings: {exc}") from None
+    model_name = meta.get("model_name")
+    shape = ModelShape.from_config(need_dict(meta["model"], f"{where}: metadata model"),
+                                   name=model_name if isinstance(model_name, str) else None, source=f"{where} metadata")
+    need_str(meta["dtype"], f"{where}: metadata dtype", tuple(DTYPE_BYTES))
+    decoding = Decoding.from_json(meta["decoding"], f"{where}: metadata decoding")
+    requests = read_requests(meta["requests"], f"{where}: metadata requests")
+    for key in ("source", "policy"):
+        if meta.get(key) is not None:
+            need_dict(meta[key], f"{where}: metadata {key}")
 
     names = set(table.column_names)
     for c in ("forward", "layer", "counts", "choices", *FORWARD_COLUMNS):
@@ -239,6 +275,8 @@ def trace_from_table(table: pa.Table, where: str = "trace") -> Trace:
     if n_rows % L:
         raise _fail(where, f"{n_rows} rows is not a whole number of forwards x {L} MoE layers")
     F = n_rows // L
+    if F == 0:
+        raise _fail(where, "no forwards: a trace records at least one forward")
     col = lambda c: table.column(c).to_numpy()  # noqa: E731
     fwd = col("forward")
     if not np.array_equal(fwd, np.repeat(np.arange(F), L)):
@@ -262,7 +300,7 @@ def trace_from_table(table: pa.Table, where: str = "trace") -> Trace:
             raise _fail(where, f"negative {c} at forward {int(np.argmax(fdf[c] < 0))}")
     if (fdf["choice_tokens"] > fdf["tokens_run"]).any():
         raise _fail(where, "choice_tokens exceeds tokens_run")
-    known = {int(r["request"]) for r in meta["requests"]}
+    known = {r["request"] for r in requests}
     unknown = set(fdf["request"].unique().tolist()) - known
     if unknown:
         raise _fail(where, f"forwards name request {min(unknown)} not listed in the metadata")
@@ -304,7 +342,7 @@ def trace_from_table(table: pa.Table, where: str = "trace") -> Trace:
             if (v < 0).any():
                 raise _fail(where, f"negative counter {c}")
             counters[c] = v.reshape(F, L)
-    trace = Trace(shape=shape, dtype=meta["dtype"], decoding=decoding, requests=meta["requests"], forwards=fdf,
+    trace = Trace(shape=shape, dtype=meta["dtype"], decoding=decoding, requests=requests, forwards=fdf,
                   counts=counts.astype(np.int32), choices=choices, counters=counters, policy=meta.get("policy"),
                   source=meta.get("source") or {})
     _check_choices_match_counts(trace, where)
