@@ -150,7 +150,8 @@ def evaluate(point: Point, cache: str | None = None) -> pd.DataFrame:
                   solve_s=sol.solve_s)
         else:
             raise TideError(f"--policies: unknown policy {name!r} (expected all, cpu, static, swap, tide or plan)")
-    df = pd.DataFrame(rows).reindex(columns=list(dict.fromkeys([*rows[0], "seconds", "tokens_per_s"])))
+    cols = dict.fromkeys(k for r in rows for k in r)  # every row's columns (unfit rows have no seconds)
+    df = pd.DataFrame(rows).reindex(columns=list(dict.fromkeys([*cols, "seconds", "tokens_per_s"])))
     ref = {}
     for b in BASELINES:  # baselines at the largest uniform budget that fits
         hit = df[(df["policy"] == b) & (df["budget"].isin(["0", str(b_fit)])) & (df["status"] == "ok")]

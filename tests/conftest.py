@@ -66,22 +66,15 @@ def tiny_profile(tiny_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def validated(tiny_ckpt, tiny_profile, tmp_path_factory):
-    """The whole loop on the tiny checkpoint, once: capture, plan, validate. Paths of its files."""
+def validated(tmp_path_factory):
+    """The whole loop on a tiny checkpoint, once (``experiments.loop``: checkpoint, capture,
+    profile, plan, validate, each through its command's own ``main``). Paths of its files."""
+    import contextlib
+    import io
+
+    from experiments.loop import run
     d = tmp_path_factory.mktemp("loop")
-    trace, plan, out = d / "t.parquet", d / "plan.json", d / "validation.json"
-    prompt = ",".join(str(i) for i in range(1, 41))
-    steps = [
-        ("runtime.generate", "--checkpoint", str(tiny_ckpt), "--prompt-ids", prompt, "--gen-length", "48",
-         "--trace-out", str(trace)),
-        # 1.2 MB: the tiny model's 0.66 MB of non-expert weights and KV cache leave room for about 20 of its 96 experts
-        ("sim.plan", "--trace", str(trace), "--profile", str(tiny_profile), "--gpu-mem-gb", "0.0012", "--jobs", "1",
-         "--out", str(plan)),
-        ("experiments.validate", "--checkpoint", str(tiny_ckpt), "--plan", str(plan), "--repeats", "1", "--out", str(out)),
-    ]
-    procs = []
-    for args in steps:
-        p = run_module(*args)
-        assert p.returncode == 0, (args[0], p.stderr)
-        procs.append(p)
-    return {"trace": trace, "plan": plan, "result": out, "stdout": procs[-1].stdout}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        paths = run(d / "loop", repeats=1)
+    return {**paths, "stdout": printed.getvalue()}

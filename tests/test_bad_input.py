@@ -582,3 +582,14 @@ def test_validation_says_when_the_profile_is_from_another_box_or_load(small_shap
     plan.provenance["profile"]["origin"].update(host=socket.gethostname(), host_mem_bw_gbps=bw)
     _, warn = box_check(plan, tolerance=10.0)
     assert warn == []
+
+
+# ---- the README's main command, as a newcomer runs it ------------------------------------------
+def test_the_main_job_runs_from_an_empty_folder(tmp_path):
+    """Its quick form, from a working folder with no ``out/`` (the default ``--out out/sweep``)."""
+    proc = subprocess.run([sys.executable, "-m", "experiments.sweep", "--quick"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "sweep" / "sweep.parquet").is_file()
+    assert "4 points (4 evaluated, 0 reused)" in proc.stdout
+    assert not [p for p in (tmp_path / "out").rglob("*.tmp")]

@@ -57,3 +57,9 @@ def test_validation(tmp_path, validated, fmt):
         write(str(result), pd.DataFrame(d["runs"]), d["provenance"])
     nb = run_notebook("validation.ipynb", f'RESULT = "{result}"', tmp_path)
     assert _images(nb) >= 2 and "tokens agree for every policy: True" in _text(nb)
+
+
+def test_validation_with_its_default_input(tmp_path):
+    """``RESULT = None`` reads the tiny loop's result in this checkout, running the loop if it is missing."""
+    nb = run_notebook("validation.ipynb", "RESULT = None", tmp_path)
+    assert "out/loop/validation.json" in _text(nb) and "tokens agree for every policy: True" in _text(nb)

@@ -22,8 +22,8 @@ def test_round_trip_and_policy(tmp_path):
 @pytest.mark.parametrize("edit, fragment", [
     (lambda d: d["layers"][0].update(tau=0), "tau must be at least 1"),
     (lambda d: d["layers"][0].update(budget=257), "budgets must lie in 0..256"),
-    (lambda d: d["layers"][0].update(budget=1.5), "integers"),
-    (lambda d: d.update(layers=[]), "non-empty"),
+    (lambda d: d["layers"][0].update(budget=1.5), r"layers\[0\].budget must be an integer"),
+    (lambda d: d.update(layers=[]), "layers must not be empty"),
     (lambda d: d.update(format="other"), "format"),
     (lambda d: d["layers"].reverse(), "increasing"),
 ])

@@ -40,7 +40,8 @@ def test_structure_of_a_kv_trace(small_trace):
     assert (fw["choice_tokens"] == fw["tokens_run"]).all()  # every token's choices with the KV cache
     assert set(fw["kind"]) == {"prefill", "step", "commit"}
     # prompt 40 + 96 tokens fill 5 whole blocks of 32: 120 masks per request are denoised
-    assert small_trace.tokens_generated == 2 * 120
+    assert small_trace.tokens_generated == 2 * 96  # what each request asked for, not the last block's 24 extra
+    assert int(fw["tokens_committed"].sum()) == 2 * 120
     assert fw.groupby("request")["tokens_committed"].sum().tolist() == [120, 120]
     assert (fw.loc[fw["kind"] != "prefill", "tokens_run"] == 32).all()
     hist = small_trace.choice_counts()

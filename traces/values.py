@@ -52,8 +52,9 @@ def need_float(v: Any, where: str, lo: float | None = None, hi: float | None = N
     if positive and f <= 0:
         raise TideError(f"{where} must be positive, got {v!r}")
     if lo is not None and f < lo or hi is not None and f > hi:
-        rng = f"{lo}..{hi}" if lo is not None and hi is not None else (f">= {lo}" if lo is not None else f"<= {hi}")
-        raise TideError(f"{where} must be {rng}, got {v!r}")
+        if lo is not None and hi is not None:
+            raise TideError(f"{where} must lie in {lo:g}..{hi:g}, got {v!r}")
+        raise TideError(f"{where} must be at {'least' if lo is not None else 'most'} {lo if lo is not None else hi:g}, got {v!r}")
     return f
 
 
