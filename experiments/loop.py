@@ -1,15 +1,15 @@
 """The whole loop on a tiny random model, end to end on this box: capture, profile, plan, validate.
 
 ``python -m experiments.loop [--out out/loop] [--repeats 3]`` runs, in order, what the
-README's quick start shows as five commands (about a minute on 2 cores):
+README's quick start shows as five commands (about 15 seconds on 2 cores):
 
 1. ``runtime.make_checkpoint --preset tiny`` (``DIR/tiny``, fp32, router skew 0.25);
 2. ``runtime.generate ... --trace-out DIR/t.parquet`` (48 tokens after a 40-token prompt);
 3. ``runtime.profile --checkpoint DIR/tiny --quick --out DIR/box.json`` (this box, the CPU
    as the fast device);
 4. ``sim.plan --trace DIR/t.parquet --profile DIR/box.json --gpu-mem-gb 0.0012`` (1.2 MB:
-   the tiny model's 0.66 MB of non-expert weights and KV cache leave room for about 20 of
-   its 96 experts per layer, so the plan has to choose);
+   the tiny model's 0.66 MB of non-expert weights and KV cache leave room for 6 of its 32
+   experts per layer, so the plan has to choose);
 5. ``experiments.validate --checkpoint DIR/tiny --plan DIR/plan.json --out
    DIR/validation.json`` (the plan, its baselines and ``all`` run for real; predicted
    against measured; tokens checked identical).
