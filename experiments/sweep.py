@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         raise TideError("--scheduler needs --executor dask")
     kinds = {"profiles": str, "models": str, "gen_lengths": integer, "pcie": number, "cpu_cores": number,
              "gpu_mem_gb": number, "host_mem_gb": number, "policies": str, "taus": integer, "budgets": integer}
-    given = {k: _list(getattr(a, k), f"--{k.replace('_', '-')}", t) for k, t in kinds.items() if getattr(a, k)}
+    given = {k: _list(getattr(a, k), f"--{k.replace('_', '-')}", t) for k, t in kinds.items() if getattr(a, k) is not None}
     if a.grid and (given or a.quick):
         raise TideError("--grid holds the whole grid: drop --quick and the grid options")
     if a.grid:

@@ -84,8 +84,8 @@ def speedup_heatmap(df: pd.DataFrame, out: Path) -> str:
     vals = np.concatenate([g[f"speedup_vs_{b}"].to_numpy(float) for _, g in panels for b in cols])
     vals = vals[np.isfinite(vals) & (vals > 0)]
     lo, hi = float(np.log2(vals.min())), float(np.log2(vals.max()))
-    lim = max(abs(lo), abs(hi), 0.1)
-    fig, axes = plt.subplots(len(panels), len(cols), figsize=(3.3 * len(cols) + 1, 2.8 * len(panels)), squeeze=False)
+    lim = float(max(1, np.ceil(max(abs(lo), abs(hi)))))  # whole powers of 2 either side of 1x
+    fig, axes = plt.subplots(len(panels), len(cols), figsize=(3.7 * len(cols) + 1, 2.9 * len(panels)), squeeze=False)
     for r, (model, g) in enumerate(panels):
         for c, b in enumerate(cols):
             ax = axes[r][c]
@@ -101,7 +101,7 @@ def speedup_heatmap(df: pd.DataFrame, out: Path) -> str:
             ax.set_ylabel("CPU cores (x the box's)")
     sm = plt.cm.ScalarMappable(cmap="RdBu", norm=plt.Normalize(-lim, lim))
     cb = fig.colorbar(sm, ax=axes, shrink=0.8)
-    ticks = np.arange(np.floor(-lim), np.ceil(lim) + 1)
+    ticks = np.arange(-lim, lim + 1)
     cb.set_ticks(ticks)
     cb.set_ticklabels([f"{2 ** t:g}x" for t in ticks])
     cb.set_label("plan's speedup (log scale)")

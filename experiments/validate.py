@@ -226,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         check_out_path(a.out)
     plan = Plan.read(a.plan)
     traces = plan_traces(plan, a.trace)
+    from runtime.config import ModelConfig
+    from runtime.generate import check_device
+    check_device(a.device)
+    plan.check_model(ModelConfig.load(a.checkpoint).shape, "--plan")
     lines, warnings = box_check(plan)
     for line in lines:
         print(line)

@@ -171,6 +171,10 @@ class Generator:
         if d.block_length < 1 or d.steps < 1:
             raise TideError("--block-length and --steps must be at least 1")
         need_float(d.threshold, "--threshold", lo=0.0, hi=1.0)
+        max_pos = cfg.shape.config.get("max_position_embeddings")
+        if isinstance(max_pos, int) and not isinstance(max_pos, bool) and len(prompt) + gen_length > max_pos:
+            raise TideError(f"--gen-length {gen_length}: the prompt's {len(prompt)} tokens plus {gen_length} exceed the "
+                            f"model's max_position_embeddings ({max_pos})")
         bad = [t for t in prompt if not 0 <= t < cfg.shape.vocab]
         if bad:
             raise TideError(f"prompt token id {bad[0]} is outside the vocabulary of {cfg.shape.vocab}")
@@ -388,6 +392,10 @@ def make_engine(args: argparse.Namespace, model: LLaDA2, device: torch.device, k
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load, warm up, generate every prompt, and report (the JSON fields)."""
     Sampling(args.temperature, args.top_k, args.top_p, args.seed).check(2**62)
+    need_int(args.gen_length, "--gen-length", lo=1)
+    need_int(args.block_length, "--block-length", lo=1)
+    need_int(args.steps, "--steps", lo=1)
+    need_float(args.threshold, "--threshold", lo=0.0, hi=1.0)
     if args.trace_out:
         check_out_path(args.trace_out, "--trace-out")
     if args.policy is not None and args.policy not in POLICIES:
