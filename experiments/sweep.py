@@ -3,7 +3,7 @@
 ``python -m experiments.sweep [--out DIR] [--quick] [--grid FILE.toml] [grid options]
 [--executor local|dask] [--scheduler ADDRESS] [--jobs N]``
 
-With no arguments it runs the default study on bundled data (about four minutes on 2
+With no arguments it runs the default study on bundled data (about three minutes on 2
 cores): LLaDA2.0-mini and -flash, 256 generated tokens (synthetic traces, cached in
 ``DIR/traces``), on
 

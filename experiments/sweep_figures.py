@@ -85,7 +85,8 @@ def speedup_heatmap(df: pd.DataFrame, out: Path) -> str:
     vals = vals[np.isfinite(vals) & (vals > 0)]
     lo, hi = float(np.log2(vals.min())), float(np.log2(vals.max()))
     lim = float(max(1, np.ceil(max(abs(lo), abs(hi)))))  # whole powers of 2 either side of 1x
-    fig, axes = plt.subplots(len(panels), len(cols), figsize=(3.7 * len(cols) + 1, 2.9 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), len(cols), figsize=(3.7 * len(cols) + 1, 3.1 * len(panels)), squeeze=False,
+                             layout="constrained")
     for r, (model, g) in enumerate(panels):
         for c, b in enumerate(cols):
             ax = axes[r][c]
@@ -97,16 +98,17 @@ def speedup_heatmap(df: pd.DataFrame, out: Path) -> str:
             sns.heatmap(np.log2(pivot), annot=pivot, fmt=".2f", cmap="RdBu", vmin=-lim, vmax=lim, center=0,
                         ax=ax, cbar=False)
             ax.set_title(f"{model}: plan over {LABELS[b]}", fontsize=9)
-            ax.set_xlabel("PCIe bandwidth (x the box's)")
-            ax.set_ylabel("CPU cores (x the box's)")
+            ax.set_xlabel("PCIe bandwidth (x the box's)" if r == len(panels) - 1 else "")
+            ax.set_ylabel("CPU cores (x the box's)" if c == 0 else "")
     sm = plt.cm.ScalarMappable(cmap="RdBu", norm=plt.Normalize(-lim, lim))
     cb = fig.colorbar(sm, ax=axes, shrink=0.8)
-    ticks = np.arange(-lim, lim + 1)
+    step = max(1.0, np.ceil(2 * lim / 8))
+    ticks = np.arange(-lim, lim + 1, step)
     cb.set_ticks(ticks)
-    cb.set_ticklabels([f"{2 ** t:g}x" for t in ticks])
+    cb.set_ticklabels([f"{2 ** t:g}x" if t >= 0 else f"1/{2 ** -t:g}x" for t in ticks])
     cb.set_label("plan's speedup (log scale)")
     where = "; ".join(f"{m}: {g['profile'].iloc[0]} at {g['gpu_mem_gb'].iloc[0]:g} GB" for m, g in panels)
-    fig.suptitle(f"The plan's speedup over each baseline ({where})", y=1.02)
+    fig.suptitle(f"The plan's speedup over each baseline ({where})")
     return _save(fig, out / "speedup_heatmap.png")
 
 
@@ -123,8 +125,10 @@ def best_tau(df: pd.DataFrame, out: Path) -> str:
         raise Skip("best_tau.png: no study varies PCIe bandwidth")
     best = pd.concat(parts)
     best["CPU cores (x)"] = best["cpu_cores"].map(lambda v: f"{v:g}")
+    cores = [f"{v:g}" for v in sorted(best["cpu_cores"].unique())]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    sns.lineplot(data=best, x="h2d_gbps", y="tau_n", hue="model", style="CPU cores (x)", markers=True, ax=ax)
+    sns.lineplot(data=best, x="h2d_gbps", y="tau_n", hue="model", style="CPU cores (x)", style_order=cores,
+                 markers=True, ax=ax)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(0.5, max(best["tau_n"].max(), 2) + 0.5)
     ax.set_xlabel("host-to-device bandwidth (GB/s)")
