@@ -42,7 +42,7 @@ from runtime.offload import OffloadEngine
 from runtime.profile import profile_box
 from traces.cli import ArgumentParser, atomic_write, check_out_path, run_cli
 from traces.costs import CostModel
-from traces.counters import replay_policy
+from traces.replay import replay_policy
 from traces.errors import TideError
 from traces.plan import Plan
 from traces.policies import Policy

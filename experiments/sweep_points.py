@@ -23,7 +23,7 @@ from sim.plan import candidate_table, kv_tokens, memory
 from sim.plan_model import solve
 from traces.cli import atomic_write, data_sha256, span
 from traces.costs import CostModel
-from traces.counters import replay_policy
+from traces.replay import replay_policy
 from traces.errors import TideError
 from traces.policies import Policy
 from traces.profile import Profile

@@ -20,10 +20,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from traces.costs import CostModel
-from traces.counters import forward_counters
-from traces.policies import Policy, PolicyRunner
+from traces.policies import Policy
 from traces.pool import worker_pool
 from traces.profile import Profile
+from traces.replay import replay
 from traces.trace import Trace
 
 
@@ -70,19 +70,12 @@ def candidate_seconds(trace: Trace, profile: Profile, taus: Sequence[int], budge
     E = shape.experts
     layers = np.arange(shape.n_moe_layers) if layers is None else np.asarray(layers)
     L, G = len(layers), len(taus) * len(budgets)
-    runner = PolicyRunner(candidate_policy(L, E, taus, budgets), E, group=G)
     cost = CostModel(profile, shape, trace.dtype, cpu_dtype)
-    fw = trace.forwards
-    kinds, steps = fw["kind"].to_numpy(), fw["step"].to_numpy()
-    runs, ctx = fw["tokens_run"].to_numpy(), fw["context"].to_numpy()
-    exp_bytes, act = shape.expert_bytes(trace.dtype), trace.act_bytes_per_token
     total = np.zeros(L * G)
-    for f in tqdm(range(trace.n_forwards), desc=f"pricing {L * G} candidates", unit="forward",
-                  disable=not progress, leave=False):
-        counts = trace.counts[f][layers]
-        decision = runner.step(counts, kinds[f], int(steps[f]))
-        c = forward_counters(decision, counts, exp_bytes, act, trace.choices_of(f)[:, layers], int(runs[f]))
-        total += cost.layer_seconds(cost.layer_parts(decision, counts, c, int(runs[f]), int(ctx[f])))
+    walk = replay(trace, candidate_policy(L, E, taus, budgets), layers=layers, group=G)
+    for fw in tqdm(walk, total=trace.n_forwards, desc=f"pricing {L * G} candidates", unit="forward",
+                   disable=not progress, leave=False):
+        total += cost.layer_seconds(cost.layer_parts(fw.decision, fw.counts, fw.counters, fw.tokens_run, fw.context))
     return total.reshape(L, len(taus), len(budgets))
 
 

@@ -25,9 +25,10 @@ from sim.box import Box
 from sim.forward import forward
 from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, number, print_json, run_cli
 from traces.costs import CostModel, check_fits
-from traces.counters import COUNTERS, forward_counters
-from traces.policies import PolicyRunner, Policy
+from traces.counters import COUNTERS
+from traces.policies import Policy
 from traces.profile import Profile
+from traces.replay import replay
 from traces.settings import parse_budget, resolve_policy
 from traces.trace import Trace, load_popularity, read_trace
 
@@ -50,13 +51,6 @@ class SimResult:
 
     def totals(self) -> dict[str, int]:
         return {k: int(v.sum()) for k, v in self.counters.items()}
-
-    def counters_frame(self) -> pd.DataFrame:
-        F, L = self.counters["gpu_tokens"].shape
-        df = pd.DataFrame({"forward": np.repeat(np.arange(F), L), "layer": np.tile(self.trace.shape.moe_layers, F)})
-        for k, v in self.counters.items():
-            df[k] = v.reshape(-1)
-        return df
 
     def summary(self) -> dict[str, Any]:
         s = self.seconds
@@ -87,26 +81,20 @@ def simulate(trace: Trace, profile: Profile, policy: Policy, popularity: np.ndar
     box.reserve(shape.non_expert_bytes(trace.dtype), "the non-expert weights")
     box.reserve(kv_tokens * shape.kv_bytes_per_token(trace.dtype), "the KV cache")
     box.reserve(int(policy.budget.sum()) * shape.expert_bytes(trace.dtype), "the expert slots")
-    runner = PolicyRunner(policy, shape.experts, setup_counts=popularity)
     F, L = trace.n_forwards, shape.n_moe_layers
     counters = {k: np.zeros((F, L), dtype=np.int64) for k in COUNTERS}
     starts, ends = np.zeros(F), np.zeros(F)
-    kinds, steps = fw["kind"].to_numpy(), fw["step"].to_numpy()
-    runs, ctx = fw["tokens_run"].to_numpy(), fw["context"].to_numpy()
-    exp_bytes, act = shape.expert_bytes(trace.dtype), trace.act_bytes_per_token
 
     def run():
-        for f in range(F):
-            decision = runner.step(trace.counts[f], kinds[f], int(steps[f]))
-            c = forward_counters(decision, trace.counts[f], exp_bytes, act, trace.choices_of(f), int(runs[f]))
+        for fw in replay(trace, policy, popularity):
             for k in COUNTERS:
-                counters[k][f] = c[k]
-            parts = cost.layer_parts(decision, trace.counts[f], c, int(runs[f]), int(ctx[f]))
-            dense = cost.non_expert_s("dense_layer", int(runs[f]), int(ctx[f])) if shape.first_k_dense else 0.0
-            starts[f] = env.now
-            yield from forward(box, f, shape.moe_layers, shape.first_k_dense, dense,
-                               cost.non_expert_s("head", int(runs[f])), parts)
-            ends[f] = env.now
+                counters[k][fw.f] = fw.counters[k]
+            parts = cost.layer_parts(fw.decision, fw.counts, fw.counters, fw.tokens_run, fw.context)
+            dense = cost.non_expert_s("dense_layer", fw.tokens_run, fw.context) if shape.first_k_dense else 0.0
+            starts[fw.f] = env.now
+            yield from forward(box, fw.f, shape.moe_layers, shape.first_k_dense, dense,
+                               cost.non_expert_s("head", fw.tokens_run), parts)
+            ends[fw.f] = env.now
 
     env.process(run())
     env.run()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from traces.costs import CostModel, check_fits
-from traces.counters import replay_policy
+from traces.replay import replay_policy
 from traces.errors import TideError
 from traces.policies import Policy, PolicyRunner
 from traces.counters import forward_counters

@@ -10,7 +10,7 @@ from runtime.capture import TraceRecorder
 from runtime.checkpoint import load_model
 from runtime.generate import Generator
 from runtime.offload import OffloadEngine
-from traces.counters import replay_policy
+from traces.replay import replay_policy
 from traces.plan import Plan
 from traces.policies import Policy
 from traces.synth import synthesize

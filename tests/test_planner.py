@@ -1,6 +1,7 @@
 """The planner end to end on a reduced mini trace: candidate prices equal the simulator, the
 plan is no worse than any uniform (tau, B) that fits, and the command's plan and errors."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -65,8 +66,7 @@ def test_plan_is_no_worse_than_any_uniform_grid_point_in_simulation(trace, profi
     assert uniform.predicted["seconds"] <= best * 1.01
     assert plan.predicted["seconds"] <= best * 1.01
     assert plan.predicted["seconds"] <= uniform.predicted["seconds"] * 1.01
-    sim = simulate(trace, profile, plan.policy(shape)).seconds
-    assert plan.predicted["seconds"] == pytest.approx(sim)
+    sim = simulate(trace, profile, plan.policy(shape)).seconds  # the program's prices against the event simulation
     assert plan.predicted["program_seconds"] == pytest.approx(sim, rel=1e-9)
     assert set(frame["policy"]) == {"plan", "uniform best", "cpu", "static", "swap", "tide_tau1"}
     assert plan.predicted["speedup"]["cpu"] > 1
@@ -76,8 +76,10 @@ def test_command_writes_a_plan_the_runtime_reads(tmp_path, trace):
     tr = tmp_path / "t.parquet"
     trace.write(tr)
     out = tmp_path / "plan.json"
+    t0 = time.perf_counter()
     p = run_module("sim.plan", "--trace", str(tr), "--trace", str(tr), "--profile", "a100-40gb", "--gpu-mem-gb",
                    str(MEM_GB), "--budget-step", "64", "--jobs", "2", "--out", str(out))
+    wall = time.perf_counter() - t0
     assert p.returncode == 0, p.stderr
     assert "tau per layer" in p.stdout and "tide_tau1" in p.stdout
     plan = Plan.read(out)
@@ -87,7 +89,9 @@ def test_command_writes_a_plan_the_runtime_reads(tmp_path, trace):
     assert d["predicted"]["tokens"] == 2 * trace.tokens_generated
     assert len(d["provenance"]["traces"]) == 2 and len(d["provenance"]["traces"][0]["sha256"]) == 64
     assert d["provenance"]["profile"]["name"] == "a100-40gb"
-    assert d["provenance"]["solver"]["solve_s"] >= 0
+    solver = d["provenance"]["solver"]
+    assert 0 < solver["solve_s"] < wall and 0 < solver["build_s"] < wall  # seconds of this run, not another unit
+    assert solver["binaries"] >= trace.shape.n_moe_layers  # at least one candidate per layer
 
 
 def test_bad_input_fails_cleanly(tmp_path, trace):

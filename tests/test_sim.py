@@ -13,7 +13,7 @@ from runtime.generate import Generator
 from runtime.offload import OffloadEngine
 from sim.replay import simulate
 from traces.costs import CostModel
-from traces.counters import replay_policy
+from traces.replay import replay_policy
 from traces.policies import Policy
 from traces.profile import Profile
 from traces.shapes import ModelShape

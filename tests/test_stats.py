@@ -3,7 +3,7 @@ import json
 import numpy as np
 
 from conftest import assert_clean_error, run_module
-from traces.counters import replay_policy
+from traces.replay import replay_policy
 from traces.policies import Policy
 from traces.stats import cosine_gap, distinct_experts_per_forward, summarize
 

@@ -162,7 +162,7 @@ def test_a_malformed_trace_fails_cleanly_on_the_command_line(tmp_path, small_tra
 
 
 def test_counters_are_stored_when_a_policy_ran(tmp_path, small_trace):
-    from traces.counters import replay_policy
+    from traces.replay import replay_policy
     from traces.policies import Policy
     L, E = small_trace.shape.n_moe_layers, small_trace.shape.experts
     rep = replay_policy(small_trace, Policy.make("tide", L, E, budget=8, tau=2))

@@ -71,10 +71,6 @@ class CostModel:
         """``experts`` experts holding ``tokens`` tokens in all, computed grouped on the fast device."""
         return self.profile.gpu_experts_s(self._key, self._gpu_dtype, experts, tokens / np.maximum(experts, 1))
 
-    def misses_s(self, cpu_counts: np.ndarray) -> np.ndarray:
-        """Each layer's missed experts on the CPU, ``[L, E] -> [L]``."""
-        return self.profile.cpu_expert_s(self._key, self.cpu_dtype, np.asarray(cpu_counts)).sum(axis=-1)
-
     def copies_s(self, migrations: np.ndarray) -> np.ndarray:
         m = np.asarray(migrations, dtype=np.float64)
         return self.profile.transfer_s("h2d", m * self.expert_bytes, self.expert_bytes, self.pinned)

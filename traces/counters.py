@@ -1,4 +1,4 @@
-"""The contract's counters, defined once, and a replay of a policy over a whole trace.
+"""The contract's counters, defined once (a replay over a whole trace: :mod:`traces.replay`).
 
 Per forward and MoE layer:
 
@@ -18,17 +18,9 @@ assignments)``, an upper bound.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import numpy as np
-import pandas as pd
 
-from traces.policies import Decision, Policy, PolicyRunner
-
-if TYPE_CHECKING:
-    from traces.costs import CostModel
-    from traces.trace import Trace
+from traces.policies import Decision
 
 COUNTERS: tuple[str, ...] = ("gpu_tokens", "cpu_tokens", "migrations", "setup_migrations", "bytes_h2d", "bytes_act")
 
@@ -76,80 +68,3 @@ def forward_counters(decision: Decision, counts: np.ndarray, expert_bytes: int, 
         "bytes_h2d": migrations * expert_bytes,
         "bytes_act": (known_miss_tokens + rest) * act_bytes_per_token,
     }
-
-
-@dataclass
-class PolicyReplay:
-    """Counters of one policy over a trace: ``[F, L]`` arrays, plus totals and a table."""
-
-    policy: Policy
-    counters: dict[str, np.ndarray]
-    times: dict[str, np.ndarray] | None = None  # per resource [F, L] seconds, "layer_s" and "bound_s" [F, L], "fixed_s" [F]
-
-    def seconds(self) -> float:
-        """The run's time as the runtime orders its work: the simulator's figure, without events."""
-        if self.times is None:
-            raise ValueError("replay_policy ran without a cost model")
-        return float(self.times["layer_s"].sum() + self.times["fixed_s"].sum())
-
-    def bound_seconds(self) -> float:
-        """The run's time when all overlap that the runtime allows happens (needs a cost model)."""
-        if self.times is None:
-            raise ValueError("replay_policy ran without a cost model")
-        return float(self.times["bound_s"].sum() + self.times["fixed_s"].sum())
-
-    def totals(self) -> dict[str, int]:
-        return {k: int(v.sum()) for k, v in self.counters.items()}
-
-    def hit_ratio(self) -> float:
-        g, c = self.counters["gpu_tokens"].sum(), self.counters["cpu_tokens"].sum()
-        return float(g / (g + c)) if g + c else 1.0
-
-    def frame(self, trace: "Trace") -> pd.DataFrame:
-        """One row per forward and MoE layer, beside the trace's forward columns."""
-        F, L = self.counters["gpu_tokens"].shape
-        df = pd.DataFrame({"forward": np.repeat(np.arange(F), L), "layer": np.tile(trace.shape.moe_layers, F)})
-        for k, v in self.counters.items():
-            df[k] = v.reshape(-1)
-        return df
-
-
-def replay_policy(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None,
-                  with_act: bool = True, cost: "CostModel | None" = None) -> PolicyReplay:
-    """Run ``policy`` over every forward of ``trace`` in order; counters per forward and layer.
-
-    Resident sets carry over between the requests of one trace. ``popularity`` (``[L, E]``
-    counts) replaces the first forward's counts for setup. ``with_act=False`` skips the
-    per-token ``bytes_act`` work (hit ratios do not need it). With a ``cost`` model the
-    replay also prices every forward and layer (``PolicyReplay.times``).
-    """
-    shape = trace.shape
-    runner = PolicyRunner(policy, shape.experts, setup_counts=popularity)
-    F, L = trace.n_forwards, shape.n_moe_layers
-    out = {k: np.zeros((F, L), dtype=np.int64) for k in COUNTERS}
-    exp_bytes = shape.expert_bytes(trace.dtype)
-    act = trace.act_bytes_per_token
-    kinds = trace.forwards["kind"].to_numpy()
-    steps = trace.forwards["step"].to_numpy()
-    runs = trace.forwards["tokens_run"].to_numpy()
-    ctx = trace.forwards["context"].to_numpy()
-    times = None
-    if cost is not None:
-        from traces.costs import RESOURCES
-        times = {k: np.zeros((F, L)) for k in (*RESOURCES, "layer_s", "bound_s")}
-        times["fixed_s"] = np.zeros(F)
-    for f in range(F):
-        decision = runner.step(trace.counts[f], kinds[f], int(steps[f]))
-        ch = trace.choices_of(f) if with_act else None
-        c = forward_counters(decision, trace.counts[f], exp_bytes, act, ch, int(runs[f]))
-        for k in COUNTERS:
-            out[k][f] = c[k]
-        if times is not None:
-            parts = cost.layer_parts(decision, trace.counts[f], c, int(runs[f]), int(ctx[f]))
-            lc = cost.layer_costs(parts)
-            times["layer_s"][f] = cost.layer_seconds(parts)
-            for k, v in lc.items():
-                times[k][f] = v
-            times["bound_s"][f] = cost.layer_bound(lc, serial_copies=decision.waves is not None)
-            times["fixed_s"][f] = cost.fixed_s(int(runs[f]), int(ctx[f]))
-    return PolicyReplay(policy=policy, counters=out, times=times)

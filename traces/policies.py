@@ -118,7 +118,6 @@ class PlacementState:
     chosen: np.ndarray  # [rows / group, E] int32 clock of the layer's last choice, -1 never
     group: int = 1
     clock: int = 0
-    setup_done: bool = False
 
     @classmethod
     def empty(cls, policy: Policy, experts: int, group: int = 1) -> "PlacementState":
@@ -177,7 +176,6 @@ class Decision:
     setup_table: np.ndarray  # [n, 3] (row, expert, slot)
     copy_table: np.ndarray  # [n, 3] (row, expert, slot), after setup
     waves: list[list[Wave]] | None = None
-    refreshed: np.ndarray | None = None  # [rows] bool, tide/plan
 
     @property
     def n_rows(self) -> int:
@@ -433,11 +431,9 @@ class PolicyRunner:
         return setup[:, 1:], copies[:, 1:], self._waves[l] if self._waves is not None else None
 
     def end(self) -> Decision:
-        if self._first:
-            self.state.setup_done = True
         cat = lambda ts: np.concatenate(ts) if ts else _NO_TABLE  # noqa: E731
         return Decision(resident=self.state.slot_of >= 0, setup_table=cat(self._setup), copy_table=cat(self._copies),
-                        waves=self._waves, refreshed=self._refresh)
+                        waves=self._waves)
 
     def step(self, counts: np.ndarray, kind: str, step_in_block: int) -> Decision:
         """One whole forward: ``counts`` is ``[L, E]``; every row of every layer at once."""

@@ -23,7 +23,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from traces.cli import ArgumentParser, print_json, run_cli
-from traces.counters import replay_policy
+from traces.replay import replay_policy
 from traces.policies import Policy
 from traces.trace import Trace, read_trace
 

@@ -160,12 +160,6 @@ class Trace:
             "source": self.source, "policy": self.policy,
         }
 
-    def frame(self) -> pd.DataFrame:
-        """The forwards table, one row per forward (what most analyses want)."""
-        df = self.forwards.copy()
-        df.insert(0, "forward", np.arange(self.n_forwards))
-        return df
-
     # ---- disk -----------------------------------------------------------------------
     def to_table(self) -> pa.Table:
         F, L, k = self.n_forwards, self.shape.n_moe_layers, self.shape.top_k

@@ -1,0 +1,113 @@
+"""Walking a trace under a policy: each forward's placement decision and counters, in order.
+
+The policy counters (:func:`replay_policy`), the simulator (``sim.replay.simulate``) and
+the planner's candidate table (``sim.candidates``) all walk a trace the same way: take a
+forward's per-layer counts, let :class:`traces.policies.PolicyRunner` decide, count what
+the decision does (:func:`traces.counters.forward_counters`). :func:`replay` is that walk,
+once; each consumer prices or records what it yields.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+
+from traces.counters import COUNTERS, forward_counters
+from traces.policies import Decision, Policy, PolicyRunner
+
+if TYPE_CHECKING:
+    from traces.costs import CostModel
+    from traces.trace import Trace
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One replayed forward: what ran, what the policy decided, what that cost in counters."""
+
+    f: int
+    kind: str
+    step: int
+    tokens_run: int
+    context: int
+    counts: np.ndarray  # [L, E] of the replayed layers
+    decision: Decision
+    counters: dict[str, np.ndarray]  # each [rows] (the decision's rows: layers x group)
+
+
+def replay(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None, with_act: bool = True,
+           layers: Sequence[int] | None = None, group: int = 1) -> Iterator[Forward]:
+    """Every forward of ``trace`` in order under ``policy`` (resident sets carry over between
+    its requests). ``popularity`` (``[L, E]``) replaces the first forward's counts for setup;
+    ``with_act=False`` skips the per-token ``bytes_act`` work; ``layers`` (MoE layer indices)
+    replays only those; ``group`` rows per layer decide on that layer's counts (the planner's
+    candidates, see :class:`~traces.policies.PolicyRunner`)."""
+    shape = trace.shape
+    runner = PolicyRunner(policy, shape.experts, setup_counts=popularity, group=group)
+    fw = trace.forwards
+    kinds, steps = fw["kind"].to_numpy(), fw["step"].to_numpy()
+    runs, ctx = fw["tokens_run"].to_numpy(), fw["context"].to_numpy()
+    exp_bytes, act = shape.expert_bytes(trace.dtype), trace.act_bytes_per_token
+    sel = None if layers is None else np.asarray(layers)
+    for f in range(trace.n_forwards):
+        counts = trace.counts[f] if sel is None else trace.counts[f][sel]
+        decision = runner.step(counts, kinds[f], int(steps[f]))
+        ch = None
+        if with_act:
+            ch = trace.choices_of(f) if sel is None else trace.choices_of(f)[:, sel]
+        c = forward_counters(decision, counts, exp_bytes, act, ch, int(runs[f]))
+        yield Forward(f, str(kinds[f]), int(steps[f]), int(runs[f]), int(ctx[f]), counts, decision, c)
+
+
+@dataclass
+class PolicyReplay:
+    """Counters of one policy over a trace: ``[F, L]`` arrays, plus totals and, with a cost
+    model, seconds per resource and forward."""
+
+    policy: Policy
+    counters: dict[str, np.ndarray]
+    times: dict[str, np.ndarray] | None = None  # per resource [F, L] seconds, "layer_s" and "bound_s" [F, L], "fixed_s" [F]
+
+    def seconds(self) -> float:
+        """The run's time as the runtime orders its work: the simulator's figure, without events."""
+        if self.times is None:
+            raise ValueError("replay_policy ran without a cost model")
+        return float(self.times["layer_s"].sum() + self.times["fixed_s"].sum())
+
+    def bound_seconds(self) -> float:
+        """The run's time when all overlap that the runtime allows happens (needs a cost model)."""
+        if self.times is None:
+            raise ValueError("replay_policy ran without a cost model")
+        return float(self.times["bound_s"].sum() + self.times["fixed_s"].sum())
+
+    def totals(self) -> dict[str, int]:
+        return {k: int(v.sum()) for k, v in self.counters.items()}
+
+    def hit_ratio(self) -> float:
+        g, c = self.counters["gpu_tokens"].sum(), self.counters["cpu_tokens"].sum()
+        return float(g / (g + c)) if g + c else 1.0
+
+
+def replay_policy(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None,
+                  with_act: bool = True, cost: "CostModel | None" = None) -> PolicyReplay:
+    """:func:`replay` collected into ``[F, L]`` counters; with a ``cost`` model each forward
+    and layer is also priced (``PolicyReplay.times``)."""
+    F, L = trace.n_forwards, trace.shape.n_moe_layers
+    out = {k: np.zeros((F, L), dtype=np.int64) for k in COUNTERS}
+    times = None
+    if cost is not None:
+        from traces.costs import RESOURCES
+        times = {k: np.zeros((F, L)) for k in (*RESOURCES, "layer_s", "bound_s")}
+        times["fixed_s"] = np.zeros(F)
+    for fw in replay(trace, policy, popularity, with_act):
+        for k in COUNTERS:
+            out[k][fw.f] = fw.counters[k]
+        if times is not None:
+            parts = cost.layer_parts(fw.decision, fw.counts, fw.counters, fw.tokens_run, fw.context)
+            lc = cost.layer_costs(parts)
+            times["layer_s"][fw.f] = cost.layer_seconds(parts)
+            for k, v in lc.items():
+                times[k][fw.f] = v
+            times["bound_s"][fw.f] = cost.layer_bound(lc, serial_copies=fw.decision.waves is not None)
+            times["fixed_s"][fw.f] = cost.fixed_s(fw.tokens_run, fw.context)
+    return PolicyReplay(policy=policy, counters=out, times=times)
