@@ -86,8 +86,7 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
             bar.update()
         seconds = float(sorted(times)[len(times) // 2])
         path = out / f"run{i}.parquet"
-        rec.trace(policy={"name": name, "budget": policy.budget.tolist(),
-                          "tau": policy.tau.tolist() if policy.tau is not None else None}).write(path)
+        rec.trace(policy=policy.to_json()).write(path)
         runs.append({"run": i, "policy": name, "budget": budget, "tau": tau, "trace": path.name,
                      "measured_s": seconds, "device": str(device)})
     bar.close()
@@ -129,10 +128,12 @@ def replay(out: Path) -> pd.DataFrame:
     rows = []
     for r in runs:
         trace = read_trace(out / r["trace"])
-        p = trace.policy
-        if not p or not isinstance(p.get("name"), str):
+        if not trace.policy:
             raise TideError(f"{out / r['trace']}: records no policy (not a capture of experiments.accuracy)")
-        policy = Policy.make(p["name"], trace.shape.n_moe_layers, trace.shape.experts, budget=p.get("budget"), tau=p.get("tau"))
+        try:
+            policy = Policy.from_json(trace.policy, trace.shape.n_moe_layers, trace.shape.experts)
+        except TideError as exc:
+            raise TideError(f"{out / r['trace']}: recorded policy: {exc}") from None
         res = simulate(trace, profile, policy)
         agree = all((res.counters[k] == trace.counters[k]).all() for k in res.counters)
         rows.append({**{k: r[k] for k in ("run", "policy", "budget", "tau", "device")},

@@ -18,10 +18,11 @@ import time
 import pandas as pd
 
 from sim.candidates import budget_grid, candidate_table_seconds, distinct_taus, fixed_seconds
-from sim.plan import kv_tokens, memory, simulated_seconds
+from sim.plan import memory, simulated_seconds
 from sim.plan_model import CandidateTable, solve
 from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, run_cli, span
 from traces.policies import Policy
+from traces.memory import MemoryBudget
 from traces.profile import Profile
 from traces.shapes import ModelShape
 from traces.synth import synthesize
@@ -34,9 +35,8 @@ def bench_case(model: str, box: str, limits: tuple[float, ...], gen_length: int,
     shape = ModelShape.named(model)
     profile = Profile.load(box)
     trace = synthesize(shape, gen_length, 64, seed=0)
-    L, E, dtype = shape.n_moe_layers, shape.experts, trace.dtype
-    kv = kv_tokens([trace])
-    fits = {g: shape.experts_fitting(g * 1e9, dtype, kv) for g in limits}
+    L, E = shape.n_moe_layers, shape.experts
+    fits = {g: MemoryBudget.for_traces([trace], g * 1e9).largest_uniform() for g in limits}
     taus = distinct_taus([trace], range(1, trace.decoding.steps + 1))
     budgets = budget_grid(E, 8, list(fits.values()))
     t0 = time.perf_counter()
@@ -45,14 +45,12 @@ def bench_case(model: str, box: str, limits: tuple[float, ...], gen_length: int,
     fixed_s = fixed_seconds(trace, profile)
     rows = []
     for g in limits:
-        limit, fixed = memory([trace], profile, g)
-        keep = [i for i, b in enumerate(budgets) if fixed + b * shape.expert_bytes(dtype) <= limit]
-        table = CandidateTable(layers=shape.moe_layers, taus=taus, budgets=[budgets[i] for i in keep],
-                               seconds=seconds[:, :, keep], expert_bytes=shape.expert_bytes(dtype),
-                               fixed_bytes=fixed, mem_limit=limit)
+        mem = memory([trace], profile, g)
+        keep = [i for i, b in enumerate(budgets) if mem.fixed_bytes + b * mem.expert_bytes <= mem.limit_bytes]
+        table = CandidateTable.of(shape.moe_layers, taus, [budgets[i] for i in keep], seconds[:, :, keep], mem)
         per_layer, uniform = solve(table), solve(table, uniform=True)
-        plan_s = simulated_seconds([trace], profile, Policy.make("plan", L, E, budget=per_layer.budget, tau=per_layer.tau))
-        uni_s = simulated_seconds([trace], profile, Policy.make("plan", L, E, budget=uniform.budget, tau=uniform.tau))
+        plan_s = simulated_seconds([trace], profile, per_layer.policy(E))
+        uni_s = simulated_seconds([trace], profile, uniform.policy(E))
         tide_s = simulated_seconds([trace], profile, Policy.make("tide", L, E, budget=fits[g], tau=1))
         rows.append({
             "model": model, "profile": box, "gpu_mem_gb": g, "layers": L, "taus": len(taus),

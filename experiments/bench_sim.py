@@ -13,6 +13,7 @@ import pandas as pd
 
 from sim.replay import simulate
 from traces.cli import ArgumentParser, integer, run_cli
+from traces.memory import MemoryBudget, kv_tokens
 from traces.profile import Profile
 from traces.settings import resolve_policy
 from traces.shapes import ModelShape
@@ -28,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = ModelShape.named(a.model)
     profile = Profile.load(a.profile)
     trace = synthesize(shape, a.gen_length, 64, seed=0)
-    kv = int(trace.forwards["context"].max())
-    budget = shape.experts_fitting(profile.capacity("gpu_mem_bytes"), trace.dtype, kv_tokens=kv, reserve_bytes=2e9)
+    kv = kv_tokens([trace])
+    budget = MemoryBudget(shape, trace.dtype, profile.capacity("gpu_mem_bytes") - 2e9, kv).largest_uniform()
     rows = []
     for name, tau in (("tide", 4), ("static", None), ("swap", None)):
         pol = resolve_policy(name, shape, trace.dtype, tau=tau, gpu_experts=max(budget, 1), kv_tokens=kv)

@@ -47,6 +47,7 @@ from experiments.sweep_points import POLICY_SET, Point, evaluate, save
 POLICY_NAMES = ("all", "cpu", "static", "swap", "tide", "plan")
 from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, number, run_cli
 from traces.errors import TideError
+from traces.policies import BASELINES
 from traces.pool import worker_pool
 from traces.values import need_float, need_int, need_ints, need_list, need_numbers, need_str
 
@@ -260,7 +261,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     g = ok.groupby(["study", "model"], sort=False)
     table = g.agg(points=("key", "nunique"), plan_tok_s_min=("tokens_per_s", "min"),
                   plan_tok_s_max=("tokens_per_s", "max"),
-                  **{f"x_{b}": (f"speedup_vs_{b}", "median") for b in ("cpu", "static", "swap", "tide_tau1")})
+                  **{f"x_{b}": (f"speedup_vs_{b}", "median") for b in BASELINES})
     skipped = df[df["policy"] == "-"].groupby(["study", "model"], sort=False)["key"].nunique()
     table["unfit"] = skipped.reindex(table.index).fillna(0).astype(int)
     return table.reset_index()

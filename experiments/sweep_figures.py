@@ -23,8 +23,8 @@ import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from traces.cli import atomic_write  # noqa: E402
+from traces.policies import BASELINES  # noqa: E402
 
-BASELINES = ("cpu", "static", "swap", "tide_tau1")
 LABELS = {"cpu": "cpu", "static": "static", "swap": "swap", "tide_tau1": "tide tau=1"}
 
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sim.plan import candidate_table, kv_tokens, memory
+from sim.plan import candidate_table, memory
 from sim.plan_model import solve
 from traces.cli import atomic_write, data_sha256, span
 from traces.costs import CostModel
 from traces.replay import replay_policy
 from traces.errors import TideError
-from traces.policies import Policy
+from traces.policies import BASELINES, Policy
 from traces.profile import Profile
 from traces.shapes import ModelShape
 from traces.synth import synthesize
@@ -33,7 +33,6 @@ from traces.trace import Trace, read_trace
 from traces.whatif import scale_profile
 
 POLICY_SET = ("cpu", "static", "swap", "tide", "plan")
-BASELINES = ("cpu", "static", "swap", "tide_tau1")
 
 
 @dataclass(frozen=True)
@@ -99,19 +98,19 @@ def evaluate(point: Point, cache: str | None = None) -> pd.DataFrame:
             "cores": profile.capacity("cpu_cores"), "model": shape.name, "gen_length": point.gen_length,
             "tokens": trace.tokens_generated, "tide": _version(), "profile_sha256": data_sha256(profile.data)}
     try:
-        limit, fixed = memory([trace], profile, gpu_gb)
+        mem = memory([trace], profile, gpu_gb)
     except TideError as exc:
         return pd.DataFrame([{**base, "policy": "-", "status": str(exc)}])
     cost = CostModel(profile, shape, dtype)
-    b_fit = shape.experts_fitting(limit, dtype, kv_tokens([trace]))  # a uniform budget B fits iff B <= b_fit
+    b_fit = mem.largest_uniform()  # a uniform budget B fits iff B <= b_fit
     budgets = sorted({b_fit if b == "fit" else int(b) for b in point.budgets})
     rows = []
 
-    def price(label: str, policy: Policy, tau: str, budget: str, **more) -> None:
+    def price(policy: Policy, tau: str, budget: str, **more) -> None:
         rep = replay_policy(trace, policy, cost=cost)
         t = rep.totals()
         s = rep.seconds()
-        rows.append({**base, "policy": label, "tau": tau, "budget": budget, "seconds": s,
+        rows.append({**base, "policy": policy.label, "tau": tau, "budget": budget, "seconds": s,
                      "tokens_per_s": trace.tokens_generated / s, "bytes_h2d": t["bytes_h2d"],
                      "bytes_act": t["bytes_act"], "cpu_tokens": t["cpu_tokens"], "gpu_tokens": t["gpu_tokens"],
                      "migrations": t["migrations"], "hit_ratio": rep.hit_ratio(), "status": "ok", **more})
@@ -122,16 +121,16 @@ def evaluate(point: Point, cache: str | None = None) -> pd.DataFrame:
 
     for name in point.policies:
         if name == "cpu":
-            price("cpu", Policy.make("cpu", L, E), "-", "0")
+            price(Policy.make("cpu", L, E), "-", "0")
         elif name == "all":
             if b_fit == E:
-                price("all", Policy.make("all", L, E), "-", str(E))
+                price(Policy.make("all", L, E), "-", str(E))
             else:
                 unfit("all", E)
         elif name in ("static", "swap"):
             for b in budgets:
                 if (1 if name == "swap" else 0) <= b <= b_fit:
-                    price(name, Policy.make(name, L, E, budget=b), "-", str(b))
+                    price(Policy.make(name, L, E, budget=b), "-", str(b))
                 else:
                     unfit(name, b)
         elif name == "tide":
@@ -140,12 +139,10 @@ def evaluate(point: Point, cache: str | None = None) -> pd.DataFrame:
                     unfit(name, b)
                     continue
                 for tau in point.taus:
-                    price(f"tide tau={tau}" if tau != 1 else "tide_tau1", Policy.make("tide", L, E, budget=b, tau=tau),
-                          str(tau), str(b))
+                    price(Policy.make("tide", L, E, budget=b, tau=tau), str(tau), str(b))
         elif name == "plan":
-            table = candidate_table([trace], profile, limit, fixed, point.budget_step, jobs=1, progress=False)
-            sol = solve(table)
-            price("plan", Policy.make("plan", L, E, budget=sol.budget, tau=sol.tau), span(sol.tau), span(sol.budget),
+            sol = solve(candidate_table([trace], profile, mem, point.budget_step, jobs=1, progress=False))
+            price(sol.policy(E), span(sol.tau), span(sol.budget),
                   plan_tau=" ".join(map(str, sol.tau)), plan_budget=" ".join(map(str, sol.budget)),
                   solve_s=sol.solve_s)
         else:

@@ -30,8 +30,10 @@ import pandas as pd
 
 from traces.cli import ArgumentParser, atomic_write, check_out_path, file_sha256, integer, run_cli, span
 from traces.errors import TideError
+from traces.memory import DEVICE_HEADROOM, MemoryBudget
 from traces.plan import Plan
-from traces.policies import Policy
+from traces.policies import Policy, baselines
+from traces.shapes import ModelShape
 from traces.trace import Trace, read_trace
 
 
@@ -53,16 +55,16 @@ def plan_traces(plan: Plan, given: list[str] | None) -> list[tuple[str, Trace]]:
     return out
 
 
-def runs_to_make(plan: Plan, n_layers: int, experts: int, all_fits: bool) -> dict[str, Policy]:
-    """The plan, its baselines with the planner's budgets, and ``all`` when it fits."""
+def runs_to_make(plan: Plan, traces: list[Trace], shape: ModelShape, all_fits: bool) -> dict[str, Policy]:
+    """The plan, its baselines at the budget the planner gave them (the largest uniform one
+    that fits the plan's memory limit with these traces), and ``all`` when it fits."""
     runs: dict[str, Policy] = {}
     if all_fits:
-        runs["all"] = Policy.make("all", n_layers, experts)
-    runs["plan"] = Policy.make("plan", n_layers, experts, budget=plan.budget, tau=plan.tau)
-    for name, b in (plan.predicted.get("baselines") or {}).items():
-        kind = "tide" if name == "tide_tau1" else name
-        runs[name] = Policy.make(kind, n_layers, experts, budget=b["budget"] if kind != "cpu" else None,
-                                 tau=1 if kind == "tide" else None)
+        runs["all"] = Policy.make("all", shape.n_moe_layers, shape.experts)
+    runs["plan"] = plan.policy(shape)
+    if plan.gpu_mem_bytes is not None:
+        b = MemoryBudget.for_traces(traces, plan.gpu_mem_bytes).largest_uniform()
+        runs.update(baselines(shape.n_moe_layers, shape.experts, b))
     return runs
 
 
@@ -83,14 +85,13 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     for name, tr in traces:
         if tr.dtype != dtype_name(model.dtype):
             raise TideError(f"--trace {name}: recorded in {tr.dtype}, the plan runs {dtype_name(model.dtype)}")
-    L, E = shape.n_moe_layers, shape.experts
-    all_fits = device.type == "cpu" or shape.experts_fitting(
-        torch.cuda.get_device_properties(device).total_memory * 0.9, plan.dtype,
-        kv_tokens=max(int(t.forwards["context"].max()) for _, t in traces)) >= E
+    E = shape.experts
+    all_fits = device.type == "cpu" or MemoryBudget.for_traces(
+        [t for _, t in traces], torch.cuda.get_device_properties(device).total_memory * DEVICE_HEADROOM).fits(E)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     exact = device.type == "cpu"
     rows, failures, reference = [], [], None
-    for name, policy in runs_to_make(plan, L, E, all_fits).items():
+    for name, policy in runs_to_make(plan, [t for _, t in traces], shape, all_fits).items():
         results, seconds = [], []
         for rep in range(repeats + 1):  # the first run checks tokens (and warms up); the rest are timed
             total, counters = 0.0, dict.fromkeys(("gpu_tokens", "cpu_tokens", "migrations"), 0)

@@ -39,6 +39,7 @@ from runtime.replay import ChoiceReplay, check_replayable, replay_prompt
 from runtime.tokenizer import load_tokenizer
 from traces.cli import ArgumentParser, check_out_path, integer, number, print_json, run_cli
 from traces.errors import TideError
+from traces.memory import DEVICE_HEADROOM, kv_tokens_for
 from traces.policies import POLICIES
 from traces.settings import parse_budget, resolve_policy
 from traces.trace import Decoding, Trace, load_popularity, read_trace
@@ -379,7 +380,7 @@ def make_engine(args: argparse.Namespace, model: LLaDA2, device: torch.device, k
                 raise TideError(f"--{flag.replace('_', '-')} needs --policy")
         return None
     shape = model.cfg.shape
-    limit = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    limit = torch.cuda.get_device_properties(device).total_memory * DEVICE_HEADROOM if device.type == "cuda" else None
     policy = resolve_policy(args.policy, shape, dtype_name(model.dtype), tau=args.tau,
                             gpu_experts=parse_budget(args.gpu_experts), gpu_mem_gb=args.gpu_mem_gb, plan=args.plan,
                             kv_tokens=kv_tokens, mem_limit_bytes=limit)
@@ -419,7 +420,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         decoding = Decoding(args.block_length, args.steps, args.threshold, not args.no_kv_cache)
         lengths = [args.gen_length] * len(prompts)
     bl = decoding.block_length
-    kv_tokens = max(math.ceil((len(p) + g) / bl) * bl for p, g in zip(prompts, lengths)) if decoding.kv_cache else 0
+    kv_tokens = kv_tokens_for([(len(p), g) for p, g in zip(prompts, lengths)], bl, decoding.kv_cache)
     dtype = dtype_name(model.dtype)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).check(model.cfg.shape.vocab)
     engine = make_engine(args, model, device, kv_tokens)
@@ -441,9 +442,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     policy_meta = None
     if engine is not None:
         engine.detach()
-        pol = engine.policy
-        policy_meta = {"name": pol.name, "budget": pol.budget.tolist(),
-                       "tau": pol.tau.tolist() if pol.tau is not None else None, "popularity": args.popularity}
+        policy_meta = {**engine.policy.to_json(), "popularity": args.popularity}
     if rec is not None:
         rec.detach()
         rec.trace(source={"generator": "runtime.generate", "checkpoint": str(args.checkpoint),

@@ -2,7 +2,7 @@
 
 The GPU's compute stream, the host-to-device and device-to-host copy engines (PCIe is
 full duplex) and the CPU (expert work uses all its cores, as the profile measured it) are
-resources of capacity one; GPU memory for expert slots is a container. When the profile's
+resources of capacity one (what fits in GPU memory is :mod:`traces.memory`'s to say). When the profile's
 fast device is the CPU itself, compute, CPU work and copies all share one resource: the
 cores. Every use is accounted (busy seconds per resource) and, if asked, kept as a
 timeline row.
@@ -15,7 +15,6 @@ from typing import Generator
 import pandas as pd
 import simpy
 
-from traces.errors import TideError
 from traces.profile import Profile
 
 RESOURCES = ("gpu", "cpu", "h2d", "d2h")
@@ -36,17 +35,6 @@ class Box:
             self.res = {r: cores for r in RESOURCES}
         else:
             self.res = {r: simpy.Resource(self.env, capacity=1) for r in RESOURCES}
-        self.gpu_memory = simpy.Container(self.env, capacity=self.profile.capacity("gpu_mem_bytes"))
-
-    def reserve(self, nbytes: float, what: str) -> None:
-        """Hold GPU memory for the run (weights, KV cache, expert slots); refuse what does not fit."""
-        if nbytes <= 0:
-            return
-        free = self.gpu_memory.capacity - self.gpu_memory.level
-        if nbytes > free:
-            raise TideError(f"{what} ({nbytes / 1e9:.2f} GB) does not fit in {self.profile.name}'s GPU memory "
-                            f"({free / 1e9:.2f} GB free)")
-        self.gpu_memory.put(nbytes)
 
     def use(self, resource: str, seconds: float, forward: int, layer: int, what: str) -> Generator:
         """Hold ``resource`` for ``seconds`` (a SimPy process body)."""

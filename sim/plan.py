@@ -33,7 +33,8 @@ from traces.costs import check_fits
 from traces.errors import TideError
 from traces.values import need_float
 from traces.plan import Plan
-from traces.policies import Policy
+from traces.memory import MemoryBudget
+from traces.policies import Policy, baselines
 from traces.profile import Profile
 from traces.trace import Trace, read_trace
 
@@ -48,43 +49,32 @@ def check_traces(traces: Sequence[Trace], names: Sequence[str]) -> None:
             raise TideError(f"--trace {name}: dtype {tr.dtype}, the first trace's is {first.dtype}")
 
 
-def kv_tokens(traces: Sequence[Trace]) -> int:
-    """KV-cache tokens the GPU must hold: the longest context of any KV-cache trace."""
-    return max((int(t.forwards["context"].max()) for t in traces if t.decoding.kv_cache), default=0)
-
-
-def memory(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float) -> tuple[float, float]:
-    """(limit, fixed bytes): the GPU memory the plan may use and what the non-expert weights
-    and the KV cache take of it. One clear error when the limit is impossible."""
+def memory(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float) -> MemoryBudget:
+    """The GPU memory the plan may use, after one clear error if the limit is impossible
+    (above the box's memory, or short of weights, KV cache and one expert per layer)."""
     shape, dtype = traces[0].shape, traces[0].dtype
     check_fits(shape, profile, dtype)
     need_float(gpu_mem_gb, "--gpu-mem-gb", positive=True)
-    limit = gpu_mem_gb * 1e9
     have = profile.capacity("gpu_mem_bytes")
-    if limit > have:
+    if gpu_mem_gb * 1e9 > have:
         raise TideError(f"--gpu-mem-gb {gpu_mem_gb:g}: more than {profile.name}'s GPU memory ({have / 1e9:.1f} GB)")
-    fixed = shape.non_expert_bytes(dtype) + kv_tokens(traces) * shape.kv_bytes_per_token(dtype)
-    one_each = shape.n_moe_layers * shape.expert_bytes(dtype)
-    if fixed + one_each > limit:
-        raise TideError(f"--gpu-mem-gb {gpu_mem_gb:g}: cannot hold the non-expert weights and KV cache "
-                        f"({fixed / 1e9:.2f} GB) plus one expert per layer ({one_each / 1e9:.2f} GB)")
-    return limit, fixed
+    mem = MemoryBudget.for_traces(traces, gpu_mem_gb * 1e9)
+    mem.check_one_each(f"--gpu-mem-gb {gpu_mem_gb:g}")
+    return mem
 
 
-def candidate_table(traces: Sequence[Trace], profile: Profile, limit: float, fixed: float, budget_step: int = 8,
+def candidate_table(traces: Sequence[Trace], profile: Profile, mem: MemoryBudget, budget_step: int = 8,
                     jobs: int | None = None, progress: bool = True) -> CandidateTable:
     """Every (tau, B) of every layer priced on the traces (taus that refresh at the same
     forwards, and budgets that cannot fit even alone, left out)."""
-    shape, dtype = traces[0].shape, traces[0].dtype
+    shape = traces[0].shape
     if budget_step < 1:
         raise TideError(f"--budget-step must be at least 1, got {budget_step}")
-    eb = shape.expert_bytes(dtype)
-    b_fit = shape.experts_fitting(limit, dtype, kv_tokens(traces))
-    budgets = [b for b in budget_grid(shape.experts, budget_step, [b_fit]) if fixed + b * eb <= limit]
+    budgets = [b for b in budget_grid(shape.experts, budget_step, [mem.largest_uniform()])
+               if mem.fixed_bytes + b * mem.expert_bytes <= mem.limit_bytes]  # b on one layer, the others at 0
     taus = distinct_taus(traces, range(1, max(t.decoding.steps for t in traces) + 1))
     seconds = candidate_table_seconds(traces, profile, taus, budgets, jobs=jobs, progress=progress)
-    return CandidateTable(layers=shape.moe_layers, taus=taus, budgets=budgets, seconds=seconds,
-                          expert_bytes=eb, fixed_bytes=fixed, mem_limit=limit)
+    return CandidateTable.of(shape.moe_layers, taus, budgets, seconds, mem)
 
 
 def simulated_seconds(traces: Sequence[Trace], profile: Profile, policy: Policy) -> float:
@@ -108,30 +98,22 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
     check_traces(traces, names)
     shape, dtype = traces[0].shape, traces[0].dtype
     L, E = shape.n_moe_layers, shape.experts
-    limit, fixed = memory(traces, profile, gpu_mem_gb)
+    mem = memory(traces, profile, gpu_mem_gb)
     t0 = time.perf_counter()
-    table = candidate_table(traces, profile, limit, fixed, budget_step, jobs, progress)
+    table = candidate_table(traces, profile, mem, budget_step, jobs, progress)
     table_s = time.perf_counter() - t0
     fixed_s = sum(fixed_seconds(tr, profile) for tr in traces)
     best_uniform = solve(table, uniform=True)
     sol: Solution = best_uniform if uniform else solve(table)
-    plan_policy = Policy.make("plan", L, E, budget=sol.budget, tau=sol.tau)
-    plan_s = simulated_seconds(traces, profile, plan_policy)
-    if uniform:
-        uni_s = plan_s
-    else:  # the per-layer optimum over the candidates holds the best uniform point: never slower (tested)
-        uni_s = simulated_seconds(traces, profile, Policy.make("plan", L, E, budget=best_uniform.budget,
-                                                                tau=best_uniform.tau))
+    plan_s = simulated_seconds(traces, profile, sol.policy(E))
+    # the per-layer optimum over the candidates holds the best uniform point: never slower (tested)
+    uni_s = plan_s if uniform else simulated_seconds(traces, profile, best_uniform.policy(E))
     tokens, blocks = sum(t.tokens_generated for t in traces), _blocks(traces)
-    b_fit = shape.experts_fitting(limit, dtype, kv_tokens(traces))
     rows = [{"policy": "plan", "tau": span(sol.tau), "budget": span(sol.budget), "seconds": plan_s},
             {"policy": "uniform best", "tau": str(best_uniform.tau[0]), "budget": str(best_uniform.budget[0]),
              "seconds": uni_s}]
-    baselines = {"cpu": Policy.make("cpu", L, E), "static": Policy.make("static", L, E, budget=b_fit),
-                 "tide_tau1": Policy.make("tide", L, E, budget=b_fit, tau=1)}
-    if b_fit >= 1:
-        baselines["swap"] = Policy.make("swap", L, E, budget=b_fit)
-    for name, pol in baselines.items():
+    base_policies = baselines(L, E, mem.largest_uniform())
+    for name, pol in base_policies.items():
         rows.append({"policy": name, "tau": "1" if name == "tide_tau1" else "-",
                      "budget": str(int(pol.budget[0])), "seconds": simulated_seconds(traces, profile, pol)})
     frame = pd.DataFrame(rows)
@@ -141,9 +123,9 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
     predicted: dict[str, Any] = {
         "seconds": plan_s, "tokens_per_s": tokens / plan_s, "seconds_per_block": plan_s / blocks,
         "program_seconds": sol.seconds + fixed_s, "tokens": tokens, "blocks": blocks,
-        "speedup": {n: float(base.loc[n, "plan_speedup"]) for n in baselines},
+        "speedup": {n: float(base.loc[n, "plan_speedup"]) for n in base_policies},
         "baselines": {n: {"seconds": float(base.loc[n, "seconds"]), "budget": int(pol.budget[0]),
-                          "tau": 1 if n == "tide_tau1" else None} for n, pol in baselines.items()},
+                          "tau": 1 if n == "tide_tau1" else None} for n, pol in base_policies.items()},
         "uniform_best": {"tau": best_uniform.tau[0], "budget": best_uniform.budget[0], "seconds": uni_s},
     }
     provenance = {
@@ -157,7 +139,7 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
                    "build_s": sol.build_s, "solve_s": sol.solve_s, "binaries": sol.variables},
         "candidates": {"taus": table.taus, "budgets": table.budgets, "pricing_s": table_s},
     }
-    plan = Plan.for_shape(shape, sol.tau, sol.budget, dtype=dtype, gpu_mem_bytes=limit, predicted=predicted,
+    plan = Plan.for_shape(shape, sol.tau, sol.budget, dtype=dtype, gpu_mem_bytes=mem.limit_bytes, predicted=predicted,
                           provenance=provenance)
     return plan, frame
 

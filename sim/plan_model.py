@@ -27,6 +27,8 @@ import numpy as np
 import pyomo.environ as pyo
 
 from traces.errors import TideError
+from traces.memory import MemoryBudget
+from traces.policies import Policy
 
 
 _SOLVING = threading.Lock()
@@ -41,6 +43,13 @@ class CandidateTable:
     expert_bytes: float  # bytes of one expert slot
     fixed_bytes: float  # non-expert weights and KV cache on the GPU
     mem_limit: float  # bytes of GPU memory the plan may use
+
+    @classmethod
+    def of(cls, layers: list[int], taus: list[int], budgets: list[int], seconds: np.ndarray,
+           mem: MemoryBudget) -> "CandidateTable":
+        """The program's data from priced candidates and the run's memory budget."""
+        return cls(layers=layers, taus=taus, budgets=budgets, seconds=seconds, expert_bytes=mem.expert_bytes,
+                   fixed_bytes=mem.fixed_bytes, mem_limit=mem.limit_bytes)
 
     def check(self) -> None:
         L, T, B = len(self.layers), len(self.taus), len(self.budgets)
@@ -62,6 +71,10 @@ class Solution:
     build_s: float  # building the Pyomo model
     solve_s: float  # HiGHS, through Pyomo
     variables: int  # binaries
+
+    def policy(self, experts: int) -> Policy:
+        """The solution as the ``plan`` policy the runtime and the simulator run."""
+        return Policy.make("plan", len(self.tau), experts, budget=self.budget, tau=self.tau)
 
 
 def pareto(table: CandidateTable) -> list[tuple[int, int, int]]:

@@ -26,6 +26,7 @@ from sim.forward import forward
 from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, number, print_json, run_cli
 from traces.costs import CostModel, check_fits
 from traces.counters import COUNTERS
+from traces.memory import MemoryBudget, kv_tokens
 from traces.policies import Policy
 from traces.profile import Profile
 from traces.replay import replay
@@ -54,11 +55,10 @@ class SimResult:
 
     def summary(self) -> dict[str, Any]:
         s = self.seconds
-        p = self.policy
         return {
             "seconds": s, "tokens_per_s": self.trace.tokens_generated / s if s > 0 else 0.0,
             "forwards": self.trace.n_forwards, "tokens": self.trace.tokens_generated,
-            "policy": {"name": p.name, "budget": p.budget.tolist(), "tau": p.tau.tolist() if p.tau is not None else None},
+            "policy": self.policy.to_json(),
             "profile": self.profile, **self.totals(),
             "gpu_busy_s": self.busy["gpu"], "cpu_busy_s": self.busy["cpu"], "h2d_busy_s": self.busy["h2d"],
             "d2h_busy_s": self.busy["d2h"], "pcie_busy_s": self.busy["h2d"] + self.busy["d2h"],
@@ -77,10 +77,8 @@ def simulate(trace: Trace, profile: Profile, policy: Policy, popularity: np.ndar
     env = simpy.Environment()
     box = Box(env, profile, record=timeline)
     fw = trace.forwards
-    kv_tokens = int(fw["context"].max()) if trace.decoding.kv_cache else 0
-    box.reserve(shape.non_expert_bytes(trace.dtype), "the non-expert weights")
-    box.reserve(kv_tokens * shape.kv_bytes_per_token(trace.dtype), "the KV cache")
-    box.reserve(int(policy.budget.sum()) * shape.expert_bytes(trace.dtype), "the expert slots")
+    MemoryBudget.for_traces([trace], profile.capacity("gpu_mem_bytes")).check(
+        policy.budget, f"on {profile.name}'s GPU, the {policy.name} policy's budget")
     F, L = trace.n_forwards, shape.n_moe_layers
     counters = {k: np.zeros((F, L), dtype=np.int64) for k in COUNTERS}
     starts, ends = np.zeros(F), np.zeros(F)
@@ -125,9 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         check_out_path(a.timeline, "--timeline")
     trace = read_trace(a.trace)
     profile = Profile.load(a.profile)
-    kv_tokens = int(trace.forwards["context"].max()) if trace.decoding.kv_cache else 0
     policy = resolve_policy(a.policy, trace.shape, trace.dtype, tau=a.tau, gpu_experts=parse_budget(a.gpu_experts),
-                            gpu_mem_gb=a.gpu_mem_gb, plan=a.plan, kv_tokens=kv_tokens,
+                            gpu_mem_gb=a.gpu_mem_gb, plan=a.plan, kv_tokens=kv_tokens([trace]),
                             mem_limit_bytes=profile.capacity("gpu_mem_bytes"))
     pop = load_popularity(a.popularity, trace.shape) if a.popularity else None
     res = simulate(trace, profile, policy, pop, timeline=a.timeline is not None, cpu_dtype=a.cpu_dtype)

@@ -52,11 +52,19 @@ def test_unknown_names_and_missing_fields():
         ModelShape.from_config({"hidden_size": 8})
 
 
-def test_experts_fitting_accounts_for_weights_and_kv_cache():
+def test_memory_budget_accounts_for_weights_and_kv_cache():
+    from traces.memory import MemoryBudget, kv_tokens_for
     s = ModelShape.named("mini")
     # 24 GB: non-expert ~1.9 GB, then 19 layers x 6.29 MB per expert
-    b = s.experts_fitting(24e9)
+    mem = MemoryBudget(s, "bfloat16", 24e9)
+    b = mem.largest_uniform()
     assert b == int((24e9 - s.non_expert_bytes()) // (19 * s.expert_bytes()))
-    assert s.experts_fitting(24e9, kv_tokens=100_000) < b
-    assert s.experts_fitting(1e9) == 0
-    assert s.experts_fitting(1e12) == 256
+    assert mem.fits(b) and not mem.fits(b + 1) and mem.fits([b + 1] + [b] * 18)
+    assert MemoryBudget(s, "bfloat16", 24e9, kv_tokens=100_000).largest_uniform() < b
+    assert MemoryBudget(s, "bfloat16", 1e9).largest_uniform() == 0
+    assert MemoryBudget(s, "bfloat16", 1e12).largest_uniform() == 256
+    with pytest.raises(TideError, match="does not fit"):
+        mem.check(b + 1)
+    with pytest.raises(TideError, match="one expert per layer"):
+        MemoryBudget(s, "bfloat16", 2e9).check_one_each("--gpu-mem-gb 2")
+    assert kv_tokens_for([(40, 50), (10, 5)], 32) == 96 and kv_tokens_for([(40, 50)], 32, kv_cache=False) == 0

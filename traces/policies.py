@@ -43,13 +43,25 @@ POLICIES: tuple[str, ...] = ("all", "cpu", "static", "swap", "tide", "plan")
 FORWARD_KINDS: tuple[str, ...] = ("prefill", "step", "commit")
 
 
-def _per_layer(v: int | Sequence[int], n_layers: int, flag: str, what: str) -> np.ndarray:
-    """One integer for every layer, or one per layer; anything else is a TideError naming ``flag``."""
+class PolicyError(TideError):
+    """A policy parameter that cannot be: ``param`` (``policy``, ``budget`` or ``tau``) names
+    it, so each command reports its own flag (:meth:`for_flags`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param, self.message = param, message
+
+    def for_flags(self, flags: dict[str, str]) -> TideError:
+        return TideError(f"{flags.get(self.param, self.param)}: {self.message}")
+
+
+def _per_layer(v: int | Sequence[int], n_layers: int, param: str, what: str) -> np.ndarray:
+    """One integer for every layer, or one per layer; anything else is a PolicyError naming ``param``."""
     a = np.asarray(v)
     if a.ndim > 1 or (a.ndim == 1 and len(a) != n_layers):
-        raise TideError(f"{flag}: expected one value or {n_layers} per-layer {what}, got {a.size}")
+        raise PolicyError(param, f"expected one value or {n_layers} per-layer {what}, got {a.size}")
     if a.size and not (np.issubdtype(a.dtype, np.integer) and a.dtype != np.bool_):
-        raise TideError(f"{flag}: {what} must be integers, got {v!r}")
+        raise PolicyError(param, f"{what} must be integers, got {v!r}")
     return np.broadcast_to(a.astype(np.int64), (n_layers,)).copy()
 
 
@@ -64,35 +76,56 @@ class Policy:
     @classmethod
     def make(cls, name: str, n_layers: int, experts: int, budget: int | Sequence[int] | None = None,
              tau: int | Sequence[int] | None = None) -> "Policy":
-        """Validate and build; bad values are a TideError naming the flag."""
+        """Validate and build; a bad value is a :class:`PolicyError` naming the parameter
+        (``policy``, ``budget``, ``tau``), which each command maps to its own flag."""
         if name not in POLICIES:
-            raise TideError(f"--policy: unknown policy {name!r} (expected one of {', '.join(POLICIES)})")
+            raise PolicyError("policy", f"unknown policy {name!r} (expected one of {', '.join(POLICIES)})")
         if name == "all":
             b = np.full(n_layers, experts)
         elif name == "cpu":
             b = np.zeros(n_layers, dtype=np.int64)
         else:
             if budget is None:
-                raise TideError(f"--gpu-experts: policy {name} needs a budget of GPU experts per layer")
-            b = _per_layer(budget, n_layers, "--gpu-experts", "budgets")
+                raise PolicyError("budget", f"policy {name} needs a budget of GPU experts per layer")
+            b = _per_layer(budget, n_layers, "budget", "budgets")
             if (b < 0).any() or (b > experts).any():
-                raise TideError(f"--gpu-experts: budgets must lie in 0..{experts}, got {b.min()}..{b.max()}")
+                raise PolicyError("budget", f"budgets must lie in 0..{experts}, got {b.min()}..{b.max()}")
             if name == "swap" and (b < 1).any():
-                raise TideError("--gpu-experts: swap needs at least one GPU expert per layer")
+                raise PolicyError("budget", "swap needs at least one GPU expert per layer")
         t = None
         if name in ("tide", "plan"):
             if tau is None:
                 if name == "plan":
-                    raise TideError("--plan: plan policy needs per-layer tau")
+                    raise PolicyError("tau", "plan policy needs per-layer tau")
                 tau = 1
-            t = _per_layer(tau, n_layers, "--tau", "values of tau")
+            t = _per_layer(tau, n_layers, "tau", "values of tau")
             if (t < 1).any():
-                raise TideError(f"--tau: tau must be at least 1, got {t.min()}")
+                raise PolicyError("tau", f"tau must be at least 1, got {t.min()}")
         return cls(name=name, budget=b.astype(np.int64), tau=t)
 
     @property
     def n_layers(self) -> int:
         return len(self.budget)
+
+    @property
+    def label(self) -> str:
+        """The name tables and plans use: the policy, or for tide its tau (``tide_tau1``, the
+        baseline, or ``tide tau=4``; ``tide tau=1-4`` when layers differ)."""
+        if self.name != "tide":
+            return self.name
+        lo, hi = int(self.tau.min()), int(self.tau.max())
+        return "tide_tau1" if hi == 1 else f"tide tau={lo}" if lo == hi else f"tide tau={lo}-{hi}"
+
+    def to_json(self) -> dict:
+        """As traces and results record it."""
+        return {"name": self.name, "budget": self.budget.tolist(), "tau": self.tau.tolist() if self.tau is not None else None}
+
+    @classmethod
+    def from_json(cls, d: dict, n_layers: int, experts: int) -> "Policy":
+        """What :meth:`to_json` wrote, checked as :meth:`make` checks."""
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            raise PolicyError("policy", f"a recorded policy is an object with a name, got {d!r}")
+        return cls.make(d["name"], n_layers, experts, budget=d.get("budget"), tau=d.get("tau"))
 
     def refresh_mask(self, kind: str, step: int) -> np.ndarray:
         """Which layers refresh at this forward (tide/plan); all False for other policies."""
@@ -101,6 +134,20 @@ class Policy:
         if kind == "prefill" or step == 0:
             return np.ones(self.n_layers, dtype=bool)
         return (step % self.tau) == 0
+
+
+#: The policies every plan is compared with, by label, in this order.
+BASELINES: tuple[str, ...] = ("cpu", "static", "tide_tau1", "swap")
+
+
+def baselines(n_layers: int, experts: int, budget: int) -> dict[str, Policy]:
+    """``cpu``, ``static``, ``tide`` tau=1 and ``swap`` (when ``budget >= 1``) at one uniform
+    budget (the largest that fits, :meth:`traces.memory.MemoryBudget.largest_uniform`)."""
+    out = {"cpu": Policy.make("cpu", n_layers, experts), "static": Policy.make("static", n_layers, experts, budget=budget),
+           "tide_tau1": Policy.make("tide", n_layers, experts, budget=budget, tau=1)}
+    if budget >= 1:
+        out["swap"] = Policy.make("swap", n_layers, experts, budget=budget)
+    return out
 
 
 @dataclass

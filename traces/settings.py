@@ -6,7 +6,8 @@ from typing import Sequence
 
 from traces.errors import TideError
 from traces.plan import Plan
-from traces.policies import POLICIES, Policy
+from traces.memory import MemoryBudget
+from traces.policies import POLICIES, Policy, PolicyError
 from traces.shapes import ModelShape
 from traces.values import need_float
 
@@ -22,14 +23,19 @@ def parse_budget(text: str | None) -> int | list[int] | None:
     return vals[0] if len(vals) == 1 else vals
 
 
+#: How the runtime's and the simulator's flags name a policy's parameters.
+FLAGS = {"policy": "--policy", "budget": "--gpu-experts", "tau": "--tau"}
+
+
 def resolve_policy(name: str, shape: ModelShape, dtype: str, *, tau: int | None = None,
                    gpu_experts: int | Sequence[int] | None = None, gpu_mem_gb: float | None = None,
                    plan: str | None = None, kv_tokens: int = 0, mem_limit_bytes: float | None = None) -> Policy:
     """Validate the flags together and build the policy; a budget that cannot fit is a TideError.
 
-    The budget is ``--gpu-experts`` per layer, or what fits in ``--gpu-mem-gb`` after the
-    non-expert weights and a KV cache of ``kv_tokens``. ``mem_limit_bytes`` (the device's or
-    the profile's memory) is checked when no ``--gpu-mem-gb`` is given.
+    The budget is ``--gpu-experts`` per layer, or the largest uniform one that fits in
+    ``--gpu-mem-gb`` beside the non-expert weights and a KV cache of ``kv_tokens``
+    (:class:`traces.memory.MemoryBudget`). ``mem_limit_bytes`` (the device's or the
+    profile's memory) bounds ``--gpu-mem-gb`` and, without it, the budget.
     """
     if name not in POLICIES:
         raise TideError(f"--policy: unknown policy {name!r} (expected one of {', '.join(POLICIES)})")
@@ -41,28 +47,26 @@ def resolve_policy(name: str, shape: ModelShape, dtype: str, *, tau: int | None 
         need_float(gpu_mem_gb, "--gpu-mem-gb", positive=True)
         if mem_limit_bytes is not None and gpu_mem_gb * 1e9 > mem_limit_bytes:
             raise TideError(f"--gpu-mem-gb {gpu_mem_gb:g}: more than the device's memory ({mem_limit_bytes / 1e9:.1f} GB)")
+    limit = gpu_mem_gb * 1e9 if gpu_mem_gb is not None else mem_limit_bytes
+    mem = MemoryBudget(shape, dtype, limit if limit is not None else float("inf"), kv_tokens)
     L, E = shape.n_moe_layers, shape.experts
     budget: int | Sequence[int] | None = gpu_experts
     if name == "plan":
         if plan is None:
             raise TideError("--policy plan needs --plan FILE")
-        p = Plan.read(plan)
-        pol = p.policy(shape)
-        budget, tau = pol.budget, pol.tau
+        policy = Plan.read(plan).policy(shape)
     elif plan is not None:
         raise TideError("--plan needs --policy plan")
-    elif budget is None and gpu_mem_gb is not None and name not in ("all", "cpu"):
-        budget = shape.experts_fitting(gpu_mem_gb * 1e9, dtype, kv_tokens=kv_tokens)
-        if budget < 1:
-            raise TideError(f"--gpu-mem-gb {gpu_mem_gb}: the non-expert weights ({shape.non_expert_bytes(dtype) / 1e9:.2f} GB) "
-                            "and KV cache leave no room for one expert per layer")
-    if name == "tide" and tau is None:
-        tau = 1
-    policy = Policy.make(name, L, E, budget=budget, tau=tau if name in ("tide", "plan") else None)
-    need = (shape.non_expert_bytes(dtype) + kv_tokens * shape.kv_bytes_per_token(dtype)
-            + int(policy.budget.sum()) * shape.expert_bytes(dtype))
-    limit = gpu_mem_gb * 1e9 if gpu_mem_gb is not None else mem_limit_bytes
-    if limit is not None and need > limit:
-        raise TideError(f"budget does not fit: {need / 1e9:.2f} GB of weights, expert slots and KV cache, "
-                        f"{limit / 1e9:.2f} GB available")
+    else:
+        if budget is None and gpu_mem_gb is not None and name not in ("all", "cpu"):
+            budget = mem.largest_uniform()
+            if budget < 1:
+                raise TideError(f"--gpu-mem-gb {gpu_mem_gb}: the non-expert weights ({shape.non_expert_bytes(dtype) / 1e9:.2f} GB) "
+                                "and KV cache leave no room for one expert per layer")
+        try:
+            policy = Policy.make(name, L, E, budget=budget, tau=(1 if tau is None else tau) if name == "tide" else None)
+        except PolicyError as exc:
+            raise exc.for_flags(FLAGS) from None
+    if limit is not None:
+        mem.check(policy.budget, "budget")
     return policy

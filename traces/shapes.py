@@ -197,14 +197,6 @@ class ModelShape:
         """Keys and values of one token over all layers."""
         return self.layers * 2 * self.kv_heads * self.head_dim * dtype_bytes(dtype)
 
-    def experts_fitting(self, gpu_mem_bytes: float, dtype: str = "bfloat16", kv_tokens: int = 0,
-                        reserve_bytes: float = 0) -> int:
-        """Experts per MoE layer that fit on the fast device beside the non-expert weights and
-        a KV cache of ``kv_tokens`` tokens (uniform across layers; at most ``experts``)."""
-        free = gpu_mem_bytes - self.non_expert_bytes(dtype) - kv_tokens * self.kv_bytes_per_token(dtype) - reserve_bytes
-        per_layer = self.expert_bytes(dtype) * self.n_moe_layers
-        return int(max(0, min(self.experts, free // per_layer)))
-
     @property
     def expert_shape_key(self) -> str:
         """Key of the expert FFN shape in hardware profiles: ``hidden x moe_intermediate``."""
