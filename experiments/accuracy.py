@@ -17,7 +17,6 @@ half (``--replay-only DIR``) runs anywhere. Results go to ``DIR/accuracy.parquet
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -37,11 +36,10 @@ RUNS: list[tuple[str, float | None, int | None]] = [
 def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int, prompt_length: int,
             repeats: int = 3) -> None:
     """The runtime half: profile, then run and record every configuration."""
-    import torch
-
     from runtime.checkpoint import load_model
     from runtime.config import ModelConfig
-    from runtime.generate import Generator, check_device
+    from runtime.decoding import Generator
+    from runtime.device import check_device, timed
     from runtime.capture import TraceRecorder
     from runtime.make_checkpoint import preset_config, write_checkpoint
     from runtime.offload import OffloadEngine
@@ -63,26 +61,18 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     shape = model.cfg.shape
     work = synthesize(shape, gen_length, prompt_length, seed=0, dtype=dtype)
     L, E = shape.n_moe_layers, shape.experts
-    warm = OffloadEngine(model, Policy.make("cpu", L, E), device)  # the experts live in host memory
-    Generator(model, work.decoding, engine=warm).replay(work, 0)  # warm-up
-    warm.detach()
+    with OffloadEngine(model, Policy.make("cpu", L, E), device) as warm:  # the experts live in host memory
+        Generator(model, work.decoding, engine=warm).replay(work, 0)  # warm-up: a whole run, not timed
     runs = []
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     bar = tqdm(total=len(RUNS) * repeats, desc="runs", unit="run")
     for i, (name, frac, tau) in enumerate(RUNS):
         budget = None if frac is None else max(1, int(E * frac))
         policy = Policy.make(name, L, E, budget=budget, tau=tau)
         times = []
         for rep in range(repeats):  # the median of a few runs: single runs on a shared box are noisy
-            rec = TraceRecorder(model, work.decoding, dtype).attach()
-            eng = OffloadEngine(model, policy, device)
-            gen = Generator(model, work.decoding, recorder=rec, engine=eng)
-            sync()
-            t0 = time.perf_counter()
-            gen.replay(work, 0)
-            sync()
-            times.append(time.perf_counter() - t0)
-            eng.detach(), rec.detach()
+            with TraceRecorder(model, work.decoding, dtype) as rec, OffloadEngine(model, policy, device) as eng:
+                gen = Generator(model, work.decoding, recorder=rec, engine=eng)
+                times.append(timed(device, lambda: gen.replay(work, 0))[1])
             bar.update()
         seconds = float(sorted(times)[len(times) // 2])
         path = out / f"run{i}.parquet"

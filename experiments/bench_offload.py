@@ -9,12 +9,12 @@ shape (realistic expert traffic, ``--replay-trace``). Prints one table (``--json
 """
 from __future__ import annotations
 
-import time
 
 import pandas as pd
 import torch
 
-from runtime.generate import Generator, check_device
+from runtime.decoding import Generator, warm_up
+from runtime.device import check_device, timed
 from runtime.make_checkpoint import preset_config, random_model
 from runtime.offload import OffloadEngine
 from traces.cli import ArgumentParser, integer, print_json, run_cli
@@ -33,15 +33,9 @@ def policies(L: int, E: int, budgets: list[int]) -> list[Policy]:
 
 
 def run_one(model, policy: Policy, device, prompt, gen_length, trace=None) -> dict:
-    eng = OffloadEngine(model, policy, device)
-    gen = Generator(model, trace.decoding if trace is not None else Decoding(32, 32, 0.95, True), engine=eng)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    r = gen.replay(trace, 0) if trace is not None else gen.generate(prompt, gen_length)
-    sync()
-    s = time.perf_counter() - t0
-    eng.detach()
+    with OffloadEngine(model, policy, device) as eng:
+        gen = Generator(model, trace.decoding if trace is not None else Decoding(32, 32, 0.95, True), engine=eng)
+        r, s = timed(device, lambda: gen.replay(trace, 0) if trace is not None else gen.generate(prompt, gen_length))
     t = eng.totals()
     return {"policy": policy.name, "budget": int(policy.budget[0]),
             "tau": int(policy.tau[0]) if policy.tau is not None else None,
@@ -73,9 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = model.cfg.shape
     trace = synthesize(shape, gen_length, a.prompt_length, seed=0, dtype=dtype)
     prompt = list(range(1, a.prompt_length + 1))
-    warm = OffloadEngine(model, Policy.make("cpu", shape.n_moe_layers, shape.experts), device)
-    Generator(model, Decoding(32, 1, 0.95, True), engine=warm).generate(prompt, 1)  # warm-up
-    warm.detach()
+    with OffloadEngine(model, Policy.make("cpu", shape.n_moe_layers, shape.experts), device) as warm:
+        warm_up(model, Decoding(32, 32, 0.95, True), prompt, engine=warm)
     rows = []
     for pol in policies(shape.n_moe_layers, shape.experts, budgets):
         if pol.name == "all" and gpu and shape.routed_expert_bytes(dtype) > torch.cuda.mem_get_info(device)[0] * 0.9:

@@ -18,7 +18,7 @@ import time
 import pandas as pd
 
 from sim.candidates import budget_grid, candidate_table_seconds, distinct_taus, fixed_seconds
-from sim.plan import memory, simulated_seconds
+from sim.planner import memory, simulated_seconds
 from sim.plan_model import CandidateTable, solve
 from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, run_cli, span
 from traces.policies import Policy

@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 
 from runtime.checkpoint import load_model
-from runtime.generate import Generator, check_device
+from runtime.decoding import Generator, warm_up
+from runtime.device import check_device, timed
 from runtime.make_checkpoint import preset_config, write_checkpoint
 from traces.cli import ArgumentParser, integer, print_json, run_cli
 from traces.trace import Decoding
@@ -35,13 +36,8 @@ def ensure_checkpoint(folder: Path, preset: str, layers: int | None, seed: int =
 def bench(model, prompt_length: int, gen_length: int, kv: bool, device: torch.device) -> dict:
     prompt = list(range(1, prompt_length + 1))
     dec = Decoding(32, 32, 0.95, kv)
-    Generator(model, Decoding(32, 1, 0.95, kv)).generate(prompt, 1)  # warm-up
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    r = Generator(model, dec).generate(prompt, gen_length)
-    sync()
-    s = time.perf_counter() - t0
+    warm_up(model, dec, prompt)
+    r, s = timed(device, lambda: Generator(model, dec).generate(prompt, gen_length))
     return {"kv_cache": kv, "forwards": r.forwards, "seconds": s, "ms_per_forward": 1e3 * s / r.forwards,
             "tokens": len(r.tokens), "tokens_per_s": len(r.tokens) / s}
 

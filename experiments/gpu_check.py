@@ -35,7 +35,8 @@ import pandas as pd
 import torch
 
 from runtime.capture import TraceRecorder
-from runtime.generate import Generator, Result
+from runtime.decoding import Generator, Result, warm_up
+from runtime.device import timed
 from runtime.lossless import agree
 from runtime.make_checkpoint import preset_config, random_model
 from runtime.offload import OffloadEngine
@@ -71,21 +72,13 @@ def run_case(model, case: Case, device: torch.device, profile: Profile, trace: T
     """Run once (recording the trace), return the row and the result (tokens and margins)."""
     cfg = model.cfg
     decoding = trace.decoding if case.routing == "replay" else Decoding(32, 32, 0.95, case.kv)
-    engine = OffloadEngine(model, case.policy, device)
     prompt = [(7 * i + 3) % (cfg.shape.vocab - 2) for i in range(case.prompt)]
-    warm = Generator(model, Decoding(32, 1, 0.95, case.kv), engine=engine)
-    warm.generate(prompt[:32], 1)  # warm-up (not timed), then a fresh placement
-    engine.reset()
-    rec = TraceRecorder(model, decoding, dtype).attach()
-    gen = Generator(model, decoding, recorder=rec, engine=engine, margins=True)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    res = gen.replay(trace, 0) if case.routing == "replay" else gen.generate(prompt, case.gen)
-    sync()
-    seconds = time.perf_counter() - t0
-    rec.detach()
-    engine.detach()
+    with OffloadEngine(model, case.policy, device) as engine:
+        warm_up(model, Decoding(32, 32, 0.95, case.kv), prompt, engine=engine)
+        with TraceRecorder(model, decoding, dtype) as rec:
+            gen = Generator(model, decoding, recorder=rec, engine=engine, margins=True)
+            res, seconds = timed(device, lambda: gen.replay(trace, 0) if case.routing == "replay"
+                                 else gen.generate(prompt, case.gen))
     recorded = rec.trace()
     bound = replay_policy(recorded, case.policy, cost=CostModel(profile, recorded.shape, dtype)).bound_seconds()
     t = engine.totals()

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sim.plan import candidate_table, memory
+from sim.planner import candidate_table, memory
 from sim.plan_model import solve
 from traces.cli import atomic_write, data_sha256, span
 from traces.costs import CostModel

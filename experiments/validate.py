@@ -22,7 +22,6 @@ import datetime as dt
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +73,8 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     import torch
 
     from runtime.checkpoint import dtype_name, load_model
-    from runtime.generate import Generator, check_device
+    from runtime.decoding import Generator
+    from runtime.device import check_device, timed
     from runtime.lossless import agree
     from runtime.offload import OffloadEngine
 
@@ -88,7 +88,6 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     E = shape.experts
     all_fits = device.type == "cpu" or MemoryBudget.for_traces(
         [t for _, t in traces], torch.cuda.get_device_properties(device).total_memory * DEVICE_HEADROOM).fits(E)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     exact = device.type == "cpu"
     rows, failures, reference = [], [], None
     for name, policy in runs_to_make(plan, [t for _, t in traces], shape, all_fits).items():
@@ -96,18 +95,14 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
         for rep in range(repeats + 1):  # the first run checks tokens (and warms up); the rest are timed
             total, counters = 0.0, dict.fromkeys(("gpu_tokens", "cpu_tokens", "migrations"), 0)
             for _, tr in traces:  # each trace from an empty placement, as the planner priced it
-                engine = OffloadEngine(model, policy, device)
-                gen = Generator(model, tr.decoding, engine=engine, margins=rep == 0)
-                for r in tr.requests:
-                    sync()
-                    t0 = time.perf_counter()
-                    res = gen.replay(tr, r["request"])
-                    sync()
-                    total += time.perf_counter() - t0
-                    if rep == 0:
-                        results.append(res)
+                with OffloadEngine(model, policy, device) as engine:
+                    gen = Generator(model, tr.decoding, engine=engine, margins=rep == 0)
+                    for r in tr.requests:
+                        res, s = timed(device, lambda: gen.replay(tr, r["request"]))
+                        total += s
+                        if rep == 0:
+                            results.append(res)
                 counters = {k: v + engine.totals()[k] for k, v in counters.items()}
-                engine.detach()
             if rep:
                 seconds.append(total)
         if reference is None:
@@ -228,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.read(a.plan)
     traces = plan_traces(plan, a.trace)
     from runtime.config import ModelConfig
-    from runtime.generate import check_device
+    from runtime.device import check_device
     check_device(a.device)
     plan.check_model(ModelConfig.load(a.checkpoint).shape, "--plan")
     lines, warnings = box_check(plan)

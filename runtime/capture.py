@@ -38,6 +38,12 @@ class TraceRecorder:
         for blk in self.model.moe_blocks:
             blk.observer = None
 
+    def __enter__(self) -> "TraceRecorder":
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
     def _observe(self, layer: int, idx: torch.Tensor) -> None:
         if self._row is not None:
             self._idx[layer] = idx

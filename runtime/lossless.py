@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.generate import Result
+from runtime.decoding import Result
 
 NEAR_TIE = 0.01
 

@@ -80,9 +80,16 @@ class OffloadEngine:
         self.timers = dict.fromkeys(TIMERS, 0.0)
 
     def detach(self) -> None:
+        """Give the model back its own expert execution (all experts where the model runs)."""
         from runtime.model import local_experts
         for blk in self.model.moe_blocks:
             blk.executor = local_experts
+
+    def __enter__(self) -> "OffloadEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
 
     # ---- one forward -------------------------------------------------------------------
     def begin(self, kind: str, step: int) -> None:

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from runtime.checkpoint import dtype_name, torch_dtype
 from runtime.config import ModelConfig
-from runtime.generate import Sampling, check_device, sample
+from runtime.decoding import Sampling, sample
+from runtime.device import check_device
 from runtime.model import DecoderLayer, ExpertWeights, KVCache, combine, expert_ffn, rope
 from runtime.offload import run_experts
 from traces.cli import ArgumentParser, check_out_path, run_cli

@@ -8,7 +8,7 @@ import torch
 from conftest import assert_clean_error, run_module
 from runtime.capture import TraceRecorder
 from runtime.checkpoint import load_model
-from runtime.generate import Generator, Sampling, transfer_schedule
+from runtime.decoding import Generator, Sampling, transfer_schedule
 from runtime.make_checkpoint import preset_config, write_checkpoint
 from traces.trace import Decoding, read_trace
 

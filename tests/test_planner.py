@@ -8,7 +8,7 @@ import pytest
 
 from conftest import assert_clean_error, run_module
 from sim.candidates import candidate_seconds, distinct_taus, fixed_seconds
-from sim.plan import make_plan
+from sim.planner import make_plan
 from sim.replay import simulate
 from traces.errors import TideError
 from traces.plan import Plan

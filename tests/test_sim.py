@@ -9,7 +9,7 @@ import torch
 from conftest import assert_clean_error, run_module
 from runtime.capture import TraceRecorder
 from runtime.checkpoint import load_model
-from runtime.generate import Generator
+from runtime.decoding import Generator
 from runtime.offload import OffloadEngine
 from sim.replay import simulate
 from traces.costs import CostModel

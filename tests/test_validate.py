@@ -2,7 +2,7 @@
 import json
 
 from conftest import assert_clean_error, run_module
-from runtime.generate import Result
+from runtime.decoding import Result
 from runtime.lossless import agree
 
 def test_capture_profile_plan_validate_end_to_end(validated, tiny_ckpt, tmp_path):

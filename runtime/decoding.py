@@ -1,0 +1,281 @@
+"""Block-diffusion generation as LLaDA2.0 decodes, with an exact block-level KV cache.
+
+The answer is laid out in whole blocks after the prompt, all ``mask_id``. Block by block,
+each denoising step predicts every masked position of the current block; positions whose
+confidence exceeds ``threshold`` are accepted, or, if fewer than the step's scheduled count
+pass, the most confident ones. Greedy by default; temperature / top-k / top-p sampling
+with a seed. Generation stops after a block that holds ``eos``; the answer ends at the
+first ``eos`` (kept) or at ``gen_length``. These are the published ``generate()``'s
+semantics.
+
+With the KV cache (default) a prefill forward caches the prompt's whole blocks, each step
+runs only the current block against the cache, and one commit forward writes a finished
+block's final keys and values. Attention is block-causal, so this is exact. Without it
+(``--no-kv-cache``) every step re-runs the whole prefix, as the published code does.
+
+The library; ``python -m runtime.generate`` is its command line.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from runtime.capture import TraceRecorder
+from runtime.model import LLaDA2, KVCache, block_causal_mask
+from runtime.replay import ChoiceReplay, check_replayable, replay_prompt
+from traces.errors import TideError
+from traces.trace import Decoding, Trace
+from traces.values import need_float, need_int
+
+if TYPE_CHECKING:
+    from runtime.offload import OffloadEngine
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def check(self, vocab: int) -> "Sampling":
+        """Values torch would reject mid-run, refused before any work."""
+        need_float(self.temperature, "--temperature", lo=0.0)
+        need_int(self.top_k, "--top-k", lo=0, hi=vocab)
+        need_float(self.top_p, "--top-p", hi=1.0, positive=True)
+        need_int(self.seed, "--seed", lo=0)
+        return self
+
+
+def transfer_schedule(block_length: int, steps: int) -> list[int]:
+    """Tokens each step must accept at least: ``block_length / steps``, remainder first."""
+    base, rem = divmod(block_length, steps)
+    return [base + (1 if i < rem else 0) for i in range(steps)]
+
+
+def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token and its probability per row of ``logits [n, vocab]``."""
+    if s.temperature == 0:
+        tok = logits.argmax(dim=-1, keepdim=True)
+        return tok[:, 0], F.softmax(logits, dim=-1).gather(-1, tok)[:, 0]
+    logits = logits / s.temperature
+    if s.top_k > 0:
+        kth = torch.topk(logits, s.top_k)[0][..., -1, None]
+        logits = torch.where(logits < kth, torch.full_like(logits, float("-inf")), logits)
+    if s.top_p < 1.0:
+        srt, order = torch.sort(logits, descending=True)
+        drop = torch.cumsum(F.softmax(srt, dim=-1), dim=-1) > s.top_p
+        drop[..., 1:] = drop[..., :-1].clone()
+        drop[..., 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    tok = torch.multinomial(probs, 1, generator=gen)
+    return tok[:, 0], probs.gather(-1, tok)[:, 0]
+
+
+def accept(block: torch.Tensor, tok: torch.Tensor, prob: torch.Tensor, mask_id: int, n: int,
+           threshold: float | None = None) -> int:
+    """Unmask positions of ``block`` (in place) with their sampled tokens: every masked position
+    whose confidence exceeds ``threshold`` if at least ``n`` do, else the ``n`` most confident
+    (fewer if fewer are masked). Returns how many were accepted."""
+    active = block == mask_id
+    conf = torch.where(active, prob, torch.full_like(prob, float("-inf")))
+    transfer = conf > threshold if threshold is not None else None
+    if transfer is None or int(transfer.sum()) < n:
+        transfer = torch.zeros_like(active)
+        transfer[torch.topk(conf, k=min(n, int(active.sum()))).indices] = True
+    block.copy_(torch.where(transfer, tok, block))
+    return int(transfer.sum())
+
+
+@dataclass
+class Result:
+    tokens: list[int]
+    forwards: int = 0
+    step_forwards: int = 0
+    committed: int = 0
+    seconds: float = 0.0
+    #: with ``Generator(margins=True)``, per generated position: the forward that committed
+    #: it and its logits' top-2 gap relative to the largest |logit| then (near-tie checks)
+    committed_at: list[int] | None = None
+    margin: list[float] | None = None
+
+
+@dataclass
+class Generator:
+    """Runs prompts one after another on one model (the offload engine keeps its state across them)."""
+
+    model: LLaDA2
+    decoding: Decoding = field(default_factory=Decoding)
+    sampling: Sampling = field(default_factory=Sampling)
+    recorder: TraceRecorder | None = None
+    engine: "OffloadEngine | None" = None
+    margins: bool = False
+
+    def _forward(self, ids, pos0, cache, mask, logits_from, request, kind, block, step, choice_from):
+        if self.engine is not None:
+            self.engine.begin(kind, step)
+        if self.recorder is not None:
+            T = ids.shape[0]
+            self.recorder.begin(request, kind, block, step, T, pos0 + T, pos0 + choice_from, T - choice_from)
+        return self.model(ids, pos0, cache, mask, logits_from)
+
+    def _accept(self, res: Result, x: torch.Tensor, s0: int, logits: torch.Tensor, n: int,
+                threshold: float | None = None) -> int:
+        """Sample and commit in ``x[s0:s0 + rows]``; with ``margins``, note each committed
+        position's forward and top-2 logit gap (relative to the largest |logit|)."""
+        block = x[s0:s0 + logits.shape[0]]
+        masked = block == self.model.cfg.mask_id if self.margins else None
+        tok, prob = sample(logits, self.sampling, self._gen)
+        n = accept(block, tok, prob, self.model.cfg.mask_id, n, threshold)
+        if masked is not None:
+            lf = logits.float()
+            top2 = lf.topk(2, dim=-1).values
+            rel = ((top2[:, 0] - top2[:, 1]) / lf.abs().amax(dim=-1).clamp_min(1e-30)).tolist()
+            for i in (masked & (block != self.model.cfg.mask_id)).nonzero().flatten().tolist():
+                self._notes[s0 + i] = (res.forwards, rel[i])
+        return n
+
+    def _finish(self, res: Result, start: int, length: int) -> None:
+        if self.margins:
+            notes = [self._notes.get(p, (-1, float("inf"))) for p in range(start, start + length)]
+            res.committed_at = [f for f, _ in notes]
+            res.margin = [m for _, m in notes]
+
+    def _end(self, committed: int) -> None:
+        counters = self.engine.end() if self.engine is not None else None
+        if self.recorder is not None:
+            self.recorder.end(committed, counters)
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], gen_length: int, request: int = 0) -> Result:
+        d, cfg = self.decoding, self.model.cfg
+        if not prompt:
+            raise TideError("empty prompt")
+        if gen_length < 1:
+            raise TideError(f"--gen-length must be at least 1, got {gen_length}")
+        if d.block_length < 1 or d.steps < 1:
+            raise TideError("--block-length and --steps must be at least 1")
+        need_float(d.threshold, "--threshold", lo=0.0, hi=1.0)
+        max_pos = cfg.shape.config.get("max_position_embeddings")
+        if isinstance(max_pos, int) and not isinstance(max_pos, bool) and len(prompt) + gen_length > max_pos:
+            raise TideError(f"--gen-length {gen_length}: the prompt's {len(prompt)} tokens plus {gen_length} exceed the "
+                            f"model's max_position_embeddings ({max_pos})")
+        bad = [t for t in prompt if not 0 <= t < cfg.shape.vocab]
+        if bad:
+            raise TideError(f"prompt token id {bad[0]} is outside the vocabulary of {cfg.shape.vocab}")
+        dev = self.model.device
+        bl, P = d.block_length, len(prompt)
+        steps = min(d.steps, gen_length)
+        n_blocks = math.ceil((P + gen_length) / bl)
+        total = n_blocks * bl
+        x = torch.full((total,), cfg.mask_id, dtype=torch.long, device=dev)
+        x[:P] = torch.tensor(prompt, dtype=torch.long, device=dev)
+        schedule = transfer_schedule(bl, steps)
+        self._gen = torch.Generator(device=dev).manual_seed(self.sampling.seed + request) if self.sampling.temperature > 0 else None
+        self._notes: dict[int, tuple[int, float]] = {}
+        cache = KVCache(cfg, total, dev, self.model.dtype) if d.kv_cache else None
+        rec = self.recorder
+        if rec is not None:
+            rec.add_request(request, P, gen_length)
+        res = Result(tokens=[])
+        first = P // bl
+        if d.kv_cache and first:
+            self._forward(x[:first * bl], 0, cache, block_causal_mask(first * bl, bl, dev), None,
+                          request, "prefill", 0, 0, 0)
+            res.forwards += 1
+            self._end(0)
+        for b in range(first, n_blocks):
+            s0, e = b * bl, (b + 1) * bl
+            for step in range(steps):
+                if not bool((x[s0:e] == cfg.mask_id).any()):
+                    break
+                if d.kv_cache:
+                    logits = self._forward(x[s0:e], s0, cache, None, 0, request, "step", b, step, 0)
+                else:
+                    logits = self._forward(x[:e], 0, None, block_causal_mask(e, bl, dev), s0, request, "step", b, step, s0)
+                n = self._accept(res, x, s0, logits, schedule[step], d.threshold)
+                res.forwards += 1
+                res.step_forwards += 1
+                res.committed += n
+                self._end(n)
+            stop = bool((x[P:e] == cfg.eos_id).any())
+            if d.kv_cache and not stop and b < n_blocks - 1:
+                self._forward(x[s0:e], s0, cache, None, None, request, "commit", b, 0, 0)
+                res.forwards += 1
+                self._end(0)
+            if stop:
+                break
+        self._finish(res, P, gen_length)
+        out = x[P:P + gen_length].tolist()
+        if cfg.eos_id in out:
+            if res.margin is not None:
+                cut = out.index(cfg.eos_id) + 1
+                res.committed_at, res.margin = res.committed_at[:cut], res.margin[:cut]
+            out = out[:out.index(cfg.eos_id) + 1]
+        res.tokens = out
+        return res
+
+    @torch.no_grad()
+    def replay(self, trace: Trace, request: int = 0) -> Result:
+        """Run one request of a KV-cache trace: its forwards in order, its commit counts
+        (most confident first), its experts (``runtime.replay``); no early stop at eos."""
+        cfg = self.model.cfg
+        check_replayable(trace, self.model)
+        req = next((r for r in trace.requests if r["request"] == request), None)
+        if req is None:
+            raise TideError(f"--replay-trace: no request {request} in the trace")
+        bl = trace.decoding.block_length
+        P, G = req["prompt_length"], req["gen_length"]
+        dev = self.model.device
+        total = math.ceil((P + G) / bl) * bl
+        x = torch.full((total,), cfg.mask_id, dtype=torch.long, device=dev)
+        x[:P] = torch.tensor(replay_prompt(P, cfg.shape.vocab, (cfg.mask_id, cfg.eos_id)), device=dev)
+        cache = KVCache(cfg, total, dev, self.model.dtype)
+        chooser = ChoiceReplay(trace, self.model).attach()
+        if self.recorder is not None:
+            self.recorder.add_request(request, P, G)
+        res = Result(tokens=[])
+        self._gen = None
+        self._notes = {}
+        fw = trace.forwards
+        try:
+            for f in fw.index[fw["request"] == request]:
+                kind, b, step, n = fw.at[f, "kind"], int(fw.at[f, "block"]), int(fw.at[f, "step"]), int(fw.at[f, "tokens_committed"])
+                chooser.set_forward(f)
+                s0, e = b * bl, (b + 1) * bl
+                res.forwards += 1
+                if kind == "prefill":
+                    P0 = (P // bl) * bl
+                    self._forward(x[:P0], 0, cache, block_causal_mask(P0, bl, dev), None, request, kind, 0, 0, 0)
+                    self._end(0)
+                elif kind == "commit":
+                    self._forward(x[s0:e], s0, cache, None, None, request, kind, b, 0, 0)
+                    self._end(0)
+                else:
+                    logits = self._forward(x[s0:e], s0, cache, None, 0, request, kind, b, step, 0)
+                    n = self._accept(res, x, s0, logits, n)
+                    res.step_forwards += 1
+                    res.committed += n
+                    self._end(n)
+        finally:
+            chooser.detach()
+        self._finish(res, P, G)
+        res.tokens = x[P:P + G].tolist()
+        return res
+
+
+def warm_up(model: LLaDA2, decoding: Decoding, prompt: list[int], sampling: Sampling | None = None,
+            engine: "OffloadEngine | None" = None) -> None:
+    """One denoising step of one block, not timed (kernels, allocator, caches), then a fresh
+    placement for the engine: what every timed run does first."""
+    bl = decoding.block_length
+    Generator(model, Decoding(bl, 1, decoding.threshold, decoding.kv_cache), sampling or Sampling(),
+              engine=engine).generate(prompt[:bl], 1)
+    if engine is not None:
+        engine.reset()
+

@@ -1,0 +1,37 @@
+"""The device: which one, waiting for it, and timing work on it. One place knows that CUDA
+work is asynchronous (gpt-fast's single device-sync helper), so every timing waits the
+same way."""
+from __future__ import annotations
+
+import time
+from typing import Callable, TypeVar
+
+import torch
+
+from traces.errors import TideError
+
+T = TypeVar("T")
+
+
+def check_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N``, present on this machine (``--device``)."""
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise TideError(f"--device: expected cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TideError("--device cuda: no CUDA device available (install a CUDA build of torch on a GPU box)")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[[], T]) -> tuple[T, float]:
+    """``fn()`` and its wall seconds, the device idle before and drained after."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - t0

@@ -1,0 +1,151 @@
+"""The planner: the refresh interval tau and GPU expert budget B of every MoE layer
+(the library; ``python -m sim.plan`` is its command line).
+
+1. Prices every candidate (tau in 1..steps, B in 0, 8, ..., experts plus the largest
+   uniform budget that fits) of every layer on the traces (:mod:`sim.candidates`).
+2. Picks one candidate per layer under the memory limit with the Pyomo/HiGHS program of
+   :mod:`sim.plan_model` (``--uniform``: one candidate for all layers, the paper's program).
+3. Simulates the plan, the best uniform plan and the baselines (``cpu``, ``static``,
+   ``swap``, ``tide`` tau=1 at the largest uniform budget that fits) on the traces.
+4. Returns the plan (``tide-plan``: per-layer tau and B, predicted seconds, tokens/s and
+   speedups, provenance) and a DataFrame of the policies compared (:func:`make_plan`).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata as md
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from sim.candidates import budget_grid, candidate_table_seconds, distinct_taus, fixed_seconds
+from sim.plan_model import CandidateTable, Solution, solve
+from sim.replay import simulate
+from traces.cli import data_sha256, file_sha256, span
+from traces.costs import check_fits
+from traces.errors import TideError
+from traces.values import need_float
+from traces.plan import Plan
+from traces.memory import MemoryBudget
+from traces.policies import Policy, baselines
+from traces.profile import Profile
+from traces.trace import Trace
+
+def check_traces(traces: Sequence[Trace], names: Sequence[str]) -> None:
+    """All traces must be of one model and dtype."""
+    first = traces[0]
+    for tr, name in zip(traces[1:], names[1:]):
+        if tr.shape.model_key != first.shape.model_key or tr.shape.experts != first.shape.experts \
+                or tr.shape.moe_layers != first.shape.moe_layers:
+            raise TideError(f"--trace {name}: a trace of {tr.shape.name}, the first is of {first.shape.name}")
+        if tr.dtype != first.dtype:
+            raise TideError(f"--trace {name}: dtype {tr.dtype}, the first trace's is {first.dtype}")
+
+
+def memory(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float) -> MemoryBudget:
+    """The GPU memory the plan may use, after one clear error if the limit is impossible
+    (above the box's memory, or short of weights, KV cache and one expert per layer)."""
+    shape, dtype = traces[0].shape, traces[0].dtype
+    check_fits(shape, profile, dtype)
+    need_float(gpu_mem_gb, "--gpu-mem-gb", positive=True)
+    have = profile.capacity("gpu_mem_bytes")
+    if gpu_mem_gb * 1e9 > have:
+        raise TideError(f"--gpu-mem-gb {gpu_mem_gb:g}: more than {profile.name}'s GPU memory ({have / 1e9:.1f} GB)")
+    mem = MemoryBudget.for_traces(traces, gpu_mem_gb * 1e9)
+    mem.check_one_each(f"--gpu-mem-gb {gpu_mem_gb:g}")
+    return mem
+
+
+def candidate_table(traces: Sequence[Trace], profile: Profile, mem: MemoryBudget, budget_step: int = 8,
+                    jobs: int | None = None, progress: bool = True) -> CandidateTable:
+    """Every (tau, B) of every layer priced on the traces (taus that refresh at the same
+    forwards, and budgets that cannot fit even alone, left out)."""
+    shape = traces[0].shape
+    if budget_step < 1:
+        raise TideError(f"--budget-step must be at least 1, got {budget_step}")
+    budgets = [b for b in budget_grid(shape.experts, budget_step, [mem.largest_uniform()])
+               if mem.fixed_bytes + b * mem.expert_bytes <= mem.limit_bytes]  # b on one layer, the others at 0
+    taus = distinct_taus(traces, range(1, max(t.decoding.steps for t in traces) + 1))
+    seconds = candidate_table_seconds(traces, profile, taus, budgets, jobs=jobs, progress=progress)
+    return CandidateTable.of(shape.moe_layers, taus, budgets, seconds, mem)
+
+
+def simulated_seconds(traces: Sequence[Trace], profile: Profile, policy: Policy) -> float:
+    """The simulator's time for the traces, each run from an empty placement."""
+    return float(sum(simulate(tr, profile, policy).seconds for tr in traces))
+
+
+def _blocks(traces: Sequence[Trace]) -> int:
+    return int(sum(t.forwards[["request", "block"]].drop_duplicates().shape[0] for t in traces))
+
+
+def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, uniform: bool = False,
+              budget_step: int = 8, jobs: int | None = 1, names: Sequence[str] | None = None,
+              progress: bool = True) -> tuple[Plan, pd.DataFrame]:
+    """Plan, simulate the plan and the baselines, and fill the plan's predictions and provenance.
+
+    ``jobs``: processes pricing candidates; the default 1 works from any script, ``None``
+    takes every core (spawned workers: the calling script needs an ``if __name__ ==
+    "__main__":`` guard, as multiprocessing requires)."""
+    names = list(names) if names is not None else [f"trace {i}" for i in range(len(traces))]
+    check_traces(traces, names)
+    shape, dtype = traces[0].shape, traces[0].dtype
+    L, E = shape.n_moe_layers, shape.experts
+    mem = memory(traces, profile, gpu_mem_gb)
+    t0 = time.perf_counter()
+    table = candidate_table(traces, profile, mem, budget_step, jobs, progress)
+    table_s = time.perf_counter() - t0
+    fixed_s = sum(fixed_seconds(tr, profile) for tr in traces)
+    best_uniform = solve(table, uniform=True)
+    sol: Solution = best_uniform if uniform else solve(table)
+    plan_s = simulated_seconds(traces, profile, sol.policy(E))
+    # the per-layer optimum over the candidates holds the best uniform point: never slower (tested)
+    uni_s = plan_s if uniform else simulated_seconds(traces, profile, best_uniform.policy(E))
+    tokens, blocks = sum(t.tokens_generated for t in traces), _blocks(traces)
+    rows = [{"policy": "plan", "tau": span(sol.tau), "budget": span(sol.budget), "seconds": plan_s},
+            {"policy": "uniform best", "tau": str(best_uniform.tau[0]), "budget": str(best_uniform.budget[0]),
+             "seconds": uni_s}]
+    base_policies = baselines(L, E, mem.largest_uniform())
+    for name, pol in base_policies.items():
+        rows.append({"policy": name, "tau": "1" if name == "tide_tau1" else "-",
+                     "budget": str(int(pol.budget[0])), "seconds": simulated_seconds(traces, profile, pol)})
+    frame = pd.DataFrame(rows)
+    frame["tokens_per_s"] = tokens / frame["seconds"]
+    frame["plan_speedup"] = frame["seconds"] / plan_s
+    base = frame.set_index("policy")
+    predicted: dict[str, Any] = {
+        "seconds": plan_s, "tokens_per_s": tokens / plan_s, "seconds_per_block": plan_s / blocks,
+        "program_seconds": sol.seconds + fixed_s, "tokens": tokens, "blocks": blocks,
+        "speedup": {n: float(base.loc[n, "plan_speedup"]) for n in base_policies},
+        "baselines": {n: {"seconds": float(base.loc[n, "seconds"]), "budget": int(pol.budget[0]),
+                          "tau": 1 if n == "tide_tau1" else None} for n, pol in base_policies.items()},
+        "uniform_best": {"tau": best_uniform.tau[0], "budget": best_uniform.budget[0], "seconds": uni_s},
+    }
+    provenance = {
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "tide": _version("tide"), "mode": "uniform" if uniform else "per-layer",
+        "traces": [{"name": n, "sha256": file_sha256(n) if _is_file(n) else None, "forwards": t.n_forwards,
+                    "tokens": t.tokens_generated} for n, t in zip(names, traces)],
+        "profile": {"name": profile.name, "where": profile.where, "sha256": data_sha256(profile.data),
+                    "origin": profile.origin()},
+        "solver": {"name": "HiGHS via Pyomo (appsi_highs)", "highspy": _version("highspy"), "pyomo": _version("pyomo"),
+                   "build_s": sol.build_s, "solve_s": sol.solve_s, "binaries": sol.variables},
+        "candidates": {"taus": table.taus, "budgets": table.budgets, "pricing_s": table_s},
+    }
+    plan = Plan.for_shape(shape, sol.tau, sol.budget, dtype=dtype, gpu_mem_bytes=mem.limit_bytes, predicted=predicted,
+                          provenance=provenance)
+    return plan, frame
+
+
+
+def _is_file(name: str) -> bool:
+    return Path(name).is_file()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
