@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +105,19 @@ class Result:
     margin: list[float] | None = None
 
 
+@dataclass(frozen=True)
+class Planned:
+    """One forward of a schedule: its kind, block and step, the tokens it must commit at least
+    (``threshold`` may commit more; ``None``: exactly that many), the trace forward it replays."""
+
+    kind: str
+    block: int
+    step: int
+    commit: int
+    threshold: float | None = None
+    forward: int | None = None
+
+
 @dataclass
 class Generator:
     """Runs prompts one after another on one model (the offload engine keeps its state across them)."""
@@ -168,56 +181,16 @@ class Generator:
         bad = [t for t in prompt if not 0 <= t < cfg.shape.vocab]
         if bad:
             raise TideError(f"prompt token id {bad[0]} is outside the vocabulary of {cfg.shape.vocab}")
-        dev = self.model.device
-        bl, P = d.block_length, len(prompt)
-        steps = min(d.steps, gen_length)
-        n_blocks = math.ceil((P + gen_length) / bl)
-        total = n_blocks * bl
-        x = torch.full((total,), cfg.mask_id, dtype=torch.long, device=dev)
-        x[:P] = torch.tensor(prompt, dtype=torch.long, device=dev)
-        schedule = transfer_schedule(bl, steps)
-        self._gen = torch.Generator(device=dev).manual_seed(self.sampling.seed + request) if self.sampling.temperature > 0 else None
-        self._notes: dict[int, tuple[int, float]] = {}
-        cache = KVCache(cfg, total, dev, self.model.dtype) if d.kv_cache else None
-        rec = self.recorder
-        if rec is not None:
-            rec.add_request(request, P, gen_length)
-        res = Result(tokens=[])
-        first = P // bl
-        if d.kv_cache and first:
-            self._forward(x[:first * bl], 0, cache, block_causal_mask(first * bl, bl, dev), None,
-                          request, "prefill", 0, 0, 0)
-            res.forwards += 1
-            self._end(0)
-        for b in range(first, n_blocks):
-            s0, e = b * bl, (b + 1) * bl
-            for step in range(steps):
-                if not bool((x[s0:e] == cfg.mask_id).any()):
-                    break
-                if d.kv_cache:
-                    logits = self._forward(x[s0:e], s0, cache, None, 0, request, "step", b, step, 0)
-                else:
-                    logits = self._forward(x[:e], 0, None, block_causal_mask(e, bl, dev), s0, request, "step", b, step, s0)
-                n = self._accept(res, x, s0, logits, schedule[step], d.threshold)
-                res.forwards += 1
-                res.step_forwards += 1
-                res.committed += n
-                self._end(n)
-            stop = bool((x[P:e] == cfg.eos_id).any())
-            if d.kv_cache and not stop and b < n_blocks - 1:
-                self._forward(x[s0:e], s0, cache, None, None, request, "commit", b, 0, 0)
-                res.forwards += 1
-                self._end(0)
-            if stop:
-                break
-        self._finish(res, P, gen_length)
-        out = x[P:P + gen_length].tolist()
-        if cfg.eos_id in out:
+        x = self._canvas(prompt, gen_length)
+        self._gen = torch.Generator(device=x.device).manual_seed(self.sampling.seed + request) \
+            if self.sampling.temperature > 0 else None
+        res = self._run(x, len(prompt), gen_length, request, self._live_schedule(x, len(prompt), gen_length))
+        out = res.tokens
+        if cfg.eos_id in out:  # the answer ends at the first eos (kept)
+            cut = out.index(cfg.eos_id) + 1
             if res.margin is not None:
-                cut = out.index(cfg.eos_id) + 1
                 res.committed_at, res.margin = res.committed_at[:cut], res.margin[:cut]
-            out = out[:out.index(cfg.eos_id) + 1]
-        res.tokens = out
+            res.tokens = out[:cut]
         return res
 
     @torch.no_grad()
@@ -229,43 +202,89 @@ class Generator:
         req = next((r for r in trace.requests if r["request"] == request), None)
         if req is None:
             raise TideError(f"--replay-trace: no request {request} in the trace")
-        bl = trace.decoding.block_length
         P, G = req["prompt_length"], req["gen_length"]
-        dev = self.model.device
-        total = math.ceil((P + G) / bl) * bl
-        x = torch.full((total,), cfg.mask_id, dtype=torch.long, device=dev)
-        x[:P] = torch.tensor(replay_prompt(P, cfg.shape.vocab, (cfg.mask_id, cfg.eos_id)), device=dev)
-        cache = KVCache(cfg, total, dev, self.model.dtype)
-        chooser = ChoiceReplay(trace, self.model).attach()
-        if self.recorder is not None:
-            self.recorder.add_request(request, P, G)
-        res = Result(tokens=[])
+        x = self._canvas(replay_prompt(P, cfg.shape.vocab, (cfg.mask_id, cfg.eos_id)), G, trace.decoding.block_length)
         self._gen = None
-        self._notes = {}
-        fw = trace.forwards
+        chooser = ChoiceReplay(trace, self.model).attach()
         try:
-            for f in fw.index[fw["request"] == request]:
-                kind, b, step, n = fw.at[f, "kind"], int(fw.at[f, "block"]), int(fw.at[f, "step"]), int(fw.at[f, "tokens_committed"])
-                chooser.set_forward(f)
-                s0, e = b * bl, (b + 1) * bl
-                res.forwards += 1
-                if kind == "prefill":
-                    P0 = (P // bl) * bl
-                    self._forward(x[:P0], 0, cache, block_causal_mask(P0, bl, dev), None, request, kind, 0, 0, 0)
-                    self._end(0)
-                elif kind == "commit":
-                    self._forward(x[s0:e], s0, cache, None, None, request, kind, b, 0, 0)
-                    self._end(0)
-                else:
-                    logits = self._forward(x[s0:e], s0, cache, None, 0, request, kind, b, step, 0)
-                    n = self._accept(res, x, s0, logits, n)
-                    res.step_forwards += 1
-                    res.committed += n
-                    self._end(n)
+            return self._run(x, P, G, request, self._trace_schedule(trace, request), chooser, trace.decoding)
         finally:
             chooser.detach()
-        self._finish(res, P, G)
-        res.tokens = x[P:P + G].tolist()
+
+    # ---- the forward schedule: live (decided as the tokens commit) or read from a trace ----------
+    def _canvas(self, prompt: list[int], gen_length: int, block_length: int | None = None) -> torch.Tensor:
+        """The prompt, then masks to the end of the last whole block."""
+        bl = block_length or self.decoding.block_length
+        total = math.ceil((len(prompt) + gen_length) / bl) * bl
+        x = torch.full((total,), self.model.cfg.mask_id, dtype=torch.long, device=self.model.device)
+        x[:len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=x.device)
+        return x
+
+    def _live_schedule(self, x: torch.Tensor, P: int, gen_length: int) -> Iterator[Planned]:
+        """The published schedule: a prefill of the prompt's whole blocks (KV cache), then per
+        block up to ``steps`` denoising steps while masks remain, and a commit forward unless
+        the block holds ``eos`` (which ends the answer) or is the last."""
+        d, cfg = self.decoding, self.model.cfg
+        bl = d.block_length
+        steps = min(d.steps, gen_length)
+        schedule = transfer_schedule(bl, steps)
+        n_blocks, first = len(x) // bl, P // bl
+        if d.kv_cache and first:
+            yield Planned("prefill", 0, 0, 0)
+        for b in range(first, n_blocks):
+            s0, e = b * bl, (b + 1) * bl
+            for step in range(steps):
+                if not bool((x[s0:e] == cfg.mask_id).any()):
+                    break
+                yield Planned("step", b, step, schedule[step], d.threshold)
+            stop = bool((x[P:e] == cfg.eos_id).any())
+            if d.kv_cache and not stop and b < n_blocks - 1:
+                yield Planned("commit", b, 0, 0)
+            if stop:
+                return
+
+    @staticmethod
+    def _trace_schedule(trace: Trace, request: int) -> Iterator[Planned]:
+        """A recorded request's forwards, each committing exactly what it committed then."""
+        fw = trace.forwards
+        for f in fw.index[fw["request"] == request]:
+            yield Planned(str(fw.at[f, "kind"]), int(fw.at[f, "block"]), int(fw.at[f, "step"]),
+                          int(fw.at[f, "tokens_committed"]), None, int(f))
+
+    def _run(self, x: torch.Tensor, P: int, gen_length: int, request: int, schedule: Iterator[Planned],
+             chooser: ChoiceReplay | None = None, decoding: Decoding | None = None) -> Result:
+        """Run the forwards ``schedule`` yields (one loop for live and replayed decoding)."""
+        d = decoding or self.decoding
+        bl, dev = d.block_length, x.device
+        cache = KVCache(self.model.cfg, len(x), dev, self.model.dtype) if d.kv_cache else None
+        if self.recorder is not None:
+            self.recorder.add_request(request, P, gen_length)
+        self._notes: dict[int, tuple[int, float]] = {}
+        res = Result(tokens=[])
+        for p in schedule:
+            if chooser is not None:
+                chooser.set_forward(p.forward)
+            s0, e = p.block * bl, (p.block + 1) * bl
+            if p.kind == "prefill":
+                P0 = (P // bl) * bl
+                self._forward(x[:P0], 0, cache, block_causal_mask(P0, bl, dev), None, request, "prefill", 0, 0, 0)
+                n = 0
+            elif p.kind == "commit":
+                self._forward(x[s0:e], s0, cache, None, None, request, "commit", p.block, 0, 0)
+                n = 0
+            else:
+                if cache is not None:
+                    logits = self._forward(x[s0:e], s0, cache, None, 0, request, "step", p.block, p.step, 0)
+                else:
+                    logits = self._forward(x[:e], 0, None, block_causal_mask(e, bl, dev), s0, request, "step",
+                                           p.block, p.step, s0)
+                n = self._accept(res, x, s0, logits, p.commit, p.threshold)
+                res.step_forwards += 1
+                res.committed += n
+            res.forwards += 1
+            self._end(n)
+        self._finish(res, P, gen_length)
+        res.tokens = x[P:P + gen_length].tolist()
         return res
 
 
