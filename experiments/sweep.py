@@ -45,6 +45,8 @@ from tqdm.auto import tqdm
 from experiments.sweep_points import POLICY_SET, Point, evaluate, save
 
 POLICY_NAMES = ("all", "cpu", "static", "swap", "tide", "plan")
+#: How long to wait for a Dask scheduler to answer before saying it does not.
+DASK_CONNECT_TIMEOUT = "10s"
 from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, number, run_cli
 from traces.errors import TideError
 from traces.policies import BASELINES
@@ -186,7 +188,7 @@ def run_points(points: Iterable[Point], out: Path, executor: str = "local", jobs
             raise TideError("--executor dask needs dask.distributed: pip install 'dask[distributed]'") from None
         if scheduler:
             try:
-                client = Client(scheduler, timeout="10s")
+                client = Client(scheduler, timeout=DASK_CONNECT_TIMEOUT)
             except (OSError, TimeoutError) as exc:
                 why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise TideError(f"--scheduler {scheduler}: no Dask scheduler answered ({why})") from None

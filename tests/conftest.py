@@ -29,9 +29,31 @@ def small_trace_nokv(small_shape):
     return synthesize(small_shape, gen_length=96, prompt_length=40, seed=3, kv_cache=False)
 
 
-def run_module(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m ...`` as a user would, capturing its output."""
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout)
+def run_module(*args: str, timeout: float = 300, real: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python -m MODULE ARGS`` as a user would and capture its output: its ``main``
+    through :func:`traces.cli.run_cli` in this process (what the command line does, less
+    the interpreter's start-up), or with ``real=True`` in a new process, for the few tests
+    where the process itself is under test."""
+    if real:
+        return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout)
+    import contextlib
+    import importlib
+    import io
+    import signal
+
+    from traces.cli import run_cli
+    main = importlib.import_module(args[0]).main
+    out, err = io.StringIO(), io.StringIO()
+    sigterm = signal.getsignal(signal.SIGTERM)
+    code: int = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_cli(main, list(args[1:]))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -433,9 +433,12 @@ def test_a_bad_workload_run_makes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_unreachable_dask_scheduler_is_one_line(tmp_path):
+def test_an_unreachable_dask_scheduler_is_one_line(tmp_path, monkeypatch):
+    import experiments.sweep
+    monkeypatch.setattr(experiments.sweep, "DASK_CONNECT_TIMEOUT", "1s")
     assert_clean_error(run_module("experiments.sweep", "--quick", "--executor", "dask", "--scheduler",
                                   "tcp://127.0.0.1:9", "--out", str(tmp_path / "d")), "--scheduler", "no Dask scheduler")
+    assert not (tmp_path / "d").exists()
 
 
 # ---- a hard kill ------------------------------------------------------------------------------
@@ -496,6 +499,7 @@ def test_killing_a_sweep_ends_its_workers(tmp_path, sig):
     leftovers = [p for p in (tmp_path / "s").rglob("*") if p.name.endswith(".tmp")]
     if sig == signal.SIGTERM:
         assert leftovers == []
+        return
     # whatever a kill left, a rerun finishes and leaves no temporaries of its own targets
     p = run_module("experiments.sweep", "--quick", "--jobs", "1", "--no-figures", "--out", str(tmp_path / "s"))
     assert p.returncode == 0, p.stderr

@@ -113,7 +113,8 @@ def test_generate_command_json_and_trace(tmp_path, tiny_ckpt):
     prompts.write_text('{"prompt_ids": [1, 2, 3]}\n{"prompt_ids": [4, 5, 6, 7]}\n')
     out = tmp_path / "t.parquet"
     proc = run_module("runtime.generate", "--checkpoint", str(tiny_ckpt), "--prompts", str(prompts),
-                      "--gen-length", "40", "--threshold", "0.3", "--trace-out", str(out), "--json")
+                      "--gen-length", "40", "--threshold", "0.3", "--trace-out", str(out), "--json",
+                      real=True)  # one real process: the command as a user starts it
     assert proc.returncode == 0, proc.stderr
     j = json.loads(proc.stdout)
     assert len(j["tokens"]) == 2 and all(len(t) <= 40 for t in j["tokens"])

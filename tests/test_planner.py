@@ -78,7 +78,7 @@ def test_command_writes_a_plan_the_runtime_reads(tmp_path, trace):
     out = tmp_path / "plan.json"
     t0 = time.perf_counter()
     p = run_module("sim.plan", "--trace", str(tr), "--trace", str(tr), "--profile", "a100-40gb", "--gpu-mem-gb",
-                   str(MEM_GB), "--budget-step", "64", "--jobs", "2", "--out", str(out))
+                   str(MEM_GB), "--budget-step", "64", "--jobs", "2", "--out", str(out), real=True)
     wall = time.perf_counter() - t0
     assert p.returncode == 0, p.stderr
     assert "tau per layer" in p.stdout and "tide_tau1" in p.stdout

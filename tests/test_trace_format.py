@@ -151,7 +151,7 @@ def test_truncated_and_corrupted_files_fail_cleanly_on_the_command_line(tmp_path
     missing = tmp_path / "nope.parquet"
     for path in (trunc, missing):
         assert_clean_error(run_module("traces.stats", str(path), "--json"), str(path))
-    proc = run_module("traces.stats", str(corrupt), "--json")
+    proc = run_module("traces.stats", str(corrupt), "--json", real=True)  # the one-line contract, for real
     assert_clean_error(proc, str(corrupt))
 
 
