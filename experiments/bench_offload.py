@@ -19,6 +19,7 @@ from runtime.make_checkpoint import preset_config, random_model
 from runtime.offload import OffloadEngine
 from traces.cli import ArgumentParser, integer, print_json, run_cli
 from traces.errors import TideError
+from traces.memory import DEVICE_HEADROOM
 from traces.policies import Policy
 from traces.synth import synthesize
 from traces.trace import Decoding
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         warm_up(model, Decoding(32, 32, 0.95, True), prompt, engine=warm)
     rows = []
     for pol in policies(shape.n_moe_layers, shape.experts, budgets):
-        if pol.name == "all" and gpu and shape.routed_expert_bytes(dtype) > torch.cuda.mem_get_info(device)[0] * 0.9:
+        free = torch.cuda.mem_get_info(device)[0] if gpu else 0
+        if pol.name == "all" and gpu and shape.routed_expert_bytes(dtype) > free * DEVICE_HEADROOM:
             continue
         for tr in (None, trace):
             rows.append(run_one(model, pol, device, prompt, gen_length, tr))

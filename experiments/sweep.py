@@ -44,12 +44,11 @@ from tqdm.auto import tqdm
 
 from experiments.sweep_points import POLICY_SET, Point, evaluate, save
 
-POLICY_NAMES = ("all", "cpu", "static", "swap", "tide", "plan")
 #: How long to wait for a Dask scheduler to answer before saying it does not.
 DASK_CONNECT_TIMEOUT = "10s"
 from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, number, run_cli
 from traces.errors import TideError
-from traces.policies import BASELINES
+from traces.policies import BASELINES, POLICIES
 from traces.pool import worker_pool
 from traces.values import need_float, need_int, need_ints, need_list, need_numbers, need_str
 
@@ -91,9 +90,9 @@ class Study:
                         for i, v in enumerate(need_list(self.budgets, where("budgets"), True))]
         self.prompt_length = need_int(self.prompt_length, where("prompt_length"), lo=1, hi=1 << 20)
         self.seed = need_int(self.seed, where("seed"), lo=0)
-        bad = [x for x in self.policies if x not in POLICY_NAMES]
+        bad = [x for x in self.policies if x not in POLICIES]
         if bad:
-            raise TideError(f"{where('policies')}: unknown policy {bad[0]!r} (expected {', '.join(POLICY_NAMES)})")
+            raise TideError(f"{where('policies')}: unknown policy {bad[0]!r} (expected {', '.join(POLICIES)})")
         for p in self.profiles:
             try:
                 Profile.load(p)

@@ -205,11 +205,8 @@ class Generator:
         P, G = req["prompt_length"], req["gen_length"]
         x = self._canvas(replay_prompt(P, cfg.shape.vocab, (cfg.mask_id, cfg.eos_id)), G, trace.decoding.block_length)
         self._gen = None
-        chooser = ChoiceReplay(trace, self.model).attach()
-        try:
+        with ChoiceReplay(trace, self.model) as chooser:
             return self._run(x, P, G, request, self._trace_schedule(trace, request), chooser, trace.decoding)
-        finally:
-            chooser.detach()
 
     # ---- the forward schedule: live (decided as the tokens commit) or read from a trace ----------
     def _canvas(self, prompt: list[int], gen_length: int, block_length: int | None = None) -> torch.Tensor:

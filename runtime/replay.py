@@ -52,12 +52,13 @@ class ChoiceReplay:
         self._pos = {l: i for i, l in enumerate(trace.shape.moe_layers)}
         self._cur: torch.Tensor | None = None
 
-    def attach(self) -> "ChoiceReplay":
+    def __enter__(self) -> "ChoiceReplay":
+        """While inside, every MoE layer routes as the trace's current forward did."""
         for blk in self.model.moe_blocks:
             blk.override = self._choices
         return self
 
-    def detach(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         for blk in self.model.moe_blocks:
             blk.override = None
 

@@ -57,10 +57,9 @@ class CandidateTable:
             raise TideError(f"candidate table has shape {self.seconds.shape}, expected {(L, T, B)}")
         if not np.isfinite(self.seconds).all():
             raise TideError("candidate table holds non-finite times")
-        if self.fixed_bytes + L * self.expert_bytes > self.mem_limit:
-            raise TideError(f"--gpu-mem-gb: {self.mem_limit / 1e9:.2f} GB cannot hold the non-expert weights and KV cache "
-                            f"({self.fixed_bytes / 1e9:.2f} GB) plus one expert per layer "
-                            f"({L * self.expert_bytes / 1e9:.2f} GB)")
+        if self.fixed_bytes + L * min(self.budgets) * self.expert_bytes > self.mem_limit:
+            raise TideError(f"no plan fits: every layer at its smallest candidate budget ({min(self.budgets)}) "
+                            f"needs more than {self.mem_limit / 1e9:.2f} GB")
 
 
 @dataclass(frozen=True)
