@@ -228,3 +228,24 @@ def test_resident_sets_carry_over_between_requests(small_trace):
     second = small_trace.forwards.index[small_trace.forwards["request"] == 1][0]
     rep = replay_policy(small_trace, Policy.make("static", L, E, budget=8))
     assert rep.counters["migrations"][second:].sum() == 0
+
+
+@pytest.mark.parametrize("name,budget,tau", [("tide", 6, 1), ("tide", 3, 2), ("plan", [0, 5, 12, 3], [1, 3, 2, 1]),
+                                             ("static", 6, None), ("tide", 32, 1)])
+def test_the_runtimes_one_layer_path_decides_as_the_batched_one(name, budget, tau):
+    """Layer by layer (the runtime's fast path) and a whole forward at once (the simulator)
+    give the same copies and residents, forward after forward."""
+    rng = np.random.default_rng(7)
+    L, E = 4, 32
+    policy = Policy.make(name, L, E, budget=budget, tau=tau)
+    one, whole = PolicyRunner(policy, E), PolicyRunner(policy, E)
+    for f in range(60):
+        kind, step = ("commit", 0) if f % 9 == 8 else ("step", f % 9)
+        counts = np.where(rng.random((L, E)) < 0.3, rng.integers(1, 6, (L, E)), 0)
+        one.begin(kind, step)
+        for l in range(L):
+            one.layer(l, counts[l])
+        a = one.end()
+        b = whole.step(counts, kind, step)
+        assert np.array_equal(a.resident, b.resident), f
+        assert np.array_equal(a.copy_table, b.copy_table) and np.array_equal(a.setup_table, b.setup_table), f

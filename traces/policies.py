@@ -200,6 +200,7 @@ class Wave:
 
 
 _NO_TABLE = np.zeros((0, 3), dtype=np.int32)
+_NEVER = np.iinfo(np.int64).max  # an eviction key that never leaves
 
 
 def _per_row(table: np.ndarray, n_rows: int) -> list[np.ndarray]:
@@ -306,6 +307,47 @@ def _place(state: PlacementState, rows: np.ndarray, new: np.ndarray, new_mask: n
     return out
 
 
+def _evict_keys(counts: np.ndarray, last_use: np.ndarray, clock: int) -> np.ndarray:
+    """Composite eviction keys: ascending key = who leaves first (lowest count, then least
+    recently used, then lower id). ``last_use`` is below ``clock``; -1 for never."""
+    E = counts.shape[-1]
+    out = np.multiply(counts, clock + 2, dtype=np.int64)
+    out += last_use + 1
+    out *= E
+    out += _ids(E)
+    return out
+
+
+def _tide_refresh_row(state: PlacementState, r: int, counts: np.ndarray, budget: int) -> np.ndarray:
+    """:func:`_tide_refresh` for one row (the runtime's layer as its router has chosen): the
+    same keys and rules, a few numpy calls on ``[E]`` instead of many on ``[1, E]``."""
+    E = counts.shape[0]
+    slot_of, in_slot = state.slot_of[r], state.in_slot[r]
+    resident = slot_of >= 0
+    key = _rank_keys(counts, resident)
+    ranked = np.sort(key)
+    target = ranked[:min(budget, int(np.count_nonzero(counts)))]
+    new = target[target % (2 * E) >= E] % E  # in rank order
+    if not len(new):
+        return _NO_TABLE
+    free = (in_slot == -1).nonzero()[0]
+    n_evict = len(new) - len(free)
+    if n_evict > 0:
+        out = _evict_keys(counts, np.maximum(state.placed[r], state.chosen[r // state.group]), state.clock)
+        out[~resident | (key <= target[-1])] = _NEVER  # only residents outside the target leave
+        gone = np.partition(out, n_evict - 1)[:n_evict] % E
+        in_slot[slot_of[gone]] = -1
+        slot_of[gone] = -1
+        free = (in_slot == -1).nonzero()[0]
+    fs = free[:len(new)]
+    slot_of[new] = fs
+    in_slot[fs] = new
+    state.placed[r, new] = state.clock
+    table = np.empty((len(new), 3), dtype=np.int32)
+    table[:, 0], table[:, 1], table[:, 2] = r, new, fs
+    return table
+
+
 def _tide_refresh(state: PlacementState, rows: np.ndarray, counts: np.ndarray, budgets: np.ndarray) -> np.ndarray:
     """Refresh ``rows`` (``counts`` ``[n, E]``, ``budgets`` ``[n]``) at once; the copies ``[m, 3]``.
 
@@ -331,11 +373,8 @@ def _tide_refresh(state: PlacementState, rows: np.ndarray, counts: np.ndarray, b
         return _place(state, rows, order, new_mask, n_new)
     last_in_target = ranked[ev, n_take[ev] - 1]  # n_take >= n_new > 0
     keep_out = ~resident[ev] | (key[ev] <= last_in_target[:, None])  # only residents outside the target leave
-    out = np.multiply(counts[ev], state.clock + 2, dtype=np.int64)  # count first, then last use (< clock)
-    out += state.last_use(rows[ev]) + 1
-    out *= E
-    out += _ids(E)
-    out[keep_out] = np.iinfo(np.int64).max
+    out = _evict_keys(counts[ev], state.last_use(rows[ev]), state.clock)
+    out[keep_out] = _NEVER
     out.sort(axis=1)
     er, ek = np.nonzero(_ids(E) < n_evict[ev][:, None])
     return _place(state, rows, order, new_mask, n_new, (ev[er], out[er, ek] % E))
@@ -474,7 +513,15 @@ class PolicyRunner:
     def layer(self, l: int, counts_l: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Wave] | None]:
         """Decide layer ``l`` (one row per layer): setup copies (first forward only), copies,
         swap waves (``[n, 2]`` each)."""
-        setup, copies = self._decide(np.array([l]), np.asarray(counts_l)[None, :])
+        counts_l = np.asarray(counts_l)
+        if self.group == 1 and not self._first and self._waves is None:  # the runtime's hot path: one row
+            copies = _NO_TABLE
+            if self._refresh is not None and self._refresh[l] and self.policy.budget[l] > 0:
+                copies = _tide_refresh_row(self.state, l, counts_l, int(self.policy.budget[l]))
+            self.state.chosen[l, counts_l > 0] = self.state.clock
+            self._copies.append(copies)
+            return _NO_TABLE[:, 1:], copies[:, 1:], None
+        setup, copies = self._decide(np.array([l]), counts_l[None, :])
         return setup[:, 1:], copies[:, 1:], self._waves[l] if self._waves is not None else None
 
     def end(self) -> Decision:
