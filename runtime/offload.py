@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from runtime.checkpoint import dtype_name
-from runtime.model import LLaDA2, ExpertWeights, combine, expert_ffn
+from runtime.model import ExpertWeights, LLaDA2, combine, run_experts
 from traces.counters import COUNTERS, forward_counters
 from traces.errors import TideError
 from traces.policies import Policy, PolicyRunner
@@ -28,7 +28,11 @@ from traces.shapes import dtype_bytes
 
 #: Host-side seconds issuing fast-device work, computing CPU experts, issuing copies, and
 #: waiting (for routing, copies, activations). On a GPU, device work overlaps these.
-TIMERS = ("fast_s", "cpu_s", "copy_s", "wait_s")
+#: Host seconds the engine spends, by what: expert math on the fast device and on the CPU,
+#: issuing copies, waiting (routing to the host, copies, activations), the policy decision,
+#: per-forward bookkeeping (counters), and all of ``_execute`` (``layer_s``: the rest of it is
+#: issuing work: sorting tokens, gathers, combining).
+TIMERS = ("fast_s", "cpu_s", "copy_s", "wait_s", "decide_s", "book_s", "layer_s")
 
 
 @dataclass
@@ -101,11 +105,13 @@ class OffloadEngine:
 
     def end(self) -> dict[str, np.ndarray]:
         """Finish the forward; its counters (``[L]`` each), defined in ``traces.counters``."""
+        t0 = time.perf_counter()
         decision = self.runner.end()
         choices = torch.stack(self._choices, dim=1).cpu().numpy()  # [T, L, k]
         c = forward_counters(decision, self._counts, self.expert_bytes, self.act_bytes, choices, choices.shape[0])
         self.forward_counters.append(c)
         self._in_forward = False
+        self.timers["book_s"] += time.perf_counter() - t0
         return c
 
     def totals(self) -> dict[str, int]:
@@ -129,6 +135,13 @@ class OffloadEngine:
         self.timers["copy_s"] += time.perf_counter() - t0
 
     def _execute(self, l: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ew: ExpertWeights) -> torch.Tensor:
+        t_layer = time.perf_counter()
+        try:
+            return self._layer(l, x, idx, w)
+        finally:
+            self.timers["layer_s"] += time.perf_counter() - t_layer
+
+    def _layer(self, l: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if not self._in_forward:
             raise RuntimeError("OffloadEngine: forward run without begin()")
         i = l - self.model.cfg.shape.first_k_dense
@@ -141,7 +154,9 @@ class OffloadEngine:
         self.timers["wait_s"] += time.perf_counter() - t0
         self._counts[i] = counts
         self._choices[i] = idx
+        t0 = time.perf_counter()
         setup, copies, waves = self.runner.layer(i, counts)
+        self.timers["decide_s"] += time.perf_counter() - t0
         if len(setup):  # the run's first forward: slots must be filled before anything reads them
             self._copy(layer, setup)
             self._wait_copies()
@@ -225,15 +240,3 @@ class OffloadEngine:
         current.wait_stream(self.act_stream)
         back.record_stream(current)  # made on the activation stream, read on the compute stream
         out[rows] = back
-
-
-def run_experts(tokens: torch.Tensor, out: torch.Tensor, bounds: np.ndarray, experts: np.ndarray,
-                weights: ExpertWeights, index: np.ndarray) -> None:
-    """Expert ``e``'s rows ``bounds[e]:bounds[e+1]`` of ``tokens`` through the weights at
-    ``index[e]``, into ``out``: the one grouped-expert kernel of the engine and the profiler."""
-    for e in experts.tolist():
-        a, b = int(bounds[e]), int(bounds[e + 1])
-        s = int(index[e])
-        out[a:b] = expert_ffn(tokens[a:b], weights.gate[s], weights.up[s], weights.down[s])
-
-

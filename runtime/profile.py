@@ -28,8 +28,7 @@ from runtime.checkpoint import dtype_name, torch_dtype
 from runtime.config import ModelConfig
 from runtime.decoding import Sampling, sample
 from runtime.device import check_device
-from runtime.model import DecoderLayer, ExpertWeights, KVCache, combine, expert_ffn, rope
-from runtime.offload import run_experts
+from runtime.model import DecoderLayer, ExpertWeights, KVCache, combine, expert_ffn, rope, run_experts
 from traces.cli import ArgumentParser, check_out_path, run_cli
 from traces.policies import Policy, PolicyRunner
 from traces.profile import FORMAT, VERSION, Profile

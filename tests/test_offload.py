@@ -170,3 +170,20 @@ def test_reset_after_a_warm_up_starts_the_run_afresh(model):
     fresh, eng2 = _run(model, policy, True, PROMPTS[0])
     eng.detach()
     assert r.tokens == fresh.tokens and eng.totals() == eng2.totals()
+
+
+def test_bench_engine_splits_the_engines_host_time(tmp_path):
+    """The benchmark's figures: every part of the engine's layer time, none negative, adding up."""
+    proc = run_module("experiments.bench_engine", "--device", "cpu", "--budgets", "8", "--gen-length", "32",
+                      "--repeats", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    assert [r["policy"] for r in d["baseline"]] == ["plain model", "all"]
+    parts = ("decide", "copies", "cpu", "fast", "wait", "book", "issue")
+    assert {r["policy"] for r in d["policies"]} >= {"cpu", "static", "swap", "tide_tau1", "tide tau=4"}
+    for r in d["policies"] + d["baseline"][1:]:
+        assert all(r[p] >= 0 for p in parts), r
+        assert sum(r[p] for p in parts if p != "book") == pytest.approx(r["layer"], rel=1e-6)
+        assert r["tokens_per_s"] > 0
+    swap = next(r for r in d["policies"] if r["policy"] == "swap" and r["routing"] == "router")
+    assert swap["migrations"] > 0 and swap["cpu"] == 0  # swap streams every chosen expert: nothing on the CPU path
