@@ -6,7 +6,7 @@ counts and choices when the forward ends.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -54,7 +54,8 @@ class TraceRecorder:
                          tokens_committed=0, context=context, choice_start=choice_start, choice_tokens=choice_tokens)
         self._idx = {}
 
-    def end(self, tokens_committed: int = 0, counters: dict[str, np.ndarray] | None = None) -> None:
+    def end(self, tokens_committed: int = 0,
+            counters: dict[str, np.ndarray] | Callable[[], dict[str, np.ndarray]] | None = None) -> None:
         row = self._row
         assert row is not None, "end() without begin()"
         row["tokens_committed"] = tokens_committed
@@ -66,7 +67,7 @@ class TraceRecorder:
         self.counts.append(counts.astype(np.int32))
         self.choices.append(idx[:, idx.shape[1] - n:, :].reshape(-1).astype(np.int16))
         if counters is not None:
-            self.counters.append(counters)
+            self.counters.append(counters)  # a dict, or a callable giving it (the engine counts later)
         self._row = None
 
     def add_request(self, request: int, prompt_length: int, gen_length: int) -> None:
@@ -75,7 +76,8 @@ class TraceRecorder:
     def trace(self, source: dict[str, Any] | None = None, policy: dict[str, Any] | None = None) -> Trace:
         counters = None
         if self.counters:
-            counters = {k: np.stack([c[k] for c in self.counters]) for k in self.counters[0]}
+            per = [c() if callable(c) else c for c in self.counters]
+            counters = {k: np.stack([c[k] for c in per]) for k in per[0]}
         return Trace(shape=self.shape, dtype=self.dtype, decoding=self.decoding, requests=self.requests,
                      forwards=pd.DataFrame(self.rows), counts=np.stack(self.counts),
                      choices=np.concatenate(self.choices), counters=counters, policy=policy, source=source or {})

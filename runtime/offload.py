@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -72,7 +73,8 @@ class OffloadEngine:
             blk.executor = self._execute
         self.expert_bytes = s.expert_bytes(dtype_name(self.model.dtype))
         self.act_bytes = 2 * s.hidden * dtype_bytes(dtype_name(self.model.dtype))
-        self.forward_counters: list[dict[str, np.ndarray]] = []
+        self._counters: list[dict[str, np.ndarray]] = []
+        self._pending: list[tuple[Any, np.ndarray, list[torch.Tensor]]] = []  # forwards not yet counted
         self._in_forward = False
 
     def reset(self) -> None:
@@ -80,7 +82,7 @@ class OffloadEngine:
         self.runner = PolicyRunner(self.policy, self.model.cfg.shape.experts, setup_counts=self.setup_counts)
         for layer in self.layers:
             layer.slot_of[:] = -1
-        self.forward_counters = []
+        self._counters, self._pending = [], []
         self.timers = dict.fromkeys(TIMERS, 0.0)
 
     def detach(self) -> None:
@@ -103,16 +105,25 @@ class OffloadEngine:
         self._choices: list[torch.Tensor | None] = [None] * L
         self._in_forward = True
 
-    def end(self) -> dict[str, np.ndarray]:
-        """Finish the forward; its counters (``[L]`` each), defined in ``traces.counters``."""
+    def end(self) -> Callable[[], dict[str, np.ndarray]]:
+        """Finish the forward. Its counters (``[L]`` each, defined in ``traces.counters``) are
+        counted when first asked for (the returned callable, :attr:`forward_counters`,
+        :meth:`totals`), not on the forward's path: no host work or device sync of their own."""
         t0 = time.perf_counter()
-        decision = self.runner.end()
-        choices = torch.stack(self._choices, dim=1).cpu().numpy()  # [T, L, k]
-        c = forward_counters(decision, self._counts, self.expert_bytes, self.act_bytes, choices, choices.shape[0])
-        self.forward_counters.append(c)
+        self._pending.append((self.runner.end(), self._counts, self._choices))
+        i = len(self._counters) + len(self._pending) - 1
         self._in_forward = False
         self.timers["book_s"] += time.perf_counter() - t0
-        return c
+        return lambda: self.forward_counters[i]
+
+    @property
+    def forward_counters(self) -> list[dict[str, np.ndarray]]:
+        """Every forward's counters so far, in order (counting what was deferred)."""
+        for decision, counts, choices in self._pending:
+            ch = torch.stack(choices, dim=1).cpu().numpy()  # [T, L, k]
+            self._counters.append(forward_counters(decision, counts, self.expert_bytes, self.act_bytes, ch, ch.shape[0]))
+        self._pending.clear()
+        return self._counters
 
     def totals(self) -> dict[str, int]:
         return {k: int(sum(c[k].sum() for c in self.forward_counters)) for k in COUNTERS}
