@@ -46,7 +46,7 @@ def bench_case(model: str, box: str, limits: tuple[float, ...], gen_length: int,
     rows = []
     for g in limits:
         mem = memory([trace], profile, g)
-        keep = [i for i, b in enumerate(budgets) if mem.fixed_bytes + b * mem.expert_bytes <= mem.limit_bytes]
+        keep = [i for i, b in enumerate(budgets) if mem.fits_alone(b)]
         table = CandidateTable.of(shape.moe_layers, taus, [budgets[i] for i in keep], seconds[:, :, keep], mem)
         per_layer, uniform = solve(table), solve(table, uniform=True)
         plan_s = simulated_seconds([trace], profile, per_layer.policy(E))

@@ -286,8 +286,6 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.jobs is not None and a.jobs < 1:
         raise TideError(f"--jobs must be at least 1, got {a.jobs}")
-    if a.executor not in ("local", "dask"):
-        raise TideError(f"--executor: expected local or dask, got {a.executor!r}")
     if a.scheduler and a.executor != "dask":
         raise TideError("--scheduler needs --executor dask")
     kinds = {"profiles": str, "models": str, "gen_lengths": integer, "pcie": number, "cpu_cores": number,

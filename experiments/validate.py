@@ -85,12 +85,12 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     for name, tr in traces:
         if tr.dtype != dtype_name(model.dtype):
             raise TideError(f"--trace {name}: recorded in {tr.dtype}, the plan runs {dtype_name(model.dtype)}")
-    E = shape.experts
+    recorded = [t for _, t in traces]
     all_fits = device.type == "cpu" or MemoryBudget.for_traces(
-        [t for _, t in traces], torch.cuda.get_device_properties(device).total_memory * DEVICE_HEADROOM).fits(E)
+        recorded, torch.cuda.get_device_properties(device).total_memory * DEVICE_HEADROOM).fits(shape.experts)
     exact = device.type == "cpu"
     rows, failures, reference = [], [], None
-    for name, policy in runs_to_make(plan, [t for _, t in traces], shape, all_fits).items():
+    for name, policy in runs_to_make(plan, recorded, shape, all_fits).items():
         results, seconds = [], []
         for rep in range(repeats + 1):  # the first run checks tokens (and warms up); the rest are timed
             total, counters = 0.0, dict.fromkeys(("gpu_tokens", "cpu_tokens", "migrations"), 0)
@@ -136,7 +136,6 @@ def box_check(plan: Plan, tolerance: float = 0.25) -> tuple[list[str], list[str]
     average now and then, and the profile's reference figure (host memory bandwidth)
     re-measured now. A mismatch means predictions are for another box or another load.
     """
-    import datetime as dt
     import os
     import socket
 

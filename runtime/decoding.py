@@ -294,4 +294,3 @@ def warm_up(model: LLaDA2, decoding: Decoding, prompt: list[int], sampling: Samp
               engine=engine).generate(prompt[:bl], 1)
     if engine is not None:
         engine.reset()
-

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from runtime.checkpoint import dtype_name, torch_dtype
 from runtime.config import ModelConfig
 from runtime.decoding import Sampling, sample
-from runtime.device import check_device
+from runtime.device import check_device, timed
 from runtime.model import DecoderLayer, ExpertWeights, KVCache, combine, expert_ffn, rope, run_experts
 from traces.cli import ArgumentParser, check_out_path, run_cli
 from traces.policies import Policy, PolicyRunner
@@ -36,18 +36,10 @@ from traces.shapes import ModelShape
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], Any], int], float]:
+    """Median seconds of ``reps`` runs of ``fn`` after one warm-up (:func:`runtime.device.timed` each)."""
     def median_s(fn: Callable[[], Any], reps: int) -> float:
         fn()  # warm-up
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        return float(np.median([timed(device, fn)[1] for _ in range(reps)]))
     return median_s
 
 

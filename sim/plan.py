@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p, s = plan.predicted, plan.provenance["solver"]
     print(f"{traces[0].shape.name} on {profile.name}, {a.gpu_mem_gb:g} GB, {p['tokens']} tokens in "
-          f"{len(traces)} trace(s): {plan.provenance['mode']} plan; solved in {s['solve_s']:.2f} s ({s['binaries']} binaries)")
+          f"{len(traces)} trace(s): {plan.provenance['mode']} plan; "
+          f"solved in {s['solve_s']:.2f} s ({s['binaries']} binaries)")
     print("tau per layer:    " + " ".join(map(str, plan.tau)))
     print("budget per layer: " + " ".join(map(str, plan.budget)))
     print(frame.to_string(index=False, formatters={"seconds": "{:.3f}".format, "tokens_per_s": "{:.1f}".format,

@@ -26,12 +26,12 @@ from sim.replay import simulate
 from traces.cli import data_sha256, file_sha256, span
 from traces.costs import check_fits
 from traces.errors import TideError
-from traces.values import need_float
-from traces.plan import Plan
 from traces.memory import MemoryBudget
+from traces.plan import Plan
 from traces.policies import Policy, baselines
 from traces.profile import Profile
 from traces.trace import Trace
+from traces.values import need_float
 
 def check_traces(traces: Sequence[Trace], names: Sequence[str]) -> None:
     """All traces must be of one model and dtype."""
@@ -65,8 +65,7 @@ def candidate_table(traces: Sequence[Trace], profile: Profile, mem: MemoryBudget
     shape = traces[0].shape
     if budget_step < 1:
         raise TideError(f"--budget-step must be at least 1, got {budget_step}")
-    budgets = [b for b in budget_grid(shape.experts, budget_step, [mem.largest_uniform()])
-               if mem.fixed_bytes + b * mem.expert_bytes <= mem.limit_bytes]  # b on one layer, the others at 0
+    budgets = [b for b in budget_grid(shape.experts, budget_step, [mem.largest_uniform()]) if mem.fits_alone(b)]
     taus = distinct_taus(traces, range(1, max(t.decoding.steps for t in traces) + 1))
     seconds = candidate_table_seconds(traces, profile, taus, budgets, jobs=jobs, progress=progress)
     return CandidateTable.of(shape.moe_layers, taus, budgets, seconds, mem)

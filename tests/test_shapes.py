@@ -60,6 +60,7 @@ def test_memory_budget_accounts_for_weights_and_kv_cache():
     b = mem.largest_uniform()
     assert b == int((24e9 - s.non_expert_bytes()) // (19 * s.expert_bytes()))
     assert mem.fits(b) and not mem.fits(b + 1) and mem.fits([b + 1] + [b] * 18)
+    assert mem.fits_alone(256) and not MemoryBudget(s, "bfloat16", s.non_expert_bytes() + 4e6).fits_alone(1)
     assert MemoryBudget(s, "bfloat16", 24e9, kv_tokens=100_000).largest_uniform() < b
     assert MemoryBudget(s, "bfloat16", 1e9).largest_uniform() == 0
     assert MemoryBudget(s, "bfloat16", 1e12).largest_uniform() == 256

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from traces.errors import TideError
-
-INT64_MAX = 2**63 - 1
+from traces.values import INT64_MAX
 
 
 class ArgumentParser(argparse.ArgumentParser):

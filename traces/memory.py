@@ -67,6 +67,11 @@ class MemoryBudget:
     def fits(self, budget: Sequence[int] | np.ndarray | int) -> bool:
         return self.need_bytes(budget) <= self.limit_bytes
 
+    def fits_alone(self, budget: int) -> bool:
+        """Whether one MoE layer can have ``budget`` slots with every other layer at 0 (a
+        candidate budget the planner may give some layer)."""
+        return self.fixed_bytes + budget * self.expert_bytes <= self.limit_bytes
+
     def largest_uniform(self) -> int:
         """The largest ``B`` (at most the experts) that every MoE layer can have at once."""
         free = self.limit_bytes - self.fixed_bytes

@@ -182,8 +182,8 @@ class PlacementState:
     def resident(self) -> np.ndarray:
         return self.slot_of >= 0
 
-    def last_use(self, rows: np.ndarray) -> np.ndarray:
-        """``[n, E]`` when each resident expert of ``rows`` was last used (placed or chosen)."""
+    def last_use(self, rows: np.ndarray | int) -> np.ndarray:
+        """``[n, E]`` (``[E]`` for one row) when each resident expert of ``rows`` was last used (placed or chosen)."""
         return np.maximum(self.placed[rows], self.chosen[rows // self.group])
 
     def copy(self) -> "PlacementState":
@@ -333,7 +333,7 @@ def _tide_refresh_row(state: PlacementState, r: int, counts: np.ndarray, budget:
     free = (in_slot == -1).nonzero()[0]
     n_evict = len(new) - len(free)
     if n_evict > 0:
-        out = _evict_keys(counts, np.maximum(state.placed[r], state.chosen[r // state.group]), state.clock)
+        out = _evict_keys(counts, state.last_use(r), state.clock)
         out[~resident | (key <= target[-1])] = _NEVER  # only residents outside the target leave
         gone = np.partition(out, n_evict - 1)[:n_evict] % E
         in_slot[slot_of[gone]] = -1
