@@ -3,13 +3,15 @@
 ``python -m experiments.accuracy [--device cpu|cuda] [--checkpoint DIR] [--out DIR]
 [--capture-only DIR | --replay-only DIR]``
 
-1. Profiles this box with the runtime profiler (``--quick``) for the checkpoint's shapes
-   (a tiny random checkpoint when none is given).
-2. Runs the runtime under several policies and budgets, replaying a synthetic trace of the
-   checkpoint's shape (realistic expert traffic), and captures each run's trace with its
-   counters and measured seconds.
+1. In rounds (``--repeats``), profiles this box with the runtime profiler (``--quick``) for
+   the checkpoint's shapes (a random checkpoint of ``--preset`` when none is given), then
+   runs the runtime under several policies and budgets, replaying a synthetic trace of the
+   checkpoint's shape (realistic expert traffic), capturing each run's trace with its
+   counters. Profile and runs keep their best round (see :func:`capture`).
 3. Replays every captured trace with the simulator on the measured profile and prints
-   predicted against measured seconds, the error per run, and the median and worst error.
+   predicted against measured seconds, the error per run, each policy's predicted speedup
+   over ``all`` against the measured one, the median and worst error, and how much the
+   runs varied between rounds (the box's noise).
 
 The runtime half needs only ``runtime`` and ``traces`` (``--capture-only DIR`` writes the
 profile, traces and ``runs.json`` to DIR, e.g. on a GPU box without simpy); the simulator
@@ -31,56 +33,78 @@ RUNS: list[tuple[str, float | None, int | None]] = [
     ("all", None, None), ("cpu", None, None), ("static", 0.25, None), ("static", 0.5, None),
     ("swap", 0.25, None), ("swap", 0.5, None), ("tide", 0.25, 1), ("tide", 0.25, 4), ("tide", 0.5, 2),
 ]
+#: Checkpoints made when none is given: the tiny model, and LLaDA2.0-mini's layer shapes
+#: (one dense and two MoE layers, 256 experts of 2048x512, fp32) with a 1024-token
+#: vocabulary, so that expert math, not the head, is most of a forward.
+PRESETS = ("tiny", "mini-moe")
+
+
+def make_preset(folder: Path, preset: str) -> None:
+    from runtime.make_checkpoint import preset_config, write_checkpoint
+    if (folder / "config.json").is_file():
+        return
+    if preset == "tiny":
+        write_checkpoint(str(folder), preset_config("tiny"), seed=0, dtype="float32", router_skew=0.25)
+        return
+    cfg = preset_config("mini", layers=3)
+    cfg.update(name="llada2-mini-moe", vocab_size=1024, mask_token_id=1023, eos_token_id=1022, pad_token_id=1022)
+    write_checkpoint(str(folder), cfg, seed=0, dtype="float32", router_skew=0.25)
 
 
 def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int, prompt_length: int,
-            repeats: int = 3) -> None:
-    """The runtime half: profile, then run and record every configuration."""
+            repeats: int = 3, preset: str = "tiny") -> None:
+    """The runtime half. Rounds of: profile the box, then run every setting once. A shared box
+    changes speed from minute to minute, so profile and runs are interleaved and each keeps
+    its best round (the least time: load only ever adds), and the spread over rounds is kept
+    as the box's noise."""
     from runtime.checkpoint import load_model
     from runtime.config import ModelConfig
     from runtime.decoding import Generator
     from runtime.device import check_device, timed
     from runtime.capture import TraceRecorder
-    from runtime.make_checkpoint import preset_config, write_checkpoint
     from runtime.offload import OffloadEngine
     from runtime.profile import profile_box
     from traces.policies import Policy
+    from traces.profile import best_of
     from traces.synth import synthesize
 
     device = check_device(device_name)
     out.mkdir(parents=True, exist_ok=True)
     if checkpoint is None:
-        checkpoint = str(out / "checkpoint")
-        if not (Path(checkpoint) / "config.json").is_file():
-            write_checkpoint(checkpoint, preset_config("tiny"), seed=0, dtype="float32", router_skew=0.25)
+        checkpoint = str(out / f"checkpoint-{preset}")
+        make_preset(Path(checkpoint), preset)
     cfg = ModelConfig.load(checkpoint)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
-    profile = profile_box(cfg, device, dtype, quick=True)
-    profile.write(out / "profile.json")
     model = load_model(checkpoint, device=device, dtype=dtype, experts_device="cpu")
     shape = model.cfg.shape
     work = synthesize(shape, gen_length, prompt_length, seed=0, dtype=dtype)
     L, E = shape.n_moe_layers, shape.experts
     with OffloadEngine(model, Policy.make("cpu", L, E), device) as warm:  # the experts live in host memory
         Generator(model, work.decoding, engine=warm).replay(work, 0)  # warm-up: a whole run, not timed
-    runs = []
-    bar = tqdm(total=len(RUNS) * repeats, desc="runs", unit="run")
-    for i, (name, frac, tau) in enumerate(RUNS):
+    settings = []
+    for name, frac, tau in RUNS:
         budget = None if frac is None else max(1, int(E * frac))
-        policy = Policy.make(name, L, E, budget=budget, tau=tau)
-        times = []
-        for rep in range(repeats):  # the median of a few runs: single runs on a shared box are noisy
+        settings.append((name, budget, tau, Policy.make(name, L, E, budget=budget, tau=tau)))
+    profiles, times = [], [[] for _ in settings]
+    bar = tqdm(total=repeats * (len(settings) + 1), desc="rounds of profile + runs", unit="step")
+    for rnd in range(repeats):
+        profiles.append(profile_box(cfg, device, dtype, quick=True, progress=False))
+        bar.update()
+        for i, (name, budget, tau, policy) in enumerate(settings):
             with TraceRecorder(model, work.decoding, dtype) as rec, OffloadEngine(model, policy, device) as eng:
                 gen = Generator(model, work.decoding, recorder=rec, engine=eng)
-                times.append(timed(device, lambda: gen.replay(work, 0))[1])
+                times[i].append(timed(device, lambda: gen.replay(work, 0))[1])
+            if rnd == repeats - 1:
+                rec.trace(policy=policy.to_json()).write(out / f"run{i}.parquet")
             bar.update()
-        seconds = float(sorted(times)[len(times) // 2])
-        path = out / f"run{i}.parquet"
-        rec.trace(policy=policy.to_json()).write(path)
-        runs.append({"run": i, "policy": name, "budget": budget, "tau": tau, "trace": path.name,
-                     "measured_s": seconds, "device": str(device)})
     bar.close()
-    write_json(out / "runs.json", {"checkpoint": checkpoint, "runs": runs})
+    best = best_of(profiles)
+    best.data["measured"]["rounds"] = repeats
+    best.write(out / "profile.json")
+    runs = [{"run": i, "policy": name, "budget": budget, "tau": tau, "trace": f"run{i}.parquet",
+             "measured_s": min(times[i]), "spread": max(times[i]) / min(times[i]) - 1, "device": str(device)}
+            for i, (name, budget, tau, _) in enumerate(settings)]
+    write_json(out / "runs.json", {"checkpoint": checkpoint, "rounds": repeats, "runs": runs})
 
 
 def read_runs(out: Path) -> list[dict]:
@@ -102,6 +126,7 @@ def read_runs(out: Path) -> list[dict]:
                          "policy": need_str(get(r, "policy", wi), f"{wi}.policy"), "budget": opt("budget"),
                          "tau": opt("tau"), "trace": trace,
                          "measured_s": need_float(get(r, "measured_s", wi), f"{wi}.measured_s", positive=True),
+                         "spread": need_float(r.get("spread", 0.0), f"{wi}.spread", lo=0.0),
                          "device": need_str(get(r, "device", wi), f"{wi}.device")})
     return out_runs
 
@@ -128,8 +153,13 @@ def replay(out: Path) -> pd.DataFrame:
         agree = all((res.counters[k] == trace.counters[k]).all() for k in res.counters)
         rows.append({**{k: r[k] for k in ("run", "policy", "budget", "tau", "device")},
                      "measured_s": r["measured_s"], "predicted_s": res.seconds,
-                     "error": (res.seconds - r["measured_s"]) / r["measured_s"], "counters_agree": agree})
+                     "error": (res.seconds - r["measured_s"]) / r["measured_s"], "spread": r["spread"],
+                     "counters_agree": agree})
     df = pd.DataFrame(rows)
+    base = df[df["policy"] == "all"]
+    if len(base):  # each policy's speedup over all, predicted and measured
+        m0, p0 = float(base["measured_s"].iloc[0]), float(base["predicted_s"].iloc[0])
+        df["speedup_error"] = (p0 / df["predicted_s"]) / (m0 / df["measured_s"]) - 1
     atomic_write(out / "accuracy.parquet", lambda tmp: df.to_parquet(tmp, index=False))
     return df
 
@@ -143,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay-only", default=None, metavar="DIR")
     ap.add_argument("--gen-length", type=integer, default=128)
     ap.add_argument("--prompt-length", type=integer, default=64)
-    ap.add_argument("--repeats", type=integer, default=3, help="runs per setting; the median is kept")
+    ap.add_argument("--repeats", type=integer, default=3,
+                    help="rounds of profile + every setting; each keeps its best round")
+    ap.add_argument("--preset", default="tiny", choices=PRESETS,
+                    help="checkpoint made when --checkpoint is not given (mini-moe: LLaDA2.0-mini's layers, ~7 GB)")
     a = ap.parse_args(argv)
     if a.repeats < 1:
         raise TideError("--repeats must be at least 1")
@@ -160,16 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     if not a.replay_only:
         import torch
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        capture(out, device, a.checkpoint, a.gen_length, a.prompt_length, a.repeats)
+        capture(out, device, a.checkpoint, a.gen_length, a.prompt_length, a.repeats, a.preset)
         if a.capture_only:
             print(f"captured {out}; replay anywhere with python -m experiments.accuracy --replay-only {out}")
             return 0
     df = replay(out)
-    with pd.option_context("display.width", 140):
-        print(df.assign(error=(100 * df["error"]).round(1).astype(str) + "%").round(4).to_string(index=False))
+    pct = lambda c: (100 * df[c]).round(1).astype(str) + "%"  # noqa: E731
+    show = df.assign(error=pct("error"), spread=pct("spread"),
+                     **({"speedup_error": pct("speedup_error")} if "speedup_error" in df else {}))
+    with pd.option_context("display.width", 160):
+        print(show.round(4).to_string(index=False))
     err = df["error"].abs()
-    print(f"\nmedian |error| {100 * err.median():.1f}%, worst {100 * err.max():.1f}% over {len(df)} runs; "
-          f"counters agree in {int(df['counters_agree'].sum())}/{len(df)}")
+    sp = f", speedup over all within {100 * df['speedup_error'].abs().max():.1f}%" if "speedup_error" in df else ""
+    print(f"\nmedian |error| {100 * err.median():.1f}%, worst {100 * err.max():.1f}% over {len(df)} runs{sp}; "
+          f"counters agree in {int(df['counters_agree'].sum())}/{len(df)}; box noise: runs varied by "
+          f"{100 * df['spread'].median():.0f}% (median) between their fastest and slowest round")
     return 0
 
 

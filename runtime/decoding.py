@@ -244,9 +244,10 @@ class Generator:
     def _trace_schedule(trace: Trace, request: int) -> Iterator[Planned]:
         """A recorded request's forwards, each committing exactly what it committed then."""
         fw = trace.forwards
-        for f in fw.index[fw["request"] == request]:
-            yield Planned(str(fw.at[f, "kind"]), int(fw.at[f, "block"]), int(fw.at[f, "step"]),
-                          int(fw.at[f, "tokens_committed"]), None, int(f))
+        rows = fw[fw["request"] == request]  # read once: a pandas lookup per forward costs more than a tiny forward
+        for f, kind, block, step, committed in zip(rows.index.tolist(), rows["kind"].tolist(), rows["block"].tolist(),
+                                                   rows["step"].tolist(), rows["tokens_committed"].tolist()):
+            yield Planned(str(kind), int(block), int(step), int(committed), None, int(f))
 
     def _run(self, x: torch.Tensor, P: int, gen_length: int, request: int, schedule: Iterator[Planned],
              chooser: ChoiceReplay | None = None, decoding: Decoding | None = None) -> Result:

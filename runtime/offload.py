@@ -215,7 +215,8 @@ class OffloadEngine:
         if not len(experts):
             return None
         sizes = (bounds[experts + 1] - bounds[experts]).astype(np.int64)
-        rows = torch.as_tensor(np.concatenate([np.arange(bounds[e], bounds[e + 1]) for e in experts]), device=tokens.device)
+        starts = np.repeat(bounds[experts] - (np.cumsum(sizes) - sizes), sizes)  # each row's offset, vectorised
+        rows = torch.as_tensor(starts + np.arange(len(starts)), device=tokens.device)
         picked = tokens[rows]
         if self.act_stream is None:
             return rows, picked, sizes, experts, None

@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 from runtime.checkpoint import dtype_name, torch_dtype
 from runtime.config import ModelConfig
 from runtime.decoding import Sampling, sample
-from runtime.device import check_device, timed
-from runtime.model import DecoderLayer, ExpertWeights, KVCache, combine, expert_ffn, rope, run_experts
+from runtime.device import check_device, synchronize, timed
+from runtime.model import LLaDA2, DecoderLayer, ExpertWeights, KVCache, expert_ffn, rope, run_experts
 from traces.cli import ArgumentParser, check_out_path, run_cli
-from traces.policies import Policy, PolicyRunner
+from traces.policies import Policy
 from traces.profile import FORMAT, VERSION, Profile
 from traces.shapes import ModelShape
 
@@ -78,7 +78,7 @@ class Profiler:
         self.cfg, self.device, self.dtype, self.quick = cfg, device, dtype, quick
         self.time = _timer(device)
         self.reps = 3 if quick else 7
-        self.bar = tqdm(total=6, desc="profiling", disable=not progress)
+        self.bar = tqdm(total=7, desc="profiling", disable=not progress)
 
     def _step(self, what: str) -> None:
         self.bar.set_postfix_str(what)
@@ -193,36 +193,149 @@ class Profiler:
         return {s.model_key: {"moe_layer": {**grid, "seconds": moe_t}, "dense_layer": {**grid, "seconds": dense_t},
                               "head": {"source": "measured", "tokens": tokens, "seconds": head_t}}}
 
-    def _engine_layer(self) -> Callable[[], Any]:
-        """The engine's per-layer host work without expert compute: routing to the host,
-        the policy's decision (a tide refresh), sorting, gathering, combining."""
+    def _routing(self, active: int, forwards: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``forwards`` steps of one block (32 tokens), each token choosing ``top_k`` distinct
+        experts among ``active`` (a new random draw every forward, so tide's refresh moves experts)."""
         s = self.cfg.shape
-        g = torch.Generator().manual_seed(0)
-        idx = torch.randint(0, s.experts, (s.experts, s.top_k), generator=g)[:32].to(self.device)
-        w = torch.rand(idx.shape, generator=g).to(self.device)
-        x = torch.randn(idx.shape[0], s.hidden, generator=g).to(device=self.device, dtype=self.dtype)
-        runner = PolicyRunner(Policy.make("tide", 1, s.experts, budget=max(1, s.experts // 2), tau=1), s.experts)
+        g = torch.Generator().manual_seed(1)
+        T, k = 32, s.top_k
+        out = []
+        for _ in range(forwards):
+            idx = torch.rand(T, active, generator=g).argsort(dim=1)[:, :k]
+            w = torch.rand(T, k, generator=g)
+            x = torch.randn(T, s.hidden, generator=g)
+            out.append((idx.to(self.device), w.to(self.device), x.to(device=self.device, dtype=self.dtype)))
+        return out
 
-        def work():
-            counts = torch.bincount(idx.reshape(-1), minlength=s.experts).cpu().numpy()
-            runner.begin("step", 0)
-            runner.layer(0, counts)
-            runner.end()
-            order = idx.reshape(-1).argsort(stable=True)
-            tokens = x[order // s.top_k]
-            return combine(tokens, order, w, x.dtype)
-        return work
+    def host_costs(self) -> dict[str, Any]:
+        """The engine's host-thread costs, measured by running :class:`runtime.offload.OffloadEngine`
+        itself on one MoE layer of this shape (its own timers), under the policies whose code
+        paths differ: ``all`` (every expert resident), ``cpu`` (every expert missed), ``static``
+        (a steady decision), ``tide`` at tau 1 (a refresh that copies, every forward) and
+        ``swap`` (waves). Per forward of 32 tokens; the median over the forwards."""
+        import dataclasses
+        from runtime.offload import OffloadEngine
+        s = self.cfg.shape
+        cfg1 = dataclasses.replace(self.cfg, shape=dataclasses.replace(s, layers=1, first_k_dense=0, vocab=1))
+        E, k = s.experts, s.top_k
+        active = min(E, max(2 * k, 32 * k // 4))  # a step's distinct experts, about a quarter of its choices
+        with torch.device("meta"):  # the engine only reads the MoE block's experts: nothing else needs values
+            model = LLaDA2(cfg1).to(self.dtype)
+        model = model.to_empty(device=self.device)
+        blk = model.moe_blocks[0]
+        host = ExpertWeights(*(torch.empty((E, *shp), dtype=self.dtype) for shp in (
+            (s.moe_intermediate, s.hidden), (s.moe_intermediate, s.hidden), (s.hidden, s.moe_intermediate))))
+        g = torch.Generator().manual_seed(0)
+        for t in (host.gate, host.up, host.down):  # only the experts a run touches hold values; the rest stays unwritten (and unpaged)
+            t[:active].copy_(torch.randn(t[:active].shape, generator=g) * 0.02)
+        if self.device.type == "cuda":
+            host = ExpertWeights(*(t.pin_memory() for t in (host.gate, host.up, host.down)))
+        blk.experts = host
+        forwards = 8 if self.quick else 24
+        steps = self._routing(active, forwards + 1)
+        b = max(1, active // 4)
+
+        def per_forward(policy: Policy) -> tuple[dict[str, float], float]:
+            """Median host seconds per forward by timer, and experts copied per forward."""
+            with OffloadEngine(model, policy, self.device) as eng:
+                rows = []
+                for f, (idx, w, x) in enumerate(steps):
+                    before = dict(eng.timers)
+                    eng.begin("step", f)
+                    eng._execute(0, x, idx, w, host)
+                    eng.end()
+                    synchronize(self.device)
+                    if f:  # the first forward sets up
+                        rows.append({t: eng.timers[t] - before[t] for t in eng.timers})
+                tot = eng.totals()
+            med = {t: float(np.median([r[t] for r in rows])) for t in rows[0]}
+            return med, tot["migrations"] / (len(steps) - 1)
+
+        def rest(t: dict[str, float]) -> float:  # _execute's time that no other timer holds: issuing
+            return t["layer_s"] - t["fast_s"] - t["cpu_s"] - t["copy_s"] - t["wait_s"] - t["decide_s"] + t["book_s"]
+
+        t_all, _ = per_forward(Policy.make("all", 1, E))
+        t_cpu, _ = per_forward(Policy.make("cpu", 1, E))
+        t_static, _ = per_forward(Policy.make("static", 1, E, budget=b))
+        t_tide, moved = per_forward(Policy.make("tide", 1, E, budget=b, tau=1))
+        t_swap, _ = per_forward(Policy.make("swap", 1, E, budget=b))
+        cuda = self.device.type == "cuda"
+        copy_call = t_tide["copy_s"] / max(moved, 1)
+        if not cuda:  # on the CPU the copy is the host's own work: keep only what moving the bytes does not explain
+            copy_call = max(0.0, copy_call - self.time(lambda: host.gate[1].copy_(host.gate[0]), self.reps) * 3)
+        forward_s = self.forward_host_s()
+        self._step("host")
+        note = "measured with runtime.offload.OffloadEngine on one MoE layer, 32-token steps"
+        return {
+            "forward_s": {**_m(forward_s), "note": "measured with runtime.decoding.Generator, per forward"},
+            "decide_s": {**_m(t_static["decide_s"]), "note": note},
+            "refresh_s": {**_m(t_tide["decide_s"]), "note": note},
+            "swap_s": {**_m(t_swap["decide_s"]), "note": note},
+            "issue_s": {**_m(rest(t_all)), "note": note},
+            "copy_call_s": {**_m(copy_call), "note": note},
+            "expert_call_s": {**_m(t_all["fast_s"] / active if cuda else 0.0),
+                              "note": note + ("" if cuda else "; the fast device is the CPU: its grouped time is host time")},
+            "miss_call_s": {**_m(max(0.0, rest(t_cpu) - rest(t_all)) / active), "note": note},
+        }
+
+    def forward_host_s(self) -> float:
+        """Per forward, the decoding loop's own host work outside the layers and the head:
+        embedding, rotary tables, the engine's begin and end, acceptance. Measured by running
+        :class:`runtime.decoding.Generator` (replaying a synthetic trace through the engine)
+        on a one-MoE-layer model of this shape with tiny experts, less the layers' and the
+        head's own time (priced apart)."""
+        import dataclasses
+        from runtime.decoding import Generator, sample as sample_fn
+        import runtime.decoding as decoding
+        from runtime.offload import OffloadEngine
+        from traces.synth import synthesize
+        s = self.cfg.shape
+        small = dataclasses.replace(s, layers=1, first_k_dense=0, vocab=64, moe_intermediate=8, intermediate=8)
+        cfg1 = dataclasses.replace(self.cfg, shape=small, mask_id=63, eos_id=62)
+        torch.manual_seed(0)
+        model = LLaDA2(cfg1).to(device=self.device, dtype=self.dtype)
+        blk = model.moe_blocks[0]
+        blk.experts = ExpertWeights(*(torch.randn(s.experts, *shp, dtype=self.dtype) * 0.02
+                                      for shp in ((8, s.hidden), (8, s.hidden), (s.hidden, 8))))
+        work = synthesize(small, 96, 32, seed=0, dtype=dtype_name(self.dtype))
+        spent = [0.0]
+
+        def clocked(fn):
+            def run(*a, **k):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    spent[0] += time.perf_counter() - t0
+            return run
+        layer, head = model.model.layers[0], model.lm_head
+        layer.forward, head.forward = clocked(layer.forward), clocked(head.forward)
+        decoding.sample = clocked(sample_fn)
+        try:
+            per = []
+            for rep in range(self.reps + 1):
+                with OffloadEngine(model, Policy.make("all", 1, s.experts), self.device) as eng:
+                    gen = Generator(model, work.decoding, engine=eng)
+                    spent[0] = 0.0
+                    res, secs = timed(self.device, lambda: gen.replay(work, 0))
+                if rep:  # the first is a warm-up
+                    per.append((secs - spent[0]) / res.forwards)
+        finally:
+            decoding.sample = sample_fn
+        return float(np.median(per))
 
     def overheads(self) -> dict[str, Any]:
         x = torch.zeros(16, device=self.device)
         launch = self.time(lambda: [x.add_(1) for _ in range(100)], self.reps) / 100
-        sync = self.time(self._engine_layer(), self.reps)
+        s = self.cfg.shape
+        idx = torch.randint(0, s.experts, (32, s.top_k), generator=torch.Generator().manual_seed(0)).to(self.device)
+        sync = self.time(lambda: torch.bincount(idx.reshape(-1), minlength=s.experts).cpu().numpy(), self.reps)
         w = self._experts(1, self.dtype, torch.device("cpu"))
         one = torch.randn(1, self.cfg.shape.hidden, dtype=self.dtype)
         task = self.time(lambda: expert_ffn(one, w.gate[0][:1], w.up[0][:1], w.down[0][:, :1]), self.reps)
         self._step("overheads")
         return {"launch_s": _m(launch),
-                "sync_s": {**_m(sync), "note": "per MoE layer: routing to the host and the engine's decision"},
+                "sync_s": {**_m(sync), "note": "per MoE layer: the routing (expert counts) reaching the host"},
                 "cpu_task_s": _m(task)}
 
     def run(self) -> dict[str, Any]:
@@ -231,6 +344,7 @@ class Profiler:
         cpu_ffn = self.cpu_expert_ffn()
         non_expert = self.non_expert()
         over = self.overheads()
+        host = self.host_costs()
         self.bar.close()
         cuda = self.device.type == "cuda"
         host_mem = _host_memory_bytes()
@@ -252,6 +366,7 @@ class Profiler:
                            "cpu_cores": _m(os.cpu_count() or 1), "host_mem_bw_gbps": _m(host_bw),
                            "gpu_mem_bw_gbps": _m(gpu_bw)},
             "overheads": over,
+            "host": host,
             "h2d": h2d, "d2h": d2h,
             "gpu_experts": {key: gpu_experts},
             "cpu_expert_ffn": {key: cpu_ffn},

@@ -1,23 +1,60 @@
-"""The box: SimPy resources for what contends on one GPU-CPU machine.
+"""The box: one SimPy process per queue of work on a GPU-CPU machine.
 
-The GPU's compute stream, the host-to-device and device-to-host copy engines (PCIe is
-full duplex) and the CPU (expert work uses all its cores, as the profile measured it) are
-resources of capacity one (what fits in GPU memory is :mod:`traces.memory`'s to say). When the profile's
-fast device is the CPU itself, compute, CPU work and copies all share one resource: the
-cores. Every use is accounted (busy seconds per resource) and, if asked, kept as a
-timeline row.
+A queue (a *lane*) runs the tasks issued to it in order, each once the tasks it waits for
+have ended (a CUDA stream, a copy engine and the engine's host thread all behave so): the
+host thread (routing, decisions, issuing work, and the CPU experts, which the engine
+computes on that thread), the GPU's compute stream, and the host-to-device and
+device-to-host copy engines (PCIe is full duplex). When the profile's fast device is the
+CPU itself there is one lane: the cores. What fits in memory is :mod:`traces.memory`'s to
+say. Every task is accounted (busy seconds per resource) and, if asked, kept as a timeline
+row; the monitoring stays here, apart from the work.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Generator
 
+import numpy as np
 import pandas as pd
 import simpy
 
 from traces.profile import Profile
+from traces.tasks import RESOURCES, Task, lanes
 
-RESOURCES = ("gpu", "cpu", "h2d", "d2h")
+
+class Lane:
+    """One queue of work and the process that runs it (ns.py style: the element owns its process)."""
+
+    def __init__(self, box: "Box", name: str):
+        self.box, self.name = box, name
+        self.env = box.env
+        self.queue: deque = deque()
+        self._wake: simpy.Event | None = None
+        self.env.process(self._run())
+
+    def submit(self, resource: str, seconds: float, waits: list[simpy.Event], done: simpy.Event,
+               forward: int, layer: int, what: str) -> None:
+        self.queue.append((resource, seconds, waits, done, forward, layer, what))
+        if self._wake is not None:
+            self._wake.succeed()
+            self._wake = None
+
+    def _run(self) -> Generator:
+        env = self.env
+        while True:
+            if not self.queue:
+                self._wake = env.event()
+                yield self._wake
+                continue
+            resource, seconds, waits, done, f, l, what = self.queue.popleft()
+            pending = [e for e in waits if not e.processed]
+            if pending:
+                yield pending[0] if len(pending) == 1 else env.all_of(pending)
+            start = env.now
+            yield env.timeout(seconds)
+            self.box.account(resource, seconds, f, l, what, start)
+            done.succeed()
 
 
 @dataclass
@@ -30,25 +67,36 @@ class Box:
     events: int = 0
 
     def __post_init__(self) -> None:
-        if self.profile.shares_cores:
-            cores = simpy.Resource(self.env, capacity=1)
-            self.res = {r: cores for r in RESOURCES}
-        else:
-            self.res = {r: simpy.Resource(self.env, capacity=1) for r in RESOURCES}
+        self.lane_of = lanes(self.profile.shares_cores)
+        self.lanes = {name: Lane(self, name) for name in sorted(set(self.lane_of.values()))}
 
-    def use(self, resource: str, seconds: float, forward: int, layer: int, what: str) -> Generator:
-        """Hold ``resource`` for ``seconds`` (a SimPy process body)."""
-        if seconds <= 0:
-            return
-        res = self.res[resource]
-        with res.request() as req:
-            yield req
-            start = self.env.now
-            yield self.env.timeout(seconds)
+    def account(self, resource: str, seconds: float, forward: int, layer: int, what: str, start: float) -> None:
         self.events += 2
         self.busy[resource] += seconds
         if self.record:
             self.rows.append((forward, layer, resource, what, start, start + seconds))
+
+    def run_tasks(self, tasks: list[Task], row: int, forward: int, layer: int) -> Generator:
+        """Issue one layer's tasks (row ``row`` of each) and wait until all have ended (a process body)."""
+        env = self.env
+        done: dict[str, simpy.Event] = {}
+        ends = []
+        for t in tasks:
+            waits = [done[a] for a in t.after]
+            seconds = float(t.seconds[row])
+            if seconds > 0:
+                ev = env.event()
+                self.lanes[self.lane_of[t.resource]].submit(t.resource, seconds, waits, ev, forward, layer, t.name)
+                ends.append(ev)
+            else:  # occupies nothing: ends when what it waits for has ended
+                ev = waits[0] if len(waits) == 1 else env.all_of(waits)
+            done[t.name] = ev
+        if ends:
+            yield env.all_of(ends)
+
+    def use(self, resource: str, seconds: float, forward: int, layer: int, what: str) -> Generator:
+        """One task with nothing to wait for (dense layers, the head), run to its end."""
+        yield from self.run_tasks([Task(what, resource, np.array([seconds]))], 0, forward, layer)
 
     def timeline(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows, columns=["forward", "layer", "resource", "what", "start_s", "end_s"])

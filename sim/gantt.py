@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from sim.box import RESOURCES
+from traces.tasks import RESOURCES
 
 
 def plot_forward(timeline: pd.DataFrame, forward: int = 0, ax=None):
-    """Bars per resource (GPU, CPU, PCIe each way) over time for one forward; returns the axes."""
+    """Bars per resource (host thread, CPU experts, GPU, PCIe each way) over time for one forward; returns the axes."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -17,6 +17,7 @@ def plot_forward(timeline: pd.DataFrame, forward: int = 0, ax=None):
     if ax is None:
         _, ax = plt.subplots(figsize=(11, 3))
     t0 = df["start_s"].min()
+    df = df.assign(what=df["what"].str.rstrip("0123456789 "))  # swap's waves share a colour
     kinds = sorted(df["what"].unique())
     colors = dict(zip(kinds, sns.color_palette("tab10", len(kinds))))
     for y, res in enumerate(RESOURCES):

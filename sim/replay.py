@@ -60,7 +60,7 @@ class SimResult:
             "forwards": self.trace.n_forwards, "tokens": self.trace.tokens_generated,
             "policy": self.policy.to_json(),
             "profile": self.profile, **self.totals(),
-            "gpu_busy_s": self.busy["gpu"], "cpu_busy_s": self.busy["cpu"], "h2d_busy_s": self.busy["h2d"],
+            "host_busy_s": self.busy["host"], "gpu_busy_s": self.busy["gpu"], "cpu_busy_s": self.busy["cpu"], "h2d_busy_s": self.busy["h2d"],
             "d2h_busy_s": self.busy["d2h"], "pcie_busy_s": self.busy["h2d"] + self.busy["d2h"],
             "events": self.events, "sim_wall_s": self.wall_s,
         }
@@ -91,7 +91,7 @@ def simulate(trace: Trace, profile: Profile, policy: Policy, popularity: np.ndar
             dense = cost.non_expert_s("dense_layer", fw.tokens_run, fw.context) if shape.first_k_dense else 0.0
             starts[fw.f] = env.now
             yield from forward(box, fw.f, shape.moe_layers, shape.first_k_dense, dense,
-                               cost.non_expert_s("head", fw.tokens_run), parts)
+                               cost.non_expert_s("head", fw.tokens_run), profile.host("forward_s"), parts)
             ends[fw.f] = env.now
 
     env.process(run())

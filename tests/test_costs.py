@@ -46,7 +46,7 @@ def test_copies_cost_bytes_over_bandwidth():
 def test_bound_overlaps_on_a_gpu_and_adds_up_when_the_fast_device_is_the_cpu():
     p = Profile.load("h200")
     cm = CostModel(p, ModelShape.named("llada2-mini"))
-    costs = {k: np.array([v]) for k, v in dict(gpu_s=1.0, cpu_s=2.0, h2d_s=0.5, d2h_s=0.25, copy_s=0.4, sync_s=0.0).items()}
+    costs = {k: np.array([v]) for k, v in dict(gpu_s=1.0, cpu_s=2.0, h2d_s=0.5, d2h_s=0.25, copy_s=0.4, host_s=0.0).items()}
     assert cm.layer_bound(costs)[0] == pytest.approx(0.25 + 2.0 + 0.1)  # the CPU path dominates
     assert cm.layer_bound(costs, serial_copies=True)[0] == pytest.approx(2.35)
     data = copy.deepcopy(p.data)

@@ -10,14 +10,13 @@ Per MoE layer of one forward:
 * ``h2d_s``: expert copies (``migrations``, one expert per transfer) plus activations
   coming back from the CPU; ``d2h_s``: activations going to the CPU;
 * ``copy_s``: the part of ``h2d_s`` that is expert copies;
-* ``sync_s``: a host synchronisation when the layer has CPU work (the routing must reach
-  the host).
+* ``host_s``: the engine's host thread: the routing reaching the host, the decision,
+  issuing sorts, gathers, copies and kernels (the profile's ``host`` costs); on a GPU box
+  the host thread also computes the missed experts (``cpu_s``).
 
-:meth:`CostModel.layer_bound` combines them the way the runtime overlaps them: on a GPU
-box, misses (with their activation transfers) run beside the GPU's work and copies run on
-their own engine, so the layer takes the longest of the three; swap's copies block the
-GPU, so they add to it. When the fast device is the CPU everything shares the cores and
-adds up.
+How they overlap is the layer's task graph (:mod:`traces.tasks`), priced in closed form by
+:meth:`CostModel.layer_seconds`, the same graph the simulator runs as events.
+:meth:`CostModel.layer_bound` is the floor when everything that can overlap does.
 """
 from __future__ import annotations
 
@@ -29,8 +28,9 @@ from traces.errors import TideError
 from traces.policies import Decision
 from traces.profile import Profile
 from traces.shapes import ModelShape, dtype_bytes
+from traces.tasks import finish_s, lanes, layer_tasks
 
-RESOURCES = ("gpu_s", "cpu_s", "h2d_s", "d2h_s", "copy_s", "sync_s")
+RESOURCES = ("gpu_s", "cpu_s", "h2d_s", "d2h_s", "copy_s", "host_s")
 
 
 @dataclass
@@ -56,6 +56,7 @@ class CostModel:
         self.profile.non_expert_s(self.shape.model_key, "moe_layer", 1, 1)
         self.expert_bytes = self.shape.expert_bytes(self.dtype)
         self.act_bytes = self.shape.hidden * dtype_bytes(self.dtype)
+        self.lanes = lanes(self.profile.shares_cores)
 
     @property
     def _gpu_dtype(self) -> str:
@@ -85,23 +86,31 @@ class CostModel:
     # ---- one forward --------------------------------------------------------------------
     def layer_parts(self, decision: Decision, counts: np.ndarray, counters: dict[str, np.ndarray],
                     tokens: int, context: int) -> dict[str, object]:
-        """One forward's MoE-layer work split the way the runtime orders it, seconds per row:
-        ``non_expert`` (attention, router, shared expert), ``sync`` (routing to the host),
-        ``setup_copy`` and ``copy`` (expert copies), ``hits_ready`` (residents that were
-        already there) and ``hits_fresh`` (experts copied in this forward), ``cpu`` (misses),
-        ``d2h_act`` / ``h2d_act`` (activations to the CPU and back); for swap, ``waves``: per
-        layer a list of (copy seconds, hit seconds).
+        """One forward's MoE-layer work, seconds per row, as :func:`traces.tasks.layer_tasks`
+        arranges it: ``non_expert`` (attention, router, shared expert), ``sync`` (routing to
+        the host), the host's ``decide`` (a refresh or swap's waves cost more), ``issue``
+        (sorting, gathers, combining, and issuing each copy and each missed expert) and
+        ``launch`` (issuing the resident experts' kernels), ``setup_copy`` and ``copy``
+        (expert copies), ``hits_ready`` (residents that were already there) and
+        ``hits_fresh`` (experts copied in this forward), ``cpu`` (misses), ``d2h_act`` /
+        ``h2d_act`` (activations to the CPU and back); for swap, ``waves``: per wave
+        (launch, copy, hit) seconds per row, zero where a row has fewer waves.
 
         ``counts`` is ``[L, E]``; the decision has ``L`` rows, or ``L x G`` when it decides
         ``G`` candidate rows per layer (the planner's table)."""
         counts = np.asarray(counts)
         L, E = counts.shape
         V = decision.n_rows
-        sync = np.full(V, self.profile.overhead("sync_s"))
+        host = self.profile.host
         act_tokens = counters["bytes_act"] / self.act_bytes / 2
+        moved = counters["setup_migrations"] + counters["migrations"]
+        decide = np.full(V, host("decide_s"))
+        if decision.refreshed is not None:
+            decide = np.where(decision.refreshed, host("refresh_s"), decide)
         parts: dict[str, object] = {
             "non_expert": np.full(V, self.non_expert_s("moe_layer", tokens, context)),
-            "sync": sync,
+            "sync": np.full(V, self.profile.overhead("sync_s")),
+            "decide": decide,
             "setup_copy": self.copies_s(counters["setup_migrations"]),
             "copy": self.copies_s(counters["migrations"]),
             "d2h_act": self.act_s(act_tokens, "d2h"),
@@ -113,61 +122,65 @@ class CostModel:
             fresh = decision.fresh().reshape(L, -1, E)
             cnt = counts[:, :, None].astype(np.float64)
             ready, new = active & resident & ~fresh, active & resident & fresh
+            missed = active & ~resident
 
             def grouped(mask: np.ndarray) -> np.ndarray:
                 return self.grouped_s(mask.sum(axis=-1), (mask @ cnt)[..., 0]).reshape(V)
             parts["hits_ready"] = grouped(ready)
             parts["hits_fresh"] = grouped(new)
             per_expert = self.profile.cpu_expert_s(self._key, self.cpu_dtype, counts)[:, :, None]
-            parts["cpu"] = ((active & ~resident) @ per_expert)[..., 0].reshape(V)
+            parts["cpu"] = (missed @ per_expert)[..., 0].reshape(V)
+            parts["issue"] = (host("issue_s") + host("copy_call_s") * moved
+                              + host("miss_call_s") * missed.sum(axis=-1).reshape(V))
+            parts["launch"] = host("expert_call_s") * (ready | new).sum(axis=-1).reshape(V)
             parts["waves"] = None
         else:
-            waves = [[(float(self.copies_s(len(w.copies))), float(self.hits_s(counts[l][w.gpu_experts])))
-                      for w in ws] for l, ws in enumerate(decision.waves)]
+            W = max((len(ws) for ws in decision.waves), default=0)
+            n_copy, n_exp, n_tok = (np.zeros((W, L)) for _ in range(3))  # per wave and layer, priced at once
+            for l, ws in enumerate(decision.waves):
+                for w, wave in enumerate(ws):
+                    n_copy[w, l], n_exp[w, l] = len(wave.copies), len(wave.gpu_experts)
+                    n_tok[w, l] = counts[l][wave.gpu_experts].sum()
+            launch = host("copy_call_s") * n_copy + host("expert_call_s") * n_exp
+            hits = np.where(n_exp > 0, self.grouped_s(n_exp, n_tok), 0.0)
+            copy = np.where(n_copy > 0, self.copies_s(n_copy), 0.0)
+            waves = [(launch[w], copy[w], hits[w]) for w in range(W)]
+            parts["decide"] = np.full(L, host("swap_s"))
+            parts["issue"] = np.full(L, host("issue_s"))
             parts["waves"] = waves
-            parts["hits_ready"] = np.array([sum(h for _, h in ws) for ws in waves])
+            parts["hits_ready"] = sum((h for _, _, h in waves), np.zeros(L))
             parts["hits_fresh"] = np.zeros(L)
             parts["cpu"] = np.zeros(L)
+            parts["launch"] = sum((c for c, _, _ in waves), np.zeros(L))
         return parts
 
     def layer_seconds(self, parts: dict[str, object]) -> np.ndarray:
-        """Seconds per MoE layer (row) as the runtime orders the work of :meth:`layer_parts`:
-        exactly what the simulator's events add up to, since a layer starts when the previous
-        one has finished. Attention, routing to the host and setup copies run one after
-        another; then the copies, the hits and the misses' path (activations out, CPU,
-        activations back on the copy engine the expert copies also use) run side by side,
-        hits of freshly copied experts after their copies. Swap's waves, and everything when
-        the fast device is the CPU, add up."""
-        p = parts
-        head = p["non_expert"] + p["sync"] + p["setup_copy"]
-        if p["waves"] is not None:
-            return head + np.array([sum(c + h for c, h in ws) for ws in p["waves"]])
-        C, D, P, A = p["copy"], p["d2h_act"], p["cpu"], p["h2d_act"]
-        R, N = p["hits_ready"], p["hits_fresh"]
-        if self.profile.shares_cores:
-            return head + C + D + P + A + R + N
-        miss = np.where(P > 0, np.where(A > 0, np.maximum(D + P, C) + A, D + P), 0.0)
-        gpu = np.where(N > 0, np.maximum(R, C) + N, R)
-        return head + np.maximum(np.maximum(gpu, C), miss)
+        """Seconds per MoE layer (row): the layer's task graph (:func:`traces.tasks.layer_tasks`)
+        in closed form, exactly what the simulator's events add up to, since a layer starts
+        when the previous one has finished."""
+        return finish_s(layer_tasks(parts), self.lanes)
 
     def layer_costs(self, p: dict[str, object]) -> dict[str, np.ndarray]:
         """Per-resource seconds per MoE layer, from :meth:`layer_parts`."""
-        cpu_work = p["cpu"] > 0
+        copies = p["copy"] + p["setup_copy"]
+        if p["waves"] is not None:
+            copies = copies + sum((c for _, c, _ in p["waves"]), np.zeros_like(copies))
         return {
             "gpu_s": p["non_expert"] + p["hits_ready"] + p["hits_fresh"],
             "cpu_s": p["cpu"],
-            "h2d_s": p["copy"] + p["setup_copy"] + p["h2d_act"],
+            "h2d_s": copies + p["h2d_act"],
             "d2h_s": p["d2h_act"],
-            "copy_s": p["copy"] + p["setup_copy"],
-            "sync_s": np.where(cpu_work, p["sync"], 0.0),
+            "copy_s": copies,
+            "host_s": p["sync"] + p["decide"] + p["issue"] + p["launch"],
         }
 
     def layer_bound(self, costs: dict[str, np.ndarray], serial_copies: bool = False) -> np.ndarray:
         """Seconds per layer when everything that can overlap does (see module doc)."""
         act_h2d = costs["h2d_s"] - costs["copy_s"]
         if self.profile.shares_cores:
-            return costs["gpu_s"] + costs["cpu_s"] + costs["h2d_s"] + costs["d2h_s"] + costs["sync_s"]
-        cpu_path = costs["sync_s"] + costs["d2h_s"] + costs["cpu_s"] + act_h2d
+            return costs["gpu_s"] + costs["cpu_s"] + costs["h2d_s"] + costs["d2h_s"] + costs["host_s"]
+        host_path = costs["host_s"] + costs["cpu_s"]
+        cpu_path = costs["d2h_s"] + host_path + act_h2d
         if serial_copies:
             return np.maximum(costs["gpu_s"] + costs["copy_s"], cpu_path)
         return np.maximum.reduce([costs["gpu_s"], cpu_path, costs["h2d_s"], costs["d2h_s"]])
@@ -175,7 +188,7 @@ class CostModel:
     def fixed_s(self, tokens: int, context: int) -> float:
         """Per-forward work outside the MoE layers: dense layers and the head."""
         return (self.shape.first_k_dense * self.non_expert_s("dense_layer", tokens, context)
-                + self.non_expert_s("head", tokens))
+                + self.non_expert_s("head", tokens) + self.profile.host("forward_s"))
 
 
 def check_fits(shape: ModelShape, profile: Profile, dtype: str = "bfloat16") -> None:

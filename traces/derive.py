@@ -35,7 +35,15 @@ GROUP_TOKENS = (1, 4, 16, 64, 256)
 NON_EXPERT_TOKENS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048)
 NON_EXPERT_CONTEXT = (32, 128, 512, 1024, 2048, 4096, 8192)
 #: Eager PyTorch kernel launches (derived by counting the ops of one layer).
-LAUNCHES = {"moe_layer": 32, "dense_layer": 22, "head": 3, "grouped_experts": 6}
+LAUNCHES = {"moe_layer": 32, "dense_layer": 22, "head": 3, "grouped_experts": 6,
+            "engine_layer": 16, "expert_call": 6, "expert_copy": 3}
+#: The engine's policy decisions are host numpy work whose time depends on the CPU, not the
+#: GPU: measured at 256 experts on a 2-core x86 VM (experiments.bench_engine), per MoE layer.
+DECISION_S = {"decide_s": 5e-6, "refresh_s": 40e-6, "swap_s": 150e-6}
+#: The decoding loop's own host work per forward (embedding, rotary tables, acceptance), same VM.
+FORWARD_S = 300e-6
+#: Host numpy work per missed expert (its rows in the gather), same VM.
+MISS_CALL_S = 1e-6
 DTYPE_GPU = "bfloat16"
 
 
@@ -167,6 +175,23 @@ def _measured_source() -> dict[str, Any]:
     return json.loads(resources.files("traces.data.profiles").joinpath("h200-pcie5-measured.source.json").read_text())
 
 
+def host_costs(spec: BoxSpec) -> dict[str, Any]:
+    """The engine's host thread, derived: its decisions as measured elsewhere (host numpy), and
+    what it issues as counted kernel launches and copies times the box's launch cost."""
+    why = "derived: {} kernel launches x launch_s"
+    out = {k: _scalar(v, "derived", "the engine's decision at 256 experts, measured on a 2-core x86 VM")
+           for k, v in DECISION_S.items()}
+    out["issue_s"] = _scalar(LAUNCHES["engine_layer"] * spec.launch_s, "derived",
+                             why.format(LAUNCHES["engine_layer"]) + " (sort, gathers, combine)")
+    out["copy_call_s"] = _scalar(LAUNCHES["expert_copy"] * spec.launch_s, "derived",
+                                 why.format(LAUNCHES["expert_copy"]) + " (one copy per weight tensor)")
+    out["expert_call_s"] = _scalar(LAUNCHES["expert_call"] * spec.launch_s, "derived",
+                                   why.format(LAUNCHES["expert_call"]) + " (one expert's matmul chain)")
+    out["forward_s"] = _scalar(FORWARD_S, "derived", "the decoding loop's host work per forward, measured on a 2-core x86 VM")
+    out["miss_call_s"] = _scalar(MISS_CALL_S, "derived", "host numpy per missed expert, measured on a 2-core x86 VM")
+    return out
+
+
 def build(spec: BoxSpec) -> dict[str, Any]:
     """The profile JSON of one box."""
     measured = _measured_source() if spec.name == "h200" else None
@@ -223,9 +248,10 @@ def build(spec: BoxSpec) -> dict[str, Any]:
         },
         "overheads": {
             "launch_s": _scalar(spec.launch_s, "derived", "eager PyTorch dispatch and launch of one kernel"),
-            "sync_s": _scalar(spec.sync_s, "derived", "one host-device synchronisation"),
+            "sync_s": _scalar(spec.sync_s, "derived", "one host-device synchronisation: the routing reaching the host"),
             "cpu_task_s": _scalar(spec.cpu_task_s, "derived", "dispatching one expert's work on the CPU"),
         },
+        "host": host_costs(spec),
         "h2d": {k: bandwidth("h2d", k) for k in ("pinned", "pageable")},
         "d2h": {k: bandwidth("d2h", k) for k in ("pinned", "pageable")},
         "gpu_experts": gpu_experts,

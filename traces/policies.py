@@ -224,6 +224,7 @@ class Decision:
     setup_table: np.ndarray  # [n, 3] (row, expert, slot)
     copy_table: np.ndarray  # [n, 3] (row, expert, slot), after setup
     waves: list[list[Wave]] | None = None
+    refreshed: np.ndarray | None = None  # [rows] bool: rows whose placement was re-decided (tide's refresh)
 
     @property
     def n_rows(self) -> int:
@@ -526,8 +527,9 @@ class PolicyRunner:
 
     def end(self) -> Decision:
         cat = lambda ts: np.concatenate(ts) if ts else _NO_TABLE  # noqa: E731
+        refreshed = None if self._refresh is None else self._refresh & (self.policy.budget > 0)
         return Decision(resident=self.state.slot_of >= 0, setup_table=cat(self._setup), copy_table=cat(self._copies),
-                        waves=self._waves)
+                        waves=self._waves, refreshed=refreshed)
 
     def step(self, counts: np.ndarray, kind: str, step_in_block: int) -> Decision:
         """One whole forward: ``counts`` is ``[L, E]``; every row of every layer at once."""

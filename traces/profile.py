@@ -1,6 +1,6 @@
 """Hardware profiles: what one GPU-CPU box can do, measured or derived, as validated JSON.
 
-Format ``tide-profile`` version 1 (all times in seconds, bandwidths in GB/s = 1e9 B/s,
+Format ``tide-profile`` version 2 (all times in seconds, bandwidths in GB/s = 1e9 B/s,
 memory in bytes). Every value says whether it was ``measured`` on the box or ``derived``
 from public specifications: scalars as ``{"value": v, "source": s}``, tables with a
 ``source`` that is one string or a nested list of strings shaped like the values.
@@ -10,8 +10,17 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
 * ``capacities``: ``gpu_mem_bytes``, ``host_mem_bytes``, ``cpu_cores``,
   ``host_mem_bw_gbps``, ``gpu_mem_bw_gbps``.
 * ``overheads``: ``launch_s`` (one kernel launch from eager PyTorch), ``sync_s`` (per MoE
-  layer: the routing reaching the host and the engine's host-side decision),
-  ``cpu_task_s`` (dispatching one expert on the CPU).
+  layer: the routing reaching the host), ``cpu_task_s`` (dispatching one expert on the CPU).
+* ``host``: what the engine's host thread spends, measured with the engine's own code
+  (:mod:`runtime.profile`): per forward ``forward_s`` (the decoding loop's own work:
+  embedding, rotary tables, the engine's begin and end, acceptance); per MoE layer-forward ``decide_s`` (the policy's decision),
+  ``refresh_s`` (a decision that re-places the layer: tide's refresh), ``swap_s`` (swap's
+  waves), ``issue_s`` (sorting tokens, gathers, combining, bookkeeping); per expert
+  ``copy_call_s`` (issuing one expert's copy, beyond moving its bytes), ``expert_call_s``
+  (issuing one resident expert's kernels: 0 when the fast device is the CPU, whose grouped
+  table is already host time) and ``miss_call_s`` (sending one missed expert's tokens to the
+  CPU path). A version-1 profile (no ``host``) still loads: its ``sync_s`` included the
+  decision and the issue, and the rest is priced at zero.
 * ``h2d`` / ``d2h``: per ``pinned`` / ``pageable``, bandwidth against transfer size
   (``bytes``, ``gbps``), interpolated in log size.
 * ``gpu_experts``: per expert shape (``HIDDENxINTER``) and dtype, the time to compute
@@ -45,10 +54,12 @@ from traces.errors import TideError
 from traces.values import need_dict, need_float, need_list, need_numbers, need_str
 
 FORMAT = "tide-profile"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # versions this TIDE reads
 SOURCES = ("measured", "derived")
 CAPACITIES = ("gpu_mem_bytes", "host_mem_bytes", "cpu_cores", "host_mem_bw_gbps", "gpu_mem_bw_gbps")
 OVERHEADS = ("launch_s", "sync_s", "cpu_task_s")
+HOST = ("forward_s", "decide_s", "refresh_s", "swap_s", "issue_s", "copy_call_s", "expert_call_s", "miss_call_s")
 _POSITIVE = ("gpu_mem_bytes", "host_mem_bytes", "host_mem_bw_gbps", "gpu_mem_bw_gbps")  # they divide or bound
 BUNDLED = {
     "h200": "h200.json",
@@ -191,6 +202,11 @@ class Profile:
     def overhead(self, key: str) -> float:
         return float(self.data["overheads"][key]["value"])
 
+    def host(self, key: str) -> float:
+        """A host-thread cost (``HOST``); zero in a version-1 profile, which had none."""
+        sec = self.data.get("host")
+        return float(sec[key]["value"]) if sec is not None else 0.0
+
     # ---- validation ---------------------------------------------------------------
     def _validate(self) -> None:
         d, w = self.data, self.where
@@ -198,15 +214,16 @@ class Profile:
             raise _fail(w, "a profile is a JSON object")
         if d.get("format") != FORMAT:
             raise _fail(w, f"format is {d.get('format')!r}, expected {FORMAT!r}")
-        if d.get("version") != VERSION:
-            raise _fail(w, f"profile version {d.get('version')!r} is not supported (this TIDE reads {VERSION})")
+        if d.get("version") not in READS or isinstance(d.get("version"), bool):
+            raise _fail(w, f"profile version {d.get('version')!r} is not supported (this TIDE reads {', '.join(map(str, READS))})")
         if d.get("name") is not None:
             need_str(d["name"], f"{w}: name")
         if d.get("measured") is not None:
             need_dict(d["measured"], f"{w}: measured")
         if d.get("fast_device") not in ("cuda", "cpu"):
             raise _fail(w, f"fast_device must be 'cuda' or 'cpu', got {d.get('fast_device')!r}")
-        for group, keys in (("capacities", CAPACITIES), ("overheads", OVERHEADS)):
+        groups = [("capacities", CAPACITIES), ("overheads", OVERHEADS)] + ([("host", HOST)] if d["version"] >= 2 else [])
+        for group, keys in groups:
             sec = d.get(group)
             if not isinstance(sec, dict):
                 raise _fail(w, f"lacks the {group!r} section")
@@ -331,9 +348,39 @@ class Profile:
         return {
             "name": self.name, "fast_device": self.fast_device,
             **{k: self.capacity(k) for k in CAPACITIES}, **{k: self.overhead(k) for k in OVERHEADS},
+            **{f"host_{k}": self.host(k) for k in HOST},
             "h2d_pinned_gbps_max": float(self._h2d["pinned"].ys.max()),
             "d2h_pinned_gbps_max": float(self._d2h["pinned"].ys.max()),
         }
+
+
+def best_of(profiles: list["Profile"]) -> "Profile":
+    """One profile from several measurements of the same box: every time the least, every
+    bandwidth the most (noise on a shared box only ever slows a measurement down); the rest
+    from the first. Tables must have the same axes."""
+    def merge(key: str, vals: list[Any]) -> Any:
+        first = vals[0]
+        if isinstance(first, dict):
+            return {k: merge(k, [v[k] for v in vals]) if all(isinstance(v, dict) and k in v for v in vals) else first[k]
+                    for k in first}
+        if isinstance(first, list):
+            if all(isinstance(v, list) and len(v) == len(first) for v in vals) and key in ("seconds", "gbps"):
+                return [merge(key, [v[i] for v in vals]) for i in range(len(first))]
+            return first
+        if isinstance(first, (int, float)) and not isinstance(first, bool):
+            if key in ("seconds", "time_s") or key.endswith("_s"):
+                return min(vals)
+            if key == "gbps" or key.endswith("_gbps"):
+                return max(vals)
+        return first
+
+    data = merge("", [p.data for p in profiles])
+    for group in ("overheads", "host", "capacities"):  # {"value": v} scalars: the key is the entry's name
+        if group in data:
+            for k, v in data[group].items():
+                vals = [p.data[group][k]["value"] for p in profiles]
+                v["value"] = merge(k, vals)
+    return Profile(data, where=profiles[0].where)
 
 
 def list_profiles() -> list[str]:
