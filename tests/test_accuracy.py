@@ -14,6 +14,7 @@ def test_capture_then_replay_elsewhere(tmp_path):
     df = pd.read_parquet(d / "accuracy.parquet")
     assert len(df) == 9 and df["counters_agree"].all()
     assert (df["predicted_s"] > 0).all() and (df["measured_s"] > 0).all()
+    assert (df["spread"] >= 0).all() and df.loc[df["policy"] == "all", "speedup_error"].abs().max() < 1e-12
     assert "median |error|" in rep.stdout
 
 

@@ -20,6 +20,11 @@ def test_quick_profile_of_this_box_validates_and_prices_the_model(tmp_path, tiny
     assert cm.non_expert_s("moe_layer", 32, 96) > 0
     assert prof.cpu_expert_s(shape.expert_shape_key, "float32", 64) > prof.cpu_expert_s(shape.expert_shape_key, "float32", 1) * 0.5
     assert prof.transfer_s("h2d", 1 << 20) > 0
+    # the host thread's costs, measured by running the engine and the decoding loop themselves
+    assert all(v["source"] == "measured" for v in d["host"].values())
+    assert prof.host("forward_s") > 0 and prof.host("issue_s") > 0 and prof.host("decide_s") > 0
+    assert prof.host("refresh_s") > prof.host("decide_s")  # a refresh ranks and moves experts
+    assert prof.host("expert_call_s") == 0.0  # the fast device is the CPU: its grouped time is host time
 
 
 def test_profile_bad_flags(tmp_path):
