@@ -35,3 +35,13 @@ def timed(device: torch.device, fn: Callable[[], T]) -> tuple[T, float]:
     out = fn()
     synchronize(device)
     return out, time.perf_counter() - t0
+
+
+def to_device(values, device: torch.device) -> torch.Tensor:
+    """A small host array (indices, offsets) on ``device`` without a synchronisation: on a GPU
+    through pinned memory (PyTorch's caching host allocator keeps the block until the copy
+    has run), so the host goes on issuing work."""
+    t = torch.from_numpy(values) if not isinstance(values, torch.Tensor) else values
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)

@@ -114,11 +114,16 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--plan", default=None, help="plan JSON (per-layer tau and budget) for --policy plan")
     ap.add_argument("--popularity", default=None, help="trace whose total counts fill the slots at setup")
     ap.add_argument("--replay-trace", default=None, help="run a KV-cache trace's schedule and expert choices")
+    ap.add_argument("--expert-kernel", default="auto", choices=("auto", "loop", "grouped"),
+                    help="the fast device's expert kernel: one matmul chain per expert, or grouped matmuls "
+                         "(torch._grouped_mm); auto measures which is faster (loop on the CPU)")
 
 
 def make_engine(args: argparse.Namespace, model: LLaDA2, device: torch.device, kv_tokens: int) -> OffloadEngine | None:
     """The offload engine the flags ask for (None without ``--policy``); budget checks included."""
     if args.policy is None:
+        if args.expert_kernel != "auto":
+            raise TideError("--expert-kernel needs --policy (it is the offload engine's)")
         for flag in ("tau", "gpu_experts", "gpu_mem_gb", "plan", "popularity"):
             if getattr(args, flag) is not None:
                 raise TideError(f"--{flag.replace('_', '-')} needs --policy")
@@ -129,7 +134,7 @@ def make_engine(args: argparse.Namespace, model: LLaDA2, device: torch.device, k
                             gpu_experts=parse_budget(args.gpu_experts), gpu_mem_gb=args.gpu_mem_gb, plan=args.plan,
                             kv_tokens=kv_tokens, mem_limit_bytes=limit)
     popularity = load_popularity(args.popularity, shape) if args.popularity else None
-    return OffloadEngine(model, policy, device, setup_counts=popularity)
+    return OffloadEngine(model, policy, device, setup_counts=popularity, kernel=args.expert_kernel)
 
 
 
@@ -198,6 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if engine is not None:
         out["policy"] = policy_meta
+        out["expert_kernel"] = engine.kernel
         out.update(engine.totals())
         out.update(engine.timers)
     if tokenizer is not None and replay is None:

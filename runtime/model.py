@@ -9,6 +9,8 @@ by an *expert executor* so the offload engine can take over without touching the
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -163,8 +165,8 @@ def combine(outputs: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, d
 
 
 def local_experts(layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ew: ExpertWeights) -> torch.Tensor:
-    """All experts where ``ew`` lives (on ``x``'s device): tokens sorted by expert, through
-    :func:`run_experts` (the engine's kernel, so both compute the same numbers)."""
+    """All experts where ``ew`` lives (on ``x``'s device): tokens sorted by expert, through the
+    device's expert kernel (:func:`kernel_for`, the engine's, so both compute the same numbers)."""
     T, k = idx.shape
     flat = idx.reshape(-1)
     order = flat.argsort(stable=True)
@@ -173,21 +175,81 @@ def local_experts(layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tenso
     out = torch.empty_like(tokens)
     bounds = np.concatenate([[0], np.cumsum(counts)])
     active = np.flatnonzero(counts)
-    run_experts(tokens, out, bounds, active, ew, np.arange(len(counts)))
+    kernel_for(ew.gate.device, ew.gate.dtype, ew.gate.shape[2], ew.gate.shape[1])(
+        tokens, out, bounds, active, ew, np.arange(len(counts)))
     return combine(out, order, w, x.dtype)
 
 
 def run_experts(tokens: torch.Tensor, out: torch.Tensor, bounds: np.ndarray, experts: np.ndarray,
                 weights: ExpertWeights, index: np.ndarray) -> None:
     """Expert ``e``'s rows ``bounds[e]:bounds[e+1]`` of ``tokens`` through the weights at
-    ``index[e]`` of the stacks ``weights``, into ``out``: the one expert kernel of the model,
-    the engine and the profiler (so a token's expert output is the same number wherever it
-    is computed). One matmul chain per expert: ``torch._grouped_mm`` runs on this CPU and
-    gave the same numbers, but was no faster here (tiny: equal; mini's shape: 9 % slower)."""
+    ``index[e]`` of the stacks ``weights``, into ``out``: the expert kernel of the model, the
+    engine and the profiler (so a token's expert output is the same number wherever it is
+    computed). One matmul chain per expert, issued from Python: a few kernel launches each,
+    which the CPU absorbs and a GPU does not (see :func:`grouped_experts`)."""
     for e in np.asarray(experts).tolist():
         a, b = int(bounds[e]), int(bounds[e + 1])
         s = int(index[e])
         out[a:b] = expert_ffn(tokens[a:b], weights.gate[s], weights.up[s], weights.down[s])
+
+
+def grouped_experts(tokens: torch.Tensor, out: torch.Tensor, bounds: np.ndarray, experts: np.ndarray,
+                    weights: ExpertWeights, index: np.ndarray) -> None:
+    """What :func:`run_experts` computes, in three grouped matmuls over the whole weight stack
+    (``torch._grouped_mm``): each stack entry is a group holding its expert's rows, zero rows
+    when it has none. Eight launches per call instead of about six per expert; the weights are
+    read in place (no gather)."""
+    from runtime.device import to_device
+    experts = np.asarray(experts)
+    if not len(experts):
+        return
+    slots = np.asarray(index)[experts]
+    by_slot = np.argsort(slots, kind="stable")
+    ex, sl = experts[by_slot], slots[by_slot]
+    sizes = (bounds[ex + 1] - bounds[ex]).astype(np.int64)
+    starts = np.repeat(bounds[ex] - (np.cumsum(sizes) - sizes), sizes)
+    rows = to_device(starts + np.arange(len(starts)), tokens.device)
+    per_slot = np.zeros(weights.gate.shape[0], dtype=np.int32)
+    per_slot[sl] = sizes
+    offs = to_device(np.cumsum(per_slot, dtype=np.int32), tokens.device)
+    a = tokens[rows]
+    h = torch._grouped_mm(a, weights.gate.transpose(1, 2), offs=offs)
+    u = torch._grouped_mm(a, weights.up.transpose(1, 2), offs=offs)
+    out[rows] = torch._grouped_mm(F.silu(h) * u, weights.down.transpose(1, 2), offs=offs)
+
+
+#: The fast device's expert kernels, by name (``--expert-kernel``).
+KERNELS = {"loop": run_experts, "grouped": grouped_experts}
+
+
+@functools.lru_cache(maxsize=None)  # once per process and shape: engines are made per run
+def choose_kernel(device: torch.device, dtype: torch.dtype, hidden: int, inter: int, experts: int = 64,
+                  tokens_per_expert: int = 4, reps: int = 5) -> tuple[str, dict[str, float]]:
+    """The faster expert kernel on ``device`` for this expert shape, measured (seconds of each
+    at ``experts`` experts with ``tokens_per_expert`` tokens each; a kernel the device cannot
+    run is left out). Both compute the same numbers on the CPU (a test holds them bit-equal),
+    so the choice never changes tokens there."""
+    from runtime.device import timed
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda *shape: (torch.randn(*shape, generator=g) * 0.02).to(device=device, dtype=dtype)  # noqa: E731
+    w = ExpertWeights(mk(experts, inter, hidden), mk(experts, inter, hidden), mk(experts, hidden, inter))
+    x = mk(experts * tokens_per_expert, hidden)
+    out = torch.empty_like(x)
+    bounds = np.arange(experts + 1) * tokens_per_expert
+    idx = np.arange(experts)
+    times = {}
+    for name, fn in KERNELS.items():
+        try:
+            fn(x, out, bounds, idx, w, idx)  # warm-up; also finds out whether the device runs it
+            times[name] = float(np.median([timed(device, lambda: fn(x, out, bounds, idx, w, idx))[1] for _ in range(reps)]))
+        except (RuntimeError, NotImplementedError):
+            continue
+    return min(times, key=times.get), times
+
+
+def kernel_for(device: torch.device, dtype: torch.dtype, hidden: int, inter: int, name: str = "auto"):
+    """The expert kernel function: ``name``, or with ``auto`` the one :func:`choose_kernel` measures faster."""
+    return KERNELS[choose_kernel(device, dtype, hidden, inter)[0] if name == "auto" else name]
 
 
 class ExpertExecutor(Protocol):

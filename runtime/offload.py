@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from runtime.checkpoint import dtype_name
-from runtime.model import ExpertWeights, LLaDA2, combine, run_experts
+from runtime.device import to_device
+from runtime.model import KERNELS, ExpertWeights, LLaDA2, choose_kernel, combine, kernel_for
 from traces.counters import COUNTERS, forward_counters
 from traces.errors import TideError
 from traces.policies import Policy, PolicyRunner
@@ -49,14 +50,23 @@ class OffloadEngine:
     policy: Policy
     device: torch.device
     setup_counts: np.ndarray | None = None
+    kernel: str = "auto"  # the fast device's expert kernel (runtime.model.KERNELS); auto: the faster, measured
     timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMERS, 0.0))
 
     def __post_init__(self) -> None:
         s = self.model.cfg.shape
-        if self.policy.n_layers != s.n_moe_layers:
-            raise TideError(f"policy has {self.policy.n_layers} MoE layers, the model {s.n_moe_layers}")
-        self.runner = PolicyRunner(self.policy, s.experts, setup_counts=self.setup_counts)
         self.cuda = self.device.type == "cuda"
+        self.kernel_times: dict[str, float] = {}
+        if self.kernel == "auto":
+            self.kernel, self.kernel_times = choose_kernel(self.device, self.model.dtype, s.hidden, s.moe_intermediate)
+        elif self.kernel not in KERNELS:
+            raise TideError(f"--expert-kernel: expected auto, {' or '.join(KERNELS)}, got {self.kernel!r}")
+        self._run_fast = KERNELS[self.kernel]
+        # the CPU path: the same kernel when the fast device is the CPU (hits and misses then
+        # compute alike), otherwise the one measured faster on the CPU
+        self._run_cpu = self._run_fast if not self.cuda else kernel_for(
+            torch.device("cpu"), self.model.dtype, s.hidden, s.moe_intermediate)
+        self.runner = PolicyRunner(self.policy, s.experts, setup_counts=self.setup_counts)
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None  # expert copies
         self.act_stream = torch.cuda.Stream(self.device) if self.cuda else None  # activations to and from the CPU
         self.layers: list[_Layer] = []
@@ -67,7 +77,9 @@ class OffloadEngine:
             b = int(self.policy.budget[i])
             slots = None
             if b:
-                slots = ExpertWeights(*(torch.empty((b, *t.shape[1:]), dtype=t.dtype, device=self.device)
+                # zeroed now, not at the first copy: on a CPU fast device the first touch of fresh
+                # memory faults page by page, a cost of making the engine, not of running it
+                slots = ExpertWeights(*(torch.zeros((b, *t.shape[1:]), dtype=t.dtype, device=self.device)
                                         for t in (host.gate, host.up, host.down)))
             self.layers.append(_Layer(host, slots, np.full(s.experts, -1, dtype=np.int64)))
             blk.executor = self._execute
@@ -206,7 +218,7 @@ class OffloadEngine:
         if not len(experts):
             return
         t0 = time.perf_counter()
-        run_experts(tokens, out, bounds, experts, layer.slots, layer.slot_of)
+        self._run_fast(tokens, out, bounds, experts, layer.slots, layer.slot_of)
         self.timers["fast_s"] += time.perf_counter() - t0
 
     def _send_misses(self, tokens: torch.Tensor, bounds: np.ndarray, experts: np.ndarray):
@@ -216,7 +228,7 @@ class OffloadEngine:
             return None
         sizes = (bounds[experts + 1] - bounds[experts]).astype(np.int64)
         starts = np.repeat(bounds[experts] - (np.cumsum(sizes) - sizes), sizes)  # each row's offset, vectorised
-        rows = torch.as_tensor(starts + np.arange(len(starts)), device=tokens.device)
+        rows = to_device(starts + np.arange(len(starts)), tokens.device)
         picked = tokens[rows]
         if self.act_stream is None:
             return rows, picked, sizes, experts, None
@@ -240,8 +252,8 @@ class OffloadEngine:
         t1 = time.perf_counter()
         self.timers["wait_s"] += t1 - t0
         res = torch.empty(host_tokens.shape, dtype=host_tokens.dtype, pin_memory=done is not None)
-        run_experts(host_tokens, res, np.concatenate([[0], np.cumsum(sizes)]), np.arange(len(experts)),
-                    layer.host, experts)
+        self._run_cpu(host_tokens, res, np.concatenate([[0], np.cumsum(sizes)]), np.arange(len(experts)),
+                      layer.host, experts)
         self.timers["cpu_s"] += time.perf_counter() - t1
         if done is None:
             out[rows] = res

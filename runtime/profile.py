@@ -28,7 +28,7 @@ from runtime.checkpoint import dtype_name, torch_dtype
 from runtime.config import ModelConfig
 from runtime.decoding import Sampling, sample
 from runtime.device import check_device, synchronize, timed
-from runtime.model import LLaDA2, DecoderLayer, ExpertWeights, KVCache, expert_ffn, rope, run_experts
+from runtime.model import KERNELS, LLaDA2, DecoderLayer, ExpertWeights, KVCache, choose_kernel, expert_ffn, rope
 from traces.cli import ArgumentParser, check_out_path, run_cli
 from traces.policies import Policy
 from traces.profile import FORMAT, VERSION, Profile
@@ -119,36 +119,50 @@ class Profiler:
                              mk(n, s.hidden, s.moe_intermediate))
 
     def gpu_experts(self) -> dict[str, Any]:
-        """The engine's grouped computation of ``e`` resident experts with ``t`` tokens each."""
+        """The engine's computation of ``e`` resident experts with ``t`` tokens each, with the
+        expert kernel the engine picks on this device (``runtime.model.choose_kernel``)."""
+        s = self.cfg.shape
+        kernel, probe = choose_kernel(self.device, self.dtype, s.hidden, s.moe_intermediate)
+        run = KERNELS[kernel]
         experts = [1, 8, 32] if self.quick else [1, 8, 32, 64, 128, 256]
-        experts = [e for e in experts if e <= self.cfg.shape.experts]
+        experts = [e for e in experts if e <= s.experts]
         tpe = [1, 4, 16] if self.quick else [1, 4, 16, 64]
         w = self._experts(max(experts), self.dtype, self.device)
         table = []
         for e in experts:
             row = []
             for t in tpe:
-                x = torch.randn(e * t, self.cfg.shape.hidden, device=self.device, dtype=self.dtype)
+                x = torch.randn(e * t, s.hidden, device=self.device, dtype=self.dtype)
                 out = torch.empty_like(x)
                 bounds = np.arange(e + 1) * t
                 idx = np.arange(e)
-                row.append(self.time(lambda: run_experts(x, out, bounds, idx, w, idx), self.reps))
+                row.append(self.time(lambda: run(x, out, bounds, idx, w, idx), self.reps))
             table.append(row)
         self._step("grouped experts")
-        return {dtype_name(self.dtype): {"source": "measured", "experts": experts, "tokens_per_expert": tpe, "seconds": table}}
+        entry = {"source": "measured", "experts": experts, "tokens_per_expert": tpe, "seconds": table, "kernel": kernel}
+        if probe:
+            entry["kernels_s"] = probe  # each kernel at 64 experts x 4 tokens: why this one
+        return {dtype_name(self.dtype): entry}
 
     def cpu_expert_ffn(self) -> dict[str, Any]:
+        """One expert's FFN on the CPU against its tokens: ``n`` distinct experts (weights come
+        from memory, as in a run) through the CPU's expert kernel, per expert."""
+        s = self.cfg.shape
         tokens = [1, 4, 16, 64, 256] if self.quick else [1, 4, 16, 64, 256, 1024]
         out = {}
-        n = min(self.cfg.shape.experts, 16 if self.quick else 64)  # distinct experts: weights come from memory, as in a run
+        n = min(s.experts, 16 if self.quick else 64)
+        cpu = torch.device("cpu")
         for dt in sorted({dtype_name(self.dtype), "float32", "bfloat16"}):
-            w = self._experts(n, torch_dtype(dt), torch.device("cpu"))
+            kernel, _ = choose_kernel(cpu, torch_dtype(dt), s.hidden, s.moe_intermediate)
+            w = self._experts(n, torch_dtype(dt), cpu)
+            idx = np.arange(n)
             secs = []
             for t in tokens:
-                x = torch.randn(t, self.cfg.shape.hidden, dtype=torch_dtype(dt))
-                run = lambda: [expert_ffn(x, w.gate[i], w.up[i], w.down[i]) for i in range(n)]  # noqa: E731
-                secs.append(self.time(run, self.reps) / n)
-            out[dt] = {"source": "measured", "tokens": tokens, "seconds": secs}
+                x = torch.randn(n * t, s.hidden, dtype=torch_dtype(dt))
+                res = torch.empty_like(x)
+                bounds = np.arange(n + 1) * t
+                secs.append(self.time(lambda: KERNELS[kernel](x, res, bounds, idx, w, idx), self.reps) / n)
+            out[dt] = {"source": "measured", "tokens": tokens, "seconds": secs, "kernel": kernel}
         self._step("CPU experts")
         return out
 

@@ -187,3 +187,34 @@ def test_bench_engine_splits_the_engines_host_time(tmp_path):
         assert r["tokens_per_s"] > 0
     swap = next(r for r in d["policies"] if r["policy"] == "swap" and r["routing"] == "router")
     assert swap["migrations"] > 0 and swap["cpu"] == 0  # swap streams every chosen expert: nothing on the CPU path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_kernel_computes_what_the_loop_does_bit_for_bit_on_the_cpu(dtype):
+    """Hits may run grouped while misses loop (or the other way): on the CPU the two must be
+    the same numbers, or the tokens would leave all's."""
+    from runtime.model import ExpertWeights, grouped_experts, run_experts
+    g = torch.Generator().manual_seed(0)
+    E, H, I = 16, 64, 32
+    w = ExpertWeights(*(torch.randn(E, *s, generator=g).to(dtype) for s in ((I, H), (I, H), (H, I))))
+    counts = np.array([3, 0, 1, 5, 0, 2, 7, 1, 0, 0, 4, 1, 2, 0, 3, 1])
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    x = torch.randn(int(bounds[-1]), H, generator=g).to(dtype)
+    index = np.random.default_rng(0).permutation(E)  # experts in slots out of order
+    for experts in (np.array([6, 0, 3, 10, 14]), np.flatnonzero(counts), np.array([2])):
+        a, b = torch.zeros_like(x), torch.zeros_like(x)
+        run_experts(x, a, bounds, experts, w, index)
+        grouped_experts(x, b, bounds, experts, w, index)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kernel", ["loop", "grouped"])
+def test_every_expert_kernel_keeps_the_tokens_of_all(tiny_ckpt, kernel):
+    model = load_model(tiny_ckpt, dtype="float32")
+    s = model.cfg.shape
+    d = Decoding(block_length=8, steps=4, threshold=0.9)
+    base = Generator(model, d).generate(list(range(1, 9)), 16).tokens
+    for name, b, tau in (("all", None, None), ("static", 8, None), ("tide", 8, 2), ("swap", 8, None)):
+        with OffloadEngine(model, Policy.make(name, s.n_moe_layers, s.experts, budget=b, tau=tau), torch.device("cpu"),
+                           kernel=kernel) as eng:
+            assert Generator(model, d, engine=eng).generate(list(range(1, 9)), 16).tokens == base, (name, kernel)
