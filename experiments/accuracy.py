@@ -7,9 +7,9 @@
    the checkpoint's shapes (a random checkpoint of ``--preset`` when none is given), then
    runs the runtime under several policies and budgets, replaying a synthetic trace of the
    checkpoint's shape (realistic expert traffic), capturing each run's trace with its
-   counters. Profile and runs keep their best round (see :func:`capture`).
-3. Replays every captured trace with the simulator on the measured profile and prints
-   predicted against measured seconds, the error per run, each policy's predicted speedup
+   counters. Profile and runs take the median over the rounds (see :func:`capture`).
+3. Replays every captured trace with the simulator on each round's profile, against that
+   round's runs (the same conditions), and prints predicted against measured seconds (medians over rounds), the error per run, each policy's predicted speedup
    over ``all`` against the measured one, the median and worst error, and how much the
    runs varied between rounds (the box's noise).
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from tqdm.auto import tqdm
@@ -52,20 +53,20 @@ def make_preset(folder: Path, preset: str) -> None:
 
 
 def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int, prompt_length: int,
-            repeats: int = 3, preset: str = "tiny") -> None:
+            repeats: int = 5, preset: str = "tiny") -> None:
     """The runtime half. Rounds of: profile the box, then run every setting once. A shared box
-    changes speed from minute to minute, so profile and runs are interleaved and each keeps
-    its best round (the least time: load only ever adds), and the spread over rounds is kept
-    as the box's noise."""
+    changes speed from minute to minute, so profile and runs are interleaved, both take the
+    median over the rounds (the box's typical speed, seen alike by both), and the spread over
+    rounds is kept as the box's noise."""
     from runtime.checkpoint import load_model
     from runtime.config import ModelConfig
     from runtime.decoding import Generator
-    from runtime.device import check_device, timed
+    from runtime.device import check_device, speed_reference_s, timed
     from runtime.capture import TraceRecorder
     from runtime.offload import OffloadEngine
     from runtime.profile import profile_box
     from traces.policies import Policy
-    from traces.profile import best_of
+    from traces.profile import median_of
     from traces.synth import synthesize
 
     device = check_device(device_name)
@@ -85,24 +86,28 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     for name, frac, tau in RUNS:
         budget = None if frac is None else max(1, int(E * frac))
         settings.append((name, budget, tau, Policy.make(name, L, E, budget=budget, tau=tau)))
-    profiles, times = [], [[] for _ in settings]
+    profiles, times, refs = [], [[] for _ in settings], [[] for _ in settings]
     bar = tqdm(total=repeats * (len(settings) + 1), desc="rounds of profile + runs", unit="step")
     for rnd in range(repeats):
-        profiles.append(profile_box(cfg, device, dtype, quick=True, progress=False))
+        profiles.append(profile_box(cfg, device, dtype, quick=True, progress=False, model=model))
+        profiles[-1].write(out / f"profile-round{rnd}.json")
         bar.update()
         for i, (name, budget, tau, policy) in enumerate(settings):
             with TraceRecorder(model, work.decoding, dtype) as rec, OffloadEngine(model, policy, device) as eng:
                 gen = Generator(model, work.decoding, recorder=rec, engine=eng)
+                r0 = speed_reference_s()
                 times[i].append(timed(device, lambda: gen.replay(work, 0))[1])
+                refs[i].append((r0 + speed_reference_s()) / 2)  # the box's speed around the run
             if rnd == repeats - 1:
                 rec.trace(policy=policy.to_json()).write(out / f"run{i}.parquet")
             bar.update()
     bar.close()
-    best = best_of(profiles)
-    best.data["measured"]["rounds"] = repeats
-    best.write(out / "profile.json")
+    typical = median_of(profiles)
+    typical.data["measured"]["rounds"] = repeats
+    typical.write(out / "profile.json")
     runs = [{"run": i, "policy": name, "budget": budget, "tau": tau, "trace": f"run{i}.parquet",
-             "measured_s": min(times[i]), "spread": max(times[i]) / min(times[i]) - 1, "device": str(device)}
+             "measured_s": float(np.median(times[i])), "spread": max(times[i]) / min(times[i]) - 1,
+             "rounds_s": times[i], "rounds_reference_s": refs[i], "device": str(device)}
             for i, (name, budget, tau, _) in enumerate(settings)]
     write_json(out / "runs.json", {"checkpoint": checkpoint, "rounds": repeats, "runs": runs})
 
@@ -127,6 +132,11 @@ def read_runs(out: Path) -> list[dict]:
                          "tau": opt("tau"), "trace": trace,
                          "measured_s": need_float(get(r, "measured_s", wi), f"{wi}.measured_s", positive=True),
                          "spread": need_float(r.get("spread", 0.0), f"{wi}.spread", lo=0.0),
+                         "rounds_s": [need_float(v, f"{wi}.rounds_s", positive=True)
+                                      for v in need_list(r.get("rounds_s", []), f"{wi}.rounds_s")],
+                         "rounds_reference_s": [need_float(v, f"{wi}.rounds_reference_s", positive=True)
+                                                for v in need_list(r.get("rounds_reference_s", []),
+                                                                   f"{wi}.rounds_reference_s")],
                          "device": need_str(get(r, "device", wi), f"{wi}.device")})
     return out_runs
 
@@ -139,8 +149,14 @@ def replay(out: Path) -> pd.DataFrame:
     from traces.trace import read_trace
 
     runs = read_runs(out)
-    profile = Profile.load(out / "profile.json")
-    rows = []
+    n = len(runs[0]["rounds_s"])
+    paired = n > 0 and all(len(r["rounds_s"]) == n for r in runs) and all(
+        (out / f"profile-round{k}.json").is_file() for k in range(n))
+    # each round's runs against the profile taken just before them (the same conditions), or
+    # the one profile of an older capture
+    profiles = [Profile.load(out / f"profile-round{k}.json") for k in range(n)] if paired else [
+        Profile.load(out / "profile.json")]
+    rows, pred, meas = [], [], []
     for r in runs:
         trace = read_trace(out / r["trace"])
         if not trace.policy:
@@ -149,17 +165,26 @@ def replay(out: Path) -> pd.DataFrame:
             policy = Policy.from_json(trace.policy, trace.shape.n_moe_layers, trace.shape.experts)
         except TideError as exc:
             raise TideError(f"{out / r['trace']}: recorded policy: {exc}") from None
-        res = simulate(trace, profile, policy)
-        agree = all((res.counters[k] == trace.counters[k]).all() for k in res.counters)
+        sims = [simulate(trace, p, policy) for p in profiles]
+        p_r = np.array([res.seconds for res in sims])
+        m_r = np.array(r["rounds_s"]) if paired else np.array([r["measured_s"]])
+        ref_p = [p.reference_s() for p in profiles]
+        if paired and len(r["rounds_reference_s"]) == n and all(ref_p):
+            # on the profile's footing: the box ran at another speed than when it was profiled
+            m_r = m_r * np.array(ref_p) / np.array(r["rounds_reference_s"])
+        pred.append(p_r)
+        meas.append(m_r)
+        agree = all((sims[0].counters[k] == trace.counters[k]).all() for k in sims[0].counters)
         rows.append({**{k: r[k] for k in ("run", "policy", "budget", "tau", "device")},
-                     "measured_s": r["measured_s"], "predicted_s": res.seconds,
-                     "error": (res.seconds - r["measured_s"]) / r["measured_s"], "spread": r["spread"],
+                     "measured_s": r["measured_s"], "normalised_s": float(np.median(m_r)),
+                     "predicted_s": float(np.median(p_r)),
+                     "error": float(np.median((p_r - m_r) / m_r)), "spread": r["spread"],
                      "counters_agree": agree})
     df = pd.DataFrame(rows)
-    base = df[df["policy"] == "all"]
-    if len(base):  # each policy's speedup over all, predicted and measured
-        m0, p0 = float(base["measured_s"].iloc[0]), float(base["predicted_s"].iloc[0])
-        df["speedup_error"] = (p0 / df["predicted_s"]) / (m0 / df["measured_s"]) - 1
+    base = np.flatnonzero(df["policy"].to_numpy() == "all")
+    if len(base):  # each policy's speedup over all, predicted against measured, round by round
+        b = int(base[0])
+        df["speedup_error"] = [float(np.median((pred[b] / p) / (meas[b] / m) - 1)) for p, m in zip(pred, meas)]
     atomic_write(out / "accuracy.parquet", lambda tmp: df.to_parquet(tmp, index=False))
     return df
 
@@ -173,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay-only", default=None, metavar="DIR")
     ap.add_argument("--gen-length", type=integer, default=128)
     ap.add_argument("--prompt-length", type=integer, default=64)
-    ap.add_argument("--repeats", type=integer, default=3,
-                    help="rounds of profile + every setting; each keeps its best round")
+    ap.add_argument("--repeats", type=integer, default=5,
+                    help="rounds of profile + every setting; the median round is kept")
     ap.add_argument("--preset", default="tiny", choices=PRESETS,
                     help="checkpoint made when --checkpoint is not given (mini-moe: LLaDA2.0-mini's layers, ~7 GB)")
     a = ap.parse_args(argv)

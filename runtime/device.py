@@ -45,3 +45,20 @@ def to_device(values, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def speed_reference_s(reps: int = 3) -> float:
+    """Seconds of a fixed piece of host work (small matmuls and adds from eager PyTorch: the
+    mix of kernel calls and interpreter work the engine does), the median of ``reps``. A
+    shared box changes speed by 2x within minutes; this tracks it (correlation 0.92 with a
+    whole run's time on the 2-core VM), so times measured at different moments can be put
+    on one footing: multiply by the reference of the moment you compare with, divide by
+    the reference of the moment measured."""
+    x = torch.ones(64, 64) * 0.01
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(200):
+            torch.nn.functional.linear(x, x).add_(1.0)
+        out.append(time.perf_counter() - t0)
+    return sorted(out)[len(out) // 2]

@@ -13,6 +13,7 @@ marked ``measured``. ``--quick`` keeps grids small (under a minute on 2 cores).
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -27,11 +28,11 @@ from tqdm.auto import tqdm
 from runtime.checkpoint import dtype_name, torch_dtype
 from runtime.config import ModelConfig
 from runtime.decoding import Sampling, sample
-from runtime.device import check_device, synchronize, timed
-from runtime.model import KERNELS, LLaDA2, DecoderLayer, ExpertWeights, KVCache, choose_kernel, expert_ffn, rope
+from runtime.device import check_device, speed_reference_s, synchronize, timed
+from runtime.model import KERNELS, LLaDA2, DecoderLayer, ExpertWeights, KVCache, choose_kernel, expert_ffn, rope, run_experts
 from traces.cli import ArgumentParser, check_out_path, run_cli
 from traces.policies import Policy
-from traces.profile import FORMAT, VERSION, Profile
+from traces.profile import FORMAT, HOST, VERSION, Profile
 from traces.shapes import ModelShape
 
 
@@ -74,11 +75,21 @@ def measured_where() -> dict[str, Any]:
 
 
 class Profiler:
-    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, quick: bool, progress: bool = True):
-        self.cfg, self.device, self.dtype, self.quick = cfg, device, dtype, quick
-        self.time = _timer(device)
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, quick: bool, progress: bool = True,
+                 model: LLaDA2 | None = None):
+        self.cfg, self.device, self.dtype, self.quick, self.model = cfg, device, dtype, quick, model
         self.reps = 3 if quick else 7
-        self.bar = tqdm(total=7, desc="profiling", disable=not progress)
+        # When the fast device is the CPU every measurement is host work on a box whose speed
+        # may drift: each is put on the footing of the profile's start (speed_reference_s).
+        self.normalise = device.type == "cpu"
+        self.reference_s = speed_reference_s() if self.normalise else None
+        timer = _timer(device)
+        self.time = (lambda fn, reps: timer(fn, reps) * self.drift()) if self.normalise else timer
+        self.bar = tqdm(total=8, desc="profiling", disable=not progress)
+
+    def drift(self) -> float:
+        """How much faster the box is now than at the profile's start (1 on a GPU box)."""
+        return self.reference_s / speed_reference_s() if self.normalise else 1.0
 
     def _step(self, what: str) -> None:
         self.bar.set_postfix_str(what)
@@ -146,14 +157,13 @@ class Profiler:
 
     def cpu_expert_ffn(self) -> dict[str, Any]:
         """One expert's FFN on the CPU against its tokens: ``n`` distinct experts (weights come
-        from memory, as in a run) through the CPU's expert kernel, per expert."""
+        from memory, as in a run) through the engine's CPU path (one chain per expert), per expert."""
         s = self.cfg.shape
         tokens = [1, 4, 16, 64, 256] if self.quick else [1, 4, 16, 64, 256, 1024]
         out = {}
         n = min(s.experts, 16 if self.quick else 64)
         cpu = torch.device("cpu")
         for dt in sorted({dtype_name(self.dtype), "float32", "bfloat16"}):
-            kernel, _ = choose_kernel(cpu, torch_dtype(dt), s.hidden, s.moe_intermediate)
             w = self._experts(n, torch_dtype(dt), cpu)
             idx = np.arange(n)
             secs = []
@@ -161,8 +171,8 @@ class Profiler:
                 x = torch.randn(n * t, s.hidden, dtype=torch_dtype(dt))
                 res = torch.empty_like(x)
                 bounds = np.arange(n + 1) * t
-                secs.append(self.time(lambda: KERNELS[kernel](x, res, bounds, idx, w, idx), self.reps) / n)
-            out[dt] = {"source": "measured", "tokens": tokens, "seconds": secs, "kernel": kernel}
+                secs.append(self.time(lambda: run_experts(x, res, bounds, idx, w, idx), self.reps) / n)
+            out[dt] = {"source": "measured", "tokens": tokens, "seconds": secs, "kernel": "loop"}
         self._step("CPU experts")
         return out
 
@@ -250,7 +260,8 @@ class Profiler:
         b = max(1, active // 4)
 
         def per_forward(policy: Policy) -> tuple[dict[str, float], float]:
-            """Median host seconds per forward by timer, and experts copied per forward."""
+            """Median seconds per forward by timer, and experts copied per forward."""
+            drift = self.drift()
             with OffloadEngine(model, policy, self.device) as eng:
                 rows = []
                 for f, (idx, w, x) in enumerate(steps):
@@ -262,7 +273,7 @@ class Profiler:
                     if f:  # the first forward sets up
                         rows.append({t: eng.timers[t] - before[t] for t in eng.timers})
                 tot = eng.totals()
-            med = {t: float(np.median([r[t] for r in rows])) for t in rows[0]}
+            med = {t: float(np.median([r[t] for r in rows])) * drift for t in rows[0]}
             return med, tot["migrations"] / (len(steps) - 1)
 
         def rest(t: dict[str, float]) -> float:  # _execute's time that no other timer holds: issuing
@@ -277,11 +288,9 @@ class Profiler:
         copy_call = t_tide["copy_s"] / max(moved, 1)
         if not cuda:  # on the CPU the copy is the host's own work: keep only what moving the bytes does not explain
             copy_call = max(0.0, copy_call - self.time(lambda: host.gate[1].copy_(host.gate[0]), self.reps) * 3)
-        forward_s = self.forward_host_s()
         self._step("host")
         note = "measured with runtime.offload.OffloadEngine on one MoE layer, 32-token steps"
         return {
-            "forward_s": {**_m(forward_s), "note": "measured with runtime.decoding.Generator, per forward"},
             "decide_s": {**_m(t_static["decide_s"]), "note": note},
             "refresh_s": {**_m(t_tide["decide_s"]), "note": note},
             "swap_s": {**_m(t_swap["decide_s"]), "note": note},
@@ -292,51 +301,91 @@ class Profiler:
             "miss_call_s": {**_m(max(0.0, rest(t_cpu) - rest(t_all)) / active), "note": note},
         }
 
-    def forward_host_s(self) -> float:
-        """Per forward, the decoding loop's own host work outside the layers and the head:
-        embedding, rotary tables, the engine's begin and end, acceptance. Measured by running
-        :class:`runtime.decoding.Generator` (replaying a synthetic trace through the engine)
-        on a one-MoE-layer model of this shape with tiny experts, less the layers' and the
-        head's own time (priced apart)."""
+    def decoding_in_situ(self, tables: Profile) -> tuple[float, dict[str, Any]]:
+        """The decoding loop's own host work per forward (embedding, rotary tables, the engine's
+        begin and end, acceptance), and how much longer each table's work takes inside a run
+        than the table, measured in a tight loop, says (a loop over one layer is kinder to
+        caches than a forward through every layer): measured by running
+        :class:`runtime.decoding.Generator` through the engine, replaying a synthetic trace,
+        timing each layer and the engine, and pricing the recorded run with ``tables``.
+
+        On the model given to the profiler (``model=``: the checkpoint itself, under ``static``
+        at an eighth of the experts, so both expert paths run), or else on a stand-in of this
+        shape whose routed experts are tiny (then only the non-expert work is compared)."""
         import dataclasses
-        from runtime.decoding import Generator, sample as sample_fn
         import runtime.decoding as decoding
+        from runtime.decoding import Generator, sample as sample_fn
         from runtime.offload import OffloadEngine
+        from traces.costs import CostModel
+        from traces.replay import replay
         from traces.synth import synthesize
         s = self.cfg.shape
-        small = dataclasses.replace(s, layers=1, first_k_dense=0, vocab=64, moe_intermediate=8, intermediate=8)
-        cfg1 = dataclasses.replace(self.cfg, shape=small, mask_id=63, eos_id=62)
-        torch.manual_seed(0)
-        model = LLaDA2(cfg1).to(device=self.device, dtype=self.dtype)
-        blk = model.moe_blocks[0]
-        blk.experts = ExpertWeights(*(torch.randn(s.experts, *shp, dtype=self.dtype) * 0.02
-                                      for shp in ((8, s.hidden), (8, s.hidden), (s.hidden, 8))))
-        work = synthesize(small, 96, 32, seed=0, dtype=dtype_name(self.dtype))
-        spent = [0.0]
+        model = self.model
+        if model is None:
+            cfg1 = dataclasses.replace(self.cfg, shape=dataclasses.replace(s, vocab=64), mask_id=63, eos_id=62)
+            torch.manual_seed(0)
+            model = LLaDA2(cfg1).to(device=self.device, dtype=self.dtype)
+            for blk in model.moe_blocks:
+                blk.experts = ExpertWeights(*(torch.randn(s.experts, *shp, dtype=self.dtype) * 0.02
+                                              for shp in ((8, s.hidden), (8, s.hidden), (s.hidden, 8))))
+            policy = Policy.make("all", s.n_moe_layers, s.experts)
+        else:
+            policy = Policy.make("static", s.n_moe_layers, s.experts, budget=max(1, s.experts // 8))
+        dt = dtype_name(self.dtype)
+        work = synthesize(model.cfg.shape, 96, 32, seed=0, dtype=dt)
+        spent = {"layers": 0.0, "other": 0.0}
 
-        def clocked(fn):
+        def clocked(fn, key):
             def run(*a, **k):
                 t0 = time.perf_counter()
                 try:
                     return fn(*a, **k)
                 finally:
-                    spent[0] += time.perf_counter() - t0
+                    spent[key] += time.perf_counter() - t0
             return run
-        layer, head = model.model.layers[0], model.lm_head
-        layer.forward, head.forward = clocked(layer.forward), clocked(head.forward)
-        decoding.sample = clocked(sample_fn)
+        saved = [(layer, layer.forward) for layer in model.model.layers] + [(model.lm_head, model.lm_head.forward)]
+        for layer in model.model.layers:
+            layer.forward = clocked(layer.forward, "layers")
+        model.lm_head.forward = clocked(model.lm_head.forward, "other")
+        decoding.sample = clocked(sample_fn, "other")
+        fw = work.forwards
+        non_expert = sum(
+            s.first_k_dense * float(tables.non_expert_s(s.model_key, "dense_layer", t, c))
+            + s.n_moe_layers * float(tables.non_expert_s(s.model_key, "moe_layer", t, c))
+            for t, c in zip(fw["tokens_run"], fw["context"]))
         try:
-            per = []
+            loop, ratios = [], []
             for rep in range(self.reps + 1):
-                with OffloadEngine(model, Policy.make("all", 1, s.experts), self.device) as eng:
+                drift = self.drift()
+                with OffloadEngine(model, policy, self.device) as eng:
                     gen = Generator(model, work.decoding, engine=eng)
-                    spent[0] = 0.0
+                    spent.update(layers=0.0, other=0.0)
                     res, secs = timed(self.device, lambda: gen.replay(work, 0))
-                if rep:  # the first is a warm-up
-                    per.append((secs - spent[0]) / res.forwards)
+                if not rep:  # a warm-up
+                    continue
+                loop.append((secs - spent["layers"] - spent["other"]) / res.forwards * drift)
+                r = {"non_expert": (spent["layers"] - eng.timers["layer_s"]) * drift / non_expert}
+                if self.model is not None:  # the expert paths, priced on the tables as the simulator would
+                    cost = CostModel(tables, s, dt)
+                    hits = cpu = 0.0
+                    for f in replay(work, policy):
+                        parts = cost.layer_parts(f.decision, f.counts, f.counters, f.tokens_run, f.context)
+                        hits += float(np.sum(parts["hits_ready"]) + np.sum(parts["hits_fresh"]))
+                        cpu += float(np.sum(parts["cpu"]))
+                    if self.device.type == "cpu" and hits > 0:  # a GPU's host timer is not its device time
+                        r["gpu_experts"] = eng.timers["fast_s"] * drift / hits
+                    if cpu > 0:
+                        r["cpu_expert_ffn"] = eng.timers["cpu_s"] * drift / cpu
+                ratios.append(r)
         finally:
             decoding.sample = sample_fn
-        return float(np.median(per))
+            for mod, fwd in saved:
+                mod.forward = fwd
+        where = "the checkpoint's model" if self.model is not None else "a stand-in with tiny routed experts"
+        in_situ = {k: {**_m(float(np.median([r[k] for r in ratios]))),
+                       "note": f"this table's work inside runs of the engine on {where}, over the table"}
+                   for k in ratios[0]}
+        return float(np.median(loop)), in_situ
 
     def overheads(self) -> dict[str, Any]:
         x = torch.zeros(16, device=self.device)
@@ -358,8 +407,6 @@ class Profiler:
         cpu_ffn = self.cpu_expert_ffn()
         non_expert = self.non_expert()
         over = self.overheads()
-        host = self.host_costs()
-        self.bar.close()
         cuda = self.device.type == "cuda"
         host_mem = _host_memory_bytes()
         gpu_mem = torch.cuda.get_device_properties(self.device).total_memory if cuda else host_mem
@@ -367,8 +414,8 @@ class Profiler:
         gpu_bw = self.memory_bandwidth(self.device) if cuda else host_bw
         key = self.cfg.shape.expert_shape_key
         name = f"{socket.gethostname()}-{self.device.type}"
-        return {
-            "format": FORMAT, "version": VERSION, "name": name, "measured": measured_where(),
+        data = {
+            "format": FORMAT, "version": VERSION, "name": name, "measured": {**measured_where(), **({"reference_s": self.reference_s} if self.normalise else {})},
             "about": (f"Measured by runtime.profile on {platform.node()} ({platform.processor() or platform.machine()}), "
                       f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
                       f"{torch.cuda.get_device_name(self.device) if cuda else 'fast device = CPU'}, "
@@ -380,18 +427,25 @@ class Profiler:
                            "cpu_cores": _m(os.cpu_count() or 1), "host_mem_bw_gbps": _m(host_bw),
                            "gpu_mem_bw_gbps": _m(gpu_bw)},
             "overheads": over,
-            "host": host,
+            "host": {k: _m(0.0) for k in HOST},  # measured below, against these tables
             "h2d": h2d, "d2h": d2h,
             "gpu_experts": {key: gpu_experts},
             "cpu_expert_ffn": {key: cpu_ffn},
             "non_expert": non_expert,
         }
+        tables = Profile(json.loads(json.dumps(data)), where="profile being measured")
+        data["host"] = self.host_costs()
+        forward_s, data["in_situ"] = self.decoding_in_situ(tables)
+        data["host"]["forward_s"] = {**_m(forward_s), "note": "measured with runtime.decoding.Generator, per forward"}
+        self.bar.close()
+        return data
 
 
-
-
-def profile_box(cfg: ModelConfig, device: torch.device, dtype: str, quick: bool, progress: bool = True) -> Profile:
-    data = Profiler(cfg, device, torch_dtype(dtype), quick, progress).run()
+def profile_box(cfg: ModelConfig, device: torch.device, dtype: str, quick: bool, progress: bool = True,
+                model: LLaDA2 | None = None) -> Profile:
+    """Measure this box for ``cfg``'s shapes; with ``model`` (loaded, experts in host memory)
+    the in-situ comparison runs on that model itself."""
+    data = Profiler(cfg, device, torch_dtype(dtype), quick, progress, model).run()
     return Profile(data, where="measured profile")
 
 

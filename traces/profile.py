@@ -32,9 +32,15 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
   layer against ``tokens`` and ``context``, and of the ``head`` (final norm, lm_head and
   choosing the tokens from the logits) against ``tokens``.
 
+* ``in_situ`` (optional, written by ``runtime.profile``): per table (``non_expert``,
+  ``gpu_experts``, ``cpu_expert_ffn``) how much longer the same work took inside a run of
+  the engine than the table, measured in a tight loop, says; lookups multiply by it (the
+  tables stay as measured).
 * ``measured`` (optional, written by ``runtime.profile``): when and where the profile was
   taken (``created``, ``host``, ``threads``, ``cores``, ``load_avg_1m``), so a validation can
-  tell whether it runs on the same box under the same load.
+  tell whether it runs on the same box under the same load; with a CPU fast device also
+  ``reference_s``, the speed reference at the start, on whose footing every time is (a
+  drifting box's measurements are scaled to it as they are taken).
 
 Lookups interpolate linearly between measured points; below the first point the first
 value holds; above the last the last segment's slope continues.
@@ -59,6 +65,7 @@ READS = (1, 2)  # versions this TIDE reads
 SOURCES = ("measured", "derived")
 CAPACITIES = ("gpu_mem_bytes", "host_mem_bytes", "cpu_cores", "host_mem_bw_gbps", "gpu_mem_bw_gbps")
 OVERHEADS = ("launch_s", "sync_s", "cpu_task_s")
+IN_SITU = ("non_expert", "gpu_experts", "cpu_expert_ffn")
 HOST = ("forward_s", "decide_s", "refresh_s", "swap_s", "issue_s", "copy_call_s", "expert_call_s", "miss_call_s")
 _POSITIVE = ("gpu_mem_bytes", "host_mem_bytes", "host_mem_bw_gbps", "gpu_mem_bw_gbps")  # they divide or bound
 BUNDLED = {
@@ -233,6 +240,15 @@ class Profile:
                     raise _fail(w, f"{group}.{k} missing (expected {{'value': ..., 'source': ...}})")
                 need_float(v["value"], f"{w}: {group}.{k}", lo=0.0, positive=k in _POSITIVE)
                 _check_source(f"{w}: {group}.{k}", v.get("source"), ())
+        situ = d.get("in_situ")
+        self._situ = dict.fromkeys(IN_SITU, 1.0)
+        if situ is not None:
+            for k, v in need_dict(situ, f"{w}: in_situ").items():
+                if k not in IN_SITU:
+                    raise _fail(w, f"in_situ.{k}: unknown table (expected one of {', '.join(IN_SITU)})")
+                v = need_dict(v, f"{w}: in_situ.{k}")
+                self._situ[k] = need_float(v.get("value"), f"{w}: in_situ.{k}.value", positive=True)
+                _check_source(f"{w}: in_situ.{k}", v.get("source"), ())
         if self.capacity("cpu_cores") < 1:
             raise _fail(w, "capacities.cpu_cores must be at least 1")
         self._h2d = self._bandwidths("h2d")
@@ -303,13 +319,13 @@ class Profile:
         """Grouped computation of ``experts`` experts with ``tokens_per_expert`` tokens each."""
         t = self._lookup(self._gpu, "gpu_experts", shape_key, dtype)
         experts = np.asarray(experts, dtype=np.float64)
-        return np.where(experts > 0, t(experts, np.maximum(tokens_per_expert, 1)), 0.0)
+        return np.where(experts > 0, t(experts, np.maximum(tokens_per_expert, 1)) * self._situ["gpu_experts"], 0.0)
 
     def cpu_expert_s(self, shape_key: str, dtype: str, tokens: Any) -> np.ndarray:
         """One expert's FFN on the CPU with ``tokens`` tokens (0 tokens: no time)."""
         t = self._lookup(self._cpu, "cpu_expert_ffn", shape_key, dtype)
         tokens = np.asarray(tokens, dtype=np.float64)
-        return np.where(tokens > 0, t(np.maximum(tokens, 1)), 0.0)
+        return np.where(tokens > 0, t(np.maximum(tokens, 1)) * self._situ["cpu_expert_ffn"], 0.0)
 
     def cpu_dtypes(self, shape_key: str) -> list[str]:
         return [dt for (s, dt) in self._cpu if s == shape_key]
@@ -322,7 +338,7 @@ class Profile:
                                     "profile this model with python -m runtime.profile --checkpoint DIR")
         if part == "head":
             return t(tokens)
-        return t(tokens, context)
+        return t(tokens, context) * self._situ["non_expert"]
 
     def has_model(self, model_key: str) -> bool:
         return (model_key, "moe_layer") in self._non
@@ -333,6 +349,13 @@ class Profile:
             have = sorted(f"{s}/{d}" for s, d in tables)
             raise _fail(self.where, f"no {section} entry for expert shape {shape_key} in {dtype} (has: {', '.join(have) or 'none'})")
         return t
+
+    def reference_s(self) -> float | None:
+        """The speed reference measured when the profile started (``runtime.device.speed_reference_s``),
+        when the fast device is the CPU: the profile's times are on that footing."""
+        m = self.data.get("measured")
+        v = m.get("reference_s") if isinstance(m, dict) else None
+        return need_float(v, f"{self.where}: measured.reference_s", positive=True) if v is not None else None
 
     def origin(self) -> dict[str, Any]:
         """Where and when the profile was measured (empty for a derived box) and its reference
@@ -354,10 +377,11 @@ class Profile:
         }
 
 
-def best_of(profiles: list["Profile"]) -> "Profile":
-    """One profile from several measurements of the same box: every time the least, every
-    bandwidth the most (noise on a shared box only ever slows a measurement down); the rest
-    from the first. Tables must have the same axes."""
+def median_of(profiles: list["Profile"]) -> "Profile":
+    """One profile from several measurements of the same box: every time and every bandwidth
+    the median (on a box whose speed drifts, a run sees the typical speed; the least time of
+    many short measurements would be luckier than any run); the rest from the first. Tables
+    must have the same axes."""
     def merge(key: str, vals: list[Any]) -> Any:
         first = vals[0]
         if isinstance(first, dict):
@@ -367,19 +391,16 @@ def best_of(profiles: list["Profile"]) -> "Profile":
             if all(isinstance(v, list) and len(v) == len(first) for v in vals) and key in ("seconds", "gbps"):
                 return [merge(key, [v[i] for v in vals]) for i in range(len(first))]
             return first
-        if isinstance(first, (int, float)) and not isinstance(first, bool):
-            if key in ("seconds", "time_s") or key.endswith("_s"):
-                return min(vals)
-            if key == "gbps" or key.endswith("_gbps"):
-                return max(vals)
+        if isinstance(first, (int, float)) and not isinstance(first, bool) and (
+                key in ("seconds", "gbps") or key.endswith("_s") or key.endswith("_gbps")):
+            return float(np.median(vals))
         return first
 
     data = merge("", [p.data for p in profiles])
     for group in ("overheads", "host", "capacities"):  # {"value": v} scalars: the key is the entry's name
         if group in data:
             for k, v in data[group].items():
-                vals = [p.data[group][k]["value"] for p in profiles]
-                v["value"] = merge(k, vals)
+                v["value"] = merge(k, [p.data[group][k]["value"] for p in profiles])
     return Profile(data, where=profiles[0].where)
 
 
