@@ -74,7 +74,7 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
 
     from runtime.checkpoint import dtype_name, load_model
     from runtime.decoding import Generator
-    from runtime.device import check_device, timed
+    from runtime.device import check_device, speed_reference_s, timed
     from runtime.lossless import agree
     from runtime.offload import OffloadEngine
 
@@ -106,9 +106,15 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
 
     checked = {name: run(policy, True) for name, policy in policies.items()}  # tokens, and a warm-up
     seconds: dict[str, list[float]] = {name: [] for name in policies}
+    footing: dict[str, list[float]] = {name: [] for name in policies}  # on the profile's speed reference
+    origin = (plan.provenance.get("profile") or {}).get("origin") or {}
+    ref_p = origin.get("reference_s") if device.type == "cpu" else None
     for _ in range(repeats):  # timed rounds, every policy once per round: a shared box's load hits all alike
         for name, policy in policies.items():
-            seconds[name].append(run(policy, False)[0])
+            r0 = speed_reference_s() if ref_p else None
+            t = run(policy, False)[0]
+            seconds[name].append(t)
+            footing[name].append(t * ref_p / ((r0 + speed_reference_s()) / 2) if ref_p else t)
     for name, policy in policies.items():
         _, counters, results = checked[name]
         if reference is None:
@@ -117,10 +123,11 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
         bad = [c.detail for c in checks if not c.ok]
         if bad:
             failures.append(f"{name}: {bad[0]}")
-        measured = sorted(seconds[name])[len(seconds[name]) // 2]  # the typical round, as the profile measured
+        median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731  (the typical round)
         rows.append({"policy": name, "budget": span(policy.budget.tolist()),
                      "tau": span(policy.tau.tolist()) if policy.tau is not None else "-",
-                     "predicted_s": _predicted(plan, name), "measured_s": measured,
+                     "predicted_s": _predicted(plan, name), "measured_s": median(seconds[name]),
+                     "normalised_s": median(footing[name]),
                      "spread": max(seconds[name]) / min(seconds[name]) - 1,
                      "tokens_identical": all(c.identical for c in checks), "tokens_ok": not bad,
                      "note": next((c.detail for c in checks if c.detail), ""),
@@ -129,10 +136,11 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     tokens = sum(t.tokens_generated for _, t in traces)
     df["predicted_tokens_per_s"] = tokens / df["predicted_s"]
     df["measured_tokens_per_s"] = tokens / df["measured_s"]
-    df["error"] = (df["predicted_s"] - df["measured_s"]) / df["measured_s"]
+    # the error on the profile's footing: the box ran at another speed than when it was profiled
+    df["error"] = (df["predicted_s"] - df["normalised_s"]) / df["normalised_s"]
     plan_row = df.set_index("policy").loc["plan"]
     df["predicted_plan_speedup"] = df["predicted_s"] / plan_row["predicted_s"]
-    df["measured_plan_speedup"] = df["measured_s"] / plan_row["measured_s"]
+    df["measured_plan_speedup"] = df["normalised_s"] / plan_row["normalised_s"]
     return df, failures
 
 
@@ -170,6 +178,11 @@ def box_check(plan: Plan, tolerance: float = 0.25) -> tuple[list[str], list[str]
                  f"this run on {host} (load {load_now:.1f}, {os.cpu_count()} cores)")
     if origin["host"] != host:
         warn.append(f"the profile was measured on {origin['host']}, this run is on {host}: predictions are for another box")
+    speed = origin.get("reference_s")
+    if isinstance(speed, (int, float)) and speed > 0:
+        from runtime.device import speed_reference_s
+        lines.append(f"speed reference: {1e3 * speed:.2f} ms when profiled, {1e3 * speed_reference_s():.2f} ms now; "
+                     "measured times are also given on the profile's footing (normalised_s), where the error is taken")
     ref = origin.get("host_mem_bw_gbps")
     if isinstance(ref, (int, float)) and ref > 0:
         now = memory_bandwidth_gbps(torch.device("cpu"))
@@ -240,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     df, failures = validate(a.checkpoint, plan, traces, a.device, a.repeats)
     if a.out:
         write(a.out, df, {**provenance(a.checkpoint, a.plan, plan, traces, a.device), "box_check": lines, "warnings": warnings})
-    cols = ["policy", "budget", "tau", "predicted_s", "measured_s", "error", "predicted_tokens_per_s",
+    cols = ["policy", "budget", "tau", "predicted_s", "measured_s", "normalised_s", "error", "predicted_tokens_per_s",
             "measured_tokens_per_s", "predicted_plan_speedup", "measured_plan_speedup", "tokens_ok"]
     print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for w in warnings:

@@ -13,7 +13,6 @@ marked ``measured``. ``--quick`` keeps grids small (under a minute on 2 cores).
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
@@ -32,7 +31,7 @@ from runtime.device import check_device, speed_reference_s, synchronize, timed
 from runtime.model import KERNELS, LLaDA2, DecoderLayer, ExpertWeights, KVCache, choose_kernel, expert_ffn, rope, run_experts
 from traces.cli import ArgumentParser, check_out_path, run_cli
 from traces.policies import Policy
-from traces.profile import FORMAT, HOST, VERSION, Profile
+from traces.profile import FORMAT, VERSION, Profile
 from traces.shapes import ModelShape
 
 
@@ -85,7 +84,7 @@ class Profiler:
         self.reference_s = speed_reference_s() if self.normalise else None
         timer = _timer(device)
         self.time = (lambda fn, reps: timer(fn, reps) * self.drift()) if self.normalise else timer
-        self.bar = tqdm(total=8, desc="profiling", disable=not progress)
+        self.bar = tqdm(total=7, desc="profiling", disable=not progress)
 
     def drift(self) -> float:
         """How much faster the box is now than at the profile's start (1 on a GPU box)."""
@@ -301,23 +300,17 @@ class Profiler:
             "miss_call_s": {**_m(max(0.0, rest(t_cpu) - rest(t_all)) / active), "note": note},
         }
 
-    def decoding_in_situ(self, tables: Profile) -> tuple[float, dict[str, Any]]:
+    def forward_host_s(self) -> float:
         """The decoding loop's own host work per forward (embedding, rotary tables, the engine's
-        begin and end, acceptance), and how much longer each table's work takes inside a run
-        than the table, measured in a tight loop, says (a loop over one layer is kinder to
-        caches than a forward through every layer): measured by running
-        :class:`runtime.decoding.Generator` through the engine, replaying a synthetic trace,
-        timing each layer and the engine, and pricing the recorded run with ``tables``.
-
-        On the model given to the profiler (``model=``: the checkpoint itself, under ``static``
-        at an eighth of the experts, so both expert paths run), or else on a stand-in of this
-        shape whose routed experts are tiny (then only the non-expert work is compared)."""
+        begin and end, acceptance): the time of :class:`runtime.decoding.Generator` replaying a
+        synthetic trace through the engine, less the layers' and the head's own time (priced
+        apart). On the model given to the profiler (``model=``: the checkpoint itself, under
+        ``static`` at an eighth of the experts), or else on a stand-in of this shape whose
+        routed experts are tiny."""
         import dataclasses
         import runtime.decoding as decoding
         from runtime.decoding import Generator, sample as sample_fn
         from runtime.offload import OffloadEngine
-        from traces.costs import CostModel
-        from traces.replay import replay
         from traces.synth import synthesize
         s = self.cfg.shape
         model = self.model
@@ -331,61 +324,36 @@ class Profiler:
             policy = Policy.make("all", s.n_moe_layers, s.experts)
         else:
             policy = Policy.make("static", s.n_moe_layers, s.experts, budget=max(1, s.experts // 8))
-        dt = dtype_name(self.dtype)
-        work = synthesize(model.cfg.shape, 96, 32, seed=0, dtype=dt)
-        spent = {"layers": 0.0, "other": 0.0}
+        work = synthesize(model.cfg.shape, 96, 32, seed=0, dtype=dtype_name(self.dtype))
+        spent = [0.0]
 
-        def clocked(fn, key):
+        def clocked(fn):
             def run(*a, **k):
                 t0 = time.perf_counter()
                 try:
                     return fn(*a, **k)
                 finally:
-                    spent[key] += time.perf_counter() - t0
+                    spent[0] += time.perf_counter() - t0
             return run
-        saved = [(layer, layer.forward) for layer in model.model.layers] + [(model.lm_head, model.lm_head.forward)]
-        for layer in model.model.layers:
-            layer.forward = clocked(layer.forward, "layers")
-        model.lm_head.forward = clocked(model.lm_head.forward, "other")
-        decoding.sample = clocked(sample_fn, "other")
-        fw = work.forwards
-        non_expert = sum(
-            s.first_k_dense * float(tables.non_expert_s(s.model_key, "dense_layer", t, c))
-            + s.n_moe_layers * float(tables.non_expert_s(s.model_key, "moe_layer", t, c))
-            for t, c in zip(fw["tokens_run"], fw["context"]))
+        saved = [(m, m.forward) for m in [*model.model.layers, model.lm_head]]
+        for m, fwd in saved:
+            m.forward = clocked(fwd)
+        decoding.sample = clocked(sample_fn)
         try:
-            loop, ratios = [], []
+            loop = []
             for rep in range(self.reps + 1):
                 drift = self.drift()
                 with OffloadEngine(model, policy, self.device) as eng:
                     gen = Generator(model, work.decoding, engine=eng)
-                    spent.update(layers=0.0, other=0.0)
+                    spent[0] = 0.0
                     res, secs = timed(self.device, lambda: gen.replay(work, 0))
-                if not rep:  # a warm-up
-                    continue
-                loop.append((secs - spent["layers"] - spent["other"]) / res.forwards * drift)
-                r = {"non_expert": (spent["layers"] - eng.timers["layer_s"]) * drift / non_expert}
-                if self.model is not None:  # the expert paths, priced on the tables as the simulator would
-                    cost = CostModel(tables, s, dt)
-                    hits = cpu = 0.0
-                    for f in replay(work, policy):
-                        parts = cost.layer_parts(f.decision, f.counts, f.counters, f.tokens_run, f.context)
-                        hits += float(np.sum(parts["hits_ready"]) + np.sum(parts["hits_fresh"]))
-                        cpu += float(np.sum(parts["cpu"]))
-                    if self.device.type == "cpu" and hits > 0:  # a GPU's host timer is not its device time
-                        r["gpu_experts"] = eng.timers["fast_s"] * drift / hits
-                    if cpu > 0:
-                        r["cpu_expert_ffn"] = eng.timers["cpu_s"] * drift / cpu
-                ratios.append(r)
+                if rep:  # the first is a warm-up
+                    loop.append((secs - spent[0]) / res.forwards * drift)
         finally:
             decoding.sample = sample_fn
-            for mod, fwd in saved:
-                mod.forward = fwd
-        where = "the checkpoint's model" if self.model is not None else "a stand-in with tiny routed experts"
-        in_situ = {k: {**_m(float(np.median([r[k] for r in ratios]))),
-                       "note": f"this table's work inside runs of the engine on {where}, over the table"}
-                   for k in ratios[0]}
-        return float(np.median(loop)), in_situ
+            for m, fwd in saved:
+                m.forward = fwd
+        return float(np.median(loop))
 
     def overheads(self) -> dict[str, Any]:
         x = torch.zeros(16, device=self.device)
@@ -427,16 +395,13 @@ class Profiler:
                            "cpu_cores": _m(os.cpu_count() or 1), "host_mem_bw_gbps": _m(host_bw),
                            "gpu_mem_bw_gbps": _m(gpu_bw)},
             "overheads": over,
-            "host": {k: _m(0.0) for k in HOST},  # measured below, against these tables
             "h2d": h2d, "d2h": d2h,
             "gpu_experts": {key: gpu_experts},
             "cpu_expert_ffn": {key: cpu_ffn},
             "non_expert": non_expert,
         }
-        tables = Profile(json.loads(json.dumps(data)), where="profile being measured")
-        data["host"] = self.host_costs()
-        forward_s, data["in_situ"] = self.decoding_in_situ(tables)
-        data["host"]["forward_s"] = {**_m(forward_s), "note": "measured with runtime.decoding.Generator, per forward"}
+        data["host"] = {**self.host_costs(), "forward_s": {**_m(self.forward_host_s()),
+                                                            "note": "measured with runtime.decoding.Generator, per forward"}}
         self.bar.close()
         return data
 
@@ -444,7 +409,7 @@ class Profiler:
 def profile_box(cfg: ModelConfig, device: torch.device, dtype: str, quick: bool, progress: bool = True,
                 model: LLaDA2 | None = None) -> Profile:
     """Measure this box for ``cfg``'s shapes; with ``model`` (loaded, experts in host memory)
-    the in-situ comparison runs on that model itself."""
+    the decoding loop's host cost is measured on that model itself."""
     data = Profiler(cfg, device, torch_dtype(dtype), quick, progress, model).run()
     return Profile(data, where="measured profile")
 

@@ -32,10 +32,6 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
   layer against ``tokens`` and ``context``, and of the ``head`` (final norm, lm_head and
   choosing the tokens from the logits) against ``tokens``.
 
-* ``in_situ`` (optional, written by ``runtime.profile``): per table (``non_expert``,
-  ``gpu_experts``, ``cpu_expert_ffn``) how much longer the same work took inside a run of
-  the engine than the table, measured in a tight loop, says; lookups multiply by it (the
-  tables stay as measured).
 * ``measured`` (optional, written by ``runtime.profile``): when and where the profile was
   taken (``created``, ``host``, ``threads``, ``cores``, ``load_avg_1m``), so a validation can
   tell whether it runs on the same box under the same load; with a CPU fast device also
@@ -65,7 +61,6 @@ READS = (1, 2)  # versions this TIDE reads
 SOURCES = ("measured", "derived")
 CAPACITIES = ("gpu_mem_bytes", "host_mem_bytes", "cpu_cores", "host_mem_bw_gbps", "gpu_mem_bw_gbps")
 OVERHEADS = ("launch_s", "sync_s", "cpu_task_s")
-IN_SITU = ("non_expert", "gpu_experts", "cpu_expert_ffn")
 HOST = ("forward_s", "decide_s", "refresh_s", "swap_s", "issue_s", "copy_call_s", "expert_call_s", "miss_call_s")
 _POSITIVE = ("gpu_mem_bytes", "host_mem_bytes", "host_mem_bw_gbps", "gpu_mem_bw_gbps")  # they divide or bound
 BUNDLED = {
@@ -240,15 +235,6 @@ class Profile:
                     raise _fail(w, f"{group}.{k} missing (expected {{'value': ..., 'source': ...}})")
                 need_float(v["value"], f"{w}: {group}.{k}", lo=0.0, positive=k in _POSITIVE)
                 _check_source(f"{w}: {group}.{k}", v.get("source"), ())
-        situ = d.get("in_situ")
-        self._situ = dict.fromkeys(IN_SITU, 1.0)
-        if situ is not None:
-            for k, v in need_dict(situ, f"{w}: in_situ").items():
-                if k not in IN_SITU:
-                    raise _fail(w, f"in_situ.{k}: unknown table (expected one of {', '.join(IN_SITU)})")
-                v = need_dict(v, f"{w}: in_situ.{k}")
-                self._situ[k] = need_float(v.get("value"), f"{w}: in_situ.{k}.value", positive=True)
-                _check_source(f"{w}: in_situ.{k}", v.get("source"), ())
         if self.capacity("cpu_cores") < 1:
             raise _fail(w, "capacities.cpu_cores must be at least 1")
         self._h2d = self._bandwidths("h2d")
@@ -319,13 +305,13 @@ class Profile:
         """Grouped computation of ``experts`` experts with ``tokens_per_expert`` tokens each."""
         t = self._lookup(self._gpu, "gpu_experts", shape_key, dtype)
         experts = np.asarray(experts, dtype=np.float64)
-        return np.where(experts > 0, t(experts, np.maximum(tokens_per_expert, 1)) * self._situ["gpu_experts"], 0.0)
+        return np.where(experts > 0, t(experts, np.maximum(tokens_per_expert, 1)), 0.0)
 
     def cpu_expert_s(self, shape_key: str, dtype: str, tokens: Any) -> np.ndarray:
         """One expert's FFN on the CPU with ``tokens`` tokens (0 tokens: no time)."""
         t = self._lookup(self._cpu, "cpu_expert_ffn", shape_key, dtype)
         tokens = np.asarray(tokens, dtype=np.float64)
-        return np.where(tokens > 0, t(np.maximum(tokens, 1)) * self._situ["cpu_expert_ffn"], 0.0)
+        return np.where(tokens > 0, t(np.maximum(tokens, 1)), 0.0)
 
     def cpu_dtypes(self, shape_key: str) -> list[str]:
         return [dt for (s, dt) in self._cpu if s == shape_key]
@@ -338,7 +324,7 @@ class Profile:
                                     "profile this model with python -m runtime.profile --checkpoint DIR")
         if part == "head":
             return t(tokens)
-        return t(tokens, context) * self._situ["non_expert"]
+        return t(tokens, context)
 
     def has_model(self, model_key: str) -> bool:
         return (model_key, "moe_layer") in self._non

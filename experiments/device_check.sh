@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU checks of prediction against reality, as one script for a lent GPU box (about
+# 8 minutes on an H200). Needs only runtime/ and traces/ (the GPU box's own Python: torch
+# with CUDA, numpy, pandas, pyarrow, safetensors, tqdm); simpy/pyomo are for the replay half,
+# run afterwards anywhere:  python -m experiments.accuracy --replay-only OUT/accuracy
+#
+#   bash experiments/device_check.sh [OUT] [DEVICE]      # defaults: ${OUT:-out/device}, cuda
+#
+# 1. the expert kernels on this device: which one the engine picks, and both timed;
+# 2. the device check (experiments.gpu_check --quick): mini-shape runs per policy, tokens
+#    against all, measured over the cost model's bound;
+# 3. the accuracy capture on the tiny preset (bf16 on a GPU), to replay with the simulator;
+# 4. the engine's host time per MoE layer-forward per policy (experiments.bench_engine).
+# Each step has its own time limit and writes under OUT; a failing step does not stop the rest.
+set -uo pipefail
+OUT=${1:-${OUT:-out/device}}
+DEVICE=${2:-cuda}
+mkdir -p "$OUT"
+step() {  # step NAME SECONDS CMD...: run, keep its output, note its exit status
+    local name=$1 limit=$2; shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT/$name.log"
+    echo "$name $rc" >> "$OUT/status.txt"
+}
+: > "$OUT/status.txt"
+step kernels 60 python -c "
+import json, sys, torch
+from runtime.checkpoint import torch_dtype
+from runtime.model import choose_kernel
+from traces.shapes import ModelShape
+dev = torch.device('$DEVICE'); dt = torch.bfloat16 if dev.type == 'cuda' else torch.float32
+out = {}
+for m in ('llada2-mini', 'llada2-flash'):
+    s = ModelShape.named(m)
+    for e, t in ((8, 4), (64, 4), (128, 16)):
+        name, times = choose_kernel.__wrapped__(dev, dt, s.hidden, s.moe_intermediate, experts=e, tokens_per_expert=t)
+        out[f'{m} {e}x{t}'] = {'chosen': name, **{k: round(v * 1e6, 1) for k, v in times.items()}}
+        print(m, e, t, out[f'{m} {e}x{t}'], flush=True)
+json.dump(out, open('$OUT/kernels.json', 'w'), indent=1)
+"
+step gpu_check 240 python -m experiments.gpu_check --quick --out "$OUT/gpu_check.json"
+step accuracy_capture 240 python -m experiments.accuracy --capture-only "$OUT/accuracy" --device "$DEVICE" --repeats 3
+step bench_engine 120 python -m experiments.bench_engine --device "$DEVICE" --json
+cat "$OUT/status.txt"
