@@ -62,10 +62,10 @@ class OffloadEngine:
         elif self.kernel not in KERNELS:
             raise TideError(f"--expert-kernel: expected auto, {' or '.join(KERNELS)}, got {self.kernel!r}")
         self._run_fast = KERNELS[self.kernel]
-        # the CPU path: one matmul chain per expert, which the profile's per-expert CPU table
-        # prices (grouped on the CPU was within 7 % on mini's shape; on the CPU both give the
-        # same numbers, so hits and misses still agree bit for bit)
-        self._run_cpu = run_experts
+        # the CPU path: on a GPU box one matmul chain per expert (the profile's per-expert CPU
+        # table); when the fast device is the CPU, the fast device's kernel itself (hits and
+        # misses are then the same computation on the same cores, priced by one table)
+        self._run_cpu = self._run_fast if not self.cuda else run_experts
         self.runner = PolicyRunner(self.policy, s.experts, setup_counts=self.setup_counts)
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None  # expert copies
         self.act_stream = torch.cuda.Stream(self.device) if self.cuda else None  # activations to and from the CPU

@@ -6,7 +6,8 @@ Per MoE layer of one forward:
 * ``gpu_s``: the layer's non-expert work (attention, router, shared expert) plus the
   resident experts' tokens computed grouped on the fast device;
 * ``cpu_s``: the missed experts' FFNs on the CPU, one expert after another, each with its
-  token count (the profile's per-expert times);
+  token count (the profile's per-expert times); when the fast device is the CPU itself,
+  the fast device's grouped time, since the engine then runs misses with the same kernel;
 * ``h2d_s``: expert copies (``migrations``, one expert per transfer) plus activations
   coming back from the CPU; ``d2h_s``: activations going to the CPU;
 * ``copy_s``: the part of ``h2d_s`` that is expert copies;
@@ -128,8 +129,11 @@ class CostModel:
                 return self.grouped_s(mask.sum(axis=-1), (mask @ cnt)[..., 0]).reshape(V)
             parts["hits_ready"] = grouped(ready)
             parts["hits_fresh"] = grouped(new)
-            per_expert = self.profile.cpu_expert_s(self._key, self.cpu_dtype, counts)[:, :, None]
-            parts["cpu"] = (missed @ per_expert)[..., 0].reshape(V)
+            if self.profile.shares_cores:  # the fast device is the CPU: misses run its kernel, like hits
+                parts["cpu"] = grouped(missed)
+            else:
+                per_expert = self.profile.cpu_expert_s(self._key, self.cpu_dtype, counts)[:, :, None]
+                parts["cpu"] = (missed @ per_expert)[..., 0].reshape(V)
             parts["issue"] = (host("issue_s") + host("copy_call_s") * moved
                               + host("miss_call_s") * missed.sum(axis=-1).reshape(V))
             parts["launch"] = host("expert_call_s") * (ready | new).sum(axis=-1).reshape(V)
