@@ -193,6 +193,14 @@ def run_experts(tokens: torch.Tensor, out: torch.Tensor, bounds: np.ndarray, exp
         out[a:b] = expert_ffn(tokens[a:b], weights.gate[s], weights.up[s], weights.down[s])
 
 
+def segment_rows(bounds: np.ndarray, experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows ``bounds[e]:bounds[e+1]`` of each expert in ``experts``, concatenated in that
+    order, and each expert's row count (vectorised: no Python loop over experts)."""
+    sizes = (bounds[experts + 1] - bounds[experts]).astype(np.int64)
+    starts = np.repeat(bounds[experts] - (np.cumsum(sizes) - sizes), sizes)
+    return starts + np.arange(len(starts)), sizes
+
+
 def grouped_experts(tokens: torch.Tensor, out: torch.Tensor, bounds: np.ndarray, experts: np.ndarray,
                     weights: ExpertWeights, index: np.ndarray) -> None:
     """What :func:`run_experts` computes, in three grouped matmuls over the whole weight stack
@@ -206,9 +214,8 @@ def grouped_experts(tokens: torch.Tensor, out: torch.Tensor, bounds: np.ndarray,
     slots = np.asarray(index)[experts]
     by_slot = np.argsort(slots, kind="stable")
     ex, sl = experts[by_slot], slots[by_slot]
-    sizes = (bounds[ex + 1] - bounds[ex]).astype(np.int64)
-    starts = np.repeat(bounds[ex] - (np.cumsum(sizes) - sizes), sizes)
-    rows = to_device(starts + np.arange(len(starts)), tokens.device)
+    rows, sizes = segment_rows(bounds, ex)
+    rows = to_device(rows, tokens.device)
     per_slot = np.zeros(weights.gate.shape[0], dtype=np.int32)
     per_slot[sl] = sizes
     offs = to_device(np.cumsum(per_slot, dtype=np.int32), tokens.device)

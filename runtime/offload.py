@@ -22,7 +22,7 @@ import torch
 
 from runtime.checkpoint import dtype_name
 from runtime.device import to_device
-from runtime.model import KERNELS, ExpertWeights, LLaDA2, choose_kernel, combine, run_experts
+from runtime.model import KERNELS, ExpertWeights, LLaDA2, choose_kernel, combine, run_experts, segment_rows
 from traces.counters import COUNTERS, forward_counters
 from traces.errors import TideError
 from traces.policies import Policy, PolicyRunner
@@ -226,9 +226,8 @@ class OffloadEngine:
         stream, so the hits queued after it do not wait for it)."""
         if not len(experts):
             return None
-        sizes = (bounds[experts + 1] - bounds[experts]).astype(np.int64)
-        starts = np.repeat(bounds[experts] - (np.cumsum(sizes) - sizes), sizes)  # each row's offset, vectorised
-        rows = to_device(starts + np.arange(len(starts)), tokens.device)
+        rows, sizes = segment_rows(bounds, experts)
+        rows = to_device(rows, tokens.device)
         picked = tokens[rows]
         if self.act_stream is None:
             return rows, picked, sizes, experts, None
