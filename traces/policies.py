@@ -334,9 +334,14 @@ def _tide_refresh_row(state: PlacementState, r: int, counts: np.ndarray, budget:
     free = (in_slot == -1).nonzero()[0]
     n_evict = len(new) - len(free)
     if n_evict > 0:
-        out = _evict_keys(counts, state.last_use(r), state.clock)
-        out[~resident | (key <= target[-1])] = _NEVER  # only residents outside the target leave
-        gone = np.partition(out, n_evict - 1)[:n_evict] % E
+        cand = np.flatnonzero(resident & (key > target[-1]))  # only residents outside the target leave
+        gone = cand  # all of them when the target fills the budget (the usual case): no ranking needed
+        if len(cand) > n_evict:  # lowest count, then least recently used, then lower id
+            ek = np.multiply(counts[cand], state.clock + 2, dtype=np.int64)
+            ek += state.last_use(r)[cand] + 1
+            ek *= E
+            ek += cand
+            gone = np.partition(ek, n_evict - 1)[:n_evict] % E
         in_slot[slot_of[gone]] = -1
         slot_of[gone] = -1
         free = (in_slot == -1).nonzero()[0]
