@@ -55,6 +55,8 @@ class OffloadEngine:
 
     def __post_init__(self) -> None:
         s = self.model.cfg.shape
+        if self.policy.n_layers != s.n_moe_layers:
+            raise TideError(f"policy has {self.policy.n_layers} MoE layers, the model {s.n_moe_layers}")
         self.cuda = self.device.type == "cuda"
         self.kernel_times: dict[str, float] = {}
         if self.kernel == "auto":

@@ -218,3 +218,11 @@ def test_every_expert_kernel_keeps_the_tokens_of_all(tiny_ckpt, kernel):
         with OffloadEngine(model, Policy.make(name, s.n_moe_layers, s.experts, budget=b, tau=tau), torch.device("cpu"),
                            kernel=kernel) as eng:
             assert Generator(model, d, engine=eng).generate(list(range(1, 9)), 16).tokens == base, (name, kernel)
+
+
+def test_an_engine_refuses_a_policy_for_another_number_of_layers(tiny_ckpt):
+    from traces.errors import TideError
+    model = load_model(tiny_ckpt, dtype="float32")
+    s = model.cfg.shape
+    with pytest.raises(TideError, match="MoE layers"):
+        OffloadEngine(model, Policy.make("static", s.n_moe_layers + 1, s.experts, budget=4), torch.device("cpu"))
