@@ -7,11 +7,12 @@
    the checkpoint's shapes (a random checkpoint of ``--preset`` when none is given), then
    runs the runtime under several policies and budgets, replaying a synthetic trace of the
    checkpoint's shape (realistic expert traffic), capturing each run's trace with its
-   counters. Profile and runs take the median over the rounds (see :func:`capture`).
-3. Replays every captured trace with the simulator on each round's profile, against that
-   round's runs (the same conditions), and prints predicted against measured seconds (medians over rounds), the error per run, each policy's predicted speedup
-   over ``all`` against the measured one, the median and worst error, and how much the
-   runs varied between rounds (the box's noise).
+   counters; each run is timed between two readings of the speed reference.
+2. Replays every captured trace with the simulator on each round's profile, against that
+   round's runs on the profile's footing (the same conditions), and prints measured,
+   normalised and predicted seconds and the error per run (medians over rounds), each
+   policy's predicted speedup over ``all`` against the measured one, the median and worst
+   error, and how much the runs varied between rounds (the box's noise).
 
 The runtime half needs only ``runtime`` and ``traces`` (``--capture-only DIR`` writes the
 profile, traces and ``runs.json`` to DIR, e.g. on a GPU box without simpy); the simulator
@@ -55,13 +56,13 @@ def make_preset(folder: Path, preset: str) -> None:
 def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int, prompt_length: int,
             repeats: int = 5, preset: str = "tiny") -> None:
     """The runtime half. Rounds of: profile the box, then run every setting once. A shared box
-    changes speed from minute to minute, so profile and runs are interleaved, both take the
-    median over the rounds (the box's typical speed, seen alike by both), and the spread over
-    rounds is kept as the box's noise."""
+    changes speed from minute to minute, so each round's runs are kept with the profile taken
+    just before them (``profile-roundK.json``) and with the speed reference around each run;
+    ``profile.json`` is the rounds' median, and the spread over rounds is the box's noise."""
     from runtime.checkpoint import load_model
     from runtime.config import ModelConfig
     from runtime.decoding import Generator
-    from runtime.device import check_device, speed_reference_s, timed
+    from runtime.device import around_reference, check_device, timed
     from runtime.capture import TraceRecorder
     from runtime.offload import OffloadEngine
     from runtime.profile import profile_box
@@ -95,9 +96,9 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
         for i, (name, budget, tau, policy) in enumerate(settings):
             with TraceRecorder(model, work.decoding, dtype) as rec, OffloadEngine(model, policy, device) as eng:
                 gen = Generator(model, work.decoding, recorder=rec, engine=eng)
-                r0 = speed_reference_s()
-                times[i].append(timed(device, lambda: gen.replay(work, 0))[1])
-                refs[i].append((r0 + speed_reference_s()) / 2)  # the box's speed around the run
+                (_, secs), ref = around_reference(lambda: timed(device, lambda: gen.replay(work, 0)))
+                times[i].append(secs)
+                refs[i].append(ref)
             if rnd == repeats - 1:
                 rec.trace(policy=policy.to_json()).write(out / f"run{i}.parquet")
             bar.update()
@@ -156,6 +157,7 @@ def replay(out: Path) -> pd.DataFrame:
     # the one profile of an older capture
     profiles = [Profile.load(out / f"profile-round{k}.json") for k in range(n)] if paired else [
         Profile.load(out / "profile.json")]
+    ref_p = [p.reference_s() for p in profiles]
     rows, pred, meas = [], [], []
     for r in runs:
         trace = read_trace(out / r["trace"])
@@ -168,7 +170,6 @@ def replay(out: Path) -> pd.DataFrame:
         sims = [simulate(trace, p, policy) for p in profiles]
         p_r = np.array([res.seconds for res in sims])
         m_r = np.array(r["rounds_s"]) if paired else np.array([r["measured_s"]])
-        ref_p = [p.reference_s() for p in profiles]
         if paired and len(r["rounds_reference_s"]) == n and all(ref_p):
             # on the profile's footing: the box ran at another speed than when it was profiled
             m_r = m_r * np.array(ref_p) / np.array(r["rounds_reference_s"])
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-length", type=integer, default=128)
     ap.add_argument("--prompt-length", type=integer, default=64)
     ap.add_argument("--repeats", type=integer, default=5,
-                    help="rounds of profile + every setting; the median round is kept")
+                    help="rounds of profile + every setting; errors are medians over the rounds")
     ap.add_argument("--preset", default="tiny", choices=PRESETS,
                     help="checkpoint made when --checkpoint is not given (mini-moe: LLaDA2.0-mini's layers, ~7 GB)")
     a = ap.parse_args(argv)

@@ -26,8 +26,7 @@ step() {  # step NAME SECONDS CMD...: run, keep its output, note its exit status
 }
 : > "$OUT/status.txt"
 step kernels 60 python -c "
-import json, sys, torch
-from runtime.checkpoint import torch_dtype
+import json, torch
 from runtime.model import choose_kernel
 from traces.shapes import ModelShape
 dev = torch.device('$DEVICE'); dt = torch.bfloat16 if dev.type == 'cuda' else torch.float32

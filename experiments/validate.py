@@ -74,7 +74,7 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
 
     from runtime.checkpoint import dtype_name, load_model
     from runtime.decoding import Generator
-    from runtime.device import check_device, speed_reference_s, timed
+    from runtime.device import around_reference, check_device, timed
     from runtime.lossless import agree
     from runtime.offload import OffloadEngine
 
@@ -111,10 +111,10 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     ref_p = origin.get("reference_s") if device.type == "cpu" else None
     for _ in range(repeats):  # timed rounds, every policy once per round: a shared box's load hits all alike
         for name, policy in policies.items():
-            r0 = speed_reference_s() if ref_p else None
-            t = run(policy, False)[0]
+            (t, _, _), ref = around_reference(lambda: run(policy, False))
             seconds[name].append(t)
-            footing[name].append(t * ref_p / ((r0 + speed_reference_s()) / 2) if ref_p else t)
+            footing[name].append(t * ref_p / ref if ref_p else t)
+    median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731  (the typical round)
     for name, policy in policies.items():
         _, counters, results = checked[name]
         if reference is None:
@@ -123,7 +123,6 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
         bad = [c.detail for c in checks if not c.ok]
         if bad:
             failures.append(f"{name}: {bad[0]}")
-        median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731  (the typical round)
         rows.append({"policy": name, "budget": span(policy.budget.tolist()),
                      "tau": span(policy.tau.tolist()) if policy.tau is not None else "-",
                      "predicted_s": _predicted(plan, name), "measured_s": median(seconds[name]),

@@ -47,6 +47,14 @@ def to_device(values, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def around_reference(fn: Callable[[], T]) -> tuple[T, float]:
+    """``fn()`` and the box's speed reference around it (the mean of a reading before and
+    one after): what a timed run is put on a profile's footing with."""
+    before = speed_reference_s()
+    out = fn()
+    return out, (before + speed_reference_s()) / 2
+
+
 def speed_reference_s(reps: int = 3) -> float:
     """Seconds of a fixed piece of host work (small matmuls and adds from eager PyTorch: the
     mix of kernel calls and interpreter work the engine does), the median of ``reps``. A

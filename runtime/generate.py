@@ -19,7 +19,7 @@ import torch
 from runtime.checkpoint import dtype_name, load_model
 from runtime.decoding import Decoding, Generator, Sampling, warm_up
 from runtime.device import check_device, timed
-from runtime.model import LLaDA2
+from runtime.model import KERNELS, LLaDA2
 from runtime.offload import OffloadEngine
 from runtime.replay import check_replayable, replay_prompt
 from runtime.tokenizer import load_tokenizer
@@ -114,9 +114,9 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--plan", default=None, help="plan JSON (per-layer tau and budget) for --policy plan")
     ap.add_argument("--popularity", default=None, help="trace whose total counts fill the slots at setup")
     ap.add_argument("--replay-trace", default=None, help="run a KV-cache trace's schedule and expert choices")
-    ap.add_argument("--expert-kernel", default="auto", choices=("auto", "loop", "grouped"),
-                    help="the fast device's expert kernel: one matmul chain per expert, or grouped matmuls "
-                         "(torch._grouped_mm); auto measures which is faster (loop on the CPU)")
+    ap.add_argument("--expert-kernel", default="auto", choices=("auto", *KERNELS),
+                    help="the fast device's expert kernel: one matmul chain per expert (loop), or grouped matmuls "
+                         "(torch._grouped_mm); auto measures which is faster, once per process and shape")
 
 
 def make_engine(args: argparse.Namespace, model: LLaDA2, device: torch.device, kv_tokens: int) -> OffloadEngine | None:

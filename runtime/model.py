@@ -10,7 +10,6 @@ by an *expert executor* so the offload engine can take over without touching the
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.config import ModelConfig
+from runtime.device import timed, to_device
 
 
 class RMSNorm(nn.Module):
@@ -207,7 +207,6 @@ def grouped_experts(tokens: torch.Tensor, out: torch.Tensor, bounds: np.ndarray,
     (``torch._grouped_mm``): each stack entry is a group holding its expert's rows, zero rows
     when it has none. Eight launches per call instead of about six per expert; the weights are
     read in place (no gather)."""
-    from runtime.device import to_device
     experts = np.asarray(experts)
     if not len(experts):
         return
@@ -236,7 +235,6 @@ def choose_kernel(device: torch.device, dtype: torch.dtype, hidden: int, inter: 
     at ``experts`` experts with ``tokens_per_expert`` tokens each; a kernel the device cannot
     run is left out). Both compute the same numbers on the CPU (a test holds them bit-equal),
     so the choice never changes tokens there."""
-    from runtime.device import timed
     g = torch.Generator(device="cpu").manual_seed(0)
     mk = lambda *shape: (torch.randn(*shape, generator=g) * 0.02).to(device=device, dtype=dtype)  # noqa: E731
     w = ExpertWeights(mk(experts, inter, hidden), mk(experts, inter, hidden), mk(experts, hidden, inter))
@@ -254,9 +252,9 @@ def choose_kernel(device: torch.device, dtype: torch.dtype, hidden: int, inter: 
     return min(times, key=times.get), times
 
 
-def kernel_for(device: torch.device, dtype: torch.dtype, hidden: int, inter: int, name: str = "auto"):
-    """The expert kernel function: ``name``, or with ``auto`` the one :func:`choose_kernel` measures faster."""
-    return KERNELS[choose_kernel(device, dtype, hidden, inter)[0] if name == "auto" else name]
+def kernel_for(device: torch.device, dtype: torch.dtype, hidden: int, inter: int):
+    """The expert kernel function :func:`choose_kernel` measures faster for this device and shape."""
+    return KERNELS[choose_kernel(device, dtype, hidden, inter)[0]]
 
 
 class ExpertExecutor(Protocol):

@@ -383,7 +383,8 @@ class Profiler:
         key = self.cfg.shape.expert_shape_key
         name = f"{socket.gethostname()}-{self.device.type}"
         data = {
-            "format": FORMAT, "version": VERSION, "name": name, "measured": {**measured_where(), **({"reference_s": self.reference_s} if self.normalise else {})},
+            "format": FORMAT, "version": VERSION, "name": name,
+            "measured": {**measured_where(), **({"reference_s": self.reference_s} if self.normalise else {})},
             "about": (f"Measured by runtime.profile on {platform.node()} ({platform.processor() or platform.machine()}), "
                       f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
                       f"{torch.cuda.get_device_name(self.device) if cuda else 'fast device = CPU'}, "

@@ -26,8 +26,8 @@ from traces.tasks import RESOURCES, Task, lanes
 class Lane:
     """One queue of work and the process that runs it (ns.py style: the element owns its process)."""
 
-    def __init__(self, box: "Box", name: str):
-        self.box, self.name = box, name
+    def __init__(self, box: "Box"):
+        self.box = box
         self.env = box.env
         self.queue: deque = deque()
         self._wake: simpy.Event | None = None
@@ -68,7 +68,7 @@ class Box:
 
     def __post_init__(self) -> None:
         self.lane_of = lanes(self.profile.shares_cores)
-        self.lanes = {name: Lane(self, name) for name in sorted(set(self.lane_of.values()))}
+        self.lanes = {name: Lane(self) for name in sorted(set(self.lane_of.values()))}
 
     def account(self, resource: str, seconds: float, forward: int, layer: int, what: str, start: float) -> None:
         self.events += 2

@@ -60,8 +60,8 @@ class SimResult:
             "forwards": self.trace.n_forwards, "tokens": self.trace.tokens_generated,
             "policy": self.policy.to_json(),
             "profile": self.profile, **self.totals(),
-            "host_busy_s": self.busy["host"], "gpu_busy_s": self.busy["gpu"], "cpu_busy_s": self.busy["cpu"], "h2d_busy_s": self.busy["h2d"],
-            "d2h_busy_s": self.busy["d2h"], "pcie_busy_s": self.busy["h2d"] + self.busy["d2h"],
+            "host_busy_s": self.busy["host"], "gpu_busy_s": self.busy["gpu"], "cpu_busy_s": self.busy["cpu"],
+            "h2d_busy_s": self.busy["h2d"], "d2h_busy_s": self.busy["d2h"], "pcie_busy_s": self.busy["h2d"] + self.busy["d2h"],
             "events": self.events, "sim_wall_s": self.wall_s,
         }
 

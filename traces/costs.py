@@ -152,10 +152,10 @@ class CostModel:
             parts["decide"] = np.full(L, host("swap_s"))
             parts["issue"] = np.full(L, host("issue_s"))
             parts["waves"] = waves
-            parts["hits_ready"] = sum((h for _, _, h in waves), np.zeros(L))
+            parts["hits_ready"] = hits.sum(axis=0)
             parts["hits_fresh"] = np.zeros(L)
             parts["cpu"] = np.zeros(L)
-            parts["launch"] = sum((c for c, _, _ in waves), np.zeros(L))
+            parts["launch"] = launch.sum(axis=0)
         return parts
 
     def layer_seconds(self, parts: dict[str, object]) -> np.ndarray:

@@ -308,14 +308,16 @@ def _place(state: PlacementState, rows: np.ndarray, new: np.ndarray, new_mask: n
     return out
 
 
-def _evict_keys(counts: np.ndarray, last_use: np.ndarray, clock: int) -> np.ndarray:
+def _evict_keys(counts: np.ndarray, last_use: np.ndarray, clock: int, ids: np.ndarray | None = None,
+                E: int | None = None) -> np.ndarray:
     """Composite eviction keys: ascending key = who leaves first (lowest count, then least
-    recently used, then lower id). ``last_use`` is below ``clock``; -1 for never."""
-    E = counts.shape[-1]
+    recently used, then lower id). ``last_use`` is below ``clock``; -1 for never. ``ids``
+    (of ``E`` experts in all) when the keys are for a subset, else every expert in order."""
+    E = counts.shape[-1] if E is None else E
     out = np.multiply(counts, clock + 2, dtype=np.int64)
     out += last_use + 1
     out *= E
-    out += _ids(E)
+    out += _ids(E) if ids is None else ids
     return out
 
 
@@ -337,10 +339,7 @@ def _tide_refresh_row(state: PlacementState, r: int, counts: np.ndarray, budget:
         cand = np.flatnonzero(resident & (key > target[-1]))  # only residents outside the target leave
         gone = cand  # all of them when the target fills the budget (the usual case): no ranking needed
         if len(cand) > n_evict:  # lowest count, then least recently used, then lower id
-            ek = np.multiply(counts[cand], state.clock + 2, dtype=np.int64)
-            ek += state.last_use(r)[cand] + 1
-            ek *= E
-            ek += cand
+            ek = _evict_keys(counts[cand], state.last_use(r)[cand], state.clock, cand, E)
             gone = np.partition(ek, n_evict - 1)[:n_evict] % E
         in_slot[slot_of[gone]] = -1
         slot_of[gone] = -1
