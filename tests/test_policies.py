@@ -231,6 +231,7 @@ def test_resident_sets_carry_over_between_requests(small_trace):
 
 
 @pytest.mark.parametrize("name,budget,tau", [("tide", 6, 1), ("tide", 3, 2), ("plan", [0, 5, 12, 3], [1, 3, 2, 1]),
+                                             ("swap", 5, None),
                                              ("static", 6, None), ("tide", 32, 1)])
 def test_the_runtimes_one_layer_path_decides_as_the_batched_one(name, budget, tau):
     """Layer by layer (the runtime's fast path) and a whole forward at once (the simulator)
@@ -249,3 +250,92 @@ def test_the_runtimes_one_layer_path_decides_as_the_batched_one(name, budget, ta
         b = whole.step(counts, kind, step)
         assert np.array_equal(a.resident, b.resident), f
         assert np.array_equal(a.copy_table, b.copy_table) and np.array_equal(a.setup_table, b.setup_table), f
+
+
+def _reference_swap(budget: int, seq: list[np.ndarray]) -> list[tuple[list[list[int]], list[list[list[int]]], set[int]]]:
+    """Swap's rules written out plainly for one layer: per forward, each wave's experts,
+    each wave's copies (expert, slot) and the resident set after the forward."""
+    slot_of: dict[int, int] = {}
+    last: dict[int, int] = {}
+    clock, out = 0, []
+    for f, counts in enumerate(seq):
+        if f == 0:  # setup: top B by count, at clock 0
+            for s, e in enumerate(sorted(range(len(counts)), key=lambda e: (-counts[e], e))[:budget]):
+                slot_of[e], last[e] = s, 0
+        clock += 1
+        chosen = [e for e in sorted(range(len(counts)), key=lambda e: (-counts[e], e)) if counts[e] > 0]
+        waves, copies = [], []
+        for start in range(0, len(chosen), budget):
+            if start:
+                clock += 1
+            chunk = chosen[start:start + budget]
+            new = [e for e in chunk if e not in slot_of]
+            free = sorted(set(range(budget)) - set(slot_of.values()))
+            cand = sorted((e for e in slot_of if e not in chunk), key=lambda e: (last[e], e))
+            for e in cand[:max(0, len(new) - len(free))]:
+                del slot_of[e]
+            free = sorted(set(range(budget)) - set(slot_of.values()))
+            wave_copies = []
+            for e, s in zip(new, free):
+                slot_of[e] = s
+                wave_copies.append([e, s])
+            for e in chunk:
+                last[e] = clock
+            waves.append(sorted(chunk))
+            copies.append(wave_copies)
+        out.append((waves, copies, set(slot_of)))
+    return out
+
+
+@pytest.mark.parametrize("budget", [1, 3, 8, 20])
+def test_swap_follows_its_rules_written_out_plainly(budget):
+    rng = np.random.default_rng(budget)
+    E = 24
+    seq = [np.where(rng.random(E) < 0.4, rng.integers(1, 5, E), 0) for _ in range(40)]
+    want = _reference_swap(budget, seq)
+    r = PolicyRunner(Policy.make("swap", 1, E, budget=budget), E)
+    for f, counts in enumerate(seq):
+        d = r.step(counts[None, :], "step", f % 4)
+        waves = d.waves[0]
+        assert [w.gpu_experts.tolist() for w in waves] == want[f][0], f
+        assert [w.copies.tolist() for w in waves] == want[f][1], f
+        assert set(np.flatnonzero(d.resident[0]).tolist()) == want[f][2], f
+
+
+def test_a_plan_decides_each_layer_as_the_uniform_policy_of_its_kind():
+    """Mixed kinds share one clock, yet every layer's copies, slots and waves are those of the
+    uniform policy of its kind (the planner prices each candidate alone)."""
+    rng = np.random.default_rng(3)
+    L, E = 5, 16
+    kinds, budgets, taus = ["swap", "tide", "static", "cpu", "tide"], [3, 4, 5, 0, 6], [0, 2, 0, 0, 1]
+    plan = PolicyRunner(Policy.make("plan", L, E, budget=budgets, tau=taus, kind=kinds), E)
+    alone = [PolicyRunner(Policy.make(k, L, E, budget=b, **({"tau": t} if k == "tide" else {})), E)
+             if k != "cpu" else PolicyRunner(Policy.make("cpu", L, E), E) for k, b, t in zip(kinds, budgets, taus)]
+    for f in range(50):
+        kind, step = ("commit", 0) if f % 7 == 6 else ("step", f % 7)
+        counts = np.where(rng.random((L, E)) < 0.4, rng.integers(1, 6, (L, E)), 0)
+        d = plan.step(counts, kind, step)
+        for l, runner in enumerate(alone):
+            a = runner.step(counts, kind, step)
+            assert np.array_equal(d.resident[l], a.resident[l]), (f, l)
+            assert np.array_equal(d.copies[l], a.copies[l]) and np.array_equal(d.setup_copies[l], a.setup_copies[l])
+            got, ref = d.waves[l], a.waves[l]
+            assert (got is None) == (ref is None)
+            if got is not None:
+                assert [w.gpu_experts.tolist() for w in got] == [w.gpu_experts.tolist() for w in ref]
+                assert [w.copies.tolist() for w in got] == [w.copies.tolist() for w in ref]
+
+
+def test_plan_kinds_are_checked():
+    with pytest.raises(TideError, match="unknown kind 'lru'"):
+        Policy.make("plan", 2, E, budget=[1, 1], tau=[1, 1], kind=["tide", "lru"])
+    with pytest.raises(TideError, match="swap needs"):
+        Policy.make("plan", 2, E, budget=[0, 1], tau=[0, 1], kind=["swap", "tide"])
+    with pytest.raises(TideError, match="cpu layer"):
+        Policy.make("plan", 2, E, budget=[2, 1], tau=[0, 1], kind=["cpu", "tide"])
+    with pytest.raises(TideError, match="only a plan"):
+        Policy.make("tide", 2, E, budget=1, tau=1, kind="tide")
+    p = Policy.make("plan", 3, E, budget=[0, 2, 3], tau=[0, 4, 0], kind=["cpu", "tide", "swap"])
+    assert p.kinds == ["cpu", "tide", "swap"] and p.tau.tolist() == [0, 4, 0]
+    assert Policy.from_json(p.to_json(), 3, E).kinds == p.kinds
+    assert p.refresh_mask("step", 0).tolist() == [False, True, False]

@@ -30,6 +30,7 @@ from traces.policies import Decision
 from traces.profile import Profile
 from traces.shapes import ModelShape, dtype_bytes
 from traces.tasks import finish_s, lanes, layer_tasks
+from traces.work import Work, knots_for, layer_work
 
 RESOURCES = ("gpu_s", "cpu_s", "h2d_s", "d2h_s", "copy_s", "host_s")
 
@@ -58,6 +59,8 @@ class CostModel:
         self.expert_bytes = self.shape.expert_bytes(self.dtype)
         self.act_bytes = self.shape.hidden * dtype_bytes(self.dtype)
         self.lanes = lanes(self.profile.shares_cores)
+        self._cpu_knots = self.profile.cpu_expert_knots(self._key, self.cpu_dtype)
+        self.knots = knots_for(self._cpu_knots)
 
     @property
     def _gpu_dtype(self) -> str:
@@ -87,76 +90,49 @@ class CostModel:
     # ---- one forward --------------------------------------------------------------------
     def layer_parts(self, decision: Decision, counts: np.ndarray, counters: dict[str, np.ndarray],
                     tokens: int, context: int) -> dict[str, object]:
-        """One forward's MoE-layer work, seconds per row, as :func:`traces.tasks.layer_tasks`
-        arranges it: ``non_expert`` (attention, router, shared expert), ``sync`` (routing to
-        the host), the host's ``decide`` (a refresh or swap's waves cost more), ``issue``
-        (sorting, gathers, combining, and issuing each copy and each missed expert) and
-        ``launch`` (issuing the resident experts' kernels), ``setup_copy`` and ``copy``
-        (expert copies), ``hits_ready`` (residents that were already there) and
-        ``hits_fresh`` (experts copied in this forward), ``cpu`` (misses), ``d2h_act`` /
-        ``h2d_act`` (activations to the CPU and back); for swap, ``waves``: per wave
-        (launch, copy, hit) seconds per row, zero where a row has fewer waves.
+        """One forward's MoE-layer work priced, seconds per row (:meth:`price` of its
+        :func:`traces.work.layer_work`). ``counts`` is ``[L, E]``; the decision has ``L``
+        rows, or ``L x G`` when it decides ``G`` candidate rows per layer (the planner's table)."""
+        return self.price(layer_work(decision, counts, counters, self.act_bytes, self.knots, tokens, context))
 
-        ``counts`` is ``[L, E]``; the decision has ``L`` rows, or ``L x G`` when it decides
-        ``G`` candidate rows per layer (the planner's table)."""
-        counts = np.asarray(counts)
-        L, E = counts.shape
-        V = decision.n_rows
+    def price(self, w: Work) -> dict[str, object]:
+        """Rows' work (one forward's, or many forwards' at once) in seconds, as
+        :func:`traces.tasks.layer_tasks` arranges it: ``non_expert`` (attention, router,
+        shared expert), ``sync`` (routing to the host), the host's ``decide`` (a refresh or
+        swap's waves cost more), ``issue`` (sorting, gathers, combining, and issuing each copy
+        and each missed expert) and ``launch`` (issuing the resident experts' kernels),
+        ``setup_copy`` and ``copy`` (expert copies), ``hits_ready`` (residents that were
+        already there) and ``hits_fresh`` (experts copied in this forward), ``cpu`` (misses),
+        ``d2h_act`` / ``h2d_act`` (activations to the CPU and back); ``waves``: per swap wave
+        (launch, copy, hit) seconds per row, zero where a row has fewer waves or none."""
         host = self.profile.host
-        act_tokens = counters["bytes_act"] / self.act_bytes / 2
-        moved = counters["setup_migrations"] + counters["migrations"]
-        decide = np.full(V, host("decide_s"))
-        if decision.refreshed is not None:
-            decide = np.where(decision.refreshed, host("refresh_s"), decide)
-        parts: dict[str, object] = {
-            "non_expert": np.full(V, self.non_expert_s("moe_layer", tokens, context)),
-            "sync": np.full(V, self.profile.overhead("sync_s")),
-            "decide": decide,
-            "setup_copy": self.copies_s(counters["setup_migrations"]),
-            "copy": self.copies_s(counters["migrations"]),
-            "d2h_act": self.act_s(act_tokens, "d2h"),
-            "h2d_act": self.act_s(act_tokens, "h2d"),
-        }
-        if decision.waves is None:
-            active = (counts > 0)[:, None, :]
-            resident = decision.resident.reshape(L, -1, E)
-            fresh = decision.fresh().reshape(L, -1, E)
-            cnt = counts[:, :, None].astype(np.float64)
-            ready, new = active & resident & ~fresh, active & resident & fresh
-            missed = active & ~resident
-
-            def grouped(mask: np.ndarray) -> np.ndarray:
-                return self.grouped_s(mask.sum(axis=-1), (mask @ cnt)[..., 0]).reshape(V)
-            parts["hits_ready"] = grouped(ready)
-            parts["hits_fresh"] = grouped(new)
-            if self.profile.shares_cores:  # the fast device is the CPU: misses run its kernel, like hits
-                parts["cpu"] = grouped(missed)
-            else:
-                per_expert = self.profile.cpu_expert_s(self._key, self.cpu_dtype, counts)[:, :, None]
-                parts["cpu"] = (missed @ per_expert)[..., 0].reshape(V)
-            parts["issue"] = (host("issue_s") + host("copy_call_s") * moved
-                              + host("miss_call_s") * missed.sum(axis=-1).reshape(V))
-            parts["launch"] = host("expert_call_s") * (ready | new).sum(axis=-1).reshape(V)
-            parts["waves"] = None
+        if not np.isin(self._cpu_knots, w.knots).all():
+            raise TideError(f"{self.profile.where}: work was counted on CPU-table knots that miss this profile's")
+        per_fwd = np.array([self.non_expert_s("moe_layer", t, c) for t, c in zip(w.tokens, w.context)])
+        decide = np.where(w.swap, host("swap_s"), np.where(w.refreshed, host("refresh_s"), host("decide_s")))
+        if self.profile.shares_cores:  # the fast device is the CPU: misses run its kernel, like hits
+            cpu = self.grouped_s(w.miss_n, w.miss_tok)
         else:
-            W = max((len(ws) for ws in decision.waves), default=0)
-            n_copy, n_exp, n_tok = (np.zeros((W, L)) for _ in range(3))  # per wave and layer, priced at once
-            for l, ws in enumerate(decision.waves):
-                for w, wave in enumerate(ws):
-                    n_copy[w, l], n_exp[w, l] = len(wave.copies), len(wave.gpu_experts)
-                    n_tok[w, l] = counts[l][wave.gpu_experts].sum()
-            launch = host("copy_call_s") * n_copy + host("expert_call_s") * n_exp
-            hits = np.where(n_exp > 0, self.grouped_s(n_exp, n_tok), 0.0)
-            copy = np.where(n_copy > 0, self.copies_s(n_copy), 0.0)
-            waves = [(launch[w], copy[w], hits[w]) for w in range(W)]
-            parts["decide"] = np.full(L, host("swap_s"))
-            parts["issue"] = np.full(L, host("issue_s"))
-            parts["waves"] = waves
-            parts["hits_ready"] = hits.sum(axis=0)
-            parts["hits_fresh"] = np.zeros(L)
-            parts["cpu"] = np.zeros(L)
-            parts["launch"] = launch.sum(axis=0)
-        return parts
+            cpu = w.miss_w @ self.profile.cpu_expert_s(self._key, self.cpu_dtype, w.knots)
+        launch = host("copy_call_s") * w.wave_copies + host("expert_call_s") * w.wave_experts
+        hits = np.where(w.wave_experts > 0, self.grouped_s(w.wave_experts, w.wave_tokens), 0.0)
+        copy = np.where(w.wave_copies > 0, self.copies_s(w.wave_copies), 0.0)
+        return {
+            "non_expert": per_fwd[w.fwd],
+            "sync": np.full(w.n_rows, self.profile.overhead("sync_s")),
+            "decide": decide,
+            "setup_copy": self.copies_s(w.setup_n),
+            "copy": self.copies_s(w.copy_n),
+            "d2h_act": self.act_s(w.act_tokens, "d2h"),
+            "h2d_act": self.act_s(w.act_tokens, "h2d"),
+            "hits_ready": self.grouped_s(w.ready_n, w.ready_tok),
+            "hits_fresh": self.grouped_s(w.fresh_n, w.fresh_tok),
+            "cpu": cpu,
+            "issue": host("issue_s") + host("copy_call_s") * (w.setup_n + w.copy_n) + host("miss_call_s") * w.miss_n,
+            "launch": host("expert_call_s") * (w.ready_n + w.fresh_n),
+            "waves": [(launch[i], copy[i], hits[i]) for i in range(len(launch))],
+            "swap": w.swap,
+        }
 
     def layer_seconds(self, parts: dict[str, object]) -> np.ndarray:
         """Seconds per MoE layer (row): the layer's task graph (:func:`traces.tasks.layer_tasks`)
@@ -166,28 +142,27 @@ class CostModel:
 
     def layer_costs(self, p: dict[str, object]) -> dict[str, np.ndarray]:
         """Per-resource seconds per MoE layer, from :meth:`layer_parts`."""
-        copies = p["copy"] + p["setup_copy"]
-        if p["waves"] is not None:
-            copies = copies + sum((c for _, c, _ in p["waves"]), np.zeros_like(copies))
+        zero = np.zeros_like(p["copy"])
+        copies = p["copy"] + p["setup_copy"] + sum((c for _, c, _ in p["waves"]), zero)
         return {
-            "gpu_s": p["non_expert"] + p["hits_ready"] + p["hits_fresh"],
+            "gpu_s": p["non_expert"] + p["hits_ready"] + p["hits_fresh"] + sum((h for _, _, h in p["waves"]), zero),
             "cpu_s": p["cpu"],
             "h2d_s": copies + p["h2d_act"],
             "d2h_s": p["d2h_act"],
             "copy_s": copies,
-            "host_s": p["sync"] + p["decide"] + p["issue"] + p["launch"],
+            "host_s": p["sync"] + p["decide"] + p["issue"] + p["launch"] + sum((ln for ln, _, _ in p["waves"]), zero),
         }
 
-    def layer_bound(self, costs: dict[str, np.ndarray], serial_copies: bool = False) -> np.ndarray:
-        """Seconds per layer when everything that can overlap does (see module doc)."""
+    def layer_bound(self, costs: dict[str, np.ndarray], serial_copies: np.ndarray | bool = False) -> np.ndarray:
+        """Seconds per layer when everything that can overlap does (see module doc);
+        ``serial_copies`` (per row): swap rows, whose experts wait for their copies."""
         act_h2d = costs["h2d_s"] - costs["copy_s"]
         if self.profile.shares_cores:
             return costs["gpu_s"] + costs["cpu_s"] + costs["h2d_s"] + costs["d2h_s"] + costs["host_s"]
         host_path = costs["host_s"] + costs["cpu_s"]
         cpu_path = costs["d2h_s"] + host_path + act_h2d
-        if serial_copies:
-            return np.maximum(costs["gpu_s"] + costs["copy_s"], cpu_path)
-        return np.maximum.reduce([costs["gpu_s"], cpu_path, costs["h2d_s"], costs["d2h_s"]])
+        return np.where(serial_copies, np.maximum(costs["gpu_s"] + costs["copy_s"], cpu_path),
+                        np.maximum.reduce([costs["gpu_s"], cpu_path, costs["h2d_s"], costs["d2h_s"]]))
 
     def fixed_s(self, tokens: int, context: int) -> float:
         """Per-forward work outside the MoE layers: dense layers and the head."""

@@ -28,9 +28,10 @@ COUNTERS: tuple[str, ...] = ("gpu_tokens", "cpu_tokens", "migrations", "setup_mi
 def cpu_mask(decision: Decision, counts: np.ndarray) -> np.ndarray:
     """``[L, G, E]`` experts whose tokens this forward computes on the CPU (``G`` rows per layer)."""
     L, E = counts.shape
-    if decision.waves is not None:
-        return np.zeros((L, decision.n_rows // L, E), dtype=bool)
-    return (counts > 0)[:, None, :] & ~decision.resident.reshape(L, -1, E)
+    miss = (counts > 0)[:, None, :] & ~decision.resident.reshape(L, -1, E)
+    if decision.swap is not None:  # swap rows copy every chosen expert in: nothing on the CPU
+        miss &= ~decision.swap.reshape(L, -1, 1)
+    return miss
 
 
 def forward_counters(decision: Decision, counts: np.ndarray, expert_bytes: int, act_bytes_per_token: int,

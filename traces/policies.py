@@ -21,7 +21,12 @@ Rules (ranking is always by count, ties by lower expert id):
   to ``B`` slots; only non-resident ones are copied; residents are evicted only to make
   room (lowest count in this forward, then least recently used, then lower id). The
   refreshing forward runs on the new placement; between refreshes misses run on the CPU.
-* ``plan``: ``tide`` with a per-layer ``tau`` and ``B``.
+* ``plan``: a kind per MoE layer (``cpu``, ``static``, ``swap`` or ``tide``, :data:`KINDS`),
+  each with its own ``B`` (and ``tau`` for ``tide``); every layer follows its kind's rules
+  exactly as a uniform policy of that kind would (rows never look at one another).
+
+A policy's rows keep one clock: it ticks once per forward and once per extra swap wave, so
+"least recently used" means the same thing whatever the other rows do.
 
 After evictions, new experts (in rank order) take the lowest-numbered free slots, so slot
 numbers (which the runtime uses to index its stacked weights) are part of the decision too.
@@ -40,6 +45,10 @@ import numpy as np
 from traces.errors import TideError
 
 POLICIES: tuple[str, ...] = ("all", "cpu", "static", "swap", "tide", "plan")
+#: What a layer of a plan may run (``all`` is ``static`` with every expert).
+KINDS: tuple[str, ...] = ("cpu", "static", "swap", "tide")
+CPU, STATIC, SWAP, TIDE = range(len(KINDS))
+_KIND_OF = {"all": STATIC, "cpu": CPU, "static": STATIC, "swap": SWAP, "tide": TIDE}
 FORWARD_KINDS: tuple[str, ...] = ("prefill", "step", "commit")
 
 
@@ -67,19 +76,29 @@ def _per_layer(v: int | Sequence[int], n_layers: int, param: str, what: str) -> 
 
 @dataclass(frozen=True)
 class Policy:
-    """A placement policy with its per-MoE-layer budgets (and refresh intervals for tide/plan)."""
+    """A placement policy: per MoE layer its kind (:data:`KINDS`), its budget and, for
+    ``tide`` layers, its refresh interval. Uniform policies have one kind; ``plan`` mixes them."""
 
     name: str
     budget: np.ndarray  # [L] int: expert slots per MoE layer on the fast device
-    tau: np.ndarray | None = None  # [L] int, tide and plan only
+    tau: np.ndarray | None = None  # [L] int: tide and plan only (0 on a plan's layers that are not tide)
+    kind: np.ndarray | None = None  # [L] int8 index into KINDS (set by make)
 
     @classmethod
     def make(cls, name: str, n_layers: int, experts: int, budget: int | Sequence[int] | None = None,
-             tau: int | Sequence[int] | None = None) -> "Policy":
+             tau: int | Sequence[int] | None = None, kind: str | Sequence[str] | None = None) -> "Policy":
         """Validate and build; a bad value is a :class:`PolicyError` naming the parameter
-        (``policy``, ``budget``, ``tau``), which each command maps to its own flag."""
+        (``policy``, ``budget``, ``tau``, ``kind``), which each command maps to its own flag.
+        ``kind`` (names, one or one per layer) is for ``plan`` only; a plan without kinds is
+        all ``tide`` (the version-1 plans)."""
         if name not in POLICIES:
             raise PolicyError("policy", f"unknown policy {name!r} (expected one of {', '.join(POLICIES)})")
+        if name == "plan":
+            k = _kinds(kind if kind is not None else "tide", n_layers)
+        elif kind is not None:
+            raise PolicyError("kind", f"only a plan has per-layer kinds, not {name}")
+        else:
+            k = np.full(n_layers, _KIND_OF[name], dtype=np.int8)
         if name == "all":
             b = np.full(n_layers, experts)
         elif name == "cpu":
@@ -90,22 +109,35 @@ class Policy:
             b = _per_layer(budget, n_layers, "budget", "budgets")
             if (b < 0).any() or (b > experts).any():
                 raise PolicyError("budget", f"budgets must lie in 0..{experts}, got {b.min()}..{b.max()}")
-            if name == "swap" and (b < 1).any():
+            if ((k == SWAP) & (b < 1)).any():
                 raise PolicyError("budget", "swap needs at least one GPU expert per layer")
+            if ((k == CPU) & (b != 0)).any():
+                raise PolicyError("budget", "a cpu layer has no GPU experts (budget 0)")
         t = None
         if name in ("tide", "plan"):
             if tau is None:
-                if name == "plan":
+                if name == "plan" and (k == TIDE).any():
                     raise PolicyError("tau", "plan policy needs per-layer tau")
-                tau = 1
+                tau = 1 if name == "tide" else 0
             t = _per_layer(tau, n_layers, "tau", "values of tau")
-            if (t < 1).any():
-                raise PolicyError("tau", f"tau must be at least 1, got {t.min()}")
-        return cls(name=name, budget=b.astype(np.int64), tau=t)
+            if (t[k == TIDE] < 1).any():
+                raise PolicyError("tau", f"tau must be at least 1, got {t[k == TIDE].min()}")
+            t = np.where(k == TIDE, t, 0)
+        return cls(name=name, budget=b.astype(np.int64), tau=t, kind=k)
 
     @property
     def n_layers(self) -> int:
         return len(self.budget)
+
+    @property
+    def swap_rows(self) -> np.ndarray:
+        """[L] bool: the layers that run swap's waves."""
+        return self.kind == SWAP
+
+    @property
+    def kinds(self) -> list[str]:
+        """Each layer's kind, by name."""
+        return [KINDS[k] for k in self.kind]
 
     @property
     def label(self) -> str:
@@ -118,22 +150,38 @@ class Policy:
 
     def to_json(self) -> dict:
         """As traces and results record it."""
-        return {"name": self.name, "budget": self.budget.tolist(), "tau": self.tau.tolist() if self.tau is not None else None}
+        d = {"name": self.name, "budget": self.budget.tolist(), "tau": self.tau.tolist() if self.tau is not None else None}
+        if self.name == "plan":
+            d["kind"] = self.kinds
+        return d
 
     @classmethod
     def from_json(cls, d: dict, n_layers: int, experts: int) -> "Policy":
         """What :meth:`to_json` wrote, checked as :meth:`make` checks."""
         if not isinstance(d, dict) or not isinstance(d.get("name"), str):
             raise PolicyError("policy", f"a recorded policy is an object with a name, got {d!r}")
-        return cls.make(d["name"], n_layers, experts, budget=d.get("budget"), tau=d.get("tau"))
+        return cls.make(d["name"], n_layers, experts, budget=d.get("budget"), tau=d.get("tau"), kind=d.get("kind"))
 
     def refresh_mask(self, kind: str, step: int) -> np.ndarray:
-        """Which layers refresh at this forward (tide/plan); all False for other policies."""
+        """Which layers refresh at this forward: tide layers at prefills, at a block's first
+        step and every ``tau`` steps after it; never any other layer."""
         if self.tau is None or kind == "commit":
             return np.zeros(self.n_layers, dtype=bool)
+        tide = self.kind == TIDE
         if kind == "prefill" or step == 0:
-            return np.ones(self.n_layers, dtype=bool)
-        return (step % self.tau) == 0
+            return tide.copy()
+        return tide & (step % np.maximum(self.tau, 1) == 0)
+
+
+def _kinds(kind: str | Sequence[str], n_layers: int) -> np.ndarray:
+    """Kind names (one, or one per layer) as indices into :data:`KINDS`."""
+    names = [kind] * n_layers if isinstance(kind, str) else list(kind)
+    if len(names) != n_layers:
+        raise PolicyError("kind", f"expected one kind or {n_layers} per-layer kinds, got {len(names)}")
+    bad = [k for k in names if k not in KINDS]
+    if bad:
+        raise PolicyError("kind", f"unknown kind {bad[0]!r} (expected one of {', '.join(KINDS)})")
+    return np.array([KINDS.index(k) for k in names], dtype=np.int8)
 
 
 #: The policies every plan is compared with, by label, in this order.
@@ -199,31 +247,46 @@ class Wave:
     gpu_experts: np.ndarray
 
 
-_NO_TABLE = np.zeros((0, 3), dtype=np.int32)
+#: Copy tables are ``[n, 4]``: (row, expert, slot, wave); ``wave`` is the swap wave the copy
+#: belongs to, -1 for setup and tide copies.
+_NO_TABLE = np.zeros((0, 4), dtype=np.int32)
 _NEVER = np.iinfo(np.int64).max  # an eviction key that never leaves
 
 
-def _per_row(table: np.ndarray, n_rows: int) -> list[np.ndarray]:
-    """Split a ``[n, 3]`` (row, expert, slot) table, sorted by row, into per-row ``[m, 2]`` copies."""
+def _per_row_tables(table: np.ndarray, n_rows: int) -> list[np.ndarray]:
+    """Split a ``[n, 4]`` copy table, sorted by row, into per-row tables."""
     cuts = np.cumsum(np.bincount(table[:, 0], minlength=n_rows))[:-1] if len(table) else np.zeros(n_rows - 1, int)
-    return [c[:, 1:] for c in np.split(table, cuts)] if n_rows else []
+    return np.split(table, cuts) if n_rows else []
+
+
+def _per_row(table: np.ndarray, n_rows: int) -> list[np.ndarray]:
+    """Per-row ``[m, 2]`` (expert, slot) of a copy table."""
+    return [c[:, 1:3] for c in _per_row_tables(table, n_rows)]
+
+
+def _waves_of(table: np.ndarray, wave_of: np.ndarray) -> list[Wave]:
+    """One swap row's waves from its copies ``[n, 4]`` and its experts' waves ``[E]``."""
+    n = int(wave_of.max()) + 1 if len(wave_of) else 0
+    return [Wave(copies=table[table[:, 3] == w, 1:3], gpu_experts=np.flatnonzero(wave_of == w)) for w in range(n)]
 
 
 @dataclass
 class Decision:
     """What one forward does per MoE layer (row).
 
-    ``resident`` is the placement the forward computes on. For every policy but ``swap``,
+    ``resident`` is the placement the forward computes on. On every row but a ``swap`` row,
     chosen resident experts run on the fast device and chosen non-resident ones on the CPU,
-    after the copies; for ``swap`` each layer runs ``waves[l]`` in order and nothing runs
-    on the CPU. Copies are tables ``[n, 3]`` of (row, expert, slot), in the order they are
-    made; ``copies`` / ``setup_copies`` give them per row as ``[m, 2]`` (expert, slot).
+    after the copies; a swap row runs its waves in order (``wave_of``: the wave each chosen
+    expert computes in) and nothing on the CPU. Copies are tables ``[n, 4]`` of (row,
+    expert, slot, wave), in the order they are made; ``copies`` / ``setup_copies`` give
+    them per row as ``[m, 2]`` (expert, slot).
     """
 
     resident: np.ndarray  # [rows, E] bool
-    setup_table: np.ndarray  # [n, 3] (row, expert, slot)
-    copy_table: np.ndarray  # [n, 3] (row, expert, slot), after setup
-    waves: list[list[Wave]] | None = None
+    setup_table: np.ndarray  # [n, 4]
+    copy_table: np.ndarray  # [n, 4], after setup
+    swap: np.ndarray | None = None  # [rows] bool: rows that run waves (None: none do)
+    wave_of: np.ndarray | None = None  # [rows, E] int16: a swap row's wave per chosen expert, -1 otherwise
     refreshed: np.ndarray | None = None  # [rows] bool: rows whose placement was re-decided (tide's refresh)
 
     @property
@@ -245,6 +308,16 @@ class Decision:
     @property
     def setup_migrations(self) -> np.ndarray:
         return np.bincount(self.setup_table[:, 0], minlength=self.n_rows).astype(np.int64)
+
+    @property
+    def waves(self) -> list[list[Wave] | None]:
+        """Per row: its swap waves in order, or None for a row that does not swap."""
+        per_row = _per_row_tables(self.copy_table, self.n_rows)
+        out: list[list[Wave] | None] = [None] * self.n_rows
+        if self.swap is not None:
+            for i, r in enumerate(np.flatnonzero(self.swap).tolist()):
+                out[r] = _waves_of(per_row[r], self.wave_of[i])
+        return out
 
     def fresh(self) -> np.ndarray:
         """[rows, E] experts copied in during this forward (their hits wait for the copy)."""
@@ -282,10 +355,11 @@ def _ids(E: int) -> np.ndarray:
 
 
 def _place(state: PlacementState, rows: np.ndarray, new: np.ndarray, new_mask: np.ndarray, n_new: np.ndarray,
-           evict: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+           evict: tuple[np.ndarray, np.ndarray] | None = None, wave: int = -1) -> np.ndarray:
     """Evict then place: ``evict`` is (row index into ``rows``, expert) pairs that leave; then
     each row's ``n_new`` experts ``new[r][new_mask[r]]`` (in that order) take its
-    lowest-numbered free slots. Mutates ``state``; returns the ``[n, 3]`` copies (row, expert, slot)."""
+    lowest-numbered free slots. Mutates ``state``; returns the ``[n, 4]`` copies (row,
+    expert, slot, ``wave``)."""
     nr, nk = np.nonzero(new_mask)
     if not len(nr):
         return _NO_TABLE
@@ -303,8 +377,8 @@ def _place(state: PlacementState, rows: np.ndarray, new: np.ndarray, new_mask: n
     in_slot[nr, fs] = ne
     state.slot_of[rows], state.in_slot[rows] = slot_of, in_slot
     state.placed[rows[nr], ne] = state.clock
-    out = np.empty((len(nr), 3), dtype=np.int32)
-    out[:, 0], out[:, 1], out[:, 2] = rows[nr], ne, fs
+    out = np.empty((len(nr), 4), dtype=np.int32)
+    out[:, 0], out[:, 1], out[:, 2], out[:, 3] = rows[nr], ne, fs, wave
     return out
 
 
@@ -348,13 +422,13 @@ def _tide_refresh_row(state: PlacementState, r: int, counts: np.ndarray, budget:
     slot_of[new] = fs
     in_slot[fs] = new
     state.placed[r, new] = state.clock
-    table = np.empty((len(new), 3), dtype=np.int32)
-    table[:, 0], table[:, 1], table[:, 2] = r, new, fs
+    table = np.empty((len(new), 4), dtype=np.int32)
+    table[:, 0], table[:, 1], table[:, 2], table[:, 3] = r, new, fs, -1
     return table
 
 
 def _tide_refresh(state: PlacementState, rows: np.ndarray, counts: np.ndarray, budgets: np.ndarray) -> np.ndarray:
-    """Refresh ``rows`` (``counts`` ``[n, E]``, ``budgets`` ``[n]``) at once; the copies ``[m, 3]``.
+    """Refresh ``rows`` (``counts`` ``[n, E]``, ``budgets`` ``[n]``) at once; the copies ``[m, 4]``.
 
     The forward's experts with non-zero count, ranked, fill up to ``B`` slots (the target);
     residents outside the target leave only to make room (lowest count, then least recently
@@ -394,28 +468,49 @@ def _setup(state: PlacementState, rows: np.ndarray, counts: np.ndarray, budgets:
     return copies
 
 
-def _swap_layer(state: PlacementState, l: int, counts: np.ndarray, b: int) -> tuple[list[Wave], list[np.ndarray]]:
-    row = np.array([l])
-    slot_of = state.slot_of[l]
-    chosen = rank(counts)
-    chosen = chosen[counts[chosen] > 0]
-    waves, all_copies = [], []
-    for start in range(0, len(chosen), b):
-        if start:
-            state.clock += 1
-        chunk = chosen[start:start + b].astype(np.int32)
-        in_chunk = np.zeros(len(counts), dtype=bool)
-        in_chunk[chunk] = True
-        new = chunk[slot_of[chunk] < 0]
-        n_evict = max(0, len(new) - int((state.in_slot[l] == -1).sum()))
-        cand = np.flatnonzero((slot_of >= 0) & ~in_chunk)
-        evict = cand[np.lexsort((cand, state.last_use(row)[0, cand]))[:n_evict]]
-        copies = _place(state, row, new[None, :], np.ones((1, len(new)), bool), np.array([len(new)]),
-                        (np.zeros(len(evict), np.int64), evict))
-        state.chosen[l, chunk] = state.clock
-        waves.append(Wave(copies=copies[:, 1:], gpu_experts=chunk))
-        all_copies.append(copies)
-    return waves, all_copies
+def _swap(state: PlacementState, rows: np.ndarray, counts: np.ndarray, budgets: np.ndarray,
+          wave_of: np.ndarray) -> np.ndarray:
+    """Swap ``rows`` (``counts`` ``[n, E]``, ``budgets`` ``[n]`` >= 1) at once: each row's
+    chosen experts, ranked, compute in waves of at most ``B``; before each wave its experts
+    not resident are copied in, evicting the least recently used residents outside the
+    wave (ties by lower id). Wave ``w`` happens at clock ``clock + w`` and marks its experts
+    used then (in ``placed``: a swap row's experts are all resident when used, so its last
+    use is its latest placement or wave). Fills ``wave_of`` ``[n, E]``; returns the copies
+    ``[m, 4]``; leaves the clock at the last wave's."""
+    E = counts.shape[1]
+    ranked = rank(counts)  # [n, E] expert ids in rank order
+    k = np.count_nonzero(counts, axis=1)
+    pos = np.empty_like(ranked)
+    np.put_along_axis(pos, ranked, _ids(E)[None, :], axis=1)  # each expert's rank position
+    wave_of[:] = np.where(pos < k[:, None], pos // budgets[:, None], -1)
+    n_waves = -(-k // budgets)
+    c0, tables = state.clock, []
+    for w in range(int(n_waves.max(initial=0))):
+        a = np.flatnonzero(n_waves > w)
+        state.clock = c0 + w
+        r, in_wave = rows[a], wave_of[a] == w
+        resident = state.slot_of[r] >= 0
+        new_mask = np.take_along_axis(in_wave & ~resident, ranked[a], axis=1)  # rank order
+        n_new = new_mask.sum(axis=1)
+        n_evict = n_new - (state.in_slot[r] == -1).sum(axis=1)
+        evict = None
+        ev = np.flatnonzero(n_evict > 0)
+        if len(ev):
+            key = state.last_use(r[ev]).astype(np.int64) + 1
+            key *= E
+            key += _ids(E)
+            key[~resident[ev] | in_wave[ev]] = _NEVER  # residents outside the wave may leave
+            key.sort(axis=1)
+            er, ek = np.nonzero(_ids(E) < n_evict[ev][:, None])
+            evict = (ev[er], key[er, ek] % E)
+        tables.append(_place(state, r, ranked[a], new_mask, n_new, evict, wave=w))
+        wr, we = np.nonzero(in_wave)
+        state.placed[r[wr], we] = state.clock
+    state.clock = max(c0, state.clock)
+    if not tables:
+        return _NO_TABLE
+    out = np.concatenate(tables)
+    return out[np.argsort(out[:, 0], kind="stable")]  # by row, each row's waves in order
 
 
 def begin_forward(policy: Policy, kind: str, step_in_block: int) -> np.ndarray | None:
@@ -431,29 +526,33 @@ def layer_rows(layers: np.ndarray, group: int) -> np.ndarray:
 
 
 def step_layers(policy: Policy, state: PlacementState, layers: np.ndarray, counts: np.ndarray,
-                refresh: np.ndarray | None) -> tuple[np.ndarray, list[list[Wave]] | None]:
+                refresh: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decide every row of ``layers`` for the current forward from the layers' ``counts``
-    ``[n, E]``, mutating ``state``. Returns the copies ``[m, 3]`` (row, expert, slot) and, for
-    swap, the waves per row. Rows are independent, so the runtime decides each layer as soon
-    as its router has chosen, and the planner thousands of candidate rows at once."""
+    ``[n, E]``, mutating ``state``. Returns the copies ``[m, 4]`` (sorted by row), the swap
+    rows decided and their ``wave_of`` ``[s, E]``. Rows are independent, so the runtime
+    decides each layer as soon as its router has chosen, and the planner thousands of
+    candidate rows at once: tide rows refresh first, then swap rows run their waves, and
+    the layers' choices are recorded last, all at the forward's clock."""
     G = state.group
     rows = layer_rows(layers, G)
-    if policy.name == "swap":
-        if G != 1:
-            raise TideError("swap runs one row per layer")
-        waves, tables = [], []
-        for r, c in zip(rows.tolist(), counts):
-            w, t = _swap_layer(state, r, c, int(policy.budget[r]))
-            waves.append(w)
-            tables.extend(t)
-        return (np.concatenate(tables) if tables else _NO_TABLE), waves
-    copies = _NO_TABLE
+    c0 = state.clock
+    tables = []
     if refresh is not None:
         pick = np.flatnonzero(refresh[rows] & (policy.budget[rows] > 0))
         if len(pick):
-            copies = _tide_refresh(state, rows[pick], counts[pick // G], policy.budget[rows[pick]])
-    state.chosen[layers] = np.where(counts > 0, state.clock, state.chosen[layers])
-    return copies, None
+            tables.append(_tide_refresh(state, rows[pick], counts[pick // G], policy.budget[rows[pick]]))
+    swap = np.flatnonzero(policy.kind[rows] == SWAP)
+    wave_of = np.empty((len(swap), counts.shape[1]), dtype=np.int16)
+    if len(swap):
+        tables.append(_swap(state, rows[swap], counts[swap // G], policy.budget[rows[swap]], wave_of))
+    state.chosen[layers] = np.where(counts > 0, c0, state.chosen[layers])
+    copies = _NO_TABLE
+    if len(tables) == 1:
+        copies = tables[0]
+    elif tables:
+        copies = np.concatenate(tables)
+        copies = copies[np.argsort(copies[:, 0], kind="stable")]
+    return copies, rows[swap], wave_of
 
 
 def step(policy: Policy, state: PlacementState | None, counts: np.ndarray, kind: str, step_in_block: int,
@@ -480,14 +579,17 @@ class PolicyRunner:
     the simulator drive, one forward at a time or one layer at a time.
 
     ``group`` > 1 runs ``group`` rows of the policy per model layer (row ``r`` sees layer
-    ``r // group``'s counts): the planner's candidates, every (tau, B) of every layer, in
-    one pass over a trace."""
+    ``r // group``'s counts): the planner's candidates, every kind, tau and B of every
+    layer, in one pass over a trace."""
 
     policy: Policy
     experts: int
     setup_counts: np.ndarray | None = None
     group: int = 1
     state: PlacementState | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self._swaps = bool(self.policy.swap_rows.any())
 
     def begin(self, kind: str, step_in_block: int) -> None:
         """Start a forward; then call :meth:`layer` for every MoE layer in order, then :meth:`end`."""
@@ -498,42 +600,48 @@ class PolicyRunner:
         self.state.clock += 1
         self._setup: list[np.ndarray] = []
         self._copies: list[np.ndarray] = []
-        self._waves: list[list[Wave]] | None = [[] for _ in range(self.policy.n_layers)] \
-            if self.policy.name == "swap" else None
+        self._swap_rows: list[np.ndarray] = []
+        self._wave_of: list[np.ndarray] = []
 
-    def _decide(self, layers: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _decide(self, layers: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         setup = _NO_TABLE
         if self._first:
             rows = layer_rows(layers, self.group)
             src = counts if self.setup_counts is None else np.asarray(self.setup_counts)[layers]
             setup = _setup(self.state, rows, np.repeat(np.asarray(src), self.group, axis=0), self.policy.budget[rows])
-        copies, waves = step_layers(self.policy, self.state, layers, counts, self._refresh)
-        if waves is not None:
-            for l, w in zip(layers.tolist(), waves):
-                self._waves[l] = w
+        copies, swap_rows, wave_of = step_layers(self.policy, self.state, layers, counts, self._refresh)
         self._setup.append(setup)
         self._copies.append(copies)
-        return setup, copies
+        if len(swap_rows):
+            self._swap_rows.append(swap_rows)
+            self._wave_of.append(wave_of)
+        return setup, copies, wave_of
 
     def layer(self, l: int, counts_l: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Wave] | None]:
         """Decide layer ``l`` (one row per layer): setup copies (first forward only), copies,
-        swap waves (``[n, 2]`` each)."""
+        and for a swap layer its waves (``[n, 2]`` each; the copies are the waves')."""
         counts_l = np.asarray(counts_l)
-        if self.group == 1 and not self._first and self._waves is None:  # the runtime's hot path: one row
+        if self.group == 1 and not self._first and self.policy.kind[l] != SWAP:  # the runtime's hot path: one row
             copies = _NO_TABLE
             if self._refresh is not None and self._refresh[l] and self.policy.budget[l] > 0:
                 copies = _tide_refresh_row(self.state, l, counts_l, int(self.policy.budget[l]))
             self.state.chosen[l, counts_l > 0] = self.state.clock
             self._copies.append(copies)
-            return _NO_TABLE[:, 1:], copies[:, 1:], None
-        setup, copies = self._decide(np.array([l]), counts_l[None, :])
-        return setup[:, 1:], copies[:, 1:], self._waves[l] if self._waves is not None else None
+            return _NO_TABLE[:, 1:3], copies[:, 1:3], None
+        setup, copies, wave_of = self._decide(np.array([l]), counts_l[None, :])
+        waves = _waves_of(copies, wave_of[0]) if self.policy.kind[l] == SWAP else None
+        return setup[:, 1:3], copies[:, 1:3], waves
 
     def end(self) -> Decision:
         cat = lambda ts: np.concatenate(ts) if ts else _NO_TABLE  # noqa: E731
         refreshed = None if self._refresh is None else self._refresh & (self.policy.budget > 0)
+        swap = wave_of = None
+        if self._swaps:
+            swap = np.zeros(self.policy.n_layers, dtype=bool)
+            swap[np.concatenate(self._swap_rows)] = True
+            wave_of = np.concatenate(self._wave_of)
         return Decision(resident=self.state.slot_of >= 0, setup_table=cat(self._setup), copy_table=cat(self._copies),
-                        waves=self._waves, refreshed=refreshed)
+                        swap=swap, wave_of=wave_of, refreshed=refreshed)
 
     def step(self, counts: np.ndarray, kind: str, step_in_block: int) -> Decision:
         """One whole forward: ``counts`` is ``[L, E]``; every row of every layer at once."""

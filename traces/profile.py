@@ -313,6 +313,10 @@ class Profile:
         tokens = np.asarray(tokens, dtype=np.float64)
         return np.where(tokens > 0, t(np.maximum(tokens, 1)), 0.0)
 
+    def cpu_expert_knots(self, shape_key: str, dtype: str) -> np.ndarray:
+        """The token counts at which the CPU expert table is given (its interpolation knots)."""
+        return self._lookup(self._cpu, "cpu_expert_ffn", shape_key, dtype).xs
+
     def cpu_dtypes(self, shape_key: str) -> list[str]:
         return [dt for (s, dt) in self._cpu if s == shape_key]
 

@@ -108,6 +108,6 @@ def replay_policy(trace: "Trace", policy: Policy, popularity: np.ndarray | None 
             times["layer_s"][fw.f] = cost.layer_seconds(parts)
             for k, v in lc.items():
                 times[k][fw.f] = v
-            times["bound_s"][fw.f] = cost.layer_bound(lc, serial_copies=fw.decision.waves is not None)
+            times["bound_s"][fw.f] = cost.layer_bound(lc, serial_copies=parts["swap"])
             times["fixed_s"][fw.f] = cost.fixed_s(fw.tokens_run, fw.context)
     return PolicyReplay(policy=policy, counters=out, times=times)

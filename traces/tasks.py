@@ -42,8 +42,10 @@ def lanes(shares_cores: bool) -> dict[str, str]:
 
 
 def layer_tasks(p: dict[str, object]) -> list[Task]:
-    """The graph of one MoE layer from the cost model's parts (``traces.costs.CostModel.layer_parts``),
-    in the engine's issue order."""
+    """The graph of one MoE layer from the cost model's parts (``traces.costs.CostModel.price``),
+    in the engine's issue order. A swap row's waves and another row's copies, hits and CPU
+    experts are both in it; a row's tasks of the other kind take no time and occupy nothing,
+    so each row follows its own kind's graph."""
     head = [
         Task("attention+router+shared", "gpu", p["non_expert"]),
         Task("routing to host", "host", p["sync"], ("attention+router+shared",)),
@@ -51,16 +53,13 @@ def layer_tasks(p: dict[str, object]) -> list[Task]:
         Task("setup copies", "h2d", p["setup_copy"], ("decide",)),
         Task("issue", "host", p["issue"], ("decide",)),
     ]
-    waves = p["waves"]
-    if waves is not None:  # swap: each wave's copies, then its experts (the stream waits for the copies)
-        tasks, prev = head, "setup copies"
-        for w, (launch, copy, hits) in enumerate(waves):
-            tasks += [Task(f"launch wave {w}", "host", launch, ("issue",) if w == 0 else (f"launch wave {w - 1}",)),
-                      Task(f"swap copies {w}", "h2d", copy, (f"launch wave {w}",)),
-                      Task(f"swap hits {w}", "gpu", hits, (f"swap copies {w}", prev))]
-            prev = f"swap hits {w}"
-        return tasks
-    return head + [
+    tasks, prev = head, "setup copies"
+    for w, (launch, copy, hits) in enumerate(p["waves"]):  # swap rows: each wave's copies, then its experts
+        tasks += [Task(f"launch wave {w}", "host", launch, ("issue",) if w == 0 else (f"launch wave {w - 1}",)),
+                  Task(f"swap copies {w}", "h2d", copy, (f"launch wave {w}",)),
+                  Task(f"swap hits {w}", "gpu", hits, (f"swap copies {w}", prev))]
+        prev = f"swap hits {w}"
+    return tasks + [  # every other row (zero on swap rows, as the waves are zero on the others)
         Task("expert copies", "h2d", p["copy"], ("issue",)),
         Task("activations to CPU", "d2h", p["d2h_act"], ("issue",)),
         Task("hits", "gpu", p["hits_ready"], ("issue", "setup copies")),
