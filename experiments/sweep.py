@@ -3,8 +3,7 @@
 ``python -m experiments.sweep [--out DIR] [--quick] [--grid FILE.toml] [grid options]
 [--executor local|dask] [--scheduler ADDRESS] [--jobs N]``
 
-With no arguments it runs the default study on bundled data (about three minutes on 2
-cores): LLaDA2.0-mini and -flash, 256 generated tokens (synthetic traces, cached in
+With no arguments it runs the default study on bundled data (about a minute on 2 cores): LLaDA2.0-mini and -flash, 256 generated tokens (synthetic traces, cached in
 ``DIR/traces``), on
 
 * ``memory``: the a100-40gb box with 8, 16, 24, 32 and 40 GB of GPU memory;
@@ -12,7 +11,7 @@ cores): LLaDA2.0-mini and -flash, 256 generated tokens (synthetic traces, cached
 * ``boxes``: the bundled h200, a100-40gb and rtx4090 boxes as they are;
 
 pricing ``cpu``, ``static``, ``swap``, ``tide`` (tau 1, 2, 4, 8) at the largest uniform
-budget that fits, and the planner's per-layer optimum (``plan``), at every point.
+budget that fits, and the planner's per-layer optimum over every kind (``plan``), at every point.
 ``--quick`` runs a tiny grid (mini, 64 tokens, four points) in well under a minute.
 
 Grid options replace the default with one study: ``--profiles``, ``--models``,
@@ -24,8 +23,10 @@ budget that fits). ``--grid FILE.toml`` holds studies: top-level keys are defaul
 Every point is keyed by a hash of its inputs and written to ``DIR/points/KEY.parquet`` when
 done (atomically), so an interrupted sweep resumes where it stopped. Results:
 ``DIR/sweep.parquet`` (a row per point and policy setting), figures
-``DIR/tokens_vs_memory.png``, ``DIR/speedup_heatmap.png``, ``DIR/best_tau.png``, and a short
-table on stdout. ``--executor dask`` sends points to a Dask cluster (``--scheduler
+``DIR/tokens_vs_memory.png``, ``DIR/speedup_heatmap.png``, ``DIR/best_tau.png``,
+``DIR/plan_kinds.png``, and a short table on stdout. Points that share a workload are
+evaluated together: the planner's candidates (every kind, tau and budget of every layer)
+are replayed once and priced on all their boxes and memory limits. ``--executor dask`` sends points to a Dask cluster (``--scheduler
 ADDRESS``; without one, a local Dask cluster of ``--jobs`` workers).
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from experiments.sweep_points import POLICY_SET, Point, evaluate, save
+from experiments.sweep_points import POLICY_SET, Point, evaluate_group, save, share_key
 
 #: How long to wait for a Dask scheduler to answer before saying it does not.
 DASK_CONNECT_TIMEOUT = "10s"
@@ -164,14 +165,25 @@ def _list(text: str, flag: str, kind: type) -> list[Any]:
 
 
 # ---- running points ------------------------------------------------------------------------
-def _evaluate_to(args: tuple[Point, str | None, str]) -> tuple[str, pd.DataFrame]:
-    point, cache, key = args
-    return key, evaluate(point, cache)
+def _evaluate_to(args: tuple[list[Point], str | None]) -> dict[str, pd.DataFrame]:
+    points, cache = args
+    return evaluate_group(points, cache)
+
+
+def groups(todo: list[Point]) -> list[list[Point]]:
+    """Points that share a workload and candidate grid (one replay prices them all), the
+    largest first (the longest tasks start first)."""
+    by: dict[tuple, list[Point]] = {}
+    for p in todo:
+        by.setdefault(share_key(p), []).append(p)
+    weight = lambda g: len(g) * (4 if g[0].model == "llada2-flash" else 1)  # noqa: E731
+    return sorted(by.values(), key=weight, reverse=True)
 
 
 def run_points(points: Iterable[Point], out: Path, executor: str = "local", jobs: int | None = None,
                scheduler: str | None = None, progress: bool = True) -> dict[str, int]:
-    """Evaluate the points not yet in ``out/points`` and store each as it finishes."""
+    """Evaluate the points not yet in ``out/points`` (a group of points sharing a workload
+    at a time) and store each as its group finishes."""
     points = list(points)
     keys = [p.key() for p in points]
     pdir = out / "points"
@@ -179,6 +191,7 @@ def run_points(points: Iterable[Point], out: Path, executor: str = "local", jobs
     todo = list({k: (p, k) for p, k in todo}.values())  # the same point twice: once
     stats = {"points": len(set(keys)), "reused": len(set(keys)) - len(todo), "evaluated": 0}
     cache = str(out / "traces")
+    tasks = [(g, cache) for g in groups([p for p, _ in todo])]
     client = cluster = None
     if executor == "dask":  # connect first: a scheduler that does not answer is an error before any progress bar
         try:
@@ -200,24 +213,25 @@ def run_points(points: Iterable[Point], out: Path, executor: str = "local", jobs
     (out / "traces").mkdir(exist_ok=True)
     try:
         with tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress) as bar:  # closed before errors print
-            def done(k: str, df: pd.DataFrame) -> None:
-                save(df, pdir / f"{k}.parquet")
-                stats["evaluated"] += 1
-                bar.update()
+            def done(frames: dict[str, pd.DataFrame]) -> None:
+                for k, df in frames.items():
+                    save(df, pdir / f"{k}.parquet")
+                    stats["evaluated"] += 1
+                    bar.update()
 
             if client is not None:
                 from distributed import as_completed as dask_completed
-                futures = client.map(_evaluate_to, [(p, cache, k) for p, k in todo], pure=False)
+                futures = client.map(_evaluate_to, tasks, pure=False)
                 for fut in dask_completed(futures):
-                    done(*fut.result())
-            elif jobs == 1 or len(todo) <= 1:
-                for p, k in todo:
-                    done(k, evaluate(p, cache))
+                    done(fut.result())
+            elif jobs == 1 or len(tasks) <= 1:
+                for t in tasks:
+                    done(_evaluate_to(t))
             else:
-                n = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
+                n = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
                 with worker_pool(n) as pool:
-                    for k, df in pool.imap_unordered(_evaluate_to, [(p, cache, k) for p, k in todo]):
-                        done(k, df)
+                    for frames in pool.imap_unordered(_evaluate_to, tasks):
+                        done(frames)
     finally:
         if client is not None:
             client.close()
@@ -255,14 +269,17 @@ def sweep(studies: list[Study], out: Path, executor: str = "local", jobs: int | 
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per study and model: points, the plan's tokens/s range, its median speedup over each baseline."""
+    """Per study and model: points, the plan's tokens/s range, its median speedup over each
+    baseline, the least ``plan_vs_best`` (at least 1: no uniform setting beat the plan) and
+    the most that mixing kinds gained over a tide-only plan."""
     ok = df[df["policy"] == "plan"]
     if ok.empty:
         return pd.DataFrame()
     g = ok.groupby(["study", "model"], sort=False)
     table = g.agg(points=("key", "nunique"), plan_tok_s_min=("tokens_per_s", "min"),
                   plan_tok_s_max=("tokens_per_s", "max"),
-                  **{f"x_{b}": (f"speedup_vs_{b}", "median") for b in BASELINES})
+                  **{f"x_{b}": (f"speedup_vs_{b}", "median") for b in BASELINES},
+                  vs_best_min=("plan_vs_best", "min"), mixing_max=("mixing_gain", "max"))
     skipped = df[df["policy"] == "-"].groupby(["study", "model"], sort=False)["key"].nunique()
     table["unfit"] = skipped.reindex(table.index).fillna(0).astype(int)
     return table.reset_index()

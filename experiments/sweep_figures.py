@@ -4,7 +4,9 @@
   model (one study's points, one box);
 * ``speedup_heatmap.png``: the plan's speedup over each baseline the sweep priced, over PCIe
   bandwidth and CPU cores, a row of panels per model, one colour scale and bar for all;
-* ``best_tau.png``: the tide refresh interval with the most tokens/s against PCIe bandwidth.
+* ``best_tau.png``: the tide refresh interval with the most tokens/s against PCIe bandwidth;
+* ``plan_kinds.png``: the kind the plan gave each MoE layer (cpu, static, swap, tide), a row
+  per point, a panel per model.
 
 A figure (or a panel) with nothing to show is skipped with a note saying why; a figure
 that fails to draw is reported and skipped too: drawing never costs the run its table.
@@ -23,7 +25,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from traces.cli import atomic_write  # noqa: E402
-from traces.policies import BASELINES  # noqa: E402
+from traces.policies import BASELINES, KINDS  # noqa: E402
 
 LABELS = {"cpu": "cpu", "static": "static", "swap": "swap", "tide_tau1": "tide tau=1"}
 
@@ -138,10 +140,34 @@ def best_tau(df: pd.DataFrame, out: Path) -> str:
     return _save(fig, out / "best_tau.png")
 
 
+def plan_kinds(df: pd.DataFrame, out: Path) -> str:
+    plan = _ok(df[df["policy"] == "plan"])
+    if plan.empty or "plan_kind" not in plan:
+        raise Skip("plan_kinds.png: no plan was solved")
+    models = list(dict.fromkeys(plan["model"]))
+    heights = [plan["model"].eq(m).sum() for m in models]
+    fig, axes = plt.subplots(len(models), 1, figsize=(9, 1.2 + 0.22 * sum(heights) + 0.6 * len(models)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights}, layout="constrained")
+    colors = sns.color_palette("Set2", len(KINDS))
+    cmap = matplotlib.colors.ListedColormap(colors)
+    for ax, model in zip(axes[:, 0], models):
+        g = plan[plan["model"] == model]
+        grid = np.array([[KINDS.index(k) for k in r.split()] for r in g["plan_kind"]])
+        labels = [f"{r.study}: {r.box}" for r in g.itertuples()]
+        sns.heatmap(grid, cmap=cmap, vmin=-0.5, vmax=len(KINDS) - 0.5, cbar=False, ax=ax, linewidths=0.3,
+                    yticklabels=labels, xticklabels=5)
+        ax.set_title(f"{model}: kind per MoE layer", fontsize=9)
+        ax.set_xlabel("MoE layer")
+        ax.tick_params(axis="y", labelsize=7)
+    handles = [matplotlib.patches.Patch(color=c, label=k) for k, c in zip(KINDS, colors)]
+    fig.legend(handles=handles, loc="outside upper right", ncols=len(KINDS), fontsize=8)
+    return _save(fig, out / "plan_kinds.png")
+
+
 def draw_all(df: pd.DataFrame, out: Path) -> tuple[list[str], list[str]]:
     """The figures drawn, and a line for each skipped (nothing to show, or drawing failed)."""
     drawn, skipped = [], []
-    for fn in (tokens_vs_memory, speedup_heatmap, best_tau):
+    for fn in (tokens_vs_memory, speedup_heatmap, best_tau, plan_kinds):
         try:
             drawn.append(fn(df, out))
         except Skip as why:

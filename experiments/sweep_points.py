@@ -2,12 +2,16 @@
 
 A :class:`Point` is a box (a bundled or file profile with what-if knobs), a model and a
 workload (a synthetic trace), and the policies to price on it. :func:`evaluate` returns one
-row per policy setting with the predicted seconds (the simulator's time, computed without
-events by ``replay_policy(...).seconds()``, which a test holds equal to ``sim.replay``),
-tokens/s, I/O bytes, CPU tokens and hit ratio; ``plan`` is the planner's per-layer optimum
-(:mod:`sim.plan`). Speedups over each baseline are filled in per point. Points are pure
-functions of their inputs, so a sweep can run them anywhere, in any order, and keep them
-by :meth:`Point.key`.
+row per policy setting with the predicted seconds (the simulator's time: uniform settings
+are column sums of the candidate table, the plan is replayed in closed form; tests hold
+both equal to ``sim.replay``), tokens/s, I/O bytes, CPU tokens and hit ratio; ``plan`` is
+the planner's per-layer optimum over every kind (:mod:`sim.plan`), with its kind, tau and
+budget per layer, ``plan_vs_best``: the best uniform setting priced at the point over
+the plan (at least 1), and ``mixing_gain``: the per-layer plan with tide layers only (the
+planner before kinds mixed) over the plan. Speedups over each baseline are filled in per point.
+:func:`evaluate_group` evaluates points that share a workload at once, the candidates
+replayed once for all their boxes and memory limits. Points are pure functions of their
+inputs, so a sweep can run them anywhere, in any order, and keep them by :meth:`Point.key`.
 """
 from __future__ import annotations
 
@@ -19,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sim.planner import candidate_table, memory
-from sim.plan_model import solve
+from sim.candidates import Candidates, Priced, budget_grid, distinct_taus, price_candidates, same_tau
+from sim.planner import kinds_label, memory
+from sim.plan_model import CandidateTable, solve
 from traces.cli import atomic_write, data_sha256, span
 from traces.costs import CostModel
 from traces.replay import replay_policy
@@ -83,37 +88,91 @@ def workload(model: str, gen_length: int, prompt_length: int, seed: int, cache: 
 
 
 
+def share_key(point: Point) -> tuple:
+    """What points must have in common to share one replay of the candidates: the workload
+    and the candidate grid (not the box, its knobs or its memory)."""
+    return (point.model, point.gen_length, point.prompt_length, point.seed, point.taus, point.budgets,
+            point.budget_step)
+
+
 def evaluate(point: Point, cache: str | None = None) -> pd.DataFrame:
     """Every policy setting of ``point``: one row each (one row with a ``status`` if the
     model does not fit the box)."""
-    profile = point.box()
-    trace = workload(point.model, point.gen_length, point.prompt_length, point.seed, cache)
-    shape, dtype = trace.shape, trace.dtype
+    return evaluate_group([point], cache)[point.key()]
+
+
+def evaluate_group(points: list[Point], cache: str | None = None) -> dict[str, pd.DataFrame]:
+    """:func:`evaluate` of points that share their workload and candidate grid (:func:`share_key`):
+    the candidates are replayed once and priced on every box at once. Each point's results
+    depend on its own inputs only (its program sees its own budgets), so a point gives the
+    same rows alone or in any group."""
+    first = points[0]
+    if any(share_key(p) != share_key(first) for p in points):
+        raise TideError("evaluate_group: the points differ in workload or candidate grid")
+    trace = workload(first.model, first.gen_length, first.prompt_length, first.seed, cache)
+    shape, E = trace.shape, trace.shape.experts
+    out, live = {}, []
+    for point in points:
+        profile = point.box()
+        gpu_gb = point.gpu_mem_gb if point.gpu_mem_gb is not None else profile.capacity("gpu_mem_bytes") / 1e9
+        base = {"study": point.study, "key": point.key(), "profile": point.profile, "box": profile.name,
+                "pcie": point.pcie, "cpu_cores": point.cpu_cores, "gpu_mem_gb": gpu_gb,
+                "host_mem_gb": profile.capacity("host_mem_bytes") / 1e9,
+                "h2d_gbps": float(profile.data["h2d"]["pinned"]["gbps"][-1]),
+                "cores": profile.capacity("cpu_cores"), "model": shape.name, "gen_length": point.gen_length,
+                "tokens": trace.tokens_generated, "tide": _version(), "profile_sha256": data_sha256(profile.data)}
+        try:
+            mem = memory([trace], profile, gpu_gb)
+        except TideError as exc:
+            out[base["key"]] = pd.DataFrame([{**base, "policy": "-", "status": str(exc)}])
+            continue
+        live.append((point, profile, mem, base, _budgets(point, mem)))
+    if not live:
+        return out
+    taus = distinct_taus([trace], range(1, trace.decoding.steps + 1))
+    budgets = budget_grid(E, first.budget_step, [b for *_, own in live for b in own])
+    cands = Candidates.grid(taus, budgets)
+    boxes = {}  # one pricing per distinct box
+    for _, profile, *_ in live:
+        boxes.setdefault(data_sha256(profile.data), profile)
+    priced = price_candidates(trace, list(boxes.values()), cands)
+    which = {h: i for i, h in enumerate(boxes)}
+    for point, profile, mem, base, own in live:
+        out[base["key"]] = _point_rows(point, trace, profile, mem, base, own, priced, which[base["profile_sha256"]],
+                                       taus)
+    return out
+
+
+def _budgets(point: Point, mem) -> list[int]:
+    """The point's own candidate budgets: the grid, its largest uniform budget and the budgets
+    it prices, each that fits some layer alone."""
+    shape = mem.shape
+    extra = [mem.largest_uniform()] + [int(b) for b in point.budgets if b != "fit"]
+    return [b for b in budget_grid(shape.experts, point.budget_step, extra) if mem.fits_alone(b)]
+
+
+def _point_rows(point: Point, trace: Trace, profile: Profile, mem, base: dict, own: list[int], priced: Priced,
+                box: int, taus: list[int]) -> pd.DataFrame:
+    """One point's rows: its uniform settings read off the priced table (column sums, which
+    the simulator's time equals), its plan solved on its own candidates and replayed."""
+    shape, cands = trace.shape, priced.cands
     L, E = shape.n_moe_layers, shape.experts
-    gpu_gb = point.gpu_mem_gb if point.gpu_mem_gb is not None else profile.capacity("gpu_mem_bytes") / 1e9
-    base = {"study": point.study, "key": point.key(), "profile": point.profile, "box": profile.name,
-            "pcie": point.pcie, "cpu_cores": point.cpu_cores, "gpu_mem_gb": gpu_gb,
-            "host_mem_gb": profile.capacity("host_mem_bytes") / 1e9,
-            "h2d_gbps": float(profile.data["h2d"]["pinned"]["gbps"][-1]),
-            "cores": profile.capacity("cpu_cores"), "model": shape.name, "gen_length": point.gen_length,
-            "tokens": trace.tokens_generated, "tide": _version(), "profile_sha256": data_sha256(profile.data)}
-    try:
-        mem = memory([trace], profile, gpu_gb)
-    except TideError as exc:
-        return pd.DataFrame([{**base, "policy": "-", "status": str(exc)}])
-    cost = CostModel(profile, shape, dtype)
+    seconds, fixed = priced.seconds[box], float(priced.fixed_s[box])
     b_fit = mem.largest_uniform()  # a uniform budget B fits iff B <= b_fit
     budgets = sorted({b_fit if b == "fit" else int(b) for b in point.budgets})
     rows = []
 
-    def price(policy: Policy, tau: str, budget: str, **more) -> None:
-        rep = replay_policy(trace, policy, cost=cost)
-        t = rep.totals()
-        s = rep.seconds()
-        rows.append({**base, "policy": policy.label, "tau": tau, "budget": budget, "seconds": s,
+    def row(policy: str, tau: str, budget: str, s: float, t: dict[str, int], **more) -> None:
+        g, c = t["gpu_tokens"], t["cpu_tokens"]
+        rows.append({**base, "policy": policy, "tau": tau, "budget": budget, "seconds": s,
                      "tokens_per_s": trace.tokens_generated / s, "bytes_h2d": t["bytes_h2d"],
-                     "bytes_act": t["bytes_act"], "cpu_tokens": t["cpu_tokens"], "gpu_tokens": t["gpu_tokens"],
-                     "migrations": t["migrations"], "hit_ratio": rep.hit_ratio(), "status": "ok", **more})
+                     "bytes_act": t["bytes_act"], "cpu_tokens": c, "gpu_tokens": g, "migrations": t["migrations"],
+                     "hit_ratio": g / (g + c) if g + c else 1.0, "status": "ok", **more})
+
+    def uniform(policy: str, kind: str, b: int, tau: int = 0, label_tau: str = "-") -> None:
+        c = cands.find(kind, b, tau)
+        row(policy, label_tau, str(b), float(seconds[:, c].sum()) + fixed,
+            {k: int(v[:, c].sum()) for k, v in priced.counters.items()})
 
     def unfit(name: str, b: int) -> None:
         why = f"budget {b} does not fit ({b_fit} experts per layer fit)" if b > b_fit else "swap needs a budget of at least 1"
@@ -121,16 +180,16 @@ def evaluate(point: Point, cache: str | None = None) -> pd.DataFrame:
 
     for name in point.policies:
         if name == "cpu":
-            price(Policy.make("cpu", L, E), "-", "0")
+            uniform("cpu", "cpu", 0)
         elif name == "all":
             if b_fit == E:
-                price(Policy.make("all", L, E), "-", str(E))
+                uniform("all", "static", E)
             else:
                 unfit("all", E)
         elif name in ("static", "swap"):
             for b in budgets:
                 if (1 if name == "swap" else 0) <= b <= b_fit:
-                    price(Policy.make(name, L, E, budget=b), "-", str(b))
+                    uniform(name, name, b)
                 else:
                     unfit(name, b)
         elif name == "tide":
@@ -139,12 +198,20 @@ def evaluate(point: Point, cache: str | None = None) -> pd.DataFrame:
                     unfit(name, b)
                     continue
                 for tau in point.taus:
-                    price(Policy.make("tide", L, E, budget=b, tau=tau), str(tau), str(b))
+                    label = Policy.make("tide", L, E, budget=b, tau=tau).label
+                    uniform(label, "tide", b, same_tau([trace], taus, tau), str(tau))
         elif name == "plan":
-            sol = solve(candidate_table([trace], profile, mem, point.budget_step, jobs=1, progress=False))
-            price(sol.policy(E), span(sol.tau), span(sol.budget),
-                  plan_tau=" ".join(map(str, sol.tau)), plan_budget=" ".join(map(str, sol.budget)),
-                  solve_s=sol.solve_s)
+            keep = np.isin(cands.budget, own)
+            sub = Candidates(cands.kind[keep], cands.tau[keep], cands.budget[keep])
+            table = CandidateTable.of(shape.moe_layers, sub, seconds[:, keep], mem,
+                                      host_limit=profile.capacity("host_mem_bytes"))
+            sol = solve(table)
+            tide_only = solve(table, kinds=["tide"])  # the per-layer program before kinds mixed (tide and cpu)
+            rep = replay_policy(trace, sol.policy(E), cost=CostModel(profile, shape, trace.dtype))
+            row("plan", span([t for t in sol.tau if t] or [0]), span(sol.budget), rep.seconds(), rep.totals(),
+                kinds=kinds_label(sol.kind), plan_kind=" ".join(sol.kind), plan_tau=" ".join(map(str, sol.tau)),
+                plan_budget=" ".join(map(str, sol.budget)), program_s=sol.seconds + fixed,
+                tide_only_s=tide_only.seconds + fixed, solve_s=sol.solve_s)
         else:
             raise TideError(f"--policies: unknown policy {name!r} (expected all, cpu, static, swap, tide or plan)")
     cols = dict.fromkeys(k for r in rows for k in r)  # every row's columns (unfit rows have no seconds)
@@ -155,6 +222,11 @@ def evaluate(point: Point, cache: str | None = None) -> pd.DataFrame:
         ref[b] = float(hit["seconds"].iloc[0]) if len(hit) else np.nan
     for b in BASELINES:
         df[f"speedup_vs_{b}"] = ref[b] / df["seconds"]
+    is_plan = df["policy"] == "plan"
+    if is_plan.any():  # the best uniform setting priced here over the plan: at least 1 when the plan is optimal
+        plan_s = df.loc[is_plan, "seconds"].iloc[0]
+        df["plan_vs_best"] = np.where(is_plan, df.loc[~is_plan, "seconds"].min() / plan_s, np.nan)
+        df["mixing_gain"] = np.where(is_plan, df.loc[is_plan, "tide_only_s"].iloc[0] / plan_s, np.nan)
     return df
 
 

@@ -1,30 +1,94 @@
-"""The planner's candidate table: every (tau, B) of every MoE layer, priced on traces.
+"""The planner's candidate table: every kind, tau and B of every MoE layer, priced on traces.
 
-A candidate's cost is its layer's predicted seconds over the whole trace, summed forward
-by forward with :meth:`traces.costs.CostModel.layer_seconds` (exactly what the simulator's
-events add up to, since a layer starts when the previous one ends). The placements come
-from the policy functions of ``traces.policies``, not from an assumed drift rate: one
-``plan`` policy with a row per candidate (``G = taus x budgets`` rows per layer) replays
-the trace once, every row deciding independently on its own layer's counts.
+A candidate is what one layer may run: ``cpu``; ``static``, ``swap`` or ``tide`` at a budget
+of the grid; ``tide`` at every distinct tau. Its cost is its layer's predicted seconds over
+the whole trace, summed forward by forward with :meth:`traces.costs.CostModel.layer_seconds`
+(exactly what the simulator's events add up to, since a layer starts when the previous one
+ends). The placements come from the policy functions of ``traces.policies``, not from an
+assumed drift rate: one ``plan`` policy with a row per candidate (``C`` rows per layer)
+replays the trace once, every row deciding independently on its own layer's counts.
+
+The replay yields each row's work in counts (:mod:`traces.work`), which no box changes, so
+one replay is priced on every profile asked for at once: a sweep's points that differ only
+in the box or its memory share it.
 
 Layers are independent and run one after another, so a plan's predicted time is the sum
 of its layers' candidate costs plus the work outside the MoE layers (dense layers, head),
-which no candidate changes.
+which no candidate changes. The table also sums each candidate's counters, so a uniform
+setting's counters are a column sum too.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from traces.costs import CostModel
-from traces.policies import Policy
+from traces.counters import COUNTERS
+from traces.errors import TideError
+from traces.policies import CPU, KINDS, STATIC, SWAP, TIDE, Policy
 from traces.pool import worker_pool
 from traces.profile import Profile
 from traces.replay import replay
 from traces.trace import Trace
+from traces.work import Work, knots_for, layer_work
+
+#: Forwards priced at once: fewer numpy calls per forward, bounded memory.
+CHUNK = 16
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """What a layer may run, the same list for every layer: kind (index into
+    :data:`~traces.policies.KINDS`), tau (0 unless tide) and budget, ``[C]`` each."""
+
+    kind: np.ndarray
+    tau: np.ndarray
+    budget: np.ndarray
+
+    @classmethod
+    def grid(cls, taus: Sequence[int], budgets: Sequence[int], kinds: Sequence[str] = KINDS) -> "Candidates":
+        """``cpu`` once; ``static`` and ``swap`` at every budget of at least 1; ``tide`` at every
+        tau and budget of at least 1 (at budget 0 every kind is ``cpu``)."""
+        bad = [k for k in kinds if k not in KINDS]
+        if bad:
+            raise TideError(f"--kinds: unknown kind {bad[0]!r} (expected {', '.join(KINDS)})")
+        pos = sorted({int(b) for b in budgets if b > 0})
+        rows: list[tuple[int, int, int]] = []
+        if "cpu" in kinds:
+            rows.append((CPU, 0, 0))
+        for name, k in (("static", STATIC), ("swap", SWAP)):
+            if name in kinds:
+                rows += [(k, 0, b) for b in pos]
+        if "tide" in kinds:
+            rows += [(TIDE, int(t), b) for t in taus for b in pos]
+        a = np.array(rows, dtype=np.int64).reshape(-1, 3)
+        return cls(kind=a[:, 0].astype(np.int8), tau=a[:, 1], budget=a[:, 2])
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def label(self, c: int) -> str:
+        k = KINDS[self.kind[c]]
+        return k if k == "cpu" else f"{k} tau={self.tau[c]} B={self.budget[c]}" if k == "tide" else f"{k} B={self.budget[c]}"
+
+    def find(self, kind: str, budget: int, tau: int = 0) -> int:
+        """The index of a candidate (budget 0 of any kind is ``cpu``); a TideError if absent."""
+        k = KINDS.index(kind) if budget else CPU
+        hit = np.flatnonzero((self.kind == k) & (self.budget == (budget if k != CPU else 0))
+                             & (self.tau == (tau if k == TIDE else 0)))
+        if not len(hit):
+            raise TideError(f"no candidate {kind} B={budget}" + (f" tau={tau}" if kind == "tide" else ""))
+        return int(hit[0])
+
+    def policy(self, n_layers: int, experts: int) -> Policy:
+        """One ``plan`` row per (layer, candidate), layer-major."""
+        t = lambda a: np.tile(a, n_layers)  # noqa: E731
+        return Policy.make("plan", n_layers * len(self), experts, budget=t(self.budget), tau=t(self.tau),
+                           kind=[KINDS[k] for k in t(self.kind)])
 
 
 def refresh_steps(trace: Trace, tau: int) -> frozenset[int]:
@@ -47,64 +111,106 @@ def distinct_taus(traces: Sequence[Trace], taus: Sequence[int]) -> list[int]:
     return out
 
 
+def same_tau(traces: Sequence[Trace], taus: Sequence[int], tau: int) -> int:
+    """The tau of ``taus`` that refreshes at the same forwards as ``tau``."""
+    key = tuple(refresh_steps(tr, tau) for tr in traces)
+    for t in taus:
+        if tuple(refresh_steps(tr, t) for tr in traces) == key:
+            return int(t)
+    raise TideError(f"tau {tau} behaves as none of the candidate taus {list(taus)}")
+
+
 def budget_grid(experts: int, step: int = 8, extra: Sequence[int] = ()) -> list[int]:
     """``0, step, 2 step, ..., experts`` plus ``extra`` (e.g. the largest uniform budget that fits)."""
     grid = set(range(0, experts + 1, step)) | {experts} | {int(b) for b in extra if 0 <= b <= experts}
     return sorted(grid)
 
 
-def candidate_policy(n_layers: int, experts: int, taus: Sequence[int], budgets: Sequence[int]) -> Policy:
-    """One ``plan`` row per (layer, tau, budget), layer-major then tau then budget."""
-    T, B = len(taus), len(budgets)
-    tau = np.tile(np.repeat(np.asarray(taus), B), n_layers)
-    budget = np.tile(np.tile(np.asarray(budgets), T), n_layers)
-    return Policy.make("plan", n_layers * T * B, experts, budget=budget, tau=tau)
+@dataclass
+class Priced:
+    """Candidates priced over traces: seconds ``[P, L, C]`` on each of ``P`` profiles, the
+    counters ``[L, C]`` (the same on every box) and the work outside the MoE layers ``[P]``."""
+
+    cands: Candidates
+    seconds: np.ndarray
+    counters: dict[str, np.ndarray]
+    fixed_s: np.ndarray
+
+    def __add__(self, other: "Priced") -> "Priced":
+        return Priced(self.cands, self.seconds + other.seconds,
+                      {k: v + other.counters[k] for k, v in self.counters.items()}, self.fixed_s + other.fixed_s)
 
 
-def candidate_seconds(trace: Trace, profile: Profile, taus: Sequence[int], budgets: Sequence[int],
-                      layers: Sequence[int] | None = None, cpu_dtype: str | None = None,
-                      progress: bool = False) -> np.ndarray:
-    """``[len(layers), len(taus), len(budgets)]``: predicted seconds over ``trace`` of each of
-    ``layers`` (MoE layer indices, default all) under each candidate, setup copies included."""
+def _knots(costs: list[CostModel]) -> np.ndarray:
+    return knots_for(*[c.knots for c in costs])
+
+
+def price_candidates(trace: Trace, profiles: Sequence[Profile], cands: Candidates,
+                     layers: Sequence[int] | None = None, cpu_dtype: str | None = None,
+                     progress: bool = False) -> Priced:
+    """Replay ``cands`` on ``layers`` (MoE layer indices, default all) of ``trace`` once, from an
+    empty placement, and price the work on every profile; setup copies included."""
     shape = trace.shape
-    E = shape.experts
     layers = np.arange(shape.n_moe_layers) if layers is None else np.asarray(layers)
-    L, G = len(layers), len(taus) * len(budgets)
-    cost = CostModel(profile, shape, trace.dtype, cpu_dtype)
-    total = np.zeros(L * G)
-    walk = replay(trace, candidate_policy(L, E, taus, budgets), layers=layers, group=G)
-    for fw in tqdm(walk, total=trace.n_forwards, desc=f"pricing {L * G} candidates", unit="forward",
+    L, C = len(layers), len(cands)
+    costs = [CostModel(p, shape, trace.dtype, cpu_dtype) for p in profiles]
+    knots = _knots(costs)
+    seconds = np.zeros((len(costs), L * C))
+    counters = {k: np.zeros(L * C, np.int64) for k in COUNTERS}
+    swap = np.tile(cands.kind == SWAP, L)
+    parts = [np.flatnonzero(~swap), np.flatnonzero(swap)]  # priced apart: only swap rows have waves
+
+    def flush(works: list[Work]) -> None:
+        if not works:
+            return
+        w = Work.concat(works)
+        n = len(works)
+        for rows in parts:
+            if not len(rows):
+                continue
+            sub = w.take((np.arange(n)[:, None] * L * C + rows[None, :]).reshape(-1))
+            for p, cost in enumerate(costs):
+                seconds[p, rows] += cost.layer_seconds(cost.price(sub)).reshape(n, len(rows)).sum(axis=0)
+        works.clear()
+
+    walk = replay(trace, cands.policy(L, shape.experts), layers=layers, group=C)
+    works: list[Work] = []
+    for fw in tqdm(walk, total=trace.n_forwards, desc=f"pricing {L * C} candidates", unit="forward",
                    disable=not progress, leave=False):
-        total += cost.layer_seconds(cost.layer_parts(fw.decision, fw.counts, fw.counters, fw.tokens_run, fw.context))
-    return total.reshape(L, len(taus), len(budgets))
+        for k in COUNTERS:
+            counters[k] += fw.counters[k]
+        works.append(layer_work(fw.decision, fw.counts, fw.counters, costs[0].act_bytes, knots, fw.tokens_run, fw.context))
+        if len(works) == CHUNK:
+            flush(works)
+    flush(works)
+    fw = trace.forwards
+    fixed = np.array([sum(c.fixed_s(int(t), int(x)) for t, x in zip(fw["tokens_run"], fw["context"])) for c in costs])
+    return Priced(cands, seconds.reshape(len(costs), L, C), {k: v.reshape(L, C) for k, v in counters.items()}, fixed)
 
 
-def _some_layers(args: tuple) -> np.ndarray:
-    traces, profile, taus, budgets, layers, cpu_dtype = args
-    return sum(candidate_seconds(tr, profile, taus, budgets, layers, cpu_dtype) for tr in traces)
+def _some_layers(args: tuple) -> Priced:
+    traces, profiles, cands, layers, cpu_dtype = args
+    out = None
+    for tr in traces:
+        p = price_candidates(tr, profiles, cands, layers, cpu_dtype)
+        out = p if out is None else out + p
+    return out
 
 
-def candidate_table_seconds(traces: Sequence[Trace], profile: Profile, taus: Sequence[int], budgets: Sequence[int],
-                            cpu_dtype: str | None = None, jobs: int | None = None,
-                            progress: bool = True) -> np.ndarray:
-    """:func:`candidate_seconds` of every MoE layer summed over ``traces`` (each replayed from
+def price_table(traces: Sequence[Trace], profiles: Sequence[Profile], cands: Candidates,
+                cpu_dtype: str | None = None, jobs: int | None = None, progress: bool = True) -> Priced:
+    """:func:`price_candidates` of every MoE layer summed over ``traces`` (each replayed from
     an empty placement), layers spread over ``jobs`` processes (default: every core)."""
     L = traces[0].shape.n_moe_layers
     jobs = max(1, min(jobs or os.cpu_count() or 1, L))
-    chunks = np.array_split(np.arange(L), min(L, 4 * jobs))  # a few layers at once: fewer Python steps per row
-    tasks = [(list(traces), profile, list(taus), list(budgets), c, cpu_dtype) for c in chunks]
-    bar = dict(total=len(tasks), desc=f"pricing {len(taus) * len(budgets)} candidates x {L} layers", unit="chunk",
+    chunks = np.array_split(np.arange(L), min(L, 4 * jobs)) if jobs > 1 else [np.arange(L)]
+    tasks = [(list(traces), list(profiles), cands, c, cpu_dtype) for c in chunks]
+    bar = dict(total=len(tasks), desc=f"pricing {len(cands)} candidates x {L} layers", unit="chunk",
                disable=not progress)
     if jobs == 1:
         parts = [_some_layers(t) for t in tqdm(tasks, **bar)]
     else:
         with worker_pool(jobs) as pool:
             parts = list(tqdm(pool.imap(_some_layers, tasks), **bar))
-    return np.concatenate(parts)
-
-
-def fixed_seconds(trace: Trace, profile: Profile, cpu_dtype: str | None = None) -> float:
-    """Seconds of the work outside the MoE layers over ``trace`` (the same for every plan)."""
-    cost = CostModel(profile, trace.shape, trace.dtype, cpu_dtype)
-    fw = trace.forwards
-    return float(sum(cost.fixed_s(int(t), int(c)) for t, c in zip(fw["tokens_run"], fw["context"])))
+    return Priced(cands, np.concatenate([p.seconds for p in parts], axis=1),
+                  {k: np.concatenate([p.counters[k] for p in parts]) for k in COUNTERS}, parts[0].fixed_s)

@@ -1,35 +1,41 @@
-"""The planner's mathematical program: one (tau, B) per MoE layer under one memory limit.
+"""The planner's mathematical program: one candidate per MoE layer under the memory limits.
 
-Built by small functions on a table of candidate costs (``seconds[l, t, b]``: layer ``l``'s
-predicted time under refresh interval ``taus[t]`` and budget ``budgets[b]``, overlap already
-priced the way the simulator prices it), then solved by HiGHS through Pyomo:
+Built by small functions on a table of candidate costs (``seconds[l, c]``: layer ``l``'s
+predicted time under candidate ``c``, a kind with its budget and, for tide, its tau:
+:class:`sim.candidates.Candidates`; overlap already priced the way the simulator prices
+it), then solved by HiGHS through Pyomo:
 
-    minimise    sum_l sum_{t,b} seconds[l,t,b] x[l,t,b]
-    subject to  sum_{t,b} x[l,t,b] = 1                                   for every layer l
-                fixed_bytes + expert_bytes sum_{l,t,b} budgets[b] x[l,t,b] <= mem_limit
+    minimise    sum_l sum_c seconds[l,c] x[l,c]
+    subject to  sum_c x[l,c] = 1                                          for every layer l
+                fixed_bytes + expert_bytes sum_{l,c} budget[c] x[l,c] <= mem_limit       (GPU)
+                host_fixed + sum_{l,c} host_bytes[c] x[l,c] <= host_limit                (host)
                 x binary
-    uniform (the paper's single tau): every layer takes the same candidate, x[l,t,b] = y[t,b],
-                substituted: binaries y[t,b] only, each priced at sum_l seconds[l,t,b]
+    uniform: every layer takes the same candidate, x[l,c] = y[c], substituted: binaries
+             y[c] only, each priced at sum_l seconds[l,c] (by default over tide's
+             candidates: the paper's one-tau program)
 
-Layers run one after another, so their times add. Memory depends on B alone, so for the
-per-layer program only each layer's Pareto candidates can be optimal: for each B its best
-tau, and only if it is faster than every smaller B. The program holds those binaries only
-(an exact reduction; tens per layer instead of taus x budgets). Turning a trace and a
-profile into the table (by replaying the policy functions) is the planner's other half.
+Layers run one after another, so their times add. Every kind keeps its layer's experts in
+host memory (the engine's host copy), so the host row holds the same bytes whatever the
+choice: it can only say that no plan fits. Memory depends on the budget alone, so for the
+per-layer program only each layer's Pareto candidates can be optimal: the fastest of each
+budget, and only if it is faster than every smaller budget's. The program holds those
+binaries only (an exact reduction; tens per layer instead of hundreds). Turning a trace and
+a profile into the table (by replaying the policy functions) is the planner's other half.
 """
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import pyomo.environ as pyo
 
+from sim.candidates import Candidates
 from traces.errors import TideError
 from traces.memory import MemoryBudget
-from traces.policies import Policy
-
+from traces.policies import KINDS, Policy
 
 _SOLVING = threading.Lock()
 
@@ -37,34 +43,43 @@ _SOLVING = threading.Lock()
 @dataclass(frozen=True)
 class CandidateTable:
     layers: list[int]  # model layer ids of the MoE layers
-    taus: list[int]
-    budgets: list[int]
-    seconds: np.ndarray  # [L, len(taus), len(budgets)]
+    cands: Candidates
+    seconds: np.ndarray  # [L, C]
     expert_bytes: float  # bytes of one expert slot
     fixed_bytes: float  # non-expert weights and KV cache on the GPU
     mem_limit: float  # bytes of GPU memory the plan may use
+    host_bytes: float = 0.0  # host memory every plan holds (all routed experts)
+    host_limit: float = float("inf")
 
     @classmethod
-    def of(cls, layers: list[int], taus: list[int], budgets: list[int], seconds: np.ndarray,
-           mem: MemoryBudget) -> "CandidateTable":
+    def of(cls, layers: list[int], cands: Candidates, seconds: np.ndarray, mem: MemoryBudget,
+           host_limit: float = float("inf")) -> "CandidateTable":
         """The program's data from priced candidates and the run's memory budget."""
-        return cls(layers=layers, taus=taus, budgets=budgets, seconds=seconds, expert_bytes=mem.expert_bytes,
-                   fixed_bytes=mem.fixed_bytes, mem_limit=mem.limit_bytes)
+        return cls(layers=layers, cands=cands, seconds=seconds, expert_bytes=mem.expert_bytes,
+                   fixed_bytes=mem.fixed_bytes, mem_limit=mem.limit_bytes,
+                   host_bytes=float(mem.shape.routed_expert_bytes(mem.dtype)), host_limit=host_limit)
 
-    def check(self) -> None:
-        L, T, B = len(self.layers), len(self.taus), len(self.budgets)
-        if self.seconds.shape != (L, T, B):
-            raise TideError(f"candidate table has shape {self.seconds.shape}, expected {(L, T, B)}")
+    def check(self, allowed: np.ndarray) -> None:
+        L, C = len(self.layers), len(self.cands)
+        if self.seconds.shape != (L, C):
+            raise TideError(f"candidate table has shape {self.seconds.shape}, expected {(L, C)}")
         if not np.isfinite(self.seconds).all():
             raise TideError("candidate table holds non-finite times")
-        if self.fixed_bytes + L * min(self.budgets) * self.expert_bytes > self.mem_limit:
-            raise TideError(f"no plan fits: every layer at its smallest candidate budget ({min(self.budgets)}) "
+        if not allowed.any():
+            raise TideError("--kinds: no candidate of these kinds")
+        if self.host_bytes > self.host_limit:
+            raise TideError(f"no plan fits: the routed experts ({self.host_bytes / 1e9:.1f} GB) exceed the host "
+                            f"memory ({self.host_limit / 1e9:.1f} GB)")
+        least = int(self.cands.budget[allowed].min())
+        if self.fixed_bytes + L * least * self.expert_bytes > self.mem_limit:
+            raise TideError(f"no plan fits: every layer at its smallest candidate budget ({least}) "
                             f"needs more than {self.mem_limit / 1e9:.2f} GB")
 
 
 @dataclass(frozen=True)
 class Solution:
-    tau: list[int]
+    kind: list[str]
+    tau: list[int]  # 0 where the kind is not tide
     budget: list[int]
     seconds: float  # the objective: predicted seconds summed over layers
     build_s: float  # building the Pyomo model
@@ -73,45 +88,60 @@ class Solution:
 
     def policy(self, experts: int) -> Policy:
         """The solution as the ``plan`` policy the runtime and the simulator run."""
-        return Policy.make("plan", len(self.tau), experts, budget=self.budget, tau=self.tau)
+        return Policy.make("plan", len(self.tau), experts, budget=self.budget, tau=self.tau, kind=self.kind)
 
 
-def pareto(table: CandidateTable) -> list[tuple[int, int, int]]:
-    """(layer, tau index, budget index) of each layer's Pareto candidates (see module doc)."""
+def allowed_candidates(cands: Candidates, kinds: Sequence[str] | None, uniform: bool) -> np.ndarray:
+    """``[C]`` bool: the candidates of ``kinds`` (default: every kind; the uniform program:
+    tide, whose budget 0 is cpu). ``cpu`` comes with ``tide``: tide at budget 0 is cpu."""
+    kinds = list(kinds) if kinds is not None else (["tide"] if uniform else list(KINDS))
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise TideError(f"--kinds: unknown kind {bad[0]!r} (expected {', '.join(KINDS)})")
+    names = set(kinds) | ({"cpu"} if "tide" in kinds else set())
+    return np.isin(cands.kind, [KINDS.index(k) for k in names])
+
+
+def pareto(table: CandidateTable, allowed: np.ndarray) -> list[tuple[int, int]]:
+    """(layer, candidate) of each layer's Pareto candidates among ``allowed`` (see module doc)."""
     s = table.seconds
-    order = np.argsort(table.budgets, kind="stable")
+    idx = np.flatnonzero(allowed)
+    order = idx[np.lexsort((idx, table.cands.budget[idx]))]  # by budget, then candidate order
     keep = []
     for l in range(s.shape[0]):
         best = np.inf
-        for b in order:
-            t = int(np.argmin(s[l, :, b]))  # ties: the smallest tau
-            if s[l, t, b] < best:
-                best = s[l, t, b]
-                keep.append((l, t, int(b)))
+        for c in order:
+            if s[l, c] < best:
+                best = s[l, c]
+                keep.append((l, int(c)))
     return keep
 
 
-def add_choice(m: pyo.ConcreteModel, table: CandidateTable, uniform: bool) -> None:
-    """Binaries: exactly one candidate per layer (``x[l, t, b]``, Pareto candidates only), or
-    one for all layers (``y[t, b]``)."""
-    m.T = pyo.RangeSet(0, len(table.taus) - 1)
-    m.B = pyo.RangeSet(0, len(table.budgets) - 1)
+def add_choice(m: pyo.ConcreteModel, table: CandidateTable, allowed: np.ndarray, uniform: bool) -> None:
+    """Binaries: exactly one candidate per layer (``x[l, c]``, Pareto candidates only), or
+    one for all layers (``y[c]``)."""
     if uniform:
-        m.y = pyo.Var(m.T, m.B, domain=pyo.Binary)
-        m.one = pyo.Constraint(expr=sum(m.y[t, b] for t in m.T for b in m.B) == 1)
+        m.C = pyo.Set(initialize=np.flatnonzero(allowed).tolist())
+        m.y = pyo.Var(m.C, domain=pyo.Binary)
+        m.one = pyo.Constraint(expr=sum(m.y[c] for c in m.C) == 1)
     else:
         m.L = pyo.RangeSet(0, len(table.layers) - 1)
-        m.C = pyo.Set(initialize=pareto(table), dimen=3)
-        m.x = pyo.Var(m.C, domain=pyo.Binary)
-        m.one = pyo.Constraint(m.L, rule=lambda m, l: sum(m.x[c] for c in m.C if c[0] == l) == 1)
+        m.X = pyo.Set(initialize=pareto(table, allowed), dimen=2)
+        m.x = pyo.Var(m.X, domain=pyo.Binary)
+        by_layer: dict[int, list] = {}
+        for l, c in m.X:
+            by_layer.setdefault(l, []).append(m.x[l, c])
+        m.one = pyo.Constraint(m.L, rule=lambda m, l: sum(by_layer[l]) == 1)
 
 
 def add_memory(m: pyo.ConcreteModel, table: CandidateTable, uniform: bool) -> None:
-    """Non-expert weights, KV cache and every layer's expert slots fit in the limit."""
+    """Non-expert weights, KV cache and every layer's expert slots fit in the GPU limit (the
+    host's row is constant: every kind keeps the host copy, checked in :meth:`CandidateTable.check`)."""
+    b = table.cands.budget
     if uniform:
-        slots = len(table.layers) * sum(table.budgets[b] * m.y[t, b] for t in m.T for b in m.B)
+        slots = len(table.layers) * sum(int(b[c]) * m.y[c] for c in m.C)
     else:
-        slots = sum(table.budgets[b] * m.x[l, t, b] for l, t, b in m.C)
+        slots = sum(int(b[c]) * m.x[l, c] for l, c in m.X)
     m.memory = pyo.Constraint(expr=table.fixed_bytes + table.expert_bytes * slots <= table.mem_limit)
 
 
@@ -120,25 +150,26 @@ def add_objective(m: pyo.ConcreteModel, table: CandidateTable, uniform: bool) ->
     s = table.seconds
     if uniform:
         per = s.sum(axis=0)
-        expr = sum(float(per[t, b]) * m.y[t, b] for t in m.T for b in m.B)
+        expr = sum(float(per[c]) * m.y[c] for c in m.C)
     else:
-        expr = sum(float(s[l, t, b]) * m.x[l, t, b] for l, t, b in m.C)
+        expr = sum(float(s[l, c]) * m.x[l, c] for l, c in m.X)
     m.time = pyo.Objective(expr=expr, sense=pyo.minimize)
 
 
-def build(table: CandidateTable, uniform: bool = False) -> pyo.ConcreteModel:
-    table.check()
+def build(table: CandidateTable, uniform: bool = False, kinds: Sequence[str] | None = None) -> pyo.ConcreteModel:
+    allowed = allowed_candidates(table.cands, kinds, uniform)
+    table.check(allowed)
     m = pyo.ConcreteModel(name="tide-plan")
-    add_choice(m, table, uniform)
+    add_choice(m, table, allowed, uniform)
     add_memory(m, table, uniform)
     add_objective(m, table, uniform)
     return m
 
 
-def solve(table: CandidateTable, uniform: bool = False) -> Solution:
-    """Build and solve with HiGHS; the chosen tau and budget per layer."""
+def solve(table: CandidateTable, uniform: bool = False, kinds: Sequence[str] | None = None) -> Solution:
+    """Build and solve with HiGHS; the chosen kind, tau and budget per layer."""
     t0 = time.perf_counter()
-    m = build(table, uniform)
+    m = build(table, uniform, kinds)
     t1 = time.perf_counter()
     with _SOLVING:  # Pyomo's solver plumbing is not thread-safe (threaded Dask workers)
         res = pyo.SolverFactory("appsi_highs").solve(m)
@@ -147,11 +178,11 @@ def solve(table: CandidateTable, uniform: bool = False) -> Solution:
         raise TideError(f"the planner found no feasible plan ({res.solver.termination_condition})")
     L = len(table.layers)
     if uniform:
-        t, b = next((t, b) for t in m.T for b in m.B if pyo.value(m.y[t, b]) > 0.5)
-        picks = [(t, b)] * L
+        picks = [next(c for c in m.C if pyo.value(m.y[c]) > 0.5)] * L
     else:
-        chosen = {l: (t, b) for l, t, b in m.C if pyo.value(m.x[l, t, b]) > 0.5}
+        chosen = {l: c for l, c in m.X if pyo.value(m.x[l, c]) > 0.5}
         picks = [chosen[l] for l in m.L]
-    return Solution(tau=[table.taus[t] for t, _ in picks], budget=[table.budgets[b] for _, b in picks],
-                    seconds=float(pyo.value(m.time)), build_s=t1 - t0, solve_s=t2 - t1,
-                    variables=len(table.taus) * len(table.budgets) if uniform else len(m.C))
+    cd = table.cands
+    return Solution(kind=[KINDS[cd.kind[c]] for c in picks], tau=[int(cd.tau[c]) for c in picks],
+                    budget=[int(cd.budget[c]) for c in picks], seconds=float(pyo.value(m.time)),
+                    build_s=t1 - t0, solve_s=t2 - t1, variables=len(m.C) if uniform else len(m.X))

@@ -1,14 +1,16 @@
-"""The planner: the refresh interval tau and GPU expert budget B of every MoE layer
-(the library; ``python -m sim.plan`` is its command line).
+"""The planner: the policy kind, GPU expert budget B and (tide) refresh interval tau of
+every MoE layer (the library; ``python -m sim.plan`` is its command line).
 
-1. Prices every candidate (tau in 1..steps, B in 0, 8, ..., experts plus the largest
-   uniform budget that fits) of every layer on the traces (:mod:`sim.candidates`).
-2. Picks one candidate per layer under the memory limit with the Pyomo/HiGHS program of
-   :mod:`sim.plan_model` (``--uniform``: one candidate for all layers, the paper's program).
-3. Simulates the plan, the best uniform plan and the baselines (``cpu``, ``static``,
-   ``swap``, ``tide`` tau=1 at the largest uniform budget that fits) on the traces.
-4. Returns the plan (``tide-plan``: per-layer tau and B, predicted seconds, tokens/s and
-   speedups, provenance) and a DataFrame of the policies compared (:func:`make_plan`).
+1. Prices every candidate of every layer on the traces (:mod:`sim.candidates`): ``cpu``;
+   ``static``, ``swap`` and ``tide`` at B in 8, 16, ..., experts plus the largest uniform
+   budget that fits; tide at every distinct tau in 1..steps.
+2. Picks one candidate per layer under the memory limits with the Pyomo/HiGHS program of
+   :mod:`sim.plan_model` (``kinds`` restricts the kinds; ``uniform``: one candidate for all
+   layers, by default tide's: the paper's program).
+3. Simulates the plan, the best uniform setting of any kind and the baselines (``cpu``,
+   ``static``, ``swap``, ``tide`` tau=1 at the largest uniform budget that fits).
+4. Returns the plan (``tide-plan``: per-layer kind, tau and B, predicted seconds, tokens/s
+   and speedups, provenance) and a DataFrame of the policies compared (:func:`make_plan`).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from sim.candidates import budget_grid, candidate_table_seconds, distinct_taus, fixed_seconds
+from sim.candidates import Candidates, Priced, budget_grid, distinct_taus, price_table
 from sim.plan_model import CandidateTable, Solution, solve
 from sim.replay import simulate
 from traces.cli import data_sha256, file_sha256, span
@@ -28,7 +30,7 @@ from traces.costs import check_fits
 from traces.errors import TideError
 from traces.memory import MemoryBudget
 from traces.plan import Plan
-from traces.policies import Policy, baselines
+from traces.policies import KINDS, Policy, baselines
 from traces.profile import Profile
 from traces.trace import Trace
 from traces.values import need_float
@@ -59,16 +61,24 @@ def memory(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float) -> Memo
 
 
 def candidate_table(traces: Sequence[Trace], profile: Profile, mem: MemoryBudget, budget_step: int = 8,
-                    jobs: int | None = None, progress: bool = True) -> CandidateTable:
-    """Every (tau, B) of every layer priced on the traces (taus that refresh at the same
-    forwards, and budgets that cannot fit even alone, left out)."""
+                    jobs: int | None = None, progress: bool = True) -> tuple[CandidateTable, Priced]:
+    """Every candidate of every layer priced on the traces (taus that refresh at the same
+    forwards, and budgets that cannot fit even alone, left out), and the priced table."""
     shape = traces[0].shape
     if budget_step < 1:
         raise TideError(f"--budget-step must be at least 1, got {budget_step}")
     budgets = [b for b in budget_grid(shape.experts, budget_step, [mem.largest_uniform()]) if mem.fits_alone(b)]
     taus = distinct_taus(traces, range(1, max(t.decoding.steps for t in traces) + 1))
-    seconds = candidate_table_seconds(traces, profile, taus, budgets, jobs=jobs, progress=progress)
-    return CandidateTable.of(shape.moe_layers, taus, budgets, seconds, mem)
+    priced = price_table(traces, [profile], Candidates.grid(taus, budgets), jobs=jobs, progress=progress)
+    table = CandidateTable.of(shape.moe_layers, priced.cands, priced.seconds[0], mem,
+                              host_limit=profile.capacity("host_mem_bytes"))
+    return table, priced
+
+
+def kinds_label(kinds: Sequence[str]) -> str:
+    """``tide x16, swap x3``: how many layers of each kind, most first."""
+    n = {k: list(kinds).count(k) for k in KINDS if k in kinds}
+    return ", ".join(f"{k} x{c}" for k, c in sorted(n.items(), key=lambda kv: -kv[1]))
 
 
 def simulated_seconds(traces: Sequence[Trace], profile: Profile, policy: Policy) -> float:
@@ -82,8 +92,9 @@ def _blocks(traces: Sequence[Trace]) -> int:
 
 def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, uniform: bool = False,
               budget_step: int = 8, jobs: int | None = 1, names: Sequence[str] | None = None,
-              progress: bool = True) -> tuple[Plan, pd.DataFrame]:
-    """Plan, simulate the plan and the baselines, and fill the plan's predictions and provenance.
+              progress: bool = True, kinds: Sequence[str] | None = None) -> tuple[Plan, pd.DataFrame]:
+    """Plan, simulate the plan, the best uniform setting of any kind and the baselines, and
+    fill the plan's predictions and provenance.
 
     ``jobs``: processes pricing candidates; the default 1 works from any script, ``None``
     takes every core (spawned workers: the calling script needs an ``if __name__ ==
@@ -94,21 +105,23 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
     L, E = shape.n_moe_layers, shape.experts
     mem = memory(traces, profile, gpu_mem_gb)
     t0 = time.perf_counter()
-    table = candidate_table(traces, profile, mem, budget_step, jobs, progress)
+    table, priced = candidate_table(traces, profile, mem, budget_step, jobs, progress)
     table_s = time.perf_counter() - t0
-    fixed_s = sum(fixed_seconds(tr, profile) for tr in traces)
-    best_uniform = solve(table, uniform=True)
-    sol: Solution = best_uniform if uniform else solve(table)
+    fixed_s = float(priced.fixed_s[0])
+    best_uniform = solve(table, uniform=True, kinds=KINDS)  # the best uniform setting of any kind
+    sol: Solution = solve(table, uniform, kinds)
     plan_s = simulated_seconds(traces, profile, sol.policy(E))
-    # the per-layer optimum over the candidates holds the best uniform point: never slower (tested)
-    uni_s = plan_s if uniform else simulated_seconds(traces, profile, best_uniform.policy(E))
+    # the per-layer optimum over every kind holds the best uniform setting: never slower (tested)
+    uni_s = simulated_seconds(traces, profile, best_uniform.policy(E))
     tokens, blocks = sum(t.tokens_generated for t in traces), _blocks(traces)
-    rows = [{"policy": "plan", "tau": span(sol.tau), "budget": span(sol.budget), "seconds": plan_s},
-            {"policy": "uniform best", "tau": str(best_uniform.tau[0]), "budget": str(best_uniform.budget[0]),
-             "seconds": uni_s}]
+    u_kind = best_uniform.kind[0]
+    rows = [{"policy": "plan", "kinds": kinds_label(sol.kind), "tau": span([t for t in sol.tau if t] or [0]),
+             "budget": span(sol.budget), "seconds": plan_s},
+            {"policy": "uniform best", "kinds": u_kind, "tau": str(best_uniform.tau[0]) if u_kind == "tide" else "-",
+             "budget": str(best_uniform.budget[0]), "seconds": uni_s}]
     base_policies = baselines(L, E, mem.largest_uniform())
     for name, pol in base_policies.items():
-        rows.append({"policy": name, "tau": "1" if name == "tide_tau1" else "-",
+        rows.append({"policy": name, "kinds": pol.kinds[0], "tau": "1" if name == "tide_tau1" else "-",
                      "budget": str(int(pol.budget[0])), "seconds": simulated_seconds(traces, profile, pol)})
     frame = pd.DataFrame(rows)
     frame["tokens_per_s"] = tokens / frame["seconds"]
@@ -120,23 +133,25 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
         "speedup": {n: float(base.loc[n, "plan_speedup"]) for n in base_policies},
         "baselines": {n: {"seconds": float(base.loc[n, "seconds"]), "budget": int(pol.budget[0]),
                           "tau": 1 if n == "tide_tau1" else None} for n, pol in base_policies.items()},
-        "uniform_best": {"tau": best_uniform.tau[0], "budget": best_uniform.budget[0], "seconds": uni_s},
+        "uniform_best": {"kind": u_kind, "tau": best_uniform.tau[0], "budget": best_uniform.budget[0], "seconds": uni_s},
     }
     provenance = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "tide": _version("tide"), "mode": "uniform" if uniform else "per-layer",
+        "kinds": list(kinds) if kinds is not None else (["tide"] if uniform else list(KINDS)),
         "traces": [{"name": n, "sha256": file_sha256(n) if _is_file(n) else None, "forwards": t.n_forwards,
                     "tokens": t.tokens_generated} for n, t in zip(names, traces)],
         "profile": {"name": profile.name, "where": profile.where, "sha256": data_sha256(profile.data),
                     "origin": profile.origin()},
         "solver": {"name": "HiGHS via Pyomo (appsi_highs)", "highspy": _version("highspy"), "pyomo": _version("pyomo"),
                    "build_s": sol.build_s, "solve_s": sol.solve_s, "binaries": sol.variables},
-        "candidates": {"taus": table.taus, "budgets": table.budgets, "pricing_s": table_s},
+        "candidates": {"taus": sorted(set(table.cands.tau.tolist()) - {0}),
+                       "budgets": sorted(set(table.cands.budget.tolist())), "per_layer": len(table.cands),
+                       "pricing_s": table_s},
     }
-    plan = Plan.for_shape(shape, sol.tau, sol.budget, dtype=dtype, gpu_mem_bytes=mem.limit_bytes, predicted=predicted,
-                          provenance=provenance)
+    plan = Plan.for_shape(shape, sol.tau, sol.budget, kind=sol.kind, dtype=dtype, gpu_mem_bytes=mem.limit_bytes,
+                          predicted=predicted, provenance=provenance)
     return plan, frame
-
 
 
 def _is_file(name: str) -> bool:

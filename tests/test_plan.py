@@ -26,6 +26,11 @@ def test_round_trip_and_policy(tmp_path):
     (lambda d: d.update(layers=[]), "layers must not be empty"),
     (lambda d: d.update(format="other"), "format"),
     (lambda d: d["layers"].reverse(), "increasing"),
+    (lambda d: d["layers"][0].update(kind="lru"), r"layers\[0\].kind must be one of"),
+    (lambda d: d["layers"][0].pop("kind"), r"layers\[0\]: lacks 'kind'|kind"),
+    (lambda d: d["layers"][0].update(kind="swap", budget=0), "swap layer needs a budget"),
+    (lambda d: d["layers"][0].update(kind="cpu"), "cpu layer has budget 0"),
+    (lambda d: d.update(version=3), "plan version 3 is not supported"),
 ])
 def test_bad_plans(tmp_path, edit, fragment):
     d = Plan.for_shape(ModelShape.named("llada2-mini"), 2, 64).to_json()
@@ -40,3 +45,19 @@ def test_plan_for_another_model_is_refused():
     plan = Plan.for_shape(ModelShape.named("llada2-mini"), 2, 64)
     with pytest.raises(TideError, match="plan is for llada2-mini"):
         plan.policy(ModelShape.named("llada2-flash"))
+
+
+def test_mixed_kinds_round_trip_and_version_1_still_loads(tmp_path):
+    s = ModelShape.named("llada2-mini")
+    kinds = ["cpu", "static", "swap"] + ["tide"] * 16
+    plan = Plan.for_shape(s, tau=[0, 0, 0] + [4] * 16, budget=[0, 256, 32] + [96] * 16, kind=kinds)
+    back = Plan.read(plan.write(tmp_path / "mixed.json"))
+    assert back.kinds == kinds and back.tau[:4] == [0, 0, 0, 4]
+    d = json.loads((tmp_path / "mixed.json").read_text())
+    assert d["version"] == 2 and "tau" not in d["layers"][2] and d["layers"][3]["tau"] == 4
+    pol = back.policy(s)
+    assert pol.kinds == kinds and pol.swap_rows.tolist()[:3] == [False, False, True]
+    old = {**d, "version": 1, "layers": [{"layer": r["layer"], "tau": 2, "budget": 64} for r in d["layers"]]}
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    v1 = Plan.read(tmp_path / "v1.json")
+    assert v1.kinds == ["tide"] * 19 and v1.policy(s).tau.tolist() == [2] * 19

@@ -4,26 +4,29 @@ import itertools
 import numpy as np
 import pytest
 
-from sim.plan_model import CandidateTable, solve
+from sim.candidates import Candidates
+from sim.plan_model import CandidateTable, allowed_candidates, solve
 from traces.errors import TideError
+from traces.policies import KINDS
 
 
-def table(seconds, budgets=(0, 8, 16), taus=(1, 2, 4), limit=1e9, expert=1.0, fixed=0.0):
+def table(seconds, cands=None, limit=1e9, expert=1.0, fixed=0.0, host=0.0, host_limit=float("inf")):
+    cands = cands or Candidates.grid([1, 2], [0, 8, 16])  # cpu, static x2, swap x2, tide x4
     seconds = np.asarray(seconds, dtype=float)
-    return CandidateTable(layers=list(range(1, seconds.shape[0] + 1)), taus=list(taus), budgets=list(budgets),
-                          seconds=seconds, expert_bytes=expert, fixed_bytes=fixed, mem_limit=limit)
+    return CandidateTable(layers=list(range(1, seconds.shape[0] + 1)), cands=cands, seconds=seconds,
+                          expert_bytes=expert, fixed_bytes=fixed, mem_limit=limit, host_bytes=host,
+                          host_limit=host_limit)
 
 
-def brute(t: CandidateTable, uniform=False):
-    L, T, B = t.seconds.shape
-    cands = [(ti, bi) for ti in range(T) for bi in range(B)]
+def brute(t: CandidateTable, uniform=False, kinds=None):
+    L, C = t.seconds.shape
+    ok = np.flatnonzero(allowed_candidates(t.cands, kinds, uniform))
     best = None
-    choices = [[c] * L for c in cands] if uniform else itertools.product(cands, repeat=L)
+    choices = [[c] * L for c in ok] if uniform else itertools.product(ok, repeat=L)
     for combo in choices:
-        mem = t.fixed_bytes + t.expert_bytes * sum(t.budgets[b] for _, b in combo)
-        if mem > t.mem_limit:
+        if t.fixed_bytes + t.expert_bytes * sum(t.cands.budget[c] for c in combo) > t.mem_limit:
             continue
-        v = sum(t.seconds[l, ti, bi] for l, (ti, bi) in enumerate(combo))
+        v = sum(t.seconds[l, c] for l, c in enumerate(combo))
         if best is None or v < best:
             best = v
     return best
@@ -31,28 +34,43 @@ def brute(t: CandidateTable, uniform=False):
 
 def test_ample_memory_takes_each_layers_best():
     rng = np.random.default_rng(0)
-    s = rng.uniform(1, 2, size=(4, 3, 3))
+    s = rng.uniform(1, 2, size=(4, 9))
     sol = solve(table(s))
-    assert sol.seconds == pytest.approx(s.min(axis=(1, 2)).sum())
+    assert sol.seconds == pytest.approx(s.min(axis=1).sum())
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_memory_trade_off_matches_brute_force(seed):
+@pytest.mark.parametrize("seed", range(6))
+def test_every_kind_under_a_memory_limit_matches_brute_force(seed):
     rng = np.random.default_rng(seed)
-    s = rng.uniform(1, 3, size=(3, 3, 3))
-    s[:, :, 0] += 2  # no slots: slow; more slots faster
-    s[:, :, 2] -= 0.5
+    t0 = table(np.zeros((3, 9)))
+    b = t0.cands.budget
+    s = rng.uniform(1, 3, size=(3, 9)) + np.where(b == 0, 2.0, 0.0) - np.where(b == 16, 0.5, 0.0)
     t = table(s, limit=24.0)  # at most 24 slots in all: not every layer gets 16
     sol = solve(t)
     assert sol.seconds == pytest.approx(brute(t))
     assert sum(sol.budget) <= 24
-    uni = solve(t, uniform=True)
-    assert uni.seconds == pytest.approx(brute(t, uniform=True))
-    assert len(set(zip(uni.tau, uni.budget))) == 1
-    assert sol.seconds <= uni.seconds + 1e-9
+    for c, (k, tau, bud) in enumerate(zip(sol.kind, sol.tau, sol.budget)):  # the solution names real candidates
+        idx = t.cands.find(k, bud, tau)
+        assert s[c, idx] == pytest.approx(min(s[c, j] for j in range(9) if t.cands.budget[j] == bud
+                                              and KINDS[t.cands.kind[j]] == k and t.cands.tau[j] == tau))
+    uni = solve(t, uniform=True, kinds=KINDS)
+    assert uni.seconds == pytest.approx(brute(t, uniform=True, kinds=KINDS))
+    assert len(set(zip(uni.kind, uni.tau, uni.budget))) == 1
+    assert sol.seconds <= uni.seconds + 1e-9  # the per-layer plan never loses to a uniform setting
+    paper = solve(t, uniform=True)  # tide only (and cpu, tide's budget 0)
+    assert set(paper.kind) <= {"tide", "cpu"} and paper.seconds == pytest.approx(brute(t, uniform=True))
+    for kinds in (["swap"], ["static", "cpu"], ["tide"]):
+        sub = solve(t, kinds=kinds)
+        assert set(sub.kind) <= set(kinds) | ({"cpu"} if "tide" in kinds else set())
+        assert sub.seconds == pytest.approx(brute(t, kinds=kinds))
 
 
 def test_a_limit_that_no_candidate_fits_is_refused():
+    c = Candidates.grid([1], [8, 16], kinds=["tide", "swap"])
     with pytest.raises(TideError, match="no plan fits"):  # 3 layers x 8 experts at least, 2.5 experts' bytes
-        solve(table(np.ones((3, 3, 2)), budgets=(8, 16), limit=2.5, expert=1.0))
-    assert solve(table(np.ones((3, 3, 3)), limit=2.5, expert=1.0)).budget == [0, 0, 0]  # B = 0: all on the CPU
+        solve(table(np.ones((3, len(c))), cands=c, limit=2.5, expert=1.0), kinds=["swap"])
+    assert solve(table(np.ones((3, 9)), limit=2.5, expert=1.0)).kind == ["cpu"] * 3  # nothing on the GPU
+    with pytest.raises(TideError, match="host memory"):
+        solve(table(np.ones((3, 9)), host=2e9, host_limit=1e9))
+    with pytest.raises(TideError, match="--kinds: unknown kind"):
+        solve(table(np.ones((3, 9))), kinds=["lru"])

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from conftest import assert_clean_error, run_module
-from sim.candidates import candidate_seconds, distinct_taus, fixed_seconds
+from sim.candidates import Candidates, distinct_taus, price_candidates
 from sim.planner import make_plan
 from sim.replay import simulate
 from traces.errors import TideError
 from traces.plan import Plan
-from traces.policies import Policy
+from traces.policies import KINDS, Policy
 from traces.profile import Profile
 from traces.shapes import ModelShape
 from traces.synth import synthesize
@@ -31,16 +31,27 @@ def profile():
 
 
 def test_candidate_prices_add_up_to_the_simulated_time(trace, profile):
-    taus, budgets = [1, 3, 6], [0, 16, 96, 256]
-    s = candidate_seconds(trace, profile, taus, budgets)
-    fixed = fixed_seconds(trace, profile)
+    """Any mix of kinds, priced from the table, is what the event simulator gives for that
+    plan, on every profile the one replay was priced for (GPU box and CPU fast device)."""
+    cands = Candidates.grid([1, 3, 6], [0, 16, 96, 256])
+    shares = json.loads(json.dumps(profile.data))
+    shares["fast_device"] = "cpu"  # one lane, misses priced by the grouped table
+    boxes = [profile, Profile.load("h200"), Profile(shares)]
+    priced = price_candidates(trace, boxes, cands)
     L, E = trace.shape.n_moe_layers, trace.shape.experts
     rng = np.random.default_rng(0)
-    for _ in range(3):
-        ti, bi = rng.integers(0, len(taus), L), rng.integers(0, len(budgets), L)
-        pol = Policy.make("plan", L, E, budget=[budgets[b] for b in bi], tau=[taus[t] for t in ti])
-        predicted = s[np.arange(L), ti, bi].sum() + fixed
-        assert predicted == pytest.approx(simulate(trace, profile, pol).seconds, rel=1e-9)
+    picks = [rng.integers(0, len(cands), L) for _ in range(3)]
+    picks.append(np.array([cands.find("swap", 16)] * L))  # swap with many waves
+    for pick in picks:
+        pol = Policy.make("plan", L, E, budget=cands.budget[pick], tau=cands.tau[pick],
+                          kind=[KINDS[k] for k in cands.kind[pick]])
+        for p, box in enumerate(boxes):
+            predicted = priced.seconds[p, np.arange(L), pick].sum() + priced.fixed_s[p]
+            assert predicted == pytest.approx(simulate(trace, box, pol).seconds, rel=1e-9)
+    uniform = Policy.make("tide", L, E, budget=96, tau=3)  # a uniform setting's counters are column sums
+    got = simulate(trace, profile, uniform).totals()
+    c = cands.find("tide", 96, 3)
+    assert {k: int(v[:, c].sum()) for k, v in priced.counters.items()} == got
 
 
 def test_taus_that_refresh_at_the_same_steps_are_priced_once(trace):
@@ -62,6 +73,8 @@ def test_plan_is_no_worse_than_any_uniform_grid_point_in_simulation(trace, profi
             continue
         for tau in plan.provenance["candidates"]["taus"]:
             grid.append(simulate(trace, profile, Policy.make("plan", L, E, budget=b, tau=tau)).seconds)
+        if b:
+            grid += [simulate(trace, profile, Policy.make(k, L, E, budget=b)).seconds for k in ("static", "swap")]
     best = min(grid)
     assert uniform.predicted["seconds"] <= best * 1.01
     assert plan.predicted["seconds"] <= best * 1.01
@@ -69,6 +82,7 @@ def test_plan_is_no_worse_than_any_uniform_grid_point_in_simulation(trace, profi
     sim = simulate(trace, profile, plan.policy(shape)).seconds  # the program's prices against the event simulation
     assert plan.predicted["program_seconds"] == pytest.approx(sim, rel=1e-9)
     assert set(frame["policy"]) == {"plan", "uniform best", "cpu", "static", "swap", "tide_tau1"}
+    assert (frame["seconds"] >= plan.predicted["seconds"] * 0.999).all()  # nothing compared beats the plan
     assert plan.predicted["speedup"]["cpu"] > 1
 
 

@@ -1,16 +1,21 @@
-"""Plans: a per-MoE-layer refresh interval ``tau`` and GPU expert budget ``B``, with provenance.
+"""Plans: per MoE layer a policy kind, its GPU expert budget ``B`` and (tide) its refresh
+interval ``tau``, with provenance.
 
-JSON, format ``tide-plan`` version 1::
+JSON, format ``tide-plan`` version 2::
 
-    {"format": "tide-plan", "version": 1,
+    {"format": "tide-plan", "version": 2,
      "model": {"name": "llada2-mini", "model_key": "...", "experts": 256},
      "dtype": "bfloat16", "gpu_mem_bytes": 24e9,
-     "layers": [{"layer": 1, "tau": 4, "budget": 96}, ...],        # every MoE layer, in order
+     "layers": [{"layer": 1, "kind": "tide", "tau": 4, "budget": 96},   # every MoE layer, in order
+                {"layer": 2, "kind": "swap", "budget": 64},
+                {"layer": 3, "kind": "cpu", "budget": 0}, ...],
      "predicted": {"seconds": ..., "tokens_per_s": ..., "speedup": {"cpu": ..., "static": ...}},
      "provenance": {"created": ..., "trace": ..., "profile": ..., "solver": ...}}
 
-``B = 0`` is allowed: that layer runs every routed token on the CPU. The planner writes
-plans; the runtime and the simulator run them as the ``plan`` policy.
+Kinds are ``cpu`` (budget 0: every routed token on the CPU), ``static``, ``swap`` and
+``tide`` (:data:`traces.policies.KINDS`); only tide layers have a ``tau``. Version-1 plans
+(no kinds: every layer tide) still load. The planner writes plans; the runtime and the
+simulator run them as the ``plan`` policy.
 """
 from __future__ import annotations
 
@@ -22,40 +27,50 @@ import numpy as np
 
 from traces.cli import read_json, write_json
 from traces.errors import TideError
-from traces.policies import Policy
+from traces.policies import KINDS, Policy
 from traces.shapes import DTYPE_BYTES, ModelShape
 from traces.values import get, need_dict, need_float, need_int, need_list, need_str
 
 FORMAT = "tide-plan"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # versions this TIDE reads
 
 
 @dataclass
 class Plan:
     model: dict[str, Any]
     layers: list[int]
-    tau: list[int]
+    tau: list[int]  # 0 where the kind is not tide
     budget: list[int]
+    kind: list[str] = field(default_factory=list)  # empty: every layer tide (version 1)
     dtype: str = "bfloat16"
     gpu_mem_bytes: float | None = None
     predicted: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def for_shape(cls, shape: ModelShape, tau: Any, budget: Any, **kw: Any) -> "Plan":
+    def for_shape(cls, shape: ModelShape, tau: Any, budget: Any, kind: Any = "tide", **kw: Any) -> "Plan":
         L = shape.n_moe_layers
+        k = [kind] * L if isinstance(kind, str) else list(kind)
         t = np.broadcast_to(np.asarray(tau), (L,)).astype(int).tolist()
         b = np.broadcast_to(np.asarray(budget), (L,)).astype(int).tolist()
+        t = [tt if kk == "tide" else 0 for tt, kk in zip(t, k)]
         plan = cls(model={"name": shape.name, "model_key": shape.model_key, "experts": shape.experts},
-                   layers=shape.moe_layers, tau=t, budget=b, **kw)
+                   layers=shape.moe_layers, tau=t, budget=b, kind=k, **kw)
         plan.validate()
         return plan
 
+    @property
+    def kinds(self) -> list[str]:
+        return self.kind or ["tide"] * len(self.layers)
+
     def to_json(self) -> dict[str, Any]:
+        rows = []
+        for l, k, t, b in zip(self.layers, self.kinds, self.tau, self.budget):
+            rows.append({"layer": l, "kind": k, "tau": t, "budget": b} if k == "tide" else {"layer": l, "kind": k, "budget": b})
         return {
             "format": FORMAT, "version": VERSION, "model": self.model, "dtype": self.dtype,
-            "gpu_mem_bytes": self.gpu_mem_bytes,
-            "layers": [{"layer": l, "tau": t, "budget": b} for l, t, b in zip(self.layers, self.tau, self.budget)],
+            "gpu_mem_bytes": self.gpu_mem_bytes, "layers": rows,
             "predicted": self.predicted, "provenance": self.provenance,
         }
 
@@ -69,17 +84,20 @@ class Plan:
             raise TideError(f"{where}: a plan is a JSON object")
         if d.get("format") != FORMAT:
             raise TideError(f"{where}: format is {d.get('format')!r}, expected {FORMAT!r}")
-        if d.get("version") != VERSION:
-            raise TideError(f"{where}: plan version {d.get('version')!r} is not supported (this TIDE reads {VERSION})")
+        version = d.get("version")
+        if version not in READS:
+            raise TideError(f"{where}: plan version {version!r} is not supported (this TIDE reads "
+                            f"{', '.join(map(str, READS))})")
         model = need_dict(d.get("model"), f"{where}: model")
         need_int(get(model, "experts", f"{where}: model"), f"{where}: model.experts", lo=1)
         rows = need_list(d.get("layers"), f"{where}: layers", nonempty=True)
-        layers, tau, budget = [], [], []
+        layers, kind, tau, budget = [], [], [], []
         for i, r in enumerate(rows):
             w = f"{where}: layers[{i}]"
             r = need_dict(r, w)
             layers.append(need_int(get(r, "layer", w), f"{w}.layer", lo=0))
-            tau.append(need_int(get(r, "tau", w), f"{w}.tau", lo=1))
+            kind.append(need_str(get(r, "kind", w), f"{w}.kind", KINDS) if version >= 2 else "tide")
+            tau.append(need_int(get(r, "tau", w), f"{w}.tau", lo=1) if kind[-1] == "tide" else 0)
             budget.append(need_int(get(r, "budget", w), f"{w}.budget", lo=0))
         dtype = need_str(d.get("dtype", "bfloat16"), f"{where}: dtype", tuple(DTYPE_BYTES))
         gpu_mem = d.get("gpu_mem_bytes")
@@ -87,7 +105,7 @@ class Plan:
             gpu_mem = need_float(gpu_mem, f"{where}: gpu_mem_bytes", positive=True)
         predicted = need_dict(d.get("predicted") or {}, f"{where}: predicted")
         provenance = need_dict(d.get("provenance") or {}, f"{where}: provenance")
-        plan = cls(model=model, layers=layers, tau=tau, budget=budget, dtype=dtype,
+        plan = cls(model=model, layers=layers, tau=tau, budget=budget, kind=kind, dtype=dtype,
                    gpu_mem_bytes=gpu_mem, predicted=predicted, provenance=provenance)
         plan.validate(where)
         return plan
@@ -104,10 +122,18 @@ class Plan:
                     raise TideError(f"{where}: {name} values must be integers, got {v!r}")
         if list(self.layers) != sorted(set(self.layers)) or min(self.layers) < 0:
             raise TideError(f"{where}: layer ids must be distinct, non-negative and increasing")
-        if min(self.tau) < 1:
-            raise TideError(f"{where}: tau must be at least 1 (layer {self.layers[int(np.argmin(self.tau))]})")
-        if min(self.budget) < 0 or max(self.budget) > E:
-            raise TideError(f"{where}: budgets must lie in 0..{E}")
+        kinds = self.kinds
+        if len(kinds) != len(self.layers) or any(k not in KINDS for k in kinds):
+            raise TideError(f"{where}: every layer needs a kind among {', '.join(KINDS)}")
+        for l, k, t, b in zip(self.layers, kinds, self.tau, self.budget):
+            if k == "tide" and t < 1:
+                raise TideError(f"{where}: tau must be at least 1 (layer {l})")
+            if not 0 <= b <= E:
+                raise TideError(f"{where}: budgets must lie in 0..{E}")
+            if k == "swap" and b < 1:
+                raise TideError(f"{where}: a swap layer needs a budget of at least 1 (layer {l})")
+            if k == "cpu" and b != 0:
+                raise TideError(f"{where}: a cpu layer has budget 0 (layer {l})")
 
     def check_model(self, shape: ModelShape, where: str = "plan") -> None:
         """The plan must be for this model's MoE layers and experts."""
@@ -118,7 +144,7 @@ class Plan:
 
     def policy(self, shape: ModelShape) -> Policy:
         self.check_model(shape)
-        return Policy.make("plan", shape.n_moe_layers, shape.experts, budget=self.budget, tau=self.tau)
+        return Policy.make("plan", shape.n_moe_layers, shape.experts, budget=self.budget, tau=self.tau, kind=self.kinds)
 
     def expert_bytes_on_gpu(self, shape: ModelShape) -> int:
         return int(sum(self.budget)) * shape.expert_bytes(self.dtype)

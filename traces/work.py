@@ -87,11 +87,15 @@ class Work:
         return cls(**out)
 
     def take(self, rows: np.ndarray) -> "Work":
-        """The given rows only (their forwards' tokens and context kept)."""
+        """The given rows only (their forwards' tokens and context kept; waves none of them has dropped)."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
             out[f.name] = v if f.name in ("tokens", "context", "knots") else v[:, rows] if f.name.startswith("wave_") else v[rows]
+        used = np.flatnonzero(out["wave_experts"].any(axis=1) | out["wave_copies"].any(axis=1))
+        W = int(used[-1]) + 1 if len(used) else 0
+        for k in ("wave_copies", "wave_experts", "wave_tokens"):
+            out[k] = out[k][:W]
         return Work(**out)
 
 
