@@ -1,28 +1,31 @@
 """The planner's speed and regret on synthetic LLaDA2.0 traces.
 
-``python -m experiments.bench_plan [--gen-length 1024] [--jobs N] [--out FILE]``
+``python -m experiments.bench_plan [--gen-length 1024] [--jobs N] [--only MODEL] [--out FILE]``
 
 For LLaDA2.0-mini on the bundled h200, a100-40gb and rtx4090 profiles and LLaDA2.0-flash on
 a100-40gb (flash's experts do not fit the h200 box's host memory), at three memory limits
-each: prices the candidates once per model and box, then per limit solves the per-layer
-and the uniform program, simulates both plans and ``tide`` tau=1 at the largest uniform
-budget that fits, and prints the build and solve times and the regret: the per-layer plan's
-simulated time over the best uniform (tau, B) point's (negative: the per-layer plan is
-faster). Every uniform grid point's time is its row sum in the table, which equals its
-simulated time (``tests/test_planner.py``), so the best uniform plan is the grid's best.
+each: prices every candidate of every kind once per model and box, then per limit solves
+the per-layer program over every kind, the same with tide layers only (the planner before
+kinds mixed) and the uniform program over every kind, simulates the plans and ``tide``
+tau=1 at the largest uniform budget that fits, and prints the build and solve times and
+the regret: the per-layer plan's simulated time over the best uniform setting of any kind
+(negative: the plan is faster; never positive). Every uniform setting's time is its
+column sum in the table, which equals its simulated time (``tests/test_planner.py``), so
+the best uniform setting is the table's best.
 """
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import pandas as pd
 
-from sim.candidates import budget_grid, candidate_table_seconds, distinct_taus, fixed_seconds
+from sim.candidates import Candidates, budget_grid, distinct_taus, price_table
 from sim.planner import memory, simulated_seconds
 from sim.plan_model import CandidateTable, solve
 from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, run_cli, span
-from traces.policies import Policy
 from traces.memory import MemoryBudget
+from traces.policies import KINDS, Policy, kinds_label
 from traces.profile import Profile
 from traces.shapes import ModelShape
 from traces.synth import synthesize
@@ -38,30 +41,35 @@ def bench_case(model: str, box: str, limits: tuple[float, ...], gen_length: int,
     L, E = shape.n_moe_layers, shape.experts
     fits = {g: MemoryBudget.for_traces([trace], g * 1e9).largest_uniform() for g in limits}
     taus = distinct_taus([trace], range(1, trace.decoding.steps + 1))
-    budgets = budget_grid(E, 8, list(fits.values()))
+    cands = Candidates.grid(taus, budget_grid(E, 8, list(fits.values())))
     t0 = time.perf_counter()
-    seconds = candidate_table_seconds([trace], profile, taus, budgets, jobs=jobs, progress=True)
+    priced = price_table([trace], [profile], cands, jobs=jobs, progress=True)
     pricing_s = time.perf_counter() - t0
-    fixed_s = fixed_seconds(trace, profile)
+    fixed_s = float(priced.fixed_s[0])
     rows = []
     for g in limits:
         mem = memory([trace], profile, g)
-        keep = [i for i, b in enumerate(budgets) if mem.fits_alone(b)]
-        table = CandidateTable.of(shape.moe_layers, taus, [budgets[i] for i in keep], seconds[:, :, keep], mem)
-        per_layer, uniform = solve(table), solve(table, uniform=True)
+        keep = np.isin(cands.budget, [b for b in budget_grid(E, 8, [fits[g]]) if mem.fits_alone(b)])
+        sub = Candidates(cands.kind[keep], cands.tau[keep], cands.budget[keep])
+        table = CandidateTable.of(shape.moe_layers, sub, priced.seconds[0][:, keep], mem,
+                                  host_limit=profile.capacity("host_mem_bytes"))
+        per_layer, tide_only = solve(table), solve(table, kinds=["tide"])
+        uniform = solve(table, uniform=True, kinds=KINDS)
         plan_s = simulated_seconds([trace], profile, per_layer.policy(E))
         uni_s = simulated_seconds([trace], profile, uniform.policy(E))
         tide_s = simulated_seconds([trace], profile, Policy.make("tide", L, E, budget=fits[g], tau=1))
+        u = uniform.kind[0] + (f" tau {uniform.tau[0]}" if uniform.kind[0] == "tide" else "")
         rows.append({
             "model": model, "profile": box, "gpu_mem_gb": g, "layers": L, "taus": len(taus),
-            "candidates_per_layer": len(taus) * len(table.budgets), "pricing_s": pricing_s,
-            "build_s": per_layer.build_s, "solve_s": per_layer.solve_s, "uniform_solve_s": uniform.solve_s,
-            "plan_tau": span(per_layer.tau), "plan_budget": span(per_layer.budget),
-            "uniform": f"tau {uniform.tau[0]}, B {uniform.budget[0]}",
+            "candidates_per_layer": len(sub), "pricing_s": pricing_s,
+            "build_s": per_layer.build_s, "solve_s": per_layer.solve_s, "binaries": per_layer.variables,
+            "uniform_solve_s": uniform.solve_s, "plan_kinds": kinds_label(per_layer.kind),
+            "plan_tau": span([t for t in per_layer.tau if t] or [0]), "plan_budget": span(per_layer.budget),
+            "uniform": f"{u}, B {uniform.budget[0]}",
             "plan_s": plan_s, "uniform_s": uni_s, "tide_tau1_s": tide_s,
             "program_error": (per_layer.seconds + fixed_s) / plan_s - 1,
-            "regret": plan_s / uni_s - 1, "speedup_vs_tide_tau1": tide_s / plan_s,
-            "tokens_per_s": trace.tokens_generated / plan_s,
+            "regret": plan_s / uni_s - 1, "mixing_gain": (tide_only.seconds + fixed_s) / plan_s,
+            "speedup_vs_tide_tau1": tide_s / plan_s, "tokens_per_s": trace.tokens_generated / plan_s,
         })
     return rows
 
@@ -83,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     df = pd.DataFrame(rows)
     if a.out:
         atomic_write(a.out, lambda tmp: df.to_parquet(tmp, index=False))
-    cols = ["model", "profile", "gpu_mem_gb", "candidates_per_layer", "pricing_s", "build_s", "solve_s",
-            "uniform_solve_s", "plan_tau", "plan_budget", "uniform", "plan_s", "uniform_s", "tide_tau1_s",
-            "regret", "speedup_vs_tide_tau1", "tokens_per_s"]
+    cols = ["model", "profile", "gpu_mem_gb", "candidates_per_layer", "pricing_s", "build_s", "solve_s", "binaries",
+            "plan_kinds", "plan_tau", "plan_budget", "uniform", "plan_s", "uniform_s", "tide_tau1_s",
+            "regret", "mixing_gain", "speedup_vs_tide_tau1", "tokens_per_s"]
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0

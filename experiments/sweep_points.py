@@ -24,13 +24,13 @@ import numpy as np
 import pandas as pd
 
 from sim.candidates import Candidates, Priced, budget_grid, distinct_taus, price_candidates, same_tau
-from sim.planner import kinds_label, memory
+from sim.planner import memory
 from sim.plan_model import CandidateTable, solve
 from traces.cli import atomic_write, data_sha256, span
 from traces.costs import CostModel
 from traces.replay import replay_policy
 from traces.errors import TideError
-from traces.policies import BASELINES, Policy
+from traces.policies import BASELINES, Policy, kinds_label
 from traces.profile import Profile
 from traces.shapes import ModelShape
 from traces.synth import synthesize

@@ -31,7 +31,7 @@ from traces.cli import ArgumentParser, atomic_write, check_out_path, file_sha256
 from traces.errors import TideError
 from traces.memory import DEVICE_HEADROOM, MemoryBudget
 from traces.plan import Plan
-from traces.policies import Policy, baselines
+from traces.policies import Policy, baselines, kinds_label
 from traces.shapes import ModelShape
 from traces.trace import Trace, read_trace
 
@@ -123,8 +123,9 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
         bad = [c.detail for c in checks if not c.ok]
         if bad:
             failures.append(f"{name}: {bad[0]}")
-        rows.append({"policy": name, "budget": span(policy.budget.tolist()),
-                     "tau": span(policy.tau.tolist()) if policy.tau is not None else "-",
+        taus = [int(t) for t, k in zip(policy.tau, policy.kinds) if k == "tide"] if policy.tau is not None else []
+        rows.append({"policy": name, "kinds": kinds_label(policy.kinds), "budget": span(policy.budget.tolist()),
+                     "tau": span(taus) if taus else "-",
                      "predicted_s": _predicted(plan, name), "measured_s": median(seconds[name]),
                      "normalised_s": median(footing[name]),
                      "spread": max(seconds[name]) / min(seconds[name]) - 1,
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     df, failures = validate(a.checkpoint, plan, traces, a.device, a.repeats)
     if a.out:
         write(a.out, df, {**provenance(a.checkpoint, a.plan, plan, traces, a.device), "box_check": lines, "warnings": warnings})
-    cols = ["policy", "budget", "tau", "predicted_s", "measured_s", "normalised_s", "error", "predicted_tokens_per_s",
+    cols = ["policy", "kinds", "budget", "tau", "predicted_s", "measured_s", "normalised_s", "error", "predicted_tokens_per_s",
             "measured_tokens_per_s", "predicted_plan_speedup", "measured_plan_speedup", "tokens_ok"]
     print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for w in warnings:

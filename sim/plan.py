@@ -1,7 +1,8 @@
 """The planner's command line: plan each MoE layer's kind, B and tau from traces and a profile.
 
 ``python -m sim.plan --trace FILE [--trace FILE ...] --profile NAME|FILE --gpu-mem-gb G
-[--kinds cpu,static,swap,tide] [--uniform] [--budget-step 8] [--jobs N] --out PLAN.json [--json]``
+[--kinds cpu,static,swap,tide | --layer-kinds KIND,KIND,...] [--uniform] [--budget-step 8]
+[--jobs N] --out PLAN.json [--json]``
 
 Prices every candidate, solves the program, simulates the plan, the best uniform setting
 and the baselines (:mod:`sim.planner`), writes the plan and prints its kind, tau and B per
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="one candidate for all layers (by default tide's one tau and B: the paper's program)")
     ap.add_argument("--kinds", default=None,
                     help=f"comma-separated kinds a layer may take (default: {','.join(KINDS)}; with --uniform: tide)")
+    ap.add_argument("--layer-kinds", default=None,
+                    help="comma-separated kind of each MoE layer, in order (a mix chosen by hand; budgets and taus planned)")
     ap.add_argument("--budget-step", type=integer, default=8, help="candidate budgets: multiples of this")
     ap.add_argument("--jobs", type=integer, default=None, help="processes pricing candidates (default: every core)")
     ap.add_argument("--out", required=True, help="plan JSON to write")
@@ -36,16 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         raise TideError(f"--jobs must be at least 1, got {a.jobs}")
     if a.budget_step < 1:
         raise TideError(f"--budget-step must be at least 1, got {a.budget_step}")
-    kinds = None
-    if a.kinds is not None:
-        kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
-        bad = [k for k in kinds if k not in KINDS]
-        if bad or not kinds:
-            raise TideError(f"--kinds: expected comma-separated kinds among {', '.join(KINDS)}, got {a.kinds!r}")
+    kinds, layer_kinds = (_kinds(v, f) for v, f in ((a.kinds, "--kinds"), (a.layer_kinds, "--layer-kinds")))
     traces = [read_trace(p) for p in a.trace]
     profile = Profile.load(a.profile)
     plan, frame = make_plan(traces, profile, a.gpu_mem_gb, a.uniform, a.budget_step, a.jobs, names=a.trace,
-                            kinds=kinds)
+                            kinds=kinds, layer_kinds=layer_kinds)
     plan.write(a.out)
     if a.json:
         print_json(plan.to_json())
@@ -61,6 +59,15 @@ def main(argv: list[str] | None = None) -> int:
                                                    "plan_speedup": "{:.2f}x".format}))
     print(f"wrote {a.out}")
     return 0
+
+
+def _kinds(text: str | None, flag: str) -> list[str] | None:
+    if text is None:
+        return None
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise TideError(f"{flag}: expected comma-separated kinds among {', '.join(KINDS)}, got {text!r}")
+    return kinds
 
 
 if __name__ == "__main__":

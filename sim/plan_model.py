@@ -33,6 +33,7 @@ import numpy as np
 import pyomo.environ as pyo
 
 from sim.candidates import Candidates
+from traces.cli import span
 from traces.errors import TideError
 from traces.memory import MemoryBudget
 from traces.policies import KINDS, Policy
@@ -60,19 +61,20 @@ class CandidateTable:
                    host_bytes=float(mem.shape.routed_expert_bytes(mem.dtype)), host_limit=host_limit)
 
     def check(self, allowed: np.ndarray) -> None:
+        """``allowed`` ``[L, C]``: what each layer may take."""
         L, C = len(self.layers), len(self.cands)
         if self.seconds.shape != (L, C):
             raise TideError(f"candidate table has shape {self.seconds.shape}, expected {(L, C)}")
         if not np.isfinite(self.seconds).all():
             raise TideError("candidate table holds non-finite times")
-        if not allowed.any():
+        if not allowed.any(axis=1).all():
             raise TideError("--kinds: no candidate of these kinds")
         if self.host_bytes > self.host_limit:
             raise TideError(f"no plan fits: the routed experts ({self.host_bytes / 1e9:.1f} GB) exceed the host "
                             f"memory ({self.host_limit / 1e9:.1f} GB)")
-        least = int(self.cands.budget[allowed].min())
-        if self.fixed_bytes + L * least * self.expert_bytes > self.mem_limit:
-            raise TideError(f"no plan fits: every layer at its smallest candidate budget ({least}) "
+        least = np.where(allowed, self.cands.budget[None, :], np.iinfo(np.int64).max).min(axis=1)
+        if self.fixed_bytes + least.sum() * self.expert_bytes > self.mem_limit:
+            raise TideError(f"no plan fits: every layer at its smallest candidate budget ({span(least.tolist())}) "
                             f"needs more than {self.mem_limit / 1e9:.2f} GB")
 
 
@@ -95,20 +97,39 @@ def allowed_candidates(cands: Candidates, kinds: Sequence[str] | None, uniform: 
     """``[C]`` bool: the candidates of ``kinds`` (default: every kind; the uniform program:
     tide, whose budget 0 is cpu). ``cpu`` comes with ``tide``: tide at budget 0 is cpu."""
     kinds = list(kinds) if kinds is not None else (["tide"] if uniform else list(KINDS))
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise TideError(f"--kinds: unknown kind {bad[0]!r} (expected {', '.join(KINDS)})")
+    _check_kinds(kinds, "--kinds")
     names = set(kinds) | ({"cpu"} if "tide" in kinds else set())
     return np.isin(cands.kind, [KINDS.index(k) for k in names])
 
 
+def _check_kinds(kinds: Sequence[str], flag: str) -> None:
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise TideError(f"{flag}: unknown kind {bad[0]!r} (expected {', '.join(KINDS)})")
+
+
+def allowed_per_layer(table: CandidateTable, kinds: Sequence[str] | None, uniform: bool,
+                      layer_kinds: Sequence[str] | None) -> np.ndarray:
+    """``[L, C]`` bool: what each layer may take: ``kinds`` for every layer, or exactly the
+    kind ``layer_kinds`` names for each (a mix chosen by hand, its budgets and taus planned)."""
+    L = len(table.layers)
+    if layer_kinds is None:
+        return np.broadcast_to(allowed_candidates(table.cands, kinds, uniform), (L, len(table.cands)))
+    if uniform or kinds is not None:
+        raise TideError("--layer-kinds: a kind per layer, so neither --uniform nor --kinds")
+    if len(layer_kinds) != L:
+        raise TideError(f"--layer-kinds: expected one kind for each of the {L} MoE layers, got {len(layer_kinds)}")
+    _check_kinds(layer_kinds, "--layer-kinds")
+    return table.cands.kind[None, :] == np.array([KINDS.index(k) for k in layer_kinds])[:, None]
+
+
 def pareto(table: CandidateTable, allowed: np.ndarray) -> list[tuple[int, int]]:
-    """(layer, candidate) of each layer's Pareto candidates among ``allowed`` (see module doc)."""
+    """(layer, candidate) of each layer's Pareto candidates among ``allowed`` ``[L, C]`` (see module doc)."""
     s = table.seconds
-    idx = np.flatnonzero(allowed)
-    order = idx[np.lexsort((idx, table.cands.budget[idx]))]  # by budget, then candidate order
     keep = []
     for l in range(s.shape[0]):
+        idx = np.flatnonzero(allowed[l])
+        order = idx[np.lexsort((idx, table.cands.budget[idx]))]  # by budget, then candidate order
         best = np.inf
         for c in order:
             if s[l, c] < best:
@@ -121,7 +142,7 @@ def add_choice(m: pyo.ConcreteModel, table: CandidateTable, allowed: np.ndarray,
     """Binaries: exactly one candidate per layer (``x[l, c]``, Pareto candidates only), or
     one for all layers (``y[c]``)."""
     if uniform:
-        m.C = pyo.Set(initialize=np.flatnonzero(allowed).tolist())
+        m.C = pyo.Set(initialize=np.flatnonzero(allowed.all(axis=0)).tolist())
         m.y = pyo.Var(m.C, domain=pyo.Binary)
         m.one = pyo.Constraint(expr=sum(m.y[c] for c in m.C) == 1)
     else:
@@ -156,8 +177,9 @@ def add_objective(m: pyo.ConcreteModel, table: CandidateTable, uniform: bool) ->
     m.time = pyo.Objective(expr=expr, sense=pyo.minimize)
 
 
-def build(table: CandidateTable, uniform: bool = False, kinds: Sequence[str] | None = None) -> pyo.ConcreteModel:
-    allowed = allowed_candidates(table.cands, kinds, uniform)
+def build(table: CandidateTable, uniform: bool = False, kinds: Sequence[str] | None = None,
+          layer_kinds: Sequence[str] | None = None) -> pyo.ConcreteModel:
+    allowed = allowed_per_layer(table, kinds, uniform, layer_kinds)
     table.check(allowed)
     m = pyo.ConcreteModel(name="tide-plan")
     add_choice(m, table, allowed, uniform)
@@ -166,10 +188,11 @@ def build(table: CandidateTable, uniform: bool = False, kinds: Sequence[str] | N
     return m
 
 
-def solve(table: CandidateTable, uniform: bool = False, kinds: Sequence[str] | None = None) -> Solution:
+def solve(table: CandidateTable, uniform: bool = False, kinds: Sequence[str] | None = None,
+          layer_kinds: Sequence[str] | None = None) -> Solution:
     """Build and solve with HiGHS; the chosen kind, tau and budget per layer."""
     t0 = time.perf_counter()
-    m = build(table, uniform, kinds)
+    m = build(table, uniform, kinds, layer_kinds)
     t1 = time.perf_counter()
     with _SOLVING:  # Pyomo's solver plumbing is not thread-safe (threaded Dask workers)
         res = pyo.SolverFactory("appsi_highs").solve(m)

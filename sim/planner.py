@@ -30,7 +30,7 @@ from traces.costs import check_fits
 from traces.errors import TideError
 from traces.memory import MemoryBudget
 from traces.plan import Plan
-from traces.policies import KINDS, Policy, baselines
+from traces.policies import KINDS, Policy, baselines, kinds_label
 from traces.profile import Profile
 from traces.trace import Trace
 from traces.values import need_float
@@ -75,12 +75,6 @@ def candidate_table(traces: Sequence[Trace], profile: Profile, mem: MemoryBudget
     return table, priced
 
 
-def kinds_label(kinds: Sequence[str]) -> str:
-    """``tide x16, swap x3``: how many layers of each kind, most first."""
-    n = {k: list(kinds).count(k) for k in KINDS if k in kinds}
-    return ", ".join(f"{k} x{c}" for k, c in sorted(n.items(), key=lambda kv: -kv[1]))
-
-
 def simulated_seconds(traces: Sequence[Trace], profile: Profile, policy: Policy) -> float:
     """The simulator's time for the traces, each run from an empty placement."""
     return float(sum(simulate(tr, profile, policy).seconds for tr in traces))
@@ -92,7 +86,8 @@ def _blocks(traces: Sequence[Trace]) -> int:
 
 def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, uniform: bool = False,
               budget_step: int = 8, jobs: int | None = 1, names: Sequence[str] | None = None,
-              progress: bool = True, kinds: Sequence[str] | None = None) -> tuple[Plan, pd.DataFrame]:
+              progress: bool = True, kinds: Sequence[str] | None = None,
+              layer_kinds: Sequence[str] | None = None) -> tuple[Plan, pd.DataFrame]:
     """Plan, simulate the plan, the best uniform setting of any kind and the baselines, and
     fill the plan's predictions and provenance.
 
@@ -109,9 +104,10 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
     table_s = time.perf_counter() - t0
     fixed_s = float(priced.fixed_s[0])
     best_uniform = solve(table, uniform=True, kinds=KINDS)  # the best uniform setting of any kind
-    sol: Solution = solve(table, uniform, kinds)
+    sol: Solution = solve(table, uniform, kinds, layer_kinds)
     plan_s = simulated_seconds(traces, profile, sol.policy(E))
-    # the per-layer optimum over every kind holds the best uniform setting: never slower (tested)
+    # the per-layer optimum over every kind holds the best uniform setting: never slower (tested;
+    # a hand-chosen mix of kinds, --layer-kinds, may be)
     uni_s = simulated_seconds(traces, profile, best_uniform.policy(E))
     tokens, blocks = sum(t.tokens_generated for t in traces), _blocks(traces)
     u_kind = best_uniform.kind[0]
@@ -139,6 +135,7 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "tide": _version("tide"), "mode": "uniform" if uniform else "per-layer",
         "kinds": list(kinds) if kinds is not None else (["tide"] if uniform else list(KINDS)),
+        "layer_kinds": list(layer_kinds) if layer_kinds is not None else None,
         "traces": [{"name": n, "sha256": file_sha256(n) if _is_file(n) else None, "forwards": t.n_forwards,
                     "tokens": t.tokens_generated} for n, t in zip(names, traces)],
         "profile": {"name": profile.name, "where": profile.where, "sha256": data_sha256(profile.data),

@@ -470,8 +470,9 @@ def _alive(pid: int) -> bool:
 
 
 def _start_sweep(out: Path) -> tuple[subprocess.Popen, set[int]]:
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--quick", "--jobs", "2", "--no-figures",
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--quick", "--gen-lengths", "48,64", "--jobs", "2",
+                             "--no-figures", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # two workloads: two groups of points, one per worker
     deadline = time.time() + 120
     workers: set[int] = set()
     while time.time() < deadline and len(workers) < 2:
@@ -561,10 +562,10 @@ def test_figures_with_nothing_to_show_are_skipped_with_a_note(tmp_path):
     assert any("tokens_vs_memory.png" in s for s in skipped) and any("best_tau.png" in s for s in skipped)
     empty = df[df["policy"] == "nothing"]
     drawn, skipped = draw_all(empty, tmp_path / "e")
-    assert drawn == [] and len(skipped) == 3
+    assert drawn == [] and len(skipped) == 4
     broken = df.assign(tokens_per_s="fast")  # drawing fails: reported, not raised
     drawn, skipped = draw_all(broken, tmp_path / "b")
-    assert len(drawn) + len(skipped) == 3
+    assert len(drawn) + len(skipped) == 4
 
 
 # ---- predictions from a profile taken under another load --------------------------------------

@@ -33,10 +33,33 @@ def test_a_point_prices_every_policy_and_the_plan_wins(first):
         s = g.set_index("policy")["seconds"]
         assert s["plan"] <= s[["static", "swap", "tide_tau1", "tide tau=4", "cpu"]].min() * 1.0001
         assert (g["speedup_vs_cpu"] == s["cpu"] / g["seconds"]).all()
+        plan = g[g["policy"] == "plan"].iloc[0]
+        assert plan["plan_vs_best"] >= 0.999 and plan["mixing_gain"] >= 0.999
+        assert plan["program_s"] == pytest.approx(plan["seconds"], rel=1e-9)  # the program's price is the replay's
+        assert len(plan["plan_kind"].split()) == len(plan["plan_budget"].split()) == 19
+    assert (out / "plan_kinds.png").is_file()
     more_memory = df[df["policy"] == "plan"].sort_values("gpu_mem_gb")["tokens_per_s"].to_numpy()
     assert more_memory[1] > more_memory[0]
     assert (out / "sweep.parquet").is_file() and (out / "tokens_vs_memory.png").is_file()
     assert pd.read_parquet(out / "sweep.parquet").shape == df.shape
+
+
+def test_a_point_gives_the_same_rows_alone_and_in_a_group_and_uniform_rows_equal_their_replay(first):
+    """Points sharing a workload share one replay; each point's rows depend on its own inputs only,
+    and a uniform setting read off the shared table is what replaying it gives."""
+    from sim.replay import simulate
+    from traces.policies import Policy
+    _, df, _ = first
+    points = [p for s in GRID for p in s.points()]
+    alone = sweep_points.evaluate(points[1])
+    pd.testing.assert_frame_equal(_stable(alone), _stable(df[df["key"] == points[1].key()]), check_exact=False,
+                                  rtol=1e-9)
+    trace = sweep_points.workload("llada2-mini", 32, 64, 0)
+    row = alone[alone["policy"] == "swap"].iloc[0]
+    L, E = trace.shape.n_moe_layers, trace.shape.experts
+    sim = simulate(trace, points[1].box(), Policy.make("swap", L, E, budget=int(row["budget"])))
+    assert row["seconds"] == pytest.approx(sim.seconds, rel=1e-9)
+    assert row["migrations"] == sim.totals()["migrations"] and row["cpu_tokens"] == 0
 
 
 def test_resume_redoes_only_missing_points_and_leaves_no_half_written_file(first, tmp_path, monkeypatch):
@@ -49,18 +72,18 @@ def test_resume_redoes_only_missing_points_and_leaves_no_half_written_file(first
     victim = sorted((work / "points").iterdir())[0]
     victim.unlink()
     calls = []
-    real = sweep_points.evaluate
+    real = sweep_points.evaluate_group
 
-    def failing(point, cache=None):
-        calls.append(point)
+    def failing(points, cache=None):
+        calls.append(points)
         raise KeyboardInterrupt  # interrupted mid-point
 
-    monkeypatch.setattr("experiments.sweep.evaluate", failing)
+    monkeypatch.setattr("experiments.sweep.evaluate_group", failing)
     with pytest.raises(KeyboardInterrupt):
         run_points([p for s in GRID for p in s.points()], work, jobs=1, progress=False)
-    assert len(calls) == 1 and not victim.exists()
+    assert len(calls) == 1 and len(calls[0]) == 1 and not victim.exists()  # only the missing point is redone
     assert not [f for f in (work / "points").iterdir() if f.suffix != ".parquet"]
-    monkeypatch.setattr("experiments.sweep.evaluate", real)
+    monkeypatch.setattr("experiments.sweep.evaluate_group", real)
     df2, stats = sweep(GRID, work, jobs=1, progress=False, figures=False)
     assert stats["evaluated"] == 1 and stats["reused"] == 1
     pd.testing.assert_frame_equal(_stable(df2), _stable(df))

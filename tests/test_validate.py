@@ -25,6 +25,27 @@ def test_capture_profile_plan_validate_end_to_end(validated, tiny_ckpt, tmp_path
                        "has changed since the plan was made")
 
 
+def test_a_mixed_plan_runs_for_real_with_the_tokens_of_all(validated, tiny_ckpt, tmp_path):
+    """A plan mixing kinds (a swap, a cpu and a tide layer, chosen by hand; budgets and taus
+    planned) through the real engine: tokens exactly those of ``all``, predicted and measured
+    printed for every run."""
+    d = validated["result"].parent
+    plan = tmp_path / "mixed.json"
+    p = run_module("sim.plan", "--trace", str(d / "t.parquet"), "--profile", str(d / "box.json"), "--gpu-mem-gb",
+                   "0.0012", "--layer-kinds", "swap,cpu,tide", "--jobs", "1", "--out", str(plan))
+    assert p.returncode == 0, p.stderr
+    assert "kind per layer:   swap cpu tide" in p.stdout
+    out = tmp_path / "v.json"
+    p = run_module("experiments.validate", "--checkpoint", str(tiny_ckpt), "--plan", str(plan), "--repeats", "1",
+                   "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "tokens agree with the reference (all)" in p.stdout and "swap x1" in p.stdout
+    runs = {r["policy"]: r for r in json.loads(out.read_text())["runs"]}
+    assert runs["plan"]["tokens_identical"] and runs["plan"]["kinds"] == "cpu x1, swap x1, tide x1"
+    assert runs["plan"]["predicted_s"] > 0 and runs["plan"]["measured_s"] > 0
+    assert runs["plan"]["cpu_tokens"] > 0 and runs["plan"]["gpu_tokens"] > 0  # both paths ran
+
+
 def _result(tokens, margin, at=None):
     return Result(tokens=tokens, margin=margin, committed_at=at or list(range(len(tokens))))
 

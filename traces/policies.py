@@ -173,6 +173,12 @@ class Policy:
         return tide & (step % np.maximum(self.tau, 1) == 0)
 
 
+def kinds_label(kinds: Sequence[str]) -> str:
+    """``tide x16, swap x3``: how many layers of each kind, most first."""
+    n = {k: list(kinds).count(k) for k in KINDS if k in kinds}
+    return ", ".join(f"{k} x{c}" for k, c in sorted(n.items(), key=lambda kv: -kv[1]))
+
+
 def _kinds(kind: str | Sequence[str], n_layers: int) -> np.ndarray:
     """Kind names (one, or one per layer) as indices into :data:`KINDS`."""
     names = [kind] * n_layers if isinstance(kind, str) else list(kind)
