@@ -71,10 +71,6 @@ class Candidates:
     def __len__(self) -> int:
         return len(self.kind)
 
-    def label(self, c: int) -> str:
-        k = KINDS[self.kind[c]]
-        return k if k == "cpu" else f"{k} tau={self.tau[c]} B={self.budget[c]}" if k == "tide" else f"{k} B={self.budget[c]}"
-
     def find(self, kind: str, budget: int, tau: int = 0) -> int:
         """The index of a candidate (budget 0 of any kind is ``cpu``); a TideError if absent."""
         k = KINDS.index(kind) if budget else CPU
@@ -141,10 +137,6 @@ class Priced:
                       {k: v + other.counters[k] for k, v in self.counters.items()}, self.fixed_s + other.fixed_s)
 
 
-def _knots(costs: list[CostModel]) -> np.ndarray:
-    return knots_for(*[c.knots for c in costs])
-
-
 def price_candidates(trace: Trace, profiles: Sequence[Profile], cands: Candidates,
                      layers: Sequence[int] | None = None, cpu_dtype: str | None = None,
                      progress: bool = False) -> Priced:
@@ -154,7 +146,7 @@ def price_candidates(trace: Trace, profiles: Sequence[Profile], cands: Candidate
     layers = np.arange(shape.n_moe_layers) if layers is None else np.asarray(layers)
     L, C = len(layers), len(cands)
     costs = [CostModel(p, shape, trace.dtype, cpu_dtype) for p in profiles]
-    knots = _knots(costs)
+    knots = knots_for(*[c.knots for c in costs])  # every box's CPU table, exactly
     seconds = np.zeros((len(costs), L * C))
     counters = {k: np.zeros(L * C, np.int64) for k in COUNTERS}
     swap = np.tile(cands.kind == SWAP, L)

@@ -62,6 +62,26 @@ def test_every_policy_and_budget_generates_exactly_what_all_does(model, kv):
                 assert t["gpu_tokens"] == 0 and t["migrations"] == 0
 
 
+def test_a_plan_mixing_kinds_generates_what_all_does_and_counts_what_the_policy_functions_give(tmp_path, model):
+    L, E = model.cfg.shape.n_moe_layers, model.cfg.shape.experts
+    kinds = (["swap", "tide", "cpu", "static"] * L)[:L]
+    budget = [{"swap": 3, "tide": 5, "cpu": 0, "static": 6}[k] for k in kinds]
+    policy = Policy.make("plan", L, E, budget=budget, tau=[2] * L, kind=kinds)
+    dtype = "float32" if model.dtype == torch.float32 else "bfloat16"
+    for kv in (True, False):
+        ref, _ = _run(model, Policy.make("all", L, E), kv, PROMPTS[0])
+        with TraceRecorder(model, Decoding(32, 32, 0.3, kv), dtype) as rec, \
+                OffloadEngine(model, policy, torch.device("cpu")) as eng:
+            r = Generator(model, Decoding(32, 32, 0.3, kv), recorder=rec, engine=eng).generate(PROMPTS[0], 64)
+        assert r.tokens == ref.tokens
+        trace = read_trace(rec.trace().write(tmp_path / "mixed.parquet"))
+        rep = replay_policy(trace, policy)
+        for k in ("gpu_tokens", "cpu_tokens", "migrations", "setup_migrations"):
+            assert np.array_equal(trace.counters[k], rep.counters[k]), (kv, k)
+        swap_layers = [i for i, k in enumerate(kinds) if k == "swap"]
+        assert rep.counters["cpu_tokens"][:, swap_layers].sum() == 0 and rep.counters["cpu_tokens"].sum() > 0
+
+
 def test_counters_are_exactly_what_the_policy_functions_give(tmp_path, model):
     L, E = model.cfg.shape.n_moe_layers, model.cfg.shape.experts
     dtype = "float32" if model.dtype == torch.float32 else "bfloat16"
