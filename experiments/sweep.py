@@ -32,6 +32,7 @@ ADDRESS``; without one, a local Dask cluster of ``--jobs`` workers).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import time
@@ -40,10 +41,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from experiments.sweep_points import POLICY_SET, Point, evaluate_group, save, share_key
+from experiments.sweep_points import POLICY_SET, Group, Point, plan_group, point_rows, price_group, save, share_key
+from sim.candidates import Priced
 
 #: How long to wait for a Dask scheduler to answer before saying it does not.
 DASK_CONNECT_TIMEOUT = "10s"
@@ -51,6 +54,7 @@ from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, nu
 from traces.errors import TideError
 from traces.policies import BASELINES, POLICIES
 from traces.pool import worker_pool
+from traces.shapes import ModelShape
 from traces.values import need_float, need_int, need_ints, need_list, need_numbers, need_str
 
 
@@ -76,7 +80,6 @@ class Study:
         """Every axis of its type and range, before anything is made: ``where(field)`` names
         the field as the user wrote it (a flag, or a key of a grid file's study)."""
         from traces.profile import Profile
-        from traces.shapes import ModelShape
         strs = lambda k: [need_str(v, f"{where(k)}[{i}]") for i, v in enumerate(need_list(getattr(self, k), where(k), True))]  # noqa: E731
         need_str(self.name, where("name"))
         self.profiles, self.models, self.policies = strs("profiles"), strs("models"), strs("policies")
@@ -165,9 +168,14 @@ def _list(text: str, flag: str, kind: type) -> list[Any]:
 
 
 # ---- running points ------------------------------------------------------------------------
-def _evaluate_to(args: tuple[list[Point], str | None]) -> dict[str, pd.DataFrame]:
-    points, cache = args
-    return evaluate_group(points, cache)
+def _price(args: tuple[int, Group, str, np.ndarray]) -> tuple[int, np.ndarray, Priced]:
+    g, group, cache, layers = args
+    return g, layers, price_group(group, cache, layers)
+
+
+def _rows(args: tuple[Point, Group, Priced, str]) -> tuple[str, pd.DataFrame]:
+    point, group, priced, cache = args
+    return point.key(), point_rows(point, group, priced, cache)
 
 
 def groups(todo: list[Point]) -> list[list[Point]]:
@@ -180,10 +188,46 @@ def groups(todo: list[Point]) -> list[list[Point]]:
     return sorted(by.values(), key=weight, reverse=True)
 
 
+class _Local:
+    """The executor's ``map``: in this process (one job), or on spawned workers."""
+
+    def __init__(self, jobs: int):
+        self.jobs = jobs
+        self._pool = None
+
+    def __enter__(self) -> "_Local":
+        if self.jobs > 1:
+            self._cm = worker_pool(self.jobs)
+            self._pool = self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._cm.__exit__(*exc)
+
+    def map(self, fn: Callable, tasks: list) -> Iterable:
+        return map(fn, tasks) if self._pool is None else self._pool.imap_unordered(fn, tasks)
+
+
+class _Dask(contextlib.nullcontext):
+    """The executor's ``map`` on a Dask cluster."""
+
+    def __init__(self, client):
+        super().__init__(self)
+        self.client = client
+
+    def map(self, fn: Callable, tasks: list) -> Iterable:
+        from distributed import as_completed
+        for fut in as_completed(self.client.map(fn, tasks, pure=False)):
+            yield fut.result()
+
+
 def run_points(points: Iterable[Point], out: Path, executor: str = "local", jobs: int | None = None,
                scheduler: str | None = None, progress: bool = True) -> dict[str, int]:
-    """Evaluate the points not yet in ``out/points`` (a group of points sharing a workload
-    at a time) and store each as its group finishes."""
+    """Evaluate the points not yet in ``out/points`` and store each as it finishes: points
+    sharing a workload form a group whose candidates are replayed once (split by layers when
+    there are fewer groups than workers), then every point's rows are made from its group's
+    prices, spread over the workers."""
     points = list(points)
     keys = [p.key() for p in points]
     pdir = out / "points"
@@ -191,7 +235,6 @@ def run_points(points: Iterable[Point], out: Path, executor: str = "local", jobs
     todo = list({k: (p, k) for p, k in todo}.values())  # the same point twice: once
     stats = {"points": len(set(keys)), "reused": len(set(keys)) - len(todo), "evaluated": 0}
     cache = str(out / "traces")
-    tasks = [(g, cache) for g in groups([p for p, _ in todo])]
     client = cluster = None
     if executor == "dask":  # connect first: a scheduler that does not answer is an error before any progress bar
         try:
@@ -211,33 +254,52 @@ def run_points(points: Iterable[Point], out: Path, executor: str = "local", jobs
         raise TideError(f"--executor: expected local or dask, got {executor!r}")
     pdir.mkdir(parents=True, exist_ok=True)  # everything was checked before: nothing is made for a bad grid
     (out / "traces").mkdir(exist_ok=True)
+    workers = len(client.scheduler_info()["workers"]) if client is not None else (jobs or os.cpu_count() or 1)
     try:
         with tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress) as bar:  # closed before errors print
-            def done(frames: dict[str, pd.DataFrame]) -> None:
-                for k, df in frames.items():
-                    save(df, pdir / f"{k}.parquet")
-                    stats["evaluated"] += 1
-                    bar.update()
+            def done(k: str, df: pd.DataFrame) -> None:
+                save(df, pdir / f"{k}.parquet")
+                stats["evaluated"] += 1
+                bar.update()
 
-            if client is not None:
-                from distributed import as_completed as dask_completed
-                futures = client.map(_evaluate_to, tasks, pure=False)
-                for fut in dask_completed(futures):
-                    done(fut.result())
-            elif jobs == 1 or len(tasks) <= 1:
-                for t in tasks:
-                    done(_evaluate_to(t))
-            else:
-                n = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
-                with worker_pool(n) as pool:
-                    for frames in pool.imap_unordered(_evaluate_to, tasks):
-                        done(frames)
+            made = []
+            for g in groups([p for p, _ in todo]):
+                unfit, group = plan_group(g, cache)
+                for k, df in unfit.items():
+                    done(k, df)
+                if group is not None:
+                    made.append(group)
+            if not made:
+                return stats
+            split = -(-2 * workers // len(made))  # enough pricing tasks to keep every worker busy
+            tasks = [(g, grp, cache, c) for g, grp in enumerate(made) for c in _layer_chunks(grp, split)]
+            run = _Dask(client) if client is not None else _Local(1 if jobs == 1 else min(workers, len(todo)))
+            with run:
+                parts: dict[int, list[tuple[np.ndarray, Priced]]] = {g: [] for g in range(len(made))}
+                for g, layers, priced in run.map(_price, tasks):
+                    parts[g].append((layers, priced))
+                rows = [(p, grp, _joined(parts[g]), cache) for g, grp in enumerate(made) for p in grp.points]
+                for k, df in run.map(_rows, rows):
+                    done(k, df)
     finally:
         if client is not None:
             client.close()
         if cluster is not None:
             cluster.close()
     return stats
+
+
+def _layer_chunks(group: Group, n: int) -> list[np.ndarray]:
+    L = ModelShape.named(group.points[0].model).n_moe_layers
+    return [c for c in np.array_split(np.arange(L), min(n, L))]
+
+
+def _joined(parts: list[tuple[np.ndarray, Priced]]) -> Priced:
+    """A group's prices from its layer chunks, in layer order."""
+    parts = sorted(parts, key=lambda lp: int(lp[0][0]))
+    first = parts[0][1]
+    return Priced(first.cands, np.concatenate([p.seconds for _, p in parts], axis=1),
+                  {k: np.concatenate([p.counters[k] for _, p in parts]) for k in first.counters}, first.fixed_s)
 
 
 def collect(points: Iterable[Point], out: Path) -> pd.DataFrame:

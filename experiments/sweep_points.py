@@ -19,6 +19,7 @@ import functools
 import importlib.metadata as md
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -95,6 +96,80 @@ def share_key(point: Point) -> tuple:
             point.budget_step)
 
 
+@dataclass(frozen=True)
+class Group:
+    """Points that share a workload and candidate grid (:func:`share_key`) and fit their boxes:
+    one replay of the candidates serves them all. ``boxes`` holds one point per distinct box,
+    in pricing order."""
+
+    points: tuple[Point, ...]
+    boxes: tuple[Point, ...]
+    box_keys: tuple[str, ...]  # each box's profile hash
+    cands: Candidates
+    taus: tuple[int, ...]
+
+    def box_of(self, point: Point) -> int:
+        return self.box_keys.index(data_sha256(point.box().data))
+
+
+def _point_trace(point: Point, cache: str | None) -> Trace:
+    return workload(point.model, point.gen_length, point.prompt_length, point.seed, cache)
+
+
+def _setting(point: Point, trace: Trace) -> tuple[dict, Profile, float]:
+    """A point's box, its GPU memory limit, and the columns every row of it carries."""
+    profile = point.box()
+    gpu_gb = point.gpu_mem_gb if point.gpu_mem_gb is not None else profile.capacity("gpu_mem_bytes") / 1e9
+    base = {"study": point.study, "key": point.key(), "profile": point.profile, "box": profile.name,
+            "pcie": point.pcie, "cpu_cores": point.cpu_cores, "gpu_mem_gb": gpu_gb,
+            "host_mem_gb": profile.capacity("host_mem_bytes") / 1e9,
+            "h2d_gbps": float(profile.data["h2d"]["pinned"]["gbps"][-1]),
+            "cores": profile.capacity("cpu_cores"), "model": trace.shape.name, "gen_length": point.gen_length,
+            "tokens": trace.tokens_generated, "tide": _version(), "profile_sha256": data_sha256(profile.data)}
+    return base, profile, gpu_gb
+
+
+def plan_group(points: list[Point], cache: str | None = None) -> tuple[dict[str, pd.DataFrame], Group | None]:
+    """The rows of points whose model does not fit their box (one row saying why), and the
+    group of the others with their shared candidates (every point's own budgets among them)."""
+    first = points[0]
+    if any(share_key(p) != share_key(first) for p in points):
+        raise TideError("plan_group: the points differ in workload or candidate grid")
+    trace = _point_trace(first, cache)
+    out, live, own, boxes = {}, [], [], {}
+    for point in points:
+        base, profile, gpu_gb = _setting(point, trace)
+        try:
+            mem = memory([trace], profile, gpu_gb)
+        except TideError as exc:
+            out[base["key"]] = pd.DataFrame([{**base, "policy": "-", "status": str(exc)}])
+            continue
+        live.append(point)
+        own += _budgets(point, mem)
+        boxes.setdefault(base["profile_sha256"], point)
+    if not live:
+        return out, None
+    taus = distinct_taus([trace], range(1, trace.decoding.steps + 1))
+    cands = Candidates.grid(taus, budget_grid(trace.shape.experts, first.budget_step, own))
+    return out, Group(tuple(live), tuple(boxes.values()), tuple(boxes), cands, tuple(taus))
+
+
+def price_group(group: Group, cache: str | None = None, layers: Sequence[int] | None = None) -> Priced:
+    """The group's candidates on ``layers`` (MoE layer indices, default all), replayed once and
+    priced on each of its boxes."""
+    return price_candidates(_point_trace(group.points[0], cache), [b.box() for b in group.boxes], group.cands, layers)
+
+
+def point_rows(point: Point, group: Group, priced: Priced, cache: str | None = None) -> pd.DataFrame:
+    """Every policy setting of a point of ``group`` from the group's priced table (all layers,
+    every box of the group)."""
+    trace = _point_trace(point, cache)
+    base, profile, gpu_gb = _setting(point, trace)
+    mem = memory([trace], profile, gpu_gb)
+    return _point_rows(point, trace, profile, mem, base, _budgets(point, mem), priced, group.box_of(point),
+                       list(group.taus))
+
+
 def evaluate(point: Point, cache: str | None = None) -> pd.DataFrame:
     """Every policy setting of ``point``: one row each (one row with a ``status`` if the
     model does not fit the box)."""
@@ -105,41 +180,13 @@ def evaluate_group(points: list[Point], cache: str | None = None) -> dict[str, p
     """:func:`evaluate` of points that share their workload and candidate grid (:func:`share_key`):
     the candidates are replayed once and priced on every box at once. Each point's results
     depend on its own inputs only (its program sees its own budgets), so a point gives the
-    same rows alone or in any group."""
-    first = points[0]
-    if any(share_key(p) != share_key(first) for p in points):
-        raise TideError("evaluate_group: the points differ in workload or candidate grid")
-    trace = workload(first.model, first.gen_length, first.prompt_length, first.seed, cache)
-    shape, E = trace.shape, trace.shape.experts
-    out, live = {}, []
-    for point in points:
-        profile = point.box()
-        gpu_gb = point.gpu_mem_gb if point.gpu_mem_gb is not None else profile.capacity("gpu_mem_bytes") / 1e9
-        base = {"study": point.study, "key": point.key(), "profile": point.profile, "box": profile.name,
-                "pcie": point.pcie, "cpu_cores": point.cpu_cores, "gpu_mem_gb": gpu_gb,
-                "host_mem_gb": profile.capacity("host_mem_bytes") / 1e9,
-                "h2d_gbps": float(profile.data["h2d"]["pinned"]["gbps"][-1]),
-                "cores": profile.capacity("cpu_cores"), "model": shape.name, "gen_length": point.gen_length,
-                "tokens": trace.tokens_generated, "tide": _version(), "profile_sha256": data_sha256(profile.data)}
-        try:
-            mem = memory([trace], profile, gpu_gb)
-        except TideError as exc:
-            out[base["key"]] = pd.DataFrame([{**base, "policy": "-", "status": str(exc)}])
-            continue
-        live.append((point, profile, mem, base, _budgets(point, mem)))
-    if not live:
-        return out
-    taus = distinct_taus([trace], range(1, trace.decoding.steps + 1))
-    budgets = budget_grid(E, first.budget_step, [b for *_, own in live for b in own])
-    cands = Candidates.grid(taus, budgets)
-    boxes = {}  # one pricing per distinct box
-    for _, profile, *_ in live:
-        boxes.setdefault(data_sha256(profile.data), profile)
-    priced = price_candidates(trace, list(boxes.values()), cands)
-    which = {h: i for i, h in enumerate(boxes)}
-    for point, profile, mem, base, own in live:
-        out[base["key"]] = _point_rows(point, trace, profile, mem, base, own, priced, which[base["profile_sha256"]],
-                                       taus)
+    same rows alone or in any group. (The sweep runs the same three steps, the pricing split
+    by layers and the points spread over its workers.)"""
+    out, group = plan_group(points, cache)
+    if group is not None:
+        priced = price_group(group, cache)
+        for point in group.points:
+            out[point.key()] = point_rows(point, group, priced, cache)
     return out
 
 

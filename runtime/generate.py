@@ -111,7 +111,7 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tau", type=integer, default=None, help="tide: refresh interval in denoising steps")
     ap.add_argument("--gpu-experts", default=None, help="expert slots per MoE layer on the fast device (one number, or one per layer)")
     ap.add_argument("--gpu-mem-gb", type=number, default=None, help="fast-device memory limit; the budget is what fits")
-    ap.add_argument("--plan", default=None, help="plan JSON (per-layer tau and budget) for --policy plan")
+    ap.add_argument("--plan", default=None, help="plan JSON (per-layer kind, budget and tau) for --policy plan")
     ap.add_argument("--popularity", default=None, help="trace whose total counts fill the slots at setup")
     ap.add_argument("--replay-trace", default=None, help="run a KV-cache trace's schedule and expert choices")
     ap.add_argument("--expert-kernel", default="auto", choices=("auto", *KERNELS),

@@ -470,9 +470,8 @@ def _alive(pid: int) -> bool:
 
 
 def _start_sweep(out: Path) -> tuple[subprocess.Popen, set[int]]:
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--quick", "--gen-lengths", "48,64", "--jobs", "2",
-                             "--no-figures", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # two workloads: two groups of points, one per worker
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--quick", "--jobs", "2", "--no-figures",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     workers: set[int] = set()
     while time.time() < deadline and len(workers) < 2:

@@ -72,18 +72,18 @@ def test_resume_redoes_only_missing_points_and_leaves_no_half_written_file(first
     victim = sorted((work / "points").iterdir())[0]
     victim.unlink()
     calls = []
-    real = sweep_points.evaluate_group
+    real = sweep_points.point_rows
 
-    def failing(points, cache=None):
-        calls.append(points)
+    def failing(point, *args):
+        calls.append(point)
         raise KeyboardInterrupt  # interrupted mid-point
 
-    monkeypatch.setattr("experiments.sweep.evaluate_group", failing)
+    monkeypatch.setattr("experiments.sweep.point_rows", failing)
     with pytest.raises(KeyboardInterrupt):
         run_points([p for s in GRID for p in s.points()], work, jobs=1, progress=False)
-    assert len(calls) == 1 and len(calls[0]) == 1 and not victim.exists()  # only the missing point is redone
+    assert len(calls) == 1 and not victim.exists()  # only the missing point is redone
     assert not [f for f in (work / "points").iterdir() if f.suffix != ".parquet"]
-    monkeypatch.setattr("experiments.sweep.evaluate_group", real)
+    monkeypatch.setattr("experiments.sweep.point_rows", real)
     df2, stats = sweep(GRID, work, jobs=1, progress=False, figures=False)
     assert stats["evaluated"] == 1 and stats["reused"] == 1
     pd.testing.assert_frame_equal(_stable(df2), _stable(df))
