@@ -13,7 +13,8 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     runs = d["runs"]
     cases = {(r["case"], r["kv_cache"], r["total_tokens"]) for r in runs}
     assert ("all", False, 64) in cases and ("all", True, 256) in cases and ("tide B=16 tau=4", False, 256) in cases
-    assert {r["case"] for r in runs} >= {"all", "cpu", "static B=8", "swap B=16", "tide B=8 tau=1", "tide B=16 tau=4"}
+    assert {r["case"] for r in runs} >= {"all", "cpu", "static B=8", "swap B=16", "tide B=8 tau=1", "tide B=16 tau=4",
+                                        "mixed B=8/16"}
     assert all(r["tokens_agree"] and r["tokens_identical"] for r in runs)  # exact on the CPU
     assert all(r["bound_ms_per_forward"] > 0 and r["measured_over_bound"] > 0 for r in runs)
     assert d["device"] == "cpu" and d["profile"]["format"] == "tide-profile"
