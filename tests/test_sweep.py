@@ -137,3 +137,17 @@ def test_command_quick_and_bad_input(tmp_path):
                        "--scheduler needs --executor dask")
     assert_clean_error(run_module("experiments.sweep", "--policies", "magic", "--models", "llada2-mini",
                                   "--gen-lengths", "32", "--out", str(tmp_path / "b")), "--policies", "magic")
+
+
+def test_where_swapping_wins_the_plan_swaps_and_no_uniform_setting_beats_it():
+    """The default sweep's corner where the tide-only planner lost 3x to swap (flash, 16 GB,
+    PCIe x2, CPU cores x0.25): the plan now swaps most layers, beats every uniform setting
+    and the best tide-only plan."""
+    point = sweep_points.Point("corner", "a100-40gb", "llada2-flash", gen_length=32, gpu_mem_gb=16, pcie=2.0,
+                               cpu_cores=0.25)
+    df = sweep_points.evaluate(point)
+    plan = df[df["policy"] == "plan"].iloc[0]
+    assert plan["plan_vs_best"] >= 0.999
+    assert (df.loc[df["policy"] != "plan", "seconds"] >= plan["seconds"] * 0.999).all()
+    kinds = plan["plan_kind"].split()
+    assert kinds.count("swap") > len(kinds) // 2 and plan["mixing_gain"] > 1.5
