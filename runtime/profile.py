@@ -235,7 +235,8 @@ class Profiler:
         itself on one MoE layer of this shape (its own timers), under the policies whose code
         paths differ: ``all`` (every expert resident), ``cpu`` (every expert missed), ``static``
         (a steady decision), ``tide`` at tau 1 (a refresh that copies, every forward) and
-        ``swap`` (waves). Per forward of 32 tokens; the median over the forwards."""
+        ``swap`` at two budgets (its decision per wave, and the rest). Per forward of 32 tokens;
+        the median over the forwards."""
         import dataclasses
         from runtime.offload import OffloadEngine
         s = self.cfg.shape
@@ -282,7 +283,11 @@ class Profiler:
         t_cpu, _ = per_forward(Policy.make("cpu", 1, E))
         t_static, _ = per_forward(Policy.make("static", 1, E, budget=b))
         t_tide, moved = per_forward(Policy.make("tide", 1, E, budget=b, tau=1))
-        t_swap, _ = per_forward(Policy.make("swap", 1, E, budget=b))
+        t_swap, _ = per_forward(Policy.make("swap", 1, E, budget=b))  # several waves ...
+        t_swap1, _ = per_forward(Policy.make("swap", 1, E, budget=active))  # ... and one
+        chosen = float(np.median([len(torch.unique(idx)) for idx, _, _ in steps[1:]]))
+        waves, waves1 = -(-chosen // b), -(-chosen // active)
+        per_wave = max(0.0, (t_swap["decide_s"] - t_swap1["decide_s"]) / max(waves - waves1, 1.0))
         cuda = self.device.type == "cuda"
         copy_call = t_tide["copy_s"] / max(moved, 1)
         if not cuda:  # on the CPU the copy is the host's own work: keep only what moving the bytes does not explain
@@ -292,7 +297,8 @@ class Profiler:
         return {
             "decide_s": {**_m(t_static["decide_s"]), "note": note},
             "refresh_s": {**_m(t_tide["decide_s"]), "note": note},
-            "swap_s": {**_m(t_swap["decide_s"]), "note": note},
+            "swap_s": {**_m(max(0.0, t_swap1["decide_s"] - per_wave * waves1)), "note": note},
+            "swap_wave_s": {**_m(per_wave), "note": note + f"; swap at {waves:.0f} waves against {waves1:.0f}"},
             "issue_s": {**_m(rest(t_all)), "note": note},
             "copy_call_s": {**_m(copy_call), "note": note},
             "expert_call_s": {**_m(t_all["fast_s"] / active if cuda else 0.0),

@@ -72,3 +72,17 @@ def test_a_profile_without_the_model_and_experts_that_do_not_fit():
     with pytest.raises(TideError, match="do not fit"):
         check_fits(ModelShape.named("llada2-flash"), Profile.load("rtx4090"))
     check_fits(ModelShape.named("llada2-mini"), Profile.load("rtx4090"))
+
+
+def test_swaps_decision_grows_with_its_waves_and_older_profiles_price_it_flat():
+    prof = Profile.load("h200")
+    cm = CostModel(prof, ModelShape.named("llada2-mini"))
+    counts = np.zeros((19, 256), dtype=np.int64)
+    counts[:, :8] = 4  # eight experts chosen in every layer
+    for b, waves in ((8, 1), (2, 4)):
+        d, c = _one_forward("swap", b, counts)
+        decide = cm.layer_parts(d, counts, c, 32, 96)["decide"]
+        assert decide == pytest.approx(prof.host("swap_s") + waves * prof.host("swap_wave_s"))
+    older = copy.deepcopy(prof.data)
+    del older["host"]["swap_wave_s"]  # measured before the per-wave cost: swap_s is the whole decision
+    assert Profile(older).host("swap_wave_s") == 0.0

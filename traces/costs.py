@@ -109,7 +109,9 @@ class CostModel:
         if not np.isin(self._cpu_knots, w.knots).all():
             raise TideError(f"{self.profile.where}: work was counted on CPU-table knots that miss this profile's")
         per_fwd = np.array([self.non_expert_s("moe_layer", t, c) for t, c in zip(w.tokens, w.context)])
-        decide = np.where(w.swap, host("swap_s"), np.where(w.refreshed, host("refresh_s"), host("decide_s")))
+        waves = (w.wave_experts > 0).sum(axis=0)
+        decide = np.where(w.swap, host("swap_s") + host("swap_wave_s") * waves,
+                          np.where(w.refreshed, host("refresh_s"), host("decide_s")))
         if self.profile.shares_cores:  # the fast device is the CPU: misses run its kernel, like hits
             cpu = self.grouped_s(w.miss_n, w.miss_tok)
         else:

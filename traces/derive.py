@@ -38,8 +38,10 @@ NON_EXPERT_CONTEXT = (32, 128, 512, 1024, 2048, 4096, 8192)
 LAUNCHES = {"moe_layer": 32, "dense_layer": 22, "head": 3, "grouped_experts": 6,
             "engine_layer": 16, "expert_call": 6, "expert_copy": 3}
 #: The engine's policy decisions are host numpy work whose time depends on the CPU, not the
-#: GPU: measured at 256 experts on a 2-core x86 VM (experiments.bench_engine), per MoE layer.
-DECISION_S = {"decide_s": 5e-6, "refresh_s": 40e-6, "swap_s": 150e-6}
+#: GPU: measured at 256 experts on a 2-core x86 VM (experiments.bench_engine), per MoE layer;
+#: swap's grows with its waves (20 us + 20 us per wave, fitted over mini and flash traces at
+#: budgets 8..256: 1 to 12 waves).
+DECISION_S = {"decide_s": 5e-6, "refresh_s": 40e-6, "swap_s": 20e-6, "swap_wave_s": 20e-6}
 #: The decoding loop's own host work per forward (embedding, rotary tables, acceptance), same VM.
 FORWARD_S = 300e-6
 #: Host numpy work per missed expert (its rows in the gather), same VM.

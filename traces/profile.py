@@ -14,8 +14,9 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
 * ``host``: what the engine's host thread spends, measured with the engine's own code
   (:mod:`runtime.profile`): per forward ``forward_s`` (the decoding loop's own work:
   embedding, rotary tables, the engine's begin and end, acceptance); per MoE layer-forward ``decide_s`` (the policy's decision),
-  ``refresh_s`` (a decision that re-places the layer: tide's refresh), ``swap_s`` (swap's
-  waves), ``issue_s`` (sorting tokens, gathers, combining, bookkeeping); per expert
+  ``refresh_s`` (a decision that re-places the layer: tide's refresh), ``swap_s`` plus
+  ``swap_wave_s`` per wave (swap's decision grows with its waves; ``swap_wave_s`` is optional:
+  without it ``swap_s`` is the whole decision), ``issue_s`` (sorting tokens, gathers, combining, bookkeeping); per expert
   ``copy_call_s`` (issuing one expert's copy, beyond moving its bytes), ``expert_call_s``
   (issuing one resident expert's kernels: 0 when the fast device is the CPU, whose grouped
   table is already host time) and ``miss_call_s`` (sending one missed expert's tokens to the
@@ -61,7 +62,9 @@ READS = (1, 2)  # versions this TIDE reads
 SOURCES = ("measured", "derived")
 CAPACITIES = ("gpu_mem_bytes", "host_mem_bytes", "cpu_cores", "host_mem_bw_gbps", "gpu_mem_bw_gbps")
 OVERHEADS = ("launch_s", "sync_s", "cpu_task_s")
-HOST = ("forward_s", "decide_s", "refresh_s", "swap_s", "issue_s", "copy_call_s", "expert_call_s", "miss_call_s")
+HOST = ("forward_s", "decide_s", "refresh_s", "swap_s", "issue_s", "copy_call_s", "expert_call_s", "miss_call_s",
+        "swap_wave_s")
+HOST_OPTIONAL = ("swap_wave_s",)  # absent: zero (profiles measured before it was)
 _POSITIVE = ("gpu_mem_bytes", "host_mem_bytes", "host_mem_bw_gbps", "gpu_mem_bw_gbps")  # they divide or bound
 BUNDLED = {
     "h200": "h200.json",
@@ -205,9 +208,10 @@ class Profile:
         return float(self.data["overheads"][key]["value"])
 
     def host(self, key: str) -> float:
-        """A host-thread cost (``HOST``); zero in a version-1 profile, which had none."""
+        """A host-thread cost (``HOST``); zero in a version-1 profile, which had none, and for an
+        optional cost the profile does not hold."""
         sec = self.data.get("host")
-        return float(sec[key]["value"]) if sec is not None else 0.0
+        return float(sec[key]["value"]) if sec is not None and key in sec else 0.0
 
     # ---- validation ---------------------------------------------------------------
     def _validate(self) -> None:
@@ -231,6 +235,8 @@ class Profile:
                 raise _fail(w, f"lacks the {group!r} section")
             for k in keys:
                 v = sec.get(k)
+                if v is None and k in HOST_OPTIONAL and group == "host":
+                    continue
                 if not isinstance(v, dict) or "value" not in v:
                     raise _fail(w, f"{group}.{k} missing (expected {{'value': ..., 'source': ...}})")
                 need_float(v["value"], f"{w}: {group}.{k}", lo=0.0, positive=k in _POSITIVE)
@@ -390,7 +396,7 @@ def median_of(profiles: list["Profile"]) -> "Profile":
     for group in ("overheads", "host", "capacities"):  # {"value": v} scalars: the key is the entry's name
         if group in data:
             for k, v in data[group].items():
-                v["value"] = merge(k, [p.data[group][k]["value"] for p in profiles])
+                v["value"] = merge(k, [p.data[group].get(k, {"value": 0.0})["value"] for p in profiles])
     return Profile(data, where=profiles[0].where)
 
 
