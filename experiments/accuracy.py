@@ -29,12 +29,22 @@ from tqdm.auto import tqdm
 
 from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, read_json, run_cli, write_json
 from traces.errors import TideError
+from traces.policies import Policy
 from traces.values import get, need_dict, need_float, need_int, need_list, need_str
 
 RUNS: list[tuple[str, float | None, int | None]] = [
     ("all", None, None), ("cpu", None, None), ("static", 0.25, None), ("static", 0.5, None),
     ("swap", 0.25, None), ("swap", 0.5, None), ("tide", 0.25, 1), ("tide", 0.25, 4), ("tide", 0.5, 2),
+    ("mixed", None, None),  # a plan mixing kinds layer by layer (mixed_policy)
 ]
+
+
+def mixed_policy(L: int, E: int) -> Policy:
+    """A plan of every kind in turn, layer by layer: swap at E/4, tide at E/2 tau 2, static at
+    E/2, cpu (the runtime runs each layer as the uniform policy of its kind)."""
+    kinds = (["swap", "tide", "static", "cpu"] * L)[:L]
+    budget = {"swap": max(1, E // 4), "tide": max(1, E // 2), "static": max(1, E // 2), "cpu": 0}
+    return Policy.make("plan", L, E, kind=kinds, budget=[budget[k] for k in kinds], tau=2)
 #: Checkpoints made when none is given: the tiny model, and LLaDA2.0-mini's layer shapes
 #: (one dense and two MoE layers, 256 experts of 2048x512, fp32) with a 1024-token
 #: vocabulary, so that expert math, not the head, is most of a forward.
@@ -66,7 +76,6 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     from runtime.capture import TraceRecorder
     from runtime.offload import OffloadEngine
     from runtime.profile import profile_box
-    from traces.policies import Policy
     from traces.profile import median_of
     from traces.synth import synthesize
 
@@ -86,7 +95,8 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     settings = []
     for name, frac, tau in RUNS:
         budget = None if frac is None else max(1, int(E * frac))
-        settings.append((name, budget, tau, Policy.make(name, L, E, budget=budget, tau=tau)))
+        policy = mixed_policy(L, E) if name == "mixed" else Policy.make(name, L, E, budget=budget, tau=tau)
+        settings.append((name, budget, tau, policy))
     profiles, times, refs = [], [[] for _ in settings], [[] for _ in settings]
     bar = tqdm(total=repeats * (len(settings) + 1), desc="rounds of profile + runs", unit="step")
     for rnd in range(repeats):
@@ -145,7 +155,6 @@ def read_runs(out: Path) -> list[dict]:
 def replay(out: Path) -> pd.DataFrame:
     """The simulator half: predict every captured run on the measured profile."""
     from sim.replay import simulate
-    from traces.policies import Policy
     from traces.profile import Profile
     from traces.trace import read_trace
 

@@ -12,7 +12,8 @@ def test_capture_then_replay_elsewhere(tmp_path):
     rep = run_module("experiments.accuracy", "--replay-only", str(d))
     assert rep.returncode == 0, rep.stderr
     df = pd.read_parquet(d / "accuracy.parquet")
-    assert len(df) == 9 and df["counters_agree"].all()
+    assert len(df) == 10 and df["counters_agree"].all()  # nine uniform settings and a plan mixing kinds
+    assert "mixed" in set(df["policy"])
     assert (df["predicted_s"] > 0).all() and (df["measured_s"] > 0).all()
     assert (df["spread"] >= 0).all() and df.loc[df["policy"] == "all", "speedup_error"].abs().max() < 1e-12
     assert "median |error|" in rep.stdout
