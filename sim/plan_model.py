@@ -108,18 +108,28 @@ def _check_kinds(kinds: Sequence[str], flag: str) -> None:
         raise TideError(f"{flag}: unknown kind {bad[0]!r} (expected {', '.join(KINDS)})")
 
 
+def check_kinds(n_layers: int, uniform: bool, kinds: Sequence[str] | None, layer_kinds: Sequence[str] | None) -> None:
+    """The kinds asked for, before any work: names among :data:`KINDS`; ``layer_kinds`` one
+    per MoE layer, and neither with ``uniform`` nor with ``kinds``."""
+    if kinds is not None:
+        _check_kinds(kinds, "--kinds")
+    if layer_kinds is None:
+        return
+    if uniform or kinds is not None:
+        raise TideError("--layer-kinds: a kind per layer, so neither --uniform nor --kinds")
+    if len(layer_kinds) != n_layers:
+        raise TideError(f"--layer-kinds: expected one kind for each of the {n_layers} MoE layers, got {len(layer_kinds)}")
+    _check_kinds(layer_kinds, "--layer-kinds")
+
+
 def allowed_per_layer(table: CandidateTable, kinds: Sequence[str] | None, uniform: bool,
                       layer_kinds: Sequence[str] | None) -> np.ndarray:
     """``[L, C]`` bool: what each layer may take: ``kinds`` for every layer, or exactly the
     kind ``layer_kinds`` names for each (a mix chosen by hand, its budgets and taus planned)."""
     L = len(table.layers)
+    check_kinds(L, uniform, kinds, layer_kinds)
     if layer_kinds is None:
         return np.broadcast_to(allowed_candidates(table.cands, kinds, uniform), (L, len(table.cands)))
-    if uniform or kinds is not None:
-        raise TideError("--layer-kinds: a kind per layer, so neither --uniform nor --kinds")
-    if len(layer_kinds) != L:
-        raise TideError(f"--layer-kinds: expected one kind for each of the {L} MoE layers, got {len(layer_kinds)}")
-    _check_kinds(layer_kinds, "--layer-kinds")
     return table.cands.kind[None, :] == np.array([KINDS.index(k) for k in layer_kinds])[:, None]
 
 

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from sim.candidates import Candidates, Priced, budget_grid, distinct_taus, price_table
-from sim.plan_model import CandidateTable, Solution, solve
+from sim.plan_model import CandidateTable, Solution, check_kinds, solve
 from sim.replay import simulate
 from traces.cli import data_sha256, file_sha256, span
 from traces.costs import check_fits
@@ -98,6 +98,7 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
     check_traces(traces, names)
     shape, dtype = traces[0].shape, traces[0].dtype
     L, E = shape.n_moe_layers, shape.experts
+    check_kinds(L, uniform, kinds, layer_kinds)
     mem = memory(traces, profile, gpu_mem_gb)
     t0 = time.perf_counter()
     table, priced = candidate_table(traces, profile, mem, budget_step, jobs, progress)

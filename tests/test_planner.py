@@ -116,6 +116,11 @@ def test_bad_input_fails_cleanly(tmp_path, trace):
     assert_clean_error(run_module(*base, "--gpu-mem-gb", "1.0"), "--gpu-mem-gb 1", "one expert per layer")
     assert_clean_error(run_module(*base, "--gpu-mem-gb", "80"), "--gpu-mem-gb 80", "more than")
     assert_clean_error(run_module(*base, "--gpu-mem-gb", "3", "--budget-step", "0"), "--budget-step")
+    assert_clean_error(run_module(*base, "--gpu-mem-gb", "3", "--kinds", "tide,lru"), "--kinds", "lru")
+    assert_clean_error(run_module(*base, "--gpu-mem-gb", "3", "--layer-kinds", "tide,swap"), "--layer-kinds",
+                       "one kind for each of the 3 MoE layers")
+    assert_clean_error(run_module(*base, "--gpu-mem-gb", "3", "--layer-kinds", "tide,swap,cpu", "--uniform"),
+                       "--layer-kinds", "neither --uniform")
     assert not out.exists()
     flash = synthesize(ModelShape.named("llada2-flash"), 32, 16, seed=0)
     with pytest.raises(TideError, match="do not fit in h200's host memory"):
