@@ -257,6 +257,7 @@ class Wave:
 #: belongs to, -1 for setup and tide copies.
 _NO_TABLE = np.zeros((0, 4), dtype=np.int32)
 _NEVER = np.iinfo(np.int64).max  # an eviction key that never leaves
+_NONE = np.zeros(0, dtype=np.int64)  # no expert
 
 
 def _per_row_tables(table: np.ndarray, n_rows: int) -> list[np.ndarray]:
@@ -413,23 +414,28 @@ def _tide_refresh_row(state: PlacementState, r: int, counts: np.ndarray, budget:
     new = target[target % (2 * E) >= E] % E  # in rank order
     if not len(new):
         return _NO_TABLE
-    free = (in_slot == -1).nonzero()[0]
-    n_evict = len(new) - len(free)
-    if n_evict > 0:
-        cand = np.flatnonzero(resident & (key > target[-1]))  # only residents outside the target leave
-        gone = cand  # all of them when the target fills the budget (the usual case): no ranking needed
-        if len(cand) > n_evict:  # lowest count, then least recently used, then lower id
-            ek = _evict_keys(counts[cand], state.last_use(r)[cand], state.clock, cand, E)
+    n_evict = len(new) - int(np.count_nonzero(in_slot == -1))
+    gone = _NONE
+    if n_evict > 0:  # only residents outside the target leave; all of them when the target fills the
+        gone = np.flatnonzero(resident & (key > target[-1]))  # budget (the usual case): no ranking needed
+        if len(gone) > n_evict:  # lowest count, then least recently used, then lower id
+            ek = _evict_keys(counts[gone], state.last_use(r)[gone], state.clock, gone, E)
             gone = np.partition(ek, n_evict - 1)[:n_evict] % E
-        in_slot[slot_of[gone]] = -1
-        slot_of[gone] = -1
-        free = (in_slot == -1).nonzero()[0]
-    fs = free[:len(new)]
+    return _move_row(state, r, gone, new, -1)
+
+
+def _move_row(state: PlacementState, r: int, gone: np.ndarray, new: np.ndarray, wave: int) -> np.ndarray:
+    """One row: ``gone`` leave their slots, then ``new`` (in order) take the lowest-numbered
+    free slots, placed now; the copies ``[n, 4]`` (row, expert, slot, ``wave``)."""
+    slot_of, in_slot = state.slot_of[r], state.in_slot[r]
+    in_slot[slot_of[gone]] = -1
+    slot_of[gone] = -1
+    fs = (in_slot == -1).nonzero()[0][:len(new)]
     slot_of[new] = fs
     in_slot[fs] = new
     state.placed[r, new] = state.clock
     table = np.empty((len(new), 4), dtype=np.int32)
-    table[:, 0], table[:, 1], table[:, 2], table[:, 3] = r, new, fs, -1
+    table[:, 0], table[:, 1], table[:, 2], table[:, 3] = r, new, fs, wave
     return table
 
 
@@ -533,23 +539,16 @@ def _swap_row(state: PlacementState, r: int, counts: np.ndarray, budget: int, wa
         chunk = order[start:start + budget]
         wave_of[chunk] = w
         new = chunk[slot_of[chunk] < 0]
-        free = (in_slot == -1).nonzero()[0]
-        n_evict = len(new) - len(free)
+        n_evict = len(new) - int(np.count_nonzero(in_slot == -1))
+        gone = _NONE
         if n_evict > 0:  # least recently used residents outside the wave, ties by lower id
             res = (slot_of >= 0).nonzero()[0]
-            cand = res[wave_of[res] != w]
-            key = state.last_use(r)[cand].astype(np.int64) * E + cand
-            gone = cand[np.argpartition(key, n_evict - 1)[:n_evict]] if n_evict < len(cand) else cand
-            in_slot[slot_of[gone]] = -1
-            slot_of[gone] = -1
-            free = (in_slot == -1).nonzero()[0]
-        fs = free[:len(new)]
-        slot_of[new] = fs
-        in_slot[fs] = new
+            gone = res[wave_of[res] != w]
+            if n_evict < len(gone):
+                key = state.last_use(r)[gone].astype(np.int64) * E + gone
+                gone = gone[np.argpartition(key, n_evict - 1)[:n_evict]]
+        tables.append(_move_row(state, r, gone, new, w))
         state.placed[r, chunk] = state.clock  # placed now, or used now: the row's last use either way
-        t = np.empty((len(new), 4), dtype=np.int32)
-        t[:, 0], t[:, 1], t[:, 2], t[:, 3] = r, new, fs, w
-        tables.append(t)
     state.clock = max(c0, state.clock)
     return np.concatenate(tables) if len(tables) > 1 else tables[0] if tables else _NO_TABLE
 
