@@ -29,22 +29,16 @@ from tqdm.auto import tqdm
 
 from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, read_json, run_cli, write_json
 from traces.errors import TideError
-from traces.policies import Policy
+from traces.policies import Policy, every_kind
 from traces.values import get, need_dict, need_float, need_int, need_list, need_str
 
 RUNS: list[tuple[str, float | None, int | None]] = [
     ("all", None, None), ("cpu", None, None), ("static", 0.25, None), ("static", 0.5, None),
     ("swap", 0.25, None), ("swap", 0.5, None), ("tide", 0.25, 1), ("tide", 0.25, 4), ("tide", 0.5, 2),
-    ("mixed", None, None),  # a plan mixing kinds layer by layer (mixed_policy)
+    ("mixed", None, None),  # a plan of every kind in turn: swap at E/4, tide at E/2 tau 2, static at E/2, cpu
 ]
 
 
-def mixed_policy(L: int, E: int) -> Policy:
-    """A plan of every kind in turn, layer by layer: swap at E/4, tide at E/2 tau 2, static at
-    E/2, cpu (the runtime runs each layer as the uniform policy of its kind)."""
-    kinds = (["swap", "tide", "static", "cpu"] * L)[:L]
-    budget = {"swap": max(1, E // 4), "tide": max(1, E // 2), "static": max(1, E // 2), "cpu": 0}
-    return Policy.make("plan", L, E, kind=kinds, budget=[budget[k] for k in kinds], tau=2)
 #: Checkpoints made when none is given: the tiny model, and LLaDA2.0-mini's layer shapes
 #: (one dense and two MoE layers, 256 experts of 2048x512, fp32) with a 1024-token
 #: vocabulary, so that expert math, not the head, is most of a forward.
@@ -95,7 +89,8 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     settings = []
     for name, frac, tau in RUNS:
         budget = None if frac is None else max(1, int(E * frac))
-        policy = mixed_policy(L, E) if name == "mixed" else Policy.make(name, L, E, budget=budget, tau=tau)
+        policy = every_kind(L, E, max(1, E // 4), max(1, E // 2), 2) if name == "mixed" else \
+            Policy.make(name, L, E, budget=budget, tau=tau)
         settings.append((name, budget, tau, policy))
     profiles, times, refs = [], [[] for _ in settings], [[] for _ in settings]
     bar = tqdm(total=repeats * (len(settings) + 1), desc="rounds of profile + runs", unit="step")

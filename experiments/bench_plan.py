@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pandas as pd
 
 from sim.candidates import Candidates, budget_grid, distinct_taus, price_table
-from sim.planner import memory, simulated_seconds
-from sim.plan_model import CandidateTable, solve
+from sim.planner import memory, plan_budgets, simulated_seconds, table_at
+from sim.plan_model import solve
 from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, run_cli, span
 from traces.memory import MemoryBudget
-from traces.policies import KINDS, Policy, kinds_label
+from traces.policies import KINDS, Policy, kinds_label, tau_label
 from traces.profile import Profile
 from traces.shapes import ModelShape
 from traces.synth import synthesize
@@ -49,10 +48,7 @@ def bench_case(model: str, box: str, limits: tuple[float, ...], gen_length: int,
     rows = []
     for g in limits:
         mem = memory([trace], profile, g)
-        keep = np.isin(cands.budget, [b for b in budget_grid(E, 8, [fits[g]]) if mem.fits_alone(b)])
-        sub = Candidates(cands.kind[keep], cands.tau[keep], cands.budget[keep])
-        table = CandidateTable.of(shape.moe_layers, sub, priced.seconds[0][:, keep], mem,
-                                  host_limit=profile.capacity("host_mem_bytes"))
+        table = table_at(priced, 0, mem, profile, plan_budgets(mem))
         per_layer, tide_only = solve(table), solve(table, kinds=["tide"])
         uniform = solve(table, uniform=True, kinds=KINDS)
         plan_s = simulated_seconds([trace], profile, per_layer.policy(E))
@@ -61,10 +57,10 @@ def bench_case(model: str, box: str, limits: tuple[float, ...], gen_length: int,
         u = uniform.kind[0] + (f" tau {uniform.tau[0]}" if uniform.kind[0] == "tide" else "")
         rows.append({
             "model": model, "profile": box, "gpu_mem_gb": g, "layers": L, "taus": len(taus),
-            "candidates_per_layer": len(sub), "pricing_s": pricing_s,
+            "candidates_per_layer": len(table.cands), "pricing_s": pricing_s,
             "build_s": per_layer.build_s, "solve_s": per_layer.solve_s, "binaries": per_layer.variables,
             "uniform_solve_s": uniform.solve_s, "plan_kinds": kinds_label(per_layer.kind),
-            "plan_tau": span([t for t in per_layer.tau if t] or [0]), "plan_budget": span(per_layer.budget),
+            "plan_tau": tau_label(per_layer.kind, per_layer.tau), "plan_budget": span(per_layer.budget),
             "uniform": f"{u}, B {uniform.budget[0]}",
             "plan_s": plan_s, "uniform_s": uni_s, "tide_tau1_s": tide_s,
             "program_error": (per_layer.seconds + fixed_s) / plan_s - 1,

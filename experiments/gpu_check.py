@@ -8,9 +8,10 @@ On a GPU box:
 2. builds a random-weight mini-shape model in memory (bf16, router skew 0.25);
 3. measures tokens/s and ms per forward, with the KV cache, 32-token prompt + 32 tokens, for
    ``all``, ``cpu``, ``static``, ``swap``, ``tide`` (tau 1 and 4) at B = 64 and 128, a plan
-   mixing every kind layer by layer (tide, swap, static, cpu, ...) and each ``--plans`` file (made beforehand with ``sim.plan``), both with the model's own router
-   and replaying a synthetic mini KV-cache trace (realistic expert traffic); and ``all``
-   and ``tide`` B=128 tau 4 with and without the KV cache at 32+32 and at 1024 total tokens;
+   of every kind layer by layer (swap, tide, static, cpu, ...) and each ``--plans`` file
+   (made beforehand with ``sim.plan``), both with the model's own router and replaying a
+   synthetic mini KV-cache trace (realistic expert traffic); and ``all`` and ``tide`` B=128
+   tau 4 with and without the KV cache at 32+32 and at 1024 total tokens;
 4. checks every run's tokens against ``all``'s under the same settings (the lossless rule,
    ``runtime.lossless``), and prices every run's recorded trace with the cost model of
    ``traces/`` on the profile just measured: the lower bound per forward (per layer the max
@@ -46,7 +47,7 @@ from traces.costs import CostModel
 from traces.replay import replay_policy
 from traces.errors import TideError
 from traces.plan import Plan
-from traces.policies import Policy
+from traces.policies import Policy, every_kind
 from traces.profile import Profile
 from traces.synth import synthesize
 from traces.trace import Decoding, Trace
@@ -99,10 +100,7 @@ def cases(L: int, E: int, budgets: tuple[int, int], long_total: int, plans: list
         pols += [(f"static B={b}", Policy.make("static", L, E, budget=b)), (f"swap B={b}", Policy.make("swap", L, E, budget=b)),
                  (f"tide B={b} tau=1", Policy.make("tide", L, E, budget=b, tau=1)),
                  (f"tide B={b} tau=4", Policy.make("tide", L, E, budget=b, tau=4))]
-    kinds = (["tide", "swap", "static", "cpu"] * L)[:L]  # every kind in one run, layer by layer
-    mixed = Policy.make("plan", L, E, kind=kinds, tau=4,
-                        budget=[{"tide": b2, "swap": b1, "static": b2, "cpu": 0}[k] for k in kinds])
-    pols += [(f"mixed B={b1}/{b2}", mixed)] + [(f"plan {i}", p) for i, p in enumerate(plans)]
+    pols += [(f"mixed B={b1}/{b2}", every_kind(L, E, b1, b2, 4))] + [(f"plan {i}", p) for i, p in enumerate(plans)]
     out = [Case(name, pol, "router", True, 32, 32) for name, pol in pols]
     if not quick:
         out += [Case(name, pol, "replay", True, 32, 32) for name, pol in pols]

@@ -39,7 +39,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -184,42 +184,21 @@ def groups(todo: list[Point]) -> list[list[Point]]:
     by: dict[tuple, list[Point]] = {}
     for p in todo:
         by.setdefault(share_key(p), []).append(p)
-    weight = lambda g: len(g) * (4 if g[0].model == "llada2-flash" else 1)  # noqa: E731
-    return sorted(by.values(), key=weight, reverse=True)
+    return sorted(by.values(), key=lambda g: len(g) * ModelShape.named(g[0].model).n_moe_layers, reverse=True)
 
 
-class _Local:
-    """The executor's ``map``: in this process (one job), or on spawned workers."""
-
-    def __init__(self, jobs: int):
-        self.jobs = jobs
-        self._pool = None
-
-    def __enter__(self) -> "_Local":
-        if self.jobs > 1:
-            self._cm = worker_pool(self.jobs)
-            self._pool = self._cm.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._pool is not None:
-            self._cm.__exit__(*exc)
-
-    def map(self, fn: Callable, tasks: list) -> Iterable:
-        return map(fn, tasks) if self._pool is None else self._pool.imap_unordered(fn, tasks)
-
-
-class _Dask(contextlib.nullcontext):
-    """The executor's ``map`` on a Dask cluster."""
-
-    def __init__(self, client):
-        super().__init__(self)
-        self.client = client
-
-    def map(self, fn: Callable, tasks: list) -> Iterable:
+@contextlib.contextmanager
+def _executor(client, jobs: int) -> Iterator[Callable[[Callable, list], Iterable]]:
+    """``map(fn, tasks)`` yielding results as they finish: on a Dask cluster, on ``jobs``
+    spawned workers, or here (one job)."""
+    if client is not None:
         from distributed import as_completed
-        for fut in as_completed(self.client.map(fn, tasks, pure=False)):
-            yield fut.result()
+        yield lambda fn, tasks: (f.result() for f in as_completed(client.map(fn, tasks, pure=False)))
+    elif jobs <= 1:
+        yield map
+    else:
+        with worker_pool(jobs) as pool:
+            yield pool.imap_unordered
 
 
 def run_points(points: Iterable[Point], out: Path, executor: str = "local", jobs: int | None = None,
@@ -273,13 +252,12 @@ def run_points(points: Iterable[Point], out: Path, executor: str = "local", jobs
                 return stats
             split = -(-2 * workers // len(made))  # enough pricing tasks to keep every worker busy
             tasks = [(g, grp, cache, c) for g, grp in enumerate(made) for c in _layer_chunks(grp, split)]
-            run = _Dask(client) if client is not None else _Local(1 if jobs == 1 else min(workers, len(todo)))
-            with run:
+            with _executor(client, 1 if jobs == 1 else min(workers, len(todo))) as run:
                 parts: dict[int, list[tuple[np.ndarray, Priced]]] = {g: [] for g in range(len(made))}
-                for g, layers, priced in run.map(_price, tasks):
+                for g, layers, priced in run(_price, tasks):
                     parts[g].append((layers, priced))
                 rows = [(p, grp, _joined(parts[g]), cache) for g, grp in enumerate(made) for p in grp.points]
-                for k, df in run.map(_rows, rows):
+                for k, df in run(_rows, rows):
                     done(k, df)
     finally:
         if client is not None:
@@ -291,15 +269,12 @@ def run_points(points: Iterable[Point], out: Path, executor: str = "local", jobs
 
 def _layer_chunks(group: Group, n: int) -> list[np.ndarray]:
     L = ModelShape.named(group.points[0].model).n_moe_layers
-    return [c for c in np.array_split(np.arange(L), min(n, L))]
+    return np.array_split(np.arange(L), min(n, L))
 
 
 def _joined(parts: list[tuple[np.ndarray, Priced]]) -> Priced:
-    """A group's prices from its layer chunks, in layer order."""
-    parts = sorted(parts, key=lambda lp: int(lp[0][0]))
-    first = parts[0][1]
-    return Priced(first.cands, np.concatenate([p.seconds for _, p in parts], axis=1),
-                  {k: np.concatenate([p.counters[k] for _, p in parts]) for k in first.counters}, first.fixed_s)
+    """A group's prices from its layer chunks (finished in any order), in layer order."""
+    return Priced.concat([p for _, p in sorted(parts, key=lambda lp: int(lp[0][0]))])
 
 
 def collect(points: Iterable[Point], out: Path) -> pd.DataFrame:

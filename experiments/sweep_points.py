@@ -25,13 +25,14 @@ import numpy as np
 import pandas as pd
 
 from sim.candidates import Candidates, Priced, budget_grid, distinct_taus, price_candidates, same_tau
-from sim.planner import memory
-from sim.plan_model import CandidateTable, solve
+from sim.planner import memory, plan_budgets, table_at
+from sim.plan_model import solve
 from traces.cli import atomic_write, data_sha256, span
 from traces.costs import CostModel
 from traces.replay import replay_policy
 from traces.errors import TideError
-from traces.policies import BASELINES, Policy, kinds_label
+from traces.memory import MemoryBudget
+from traces.policies import BASELINES, Policy, kinds_label, tau_label
 from traces.profile import Profile
 from traces.shapes import ModelShape
 from traces.synth import synthesize
@@ -108,9 +109,6 @@ class Group:
     cands: Candidates
     taus: tuple[int, ...]
 
-    def box_of(self, point: Point) -> int:
-        return self.box_keys.index(data_sha256(point.box().data))
-
 
 def _point_trace(point: Point, cache: str | None) -> Trace:
     return workload(point.model, point.gen_length, point.prompt_length, point.seed, cache)
@@ -166,8 +164,8 @@ def point_rows(point: Point, group: Group, priced: Priced, cache: str | None = N
     trace = _point_trace(point, cache)
     base, profile, gpu_gb = _setting(point, trace)
     mem = memory([trace], profile, gpu_gb)
-    return _point_rows(point, trace, profile, mem, base, _budgets(point, mem), priced, group.box_of(point),
-                       list(group.taus))
+    return _point_rows(point, trace, profile, mem, base, _budgets(point, mem), priced,
+                       group.box_keys.index(base["profile_sha256"]), list(group.taus))
 
 
 def evaluate(point: Point, cache: str | None = None) -> pd.DataFrame:
@@ -190,15 +188,12 @@ def evaluate_group(points: list[Point], cache: str | None = None) -> dict[str, p
     return out
 
 
-def _budgets(point: Point, mem) -> list[int]:
-    """The point's own candidate budgets: the grid, its largest uniform budget and the budgets
-    it prices, each that fits some layer alone."""
-    shape = mem.shape
-    extra = [mem.largest_uniform()] + [int(b) for b in point.budgets if b != "fit"]
-    return [b for b in budget_grid(shape.experts, point.budget_step, extra) if mem.fits_alone(b)]
+def _budgets(point: Point, mem: MemoryBudget) -> list[int]:
+    """The point's own candidate budgets: the program's at its memory limit and the budgets it prices."""
+    return plan_budgets(mem, point.budget_step, [int(b) for b in point.budgets if b != "fit"])
 
 
-def _point_rows(point: Point, trace: Trace, profile: Profile, mem, base: dict, own: list[int], priced: Priced,
+def _point_rows(point: Point, trace: Trace, profile: Profile, mem: MemoryBudget, base: dict, own: list[int], priced: Priced,
                 box: int, taus: list[int]) -> pd.DataFrame:
     """One point's rows: its uniform settings read off the priced table (column sums, which
     the simulator's time equals), its plan solved on its own candidates and replayed."""
@@ -248,14 +243,11 @@ def _point_rows(point: Point, trace: Trace, profile: Profile, mem, base: dict, o
                     label = Policy.make("tide", L, E, budget=b, tau=tau).label
                     uniform(label, "tide", b, same_tau([trace], taus, tau), str(tau))
         elif name == "plan":
-            keep = np.isin(cands.budget, own)
-            sub = Candidates(cands.kind[keep], cands.tau[keep], cands.budget[keep])
-            table = CandidateTable.of(shape.moe_layers, sub, seconds[:, keep], mem,
-                                      host_limit=profile.capacity("host_mem_bytes"))
+            table = table_at(priced, box, mem, profile, own)
             sol = solve(table)
             tide_only = solve(table, kinds=["tide"])  # the per-layer program before kinds mixed (tide and cpu)
             rep = replay_policy(trace, sol.policy(E), cost=CostModel(profile, shape, trace.dtype))
-            row("plan", span([t for t in sol.tau if t] or [0]), span(sol.budget), rep.seconds(), rep.totals(),
+            row("plan", tau_label(sol.kind, sol.tau), span(sol.budget), rep.seconds(), rep.totals(),
                 kinds=kinds_label(sol.kind), plan_kind=" ".join(sol.kind), plan_tau=" ".join(map(str, sol.tau)),
                 plan_budget=" ".join(map(str, sol.budget)), program_s=sol.seconds + fixed,
                 tide_only_s=tide_only.seconds + fixed, solve_s=sol.solve_s)

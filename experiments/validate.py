@@ -31,7 +31,7 @@ from traces.cli import ArgumentParser, atomic_write, check_out_path, file_sha256
 from traces.errors import TideError
 from traces.memory import DEVICE_HEADROOM, MemoryBudget
 from traces.plan import Plan
-from traces.policies import Policy, baselines, kinds_label
+from traces.policies import Policy, baselines, kinds_label, tau_label
 from traces.shapes import ModelShape
 from traces.trace import Trace, read_trace
 
@@ -123,9 +123,8 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
         bad = [c.detail for c in checks if not c.ok]
         if bad:
             failures.append(f"{name}: {bad[0]}")
-        taus = [int(t) for t, k in zip(policy.tau, policy.kinds) if k == "tide"] if policy.tau is not None else []
         rows.append({"policy": name, "kinds": kinds_label(policy.kinds), "budget": span(policy.budget.tolist()),
-                     "tau": span(taus) if taus else "-",
+                     "tau": tau_label(policy.kinds, policy.tau),
                      "predicted_s": _predicted(plan, name), "measured_s": median(seconds[name]),
                      "normalised_s": median(footing[name]),
                      "spread": max(seconds[name]) / min(seconds[name]) - 1,

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from traces.costs import CostModel
 from traces.counters import COUNTERS
 from traces.errors import TideError
-from traces.policies import CPU, KINDS, STATIC, SWAP, TIDE, Policy
+from traces.policies import CPU, KINDS, STATIC, SWAP, TIDE, Policy, check_kinds
 from traces.pool import worker_pool
 from traces.profile import Profile
 from traces.replay import replay
@@ -53,9 +53,7 @@ class Candidates:
     def grid(cls, taus: Sequence[int], budgets: Sequence[int], kinds: Sequence[str] = KINDS) -> "Candidates":
         """``cpu`` once; ``static`` and ``swap`` at every budget of at least 1; ``tide`` at every
         tau and budget of at least 1 (at budget 0 every kind is ``cpu``)."""
-        bad = [k for k in kinds if k not in KINDS]
-        if bad:
-            raise TideError(f"--kinds: unknown kind {bad[0]!r} (expected {', '.join(KINDS)})")
+        check_kinds(kinds, "--kinds")
         pos = sorted({int(b) for b in budgets if b > 0})
         rows: list[tuple[int, int, int]] = []
         if "cpu" in kinds:
@@ -70,6 +68,10 @@ class Candidates:
 
     def __len__(self) -> int:
         return len(self.kind)
+
+    def take(self, keep: np.ndarray) -> "Candidates":
+        """The candidates where ``keep`` (``[C]`` bool) holds."""
+        return Candidates(self.kind[keep], self.tau[keep], self.budget[keep])
 
     def find(self, kind: str, budget: int, tau: int = 0) -> int:
         """The index of a candidate (budget 0 of any kind is ``cpu``); a TideError if absent."""
@@ -135,6 +137,12 @@ class Priced:
     def __add__(self, other: "Priced") -> "Priced":
         return Priced(self.cands, self.seconds + other.seconds,
                       {k: v + other.counters[k] for k, v in self.counters.items()}, self.fixed_s + other.fixed_s)
+
+    @classmethod
+    def concat(cls, parts: Sequence["Priced"]) -> "Priced":
+        """Layer chunks' prices (in layer order) as one table."""
+        return cls(parts[0].cands, np.concatenate([p.seconds for p in parts], axis=1),
+                   {k: np.concatenate([p.counters[k] for p in parts]) for k in COUNTERS}, parts[0].fixed_s)
 
 
 def price_candidates(trace: Trace, profiles: Sequence[Profile], cands: Candidates,
@@ -204,5 +212,4 @@ def price_table(traces: Sequence[Trace], profiles: Sequence[Profile], cands: Can
     else:
         with worker_pool(jobs) as pool:
             parts = list(tqdm(pool.imap(_some_layers, tasks), **bar))
-    return Priced(cands, np.concatenate([p.seconds for p in parts], axis=1),
-                  {k: np.concatenate([p.counters[k] for p in parts]) for k in COUNTERS}, parts[0].fixed_s)
+    return Priced.concat(parts)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from sim.planner import make_plan
 from traces.cli import ArgumentParser, check_out_path, integer, number, print_json, run_cli
 from traces.errors import TideError
-from traces.policies import KINDS
+from traces.policies import KINDS, check_kinds
 from traces.profile import Profile
 from traces.trace import read_trace
 
@@ -65,8 +65,7 @@ def _kinds(text: str | None, flag: str) -> list[str] | None:
     if text is None:
         return None
     kinds = [k.strip() for k in text.split(",") if k.strip()]
-    if not kinds or any(k not in KINDS for k in kinds):
-        raise TideError(f"{flag}: expected comma-separated kinds among {', '.join(KINDS)}, got {text!r}")
+    check_kinds(kinds, flag)
     return kinds
 
 

@@ -36,7 +36,7 @@ from sim.candidates import Candidates
 from traces.cli import span
 from traces.errors import TideError
 from traces.memory import MemoryBudget
-from traces.policies import KINDS, Policy
+from traces.policies import KINDS, Policy, check_kinds
 
 _SOLVING = threading.Lock()
 
@@ -97,29 +97,23 @@ def allowed_candidates(cands: Candidates, kinds: Sequence[str] | None, uniform: 
     """``[C]`` bool: the candidates of ``kinds`` (default: every kind; the uniform program:
     tide, whose budget 0 is cpu). ``cpu`` comes with ``tide``: tide at budget 0 is cpu."""
     kinds = list(kinds) if kinds is not None else (["tide"] if uniform else list(KINDS))
-    _check_kinds(kinds, "--kinds")
+    check_kinds(kinds, "--kinds")
     names = set(kinds) | ({"cpu"} if "tide" in kinds else set())
     return np.isin(cands.kind, [KINDS.index(k) for k in names])
 
 
-def _check_kinds(kinds: Sequence[str], flag: str) -> None:
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise TideError(f"{flag}: unknown kind {bad[0]!r} (expected {', '.join(KINDS)})")
-
-
-def check_kinds(n_layers: int, uniform: bool, kinds: Sequence[str] | None, layer_kinds: Sequence[str] | None) -> None:
+def check_plan_kinds(n_layers: int, uniform: bool, kinds: Sequence[str] | None, layer_kinds: Sequence[str] | None) -> None:
     """The kinds asked for, before any work: names among :data:`KINDS`; ``layer_kinds`` one
     per MoE layer, and neither with ``uniform`` nor with ``kinds``."""
     if kinds is not None:
-        _check_kinds(kinds, "--kinds")
+        check_kinds(kinds, "--kinds")
     if layer_kinds is None:
         return
     if uniform or kinds is not None:
         raise TideError("--layer-kinds: a kind per layer, so neither --uniform nor --kinds")
     if len(layer_kinds) != n_layers:
         raise TideError(f"--layer-kinds: expected one kind for each of the {n_layers} MoE layers, got {len(layer_kinds)}")
-    _check_kinds(layer_kinds, "--layer-kinds")
+    check_kinds(layer_kinds, "--layer-kinds")
 
 
 def allowed_per_layer(table: CandidateTable, kinds: Sequence[str] | None, uniform: bool,
@@ -127,7 +121,7 @@ def allowed_per_layer(table: CandidateTable, kinds: Sequence[str] | None, unifor
     """``[L, C]`` bool: what each layer may take: ``kinds`` for every layer, or exactly the
     kind ``layer_kinds`` names for each (a mix chosen by hand, its budgets and taus planned)."""
     L = len(table.layers)
-    check_kinds(L, uniform, kinds, layer_kinds)
+    check_plan_kinds(L, uniform, kinds, layer_kinds)
     if layer_kinds is None:
         return np.broadcast_to(allowed_candidates(table.cands, kinds, uniform), (L, len(table.cands)))
     return table.cands.kind[None, :] == np.array([KINDS.index(k) for k in layer_kinds])[:, None]

@@ -20,17 +20,18 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 
 from sim.candidates import Candidates, Priced, budget_grid, distinct_taus, price_table
-from sim.plan_model import CandidateTable, Solution, check_kinds, solve
+from sim.plan_model import CandidateTable, Solution, check_plan_kinds, solve
 from sim.replay import simulate
 from traces.cli import data_sha256, file_sha256, span
 from traces.costs import check_fits
 from traces.errors import TideError
 from traces.memory import MemoryBudget
 from traces.plan import Plan
-from traces.policies import KINDS, Policy, baselines, kinds_label
+from traces.policies import KINDS, Policy, baselines, kinds_label, tau_label
 from traces.profile import Profile
 from traces.trace import Trace
 from traces.values import need_float
@@ -60,19 +61,30 @@ def memory(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float) -> Memo
     return mem
 
 
+def plan_budgets(mem: MemoryBudget, step: int = 8, extra: Sequence[int] = ()) -> list[int]:
+    """The program's candidate budgets at a memory limit: multiples of ``step``, the largest
+    uniform budget that fits and ``extra``, each that fits some layer alone."""
+    if step < 1:
+        raise TideError(f"--budget-step must be at least 1, got {step}")
+    return [b for b in budget_grid(mem.shape.experts, step, [mem.largest_uniform(), *extra]) if mem.fits_alone(b)]
+
+
+def table_at(priced: Priced, box: int, mem: MemoryBudget, profile: Profile, budgets: Sequence[int]) -> CandidateTable:
+    """The program's table for one box (``priced``'s ``box``-th profile, ``profile``) and memory
+    limit, from candidates priced for more budgets: those of ``budgets`` only."""
+    keep = np.isin(priced.cands.budget, list(budgets))
+    return CandidateTable.of(mem.shape.moe_layers, priced.cands.take(keep), priced.seconds[box][:, keep], mem,
+                             host_limit=profile.capacity("host_mem_bytes"))
+
+
 def candidate_table(traces: Sequence[Trace], profile: Profile, mem: MemoryBudget, budget_step: int = 8,
                     jobs: int | None = None, progress: bool = True) -> tuple[CandidateTable, Priced]:
     """Every candidate of every layer priced on the traces (taus that refresh at the same
     forwards, and budgets that cannot fit even alone, left out), and the priced table."""
-    shape = traces[0].shape
-    if budget_step < 1:
-        raise TideError(f"--budget-step must be at least 1, got {budget_step}")
-    budgets = [b for b in budget_grid(shape.experts, budget_step, [mem.largest_uniform()]) if mem.fits_alone(b)]
+    budgets = plan_budgets(mem, budget_step)
     taus = distinct_taus(traces, range(1, max(t.decoding.steps for t in traces) + 1))
     priced = price_table(traces, [profile], Candidates.grid(taus, budgets), jobs=jobs, progress=progress)
-    table = CandidateTable.of(shape.moe_layers, priced.cands, priced.seconds[0], mem,
-                              host_limit=profile.capacity("host_mem_bytes"))
-    return table, priced
+    return table_at(priced, 0, mem, profile, budgets), priced
 
 
 def simulated_seconds(traces: Sequence[Trace], profile: Profile, policy: Policy) -> float:
@@ -98,7 +110,7 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
     check_traces(traces, names)
     shape, dtype = traces[0].shape, traces[0].dtype
     L, E = shape.n_moe_layers, shape.experts
-    check_kinds(L, uniform, kinds, layer_kinds)
+    check_plan_kinds(L, uniform, kinds, layer_kinds)
     mem = memory(traces, profile, gpu_mem_gb)
     t0 = time.perf_counter()
     table, priced = candidate_table(traces, profile, mem, budget_step, jobs, progress)
@@ -112,9 +124,9 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
     uni_s = simulated_seconds(traces, profile, best_uniform.policy(E))
     tokens, blocks = sum(t.tokens_generated for t in traces), _blocks(traces)
     u_kind = best_uniform.kind[0]
-    rows = [{"policy": "plan", "kinds": kinds_label(sol.kind), "tau": span([t for t in sol.tau if t] or [0]),
+    rows = [{"policy": "plan", "kinds": kinds_label(sol.kind), "tau": tau_label(sol.kind, sol.tau),
              "budget": span(sol.budget), "seconds": plan_s},
-            {"policy": "uniform best", "kinds": u_kind, "tau": str(best_uniform.tau[0]) if u_kind == "tide" else "-",
+            {"policy": "uniform best", "kinds": u_kind, "tau": tau_label(best_uniform.kind, best_uniform.tau),
              "budget": str(best_uniform.budget[0]), "seconds": uni_s}]
     base_policies = baselines(L, E, mem.largest_uniform())
     for name, pol in base_policies.items():

@@ -42,6 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
+from traces.cli import span
 from traces.errors import TideError
 
 POLICIES: tuple[str, ...] = ("all", "cpu", "static", "swap", "tide", "plan")
@@ -179,6 +180,20 @@ def kinds_label(kinds: Sequence[str]) -> str:
     return ", ".join(f"{k} x{c}" for k, c in sorted(n.items(), key=lambda kv: -kv[1]))
 
 
+def tau_label(kinds: Sequence[str], tau: Sequence[int] | None) -> str:
+    """The taus of the tide layers (``1-4``), or ``-`` when there are none."""
+    taus = [t for t, k in zip(tau, kinds) if k == "tide"] if tau is not None else []
+    return span(taus) if taus else "-"
+
+
+def check_kinds(names: Sequence[str], flag: str) -> None:
+    """Kind names from a flag or a caller: each among :data:`KINDS`, and at least one."""
+    bad = [k for k in names if k not in KINDS]
+    if bad or not len(names):
+        raise TideError(f"{flag}: unknown kind {bad[0]!r} (expected {', '.join(KINDS)})" if bad
+                        else f"{flag}: no kinds (expected some of {', '.join(KINDS)})")
+
+
 def _kinds(kind: str | Sequence[str], n_layers: int) -> np.ndarray:
     """Kind names (one, or one per layer) as indices into :data:`KINDS`."""
     names = [kind] * n_layers if isinstance(kind, str) else list(kind)
@@ -188,6 +203,14 @@ def _kinds(kind: str | Sequence[str], n_layers: int) -> np.ndarray:
     if bad:
         raise PolicyError("kind", f"unknown kind {bad[0]!r} (expected one of {', '.join(KINDS)})")
     return np.array([KINDS.index(k) for k in names], dtype=np.int8)
+
+
+def every_kind(n_layers: int, experts: int, small: int, large: int, tau: int) -> Policy:
+    """A plan of every kind in turn, layer by layer (swap at ``small``, tide at ``large`` and
+    ``tau``, static at ``large``, cpu): how the benchmarks check mixed plans for real."""
+    kinds = (["swap", "tide", "static", "cpu"] * n_layers)[:n_layers]
+    budget = {"swap": small, "tide": large, "static": large, "cpu": 0}
+    return Policy.make("plan", n_layers, experts, kind=kinds, budget=[budget[k] for k in kinds], tau=tau)
 
 
 #: The policies every plan is compared with, by label, in this order.
@@ -293,7 +316,7 @@ class Decision:
     setup_table: np.ndarray  # [n, 4]
     copy_table: np.ndarray  # [n, 4], after setup
     swap: np.ndarray | None = None  # [rows] bool: rows that run waves (None: none do)
-    wave_of: np.ndarray | None = None  # [rows, E] int16: a swap row's wave per chosen expert, -1 otherwise
+    wave_of: np.ndarray | None = None  # [swap rows, E] int16: each swap row's wave per chosen expert, -1 otherwise
     refreshed: np.ndarray | None = None  # [rows] bool: rows whose placement was re-decided (tide's refresh)
 
     @property
@@ -389,16 +412,23 @@ def _place(state: PlacementState, rows: np.ndarray, new: np.ndarray, new_mask: n
     return out
 
 
+def _lru_keys(last_use: np.ndarray, ids: np.ndarray, E: int) -> np.ndarray:
+    """Composite keys: ascending key = least recently used first, then lower id (``last_use``
+    -1 for never): swap's eviction order, and :func:`_evict_keys`' tie-break."""
+    out = last_use.astype(np.int64) + 1
+    out *= E
+    out += ids
+    return out
+
+
 def _evict_keys(counts: np.ndarray, last_use: np.ndarray, clock: int, ids: np.ndarray | None = None,
                 E: int | None = None) -> np.ndarray:
     """Composite eviction keys: ascending key = who leaves first (lowest count, then least
     recently used, then lower id). ``last_use`` is below ``clock``; -1 for never. ``ids``
     (of ``E`` experts in all) when the keys are for a subset, else every expert in order."""
     E = counts.shape[-1] if E is None else E
-    out = np.multiply(counts, clock + 2, dtype=np.int64)
-    out += last_use + 1
-    out *= E
-    out += _ids(E) if ids is None else ids
+    out = _lru_keys(last_use, _ids(E) if ids is None else ids, E)
+    out += np.multiply(counts, (clock + 2) * E, dtype=np.int64)
     return out
 
 
@@ -508,9 +538,7 @@ def _swap(state: PlacementState, rows: np.ndarray, counts: np.ndarray, budgets: 
         evict = None
         ev = np.flatnonzero(n_evict > 0)
         if len(ev):
-            key = state.last_use(r[ev]).astype(np.int64) + 1
-            key *= E
-            key += _ids(E)
+            key = _lru_keys(state.last_use(r[ev]), _ids(E), E)
             key[~resident[ev] | in_wave[ev]] = _NEVER  # residents outside the wave may leave
             key.sort(axis=1)
             er, ek = np.nonzero(_ids(E) < n_evict[ev][:, None])
@@ -545,7 +573,7 @@ def _swap_row(state: PlacementState, r: int, counts: np.ndarray, budget: int, wa
             res = (slot_of >= 0).nonzero()[0]
             gone = res[wave_of[res] != w]
             if n_evict < len(gone):
-                key = state.last_use(r)[gone].astype(np.int64) * E + gone
+                key = _lru_keys(state.last_use(r)[gone], gone, E)
                 gone = gone[np.argpartition(key, n_evict - 1)[:n_evict]]
         tables.append(_move_row(state, r, gone, new, w))
         state.placed[r, chunk] = state.clock  # placed now, or used now: the row's last use either way

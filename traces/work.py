@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from traces.counters import cpu_mask
 from traces.policies import Decision
 
 #: Past any forward's tokens: interpolating up to here never extrapolates.
@@ -112,8 +113,8 @@ def layer_work(decision: Decision, counts: np.ndarray, counters: dict[str, np.nd
     resident = decision.resident.reshape(L, G, E) & ~swap.reshape(L, G, 1)
     fresh = decision.fresh().reshape(L, G, E)
     cnt = counts[:, :, None].astype(np.float64)
-    ready, new, missed = active & resident & ~fresh, active & resident & fresh, active & ~resident
-    missed &= ~swap.reshape(L, G, 1)
+    ready, new = active & resident & ~fresh, active & resident & fresh
+    missed = cpu_mask(decision, counts)  # the counters' rule: chosen, not resident, not a swap row
 
     def n_tok(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return mask.sum(axis=-1).reshape(V), (mask @ cnt)[..., 0].reshape(V)
