@@ -3,16 +3,18 @@
 ``python -m experiments.accuracy [--device cpu|cuda] [--checkpoint DIR] [--out DIR]
 [--capture-only DIR | --replay-only DIR]``
 
-1. In rounds (``--repeats``), profiles this box with the runtime profiler (``--quick``) for
+1. In rounds (``--rounds``), profiles this box with the runtime profiler (``--quick``) for
    the checkpoint's shapes (a random checkpoint of ``--preset`` when none is given), then
    runs the runtime under several policies and budgets, replaying a synthetic trace of the
    checkpoint's shape (realistic expert traffic), capturing each run's trace with its
-   counters; each run is timed between two readings of the speed reference.
+   counters; the speed reference is read once per round.
 2. Replays every captured trace with the simulator on each round's profile, against that
-   round's runs on the profile's footing (the same conditions), and prints measured,
-   normalised and predicted seconds and the error per run (medians over rounds), each
-   policy's predicted speedup over ``all`` against the measured one, the median and worst
-   error, and how much the runs varied between rounds (the box's noise).
+   round's runs (measured in the same process and conditions): a run's error is predicted
+   over measured, minus one, per round; prints every round's errors, then per run the
+   medians over rounds, each policy's predicted speedup over ``all`` against the measured
+   one, the median and worst error, how much the runs varied between rounds (the box's
+   noise) and, beside the error, how the speed reference moved between each round's
+   profile and its runs (``drift``: never folded into the error).
 
 The runtime half needs only ``runtime`` and ``traces`` (``--capture-only DIR`` writes the
 profile, traces and ``runs.json`` to DIR, e.g. on a GPU box without simpy); the simulator
@@ -58,7 +60,7 @@ def make_preset(folder: Path, preset: str) -> None:
 
 
 def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int, prompt_length: int,
-            repeats: int = 5, preset: str = "tiny") -> None:
+            rounds: int = 5, preset: str = "tiny") -> None:
     """The runtime half. Rounds of: profile the box, then run every setting once. A shared box
     changes speed from minute to minute, so each round's runs are kept with the profile taken
     just before them (``profile-roundK.json``) and with the speed reference around each run;
@@ -66,7 +68,7 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     from runtime.checkpoint import load_model
     from runtime.config import ModelConfig
     from runtime.decoding import Generator
-    from runtime.device import around_reference, check_device, timed
+    from runtime.device import check_device, speed_reference_s, timed
     from runtime.capture import TraceRecorder
     from runtime.offload import OffloadEngine
     from runtime.profile import profile_box
@@ -93,29 +95,30 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
             Policy.make(name, L, E, budget=budget, tau=tau)
         settings.append((name, budget, tau, policy))
     profiles, times, refs = [], [[] for _ in settings], [[] for _ in settings]
-    bar = tqdm(total=repeats * (len(settings) + 1), desc="rounds of profile + runs", unit="step")
-    for rnd in range(repeats):
+    bar = tqdm(total=rounds * (len(settings) + 1), desc="rounds of profile + runs", unit="step")
+    for rnd in range(rounds):
         profiles.append(profile_box(cfg, device, dtype, quick=True, progress=False, model=model))
         profiles[-1].write(out / f"profile-round{rnd}.json")
+        ref = speed_reference_s()  # the box's speed during this round's runs: reported as drift, never folded in
         bar.update()
         for i, (name, budget, tau, policy) in enumerate(settings):
             with TraceRecorder(model, work.decoding, dtype) as rec, OffloadEngine(model, policy, device) as eng:
                 gen = Generator(model, work.decoding, recorder=rec, engine=eng)
-                (_, secs), ref = around_reference(lambda: timed(device, lambda: gen.replay(work, 0)))
+                _, secs = timed(device, lambda: gen.replay(work, 0))
                 times[i].append(secs)
                 refs[i].append(ref)
-            if rnd == repeats - 1:
+            if rnd == rounds - 1:
                 rec.trace(policy=policy.to_json()).write(out / f"run{i}.parquet")
             bar.update()
     bar.close()
     typical = median_of(profiles)
-    typical.data["measured"]["rounds"] = repeats
+    typical.data["measured"]["rounds"] = rounds
     typical.write(out / "profile.json")
     runs = [{"run": i, "policy": name, "budget": budget, "tau": tau, "trace": f"run{i}.parquet",
              "measured_s": float(np.median(times[i])), "spread": max(times[i]) / min(times[i]) - 1,
              "rounds_s": times[i], "rounds_reference_s": refs[i], "device": str(device)}
             for i, (name, budget, tau, _) in enumerate(settings)]
-    write_json(out / "runs.json", {"checkpoint": checkpoint, "rounds": repeats, "runs": runs})
+    write_json(out / "runs.json", {"checkpoint": checkpoint, "rounds": rounds, "runs": runs})
 
 
 def read_runs(out: Path) -> list[dict]:
@@ -162,7 +165,7 @@ def replay(out: Path) -> pd.DataFrame:
     profiles = [Profile.load(out / f"profile-round{k}.json") for k in range(n)] if paired else [
         Profile.load(out / "profile.json")]
     ref_p = [p.reference_s() for p in profiles]
-    rows, pred, meas = [], [], []
+    rows, pred, meas, per_round = [], [], [], []
     for r in runs:
         trace = read_trace(out / r["trace"])
         if not trace.policy:
@@ -174,24 +177,28 @@ def replay(out: Path) -> pd.DataFrame:
         sims = [simulate(trace, p, policy) for p in profiles]
         p_r = np.array([res.seconds for res in sims])
         m_r = np.array(r["rounds_s"]) if paired else np.array([r["measured_s"]])
-        if paired and len(r["rounds_reference_s"]) == n and all(ref_p):
-            # on the profile's footing: the box ran at another speed than when it was profiled
-            m_r = m_r * np.array(ref_p) / np.array(r["rounds_reference_s"])
+        drift = float("nan")
+        if paired and len(r["rounds_reference_s"]) == n and all(ref_p):  # the box then against now, reported only
+            drift = float(np.median(np.array(ref_p) / np.array(r["rounds_reference_s"]) - 1))
         pred.append(p_r)
         meas.append(m_r)
         agree = all((sims[0].counters[k] == trace.counters[k]).all() for k in sims[0].counters)
         rows.append({**{k: r[k] for k in ("run", "policy", "budget", "tau", "device")},
-                     "measured_s": r["measured_s"], "normalised_s": float(np.median(m_r)),
-                     "predicted_s": float(np.median(p_r)),
-                     "error": float(np.median((p_r - m_r) / m_r)), "spread": r["spread"],
+                     "measured_s": float(np.median(m_r)), "predicted_s": float(np.median(p_r)),
+                     "error": float(np.median(p_r / m_r - 1)), "spread": r["spread"], "drift": drift,
                      "counters_agree": agree})
+        for k, (pk, mk) in enumerate(zip(p_r, m_r)):
+            per_round.append({"round": k, "run": r["run"], "predicted_s": float(pk), "measured_s": float(mk),
+                              "error": float(pk / mk - 1)})
     df = pd.DataFrame(rows)
     base = np.flatnonzero(df["policy"].to_numpy() == "all")
     if len(base):  # each policy's speedup over all, predicted against measured, round by round
         b = int(base[0])
         df["speedup_error"] = [float(np.median((pred[b] / p) / (meas[b] / m) - 1)) for p, m in zip(pred, meas)]
     atomic_write(out / "accuracy.parquet", lambda tmp: df.to_parquet(tmp, index=False))
-    return df
+    rounds = pd.DataFrame(per_round)
+    atomic_write(out / "accuracy-rounds.parquet", lambda tmp: rounds.to_parquet(tmp, index=False))
+    return df, rounds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,13 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay-only", default=None, metavar="DIR")
     ap.add_argument("--gen-length", type=integer, default=128)
     ap.add_argument("--prompt-length", type=integer, default=64)
-    ap.add_argument("--repeats", type=integer, default=5,
+    ap.add_argument("--rounds", "--repeats", dest="rounds", type=integer, default=5,
                     help="rounds of profile + every setting; errors are medians over the rounds")
     ap.add_argument("--preset", default="tiny", choices=PRESETS,
                     help="checkpoint made when --checkpoint is not given (mini-moe: LLaDA2.0-mini's layers, ~7 GB)")
     a = ap.parse_args(argv)
-    if a.repeats < 1:
-        raise TideError("--repeats must be at least 1")
+    if a.rounds < 1:
+        raise TideError("--rounds must be at least 1")
     if a.capture_only and a.replay_only:
         raise TideError("give --capture-only or --replay-only, not both")
     out = Path(a.capture_only or a.replay_only or a.out)
@@ -223,13 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     if not a.replay_only:
         import torch
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        capture(out, device, a.checkpoint, a.gen_length, a.prompt_length, a.repeats, a.preset)
+        capture(out, device, a.checkpoint, a.gen_length, a.prompt_length, a.rounds, a.preset)
         if a.capture_only:
             print(f"captured {out}; replay anywhere with python -m experiments.accuracy --replay-only {out}")
             return 0
-    df = replay(out)
+    df, rounds = replay(out)
     pct = lambda c: (100 * df[c]).round(1).astype(str) + "%"  # noqa: E731
-    show = df.assign(error=pct("error"), spread=pct("spread"),
+    label = {int(r): f"{r}:{p}" for r, p in zip(df["run"], df["policy"])}
+    wide = rounds.pivot(index="round", columns="run", values="error").rename(columns=label)
+    print("error per round (predicted / measured - 1):")
+    with pd.option_context("display.width", 200):
+        print(wide.map(lambda v: f"{100 * v:+.1f}%").to_string())
+    show = df.assign(error=pct("error"), spread=pct("spread"), drift=pct("drift"),
                      **({"speedup_error": pct("speedup_error")} if "speedup_error" in df else {}))
     with pd.option_context("display.width", 160):
         print(show.round(4).to_string(index=False))

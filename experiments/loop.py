@@ -1,6 +1,6 @@
 """The whole loop on a tiny random model, end to end on this box: capture, profile, plan, validate.
 
-``python -m experiments.loop [--out out/loop] [--repeats 3]`` runs, in order, what the
+``python -m experiments.loop [--out out/loop] [--rounds 5]`` runs, in order, what the
 README's quick start shows as five commands (about 15 seconds on 2 cores):
 
 1. ``runtime.make_checkpoint --preset tiny`` (``DIR/tiny``, fp32, router skew 0.25);
@@ -29,15 +29,15 @@ PROMPT = ",".join(str(i) for i in range(1, 41))
 GPU_MEM_GB = "0.0012"
 
 
-def run(out: str | Path = "out/loop", repeats: int = 3, echo: bool = True) -> dict[str, Path]:
+def run(out: str | Path = "out/loop", rounds: int = 5, echo: bool = True) -> dict[str, Path]:
     """Run the five steps into ``out``; the paths of what they wrote."""
     from experiments import validate
     from runtime import generate, make_checkpoint, profile
     from sim import plan
 
     out = check_out_path(out, "--out", folder=True)
-    if repeats < 1:
-        raise TideError(f"--repeats must be at least 1, got {repeats}")
+    if rounds < 1:
+        raise TideError(f"--rounds must be at least 1, got {rounds}")
     out.mkdir(parents=True, exist_ok=True)
     ckpt, trace, box, plan_file, result = (out / "tiny", out / "t.parquet", out / "box.json", out / "plan.json",
                                            out / "validation.json")
@@ -48,7 +48,7 @@ def run(out: str | Path = "out/loop", repeats: int = 3, echo: bool = True) -> di
         (box, profile.main, ["--checkpoint", str(ckpt), "--quick", "--device", "cpu", "--out", str(box)]),
         (plan_file, plan.main, ["--trace", str(trace), "--profile", str(box), "--gpu-mem-gb", GPU_MEM_GB,
                                 "--jobs", "1", "--out", str(plan_file)]),
-        (result, validate.main, ["--checkpoint", str(ckpt), "--plan", str(plan_file), "--repeats", str(repeats),
+        (result, validate.main, ["--checkpoint", str(ckpt), "--plan", str(plan_file), "--rounds", str(rounds),
                                  "--out", str(result)]),
     ]
     for target, main, argv in steps:
@@ -71,10 +71,11 @@ def run(out: str | Path = "out/loop", repeats: int = 3, echo: bool = True) -> di
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m experiments.loop", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="out/loop", help="folder for every step's output (reused when present)")
-    ap.add_argument("--repeats", type=integer, default=3, help="timed runs per policy in the validation")
+    ap.add_argument("--rounds", "--repeats", dest="rounds", type=integer, default=5,
+                    help="rounds of the validation (profile re-timed, every policy once); errors are medians")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    paths = run(a.out, a.repeats)
+    paths = run(a.out, a.rounds)
     print(f"loop done in {time.perf_counter() - t0:.0f} s; result: {paths['result']} "
           "(notebooks/validation.ipynb reads it)")
     return 0

@@ -13,6 +13,7 @@ marked ``measured``. ``--quick`` keeps grids small (under a minute on 2 cores).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import socket
@@ -35,11 +36,17 @@ from traces.profile import FORMAT, VERSION, Profile
 from traces.shapes import ModelShape
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], Any], int], float]:
-    """Median seconds of ``reps`` runs of ``fn`` after one warm-up (:func:`runtime.device.timed` each)."""
+def _timer(device: torch.device, min_s: float = 0.0) -> Callable[[Callable[[], Any], int], float]:
+    """Median seconds of ``fn`` (:func:`runtime.device.timed` each) after one warm-up: at least
+    ``reps`` runs and at least ``min_s`` seconds of them. A cell of a few hundred microseconds
+    timed three times reads 20-50 % apart from one process to the next on a shared box; timed
+    for tens of milliseconds, its median holds within a few per cent."""
     def median_s(fn: Callable[[], Any], reps: int) -> float:
         fn()  # warm-up
-        return float(np.median([timed(device, fn)[1] for _ in range(reps)]))
+        out: list[float] = []
+        while len(out) < reps or (sum(out) < min_s and len(out) < 2000):
+            out.append(timed(device, fn)[1])
+        return float(np.median(out))
     return median_s
 
 
@@ -78,17 +85,11 @@ class Profiler:
                  model: LLaDA2 | None = None):
         self.cfg, self.device, self.dtype, self.quick, self.model = cfg, device, dtype, quick, model
         self.reps = 3 if quick else 7
-        # When the fast device is the CPU every measurement is host work on a box whose speed
-        # may drift: each is put on the footing of the profile's start (speed_reference_s).
-        self.normalise = device.type == "cpu"
-        self.reference_s = speed_reference_s() if self.normalise else None
-        timer = _timer(device)
-        self.time = (lambda fn, reps: timer(fn, reps) * self.drift()) if self.normalise else timer
-        self.bar = tqdm(total=7, desc="profiling", disable=not progress)
-
-    def drift(self) -> float:
-        """How much faster the box is now than at the profile's start (1 on a GPU box)."""
-        return self.reference_s / speed_reference_s() if self.normalise else 1.0
+        # Every cell is timed for tens of milliseconds (its median), never rescaled: the speed
+        # reference is only recorded, so that a validation can report how the box moved since.
+        self.time = _timer(device, 0.02 if quick else 0.1)
+        self.reference_s = speed_reference_s()
+        self.bar = tqdm(total=8, desc="profiling", disable=not progress)
 
     def _step(self, what: str) -> None:
         self.bar.set_postfix_str(what)
@@ -128,6 +129,20 @@ class Profiler:
         return ExpertWeights(mk(n, s.moe_intermediate, s.hidden), mk(n, s.moe_intermediate, s.hidden),
                              mk(n, s.hidden, s.moe_intermediate))
 
+    def _rotation(self, n: int, dtype: torch.dtype, device: torch.device) -> Callable[[], ExpertWeights]:
+        """Sets of ``n`` experts' weights handed out in turn, one set per MoE layer of the model
+        (at most 1 GB): in a run a layer's experts come back only after every other layer's
+        have passed through the caches, so a table timed on one set, hot in cache, reads up to
+        1.4x faster than the same work inside a forward."""
+        s = self.cfg.shape
+        first = self._experts(n, dtype, device)
+        one = sum(t.numel() * t.element_size() for t in (first.gate, first.up, first.down))
+        copies = int(max(1, min(s.n_moe_layers, (1 << 30) // max(one, 1))))
+        sets = [first] + [ExpertWeights(*(torch.full_like(t, 0.01) for t in (first.gate, first.up, first.down)))
+                          for _ in range(copies - 1)]
+        turn = itertools.cycle(sets)
+        return lambda: next(turn)
+
     def gpu_experts(self) -> dict[str, Any]:
         """The engine's computation of ``e`` resident experts with ``t`` tokens each, with the
         expert kernel the engine picks on this device (``runtime.model.choose_kernel``)."""
@@ -137,19 +152,29 @@ class Profiler:
         experts = [1, 8, 32] if self.quick else [1, 8, 32, 64, 128, 256]
         experts = [e for e in experts if e <= s.experts]
         tpe = [1, 4, 16] if self.quick else [1, 4, 16, 64]
-        w = self._experts(max(experts), self.dtype, self.device)
         table = []
         for e in experts:
+            w = self._rotation(e, self.dtype, self.device)  # a stack of just these experts
             row = []
             for t in tpe:
                 x = torch.randn(e * t, s.hidden, device=self.device, dtype=self.dtype)
                 out = torch.empty_like(x)
                 bounds = np.arange(e + 1) * t
                 idx = np.arange(e)
-                row.append(self.time(lambda: run(x, out, bounds, idx, w, idx), self.reps))
+                row.append(self.time(lambda: run(x, out, bounds, idx, w(), idx), self.reps))
             table.append(row)
+        # what idle stack entries add to a call: one expert with a token, alone and in a stack
+        # of the largest size (the engine's slots hold its budget, its host stack every expert)
+        big = max(experts)
+        w = self._rotation(big, self.dtype, self.device)
+        x = torch.randn(1, s.hidden, device=self.device, dtype=self.dtype)
+        out = torch.empty_like(x)
+        one = np.array([0, 1])
+        in_big = self.time(lambda: run(x, out, one, np.array([0]), w(), np.arange(big)), self.reps)
+        group_s = max(0.0, (in_big - table[0][0]) / (big - 1)) if big > 1 and experts[0] == 1 else 0.0
         self._step("grouped experts")
-        entry = {"source": "measured", "experts": experts, "tokens_per_expert": tpe, "seconds": table, "kernel": kernel}
+        entry = {"source": "measured", "experts": experts, "tokens_per_expert": tpe, "seconds": table, "kernel": kernel,
+                 "group_s": group_s}
         if probe:
             entry["kernels_s"] = probe  # each kernel at 64 experts x 4 tokens: why this one
         return {dtype_name(self.dtype): entry}
@@ -163,14 +188,14 @@ class Profiler:
         n = min(s.experts, 16 if self.quick else 64)
         cpu = torch.device("cpu")
         for dt in sorted({dtype_name(self.dtype), "float32", "bfloat16"}):
-            w = self._experts(n, torch_dtype(dt), cpu)
+            w = self._rotation(n, torch_dtype(dt), cpu)
             idx = np.arange(n)
             secs = []
             for t in tokens:
                 x = torch.randn(n * t, s.hidden, dtype=torch_dtype(dt))
                 res = torch.empty_like(x)
                 bounds = np.arange(n + 1) * t
-                secs.append(self.time(lambda: run_experts(x, res, bounds, idx, w, idx), self.reps) / n)
+                secs.append(self.time(lambda: run_experts(x, res, bounds, idx, w(), idx), self.reps) / n)
             out[dt] = {"source": "measured", "tokens": tokens, "seconds": secs, "kernel": "loop"}
         self._step("CPU experts")
         return out
@@ -261,7 +286,6 @@ class Profiler:
 
         def per_forward(policy: Policy) -> tuple[dict[str, float], float]:
             """Median seconds per forward by timer, and experts copied per forward."""
-            drift = self.drift()
             with OffloadEngine(model, policy, self.device) as eng:
                 rows = []
                 for f, (idx, w, x) in enumerate(steps):
@@ -273,7 +297,7 @@ class Profiler:
                     if f:  # the first forward sets up
                         rows.append({t: eng.timers[t] - before[t] for t in eng.timers})
                 tot = eng.totals()
-            med = {t: float(np.median([r[t] for r in rows])) * drift for t in rows[0]}
+            med = {t: float(np.median([r[t] for r in rows])) for t in rows[0]}
             return med, tot["migrations"] / (len(steps) - 1)
 
         def rest(t: dict[str, float]) -> float:  # _execute's time that no other timer holds: issuing
@@ -306,20 +330,31 @@ class Profiler:
             "miss_call_s": {**_m(max(0.0, rest(t_cpu) - rest(t_all)) / active), "note": note},
         }
 
-    def forward_host_s(self) -> float:
-        """The decoding loop's own host work per forward (embedding, rotary tables, the engine's
-        begin and end, acceptance): the time of :class:`runtime.decoding.Generator` replaying a
-        synthetic trace through the engine, less the layers' and the head's own time (priced
-        apart). On the model given to the profiler (``model=``: the checkpoint itself, under
-        ``static`` at an eighth of the experts), or else on a stand-in of this shape whose
-        routed experts are tiny."""
+    def in_run(self, data: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        """The tables' level inside a forward, and the decoding loop's own host work per forward.
+
+        A cell timed alone, again and again, runs hotter than the same work inside a forward,
+        where every other layer's weights and code pass through the caches in between (on the
+        2-core VM a dense layer took 1.2-1.5x its table's time inside a run). So the profiler
+        replays a synthetic trace through :class:`runtime.decoding.Generator` and the engine,
+        clocks each layer, the head and the engine's expert timers, prices the same forwards
+        on the tables just measured, and, where the fast device is the CPU (where host clocks
+        see the work itself), scales each table by measured over priced; the factors are kept
+        in the profile's ``in_run`` entry and printed. ``forward_s`` is what the run spent
+        outside the layers and the head. On the model given to the profiler (``model=``: the
+        checkpoint itself, under ``static`` at an eighth of the experts), or else on a stand-in
+        of this shape whose routed experts are tiny (then the head and experts keep their
+        tables: the stand-in's differ)."""
         import dataclasses
         import runtime.decoding as decoding
         from runtime.decoding import Generator, sample as sample_fn
         from runtime.offload import OffloadEngine
+        from traces.costs import CostModel
+        from traces.replay import replay
         from traces.synth import synthesize
         s = self.cfg.shape
         model = self.model
+        real = model is not None
         if model is None:
             cfg1 = dataclasses.replace(self.cfg, shape=dataclasses.replace(s, vocab=64), mask_id=63, eos_id=62)
             torch.manual_seed(0)
@@ -331,35 +366,96 @@ class Profiler:
         else:
             policy = Policy.make("static", s.n_moe_layers, s.experts, budget=max(1, s.experts // 8))
         work = synthesize(model.cfg.shape, 96, 32, seed=0, dtype=dtype_name(self.dtype))
-        spent = [0.0]
+        spent: dict[str, float] = {}
 
-        def clocked(fn):
+        def clocked(part: str, fn):
             def run(*a, **k):
                 t0 = time.perf_counter()
                 try:
                     return fn(*a, **k)
                 finally:
-                    spent[0] += time.perf_counter() - t0
+                    spent[part] = spent.get(part, 0.0) + time.perf_counter() - t0
             return run
-        saved = [(m, m.forward) for m in [*model.model.layers, model.lm_head]]
-        for m, fwd in saved:
-            m.forward = clocked(fwd)
-        decoding.sample = clocked(sample_fn)
+        layers = model.model.layers
+        parts = [("dense" if i < s.first_k_dense else "moe", m) for i, m in enumerate(layers)]
+        parts += [("head", model.lm_head), ("head", model.model.norm)]
+        saved = [(m, m.forward) for _, m in parts]
+        for part, m in parts:
+            m.forward = clocked(part, m.forward)
+        decoding.sample = clocked("head", sample_fn)
+        b = max(1, s.experts // 8)
+        policies = {"static": policy} if not real else {"static": policy, "swap": Policy.make("swap", s.n_moe_layers,
+                                                                                          s.experts, budget=b)}
+        med: dict[str, dict[str, float]] = {}
         try:
-            loop = []
-            for rep in range(self.reps + 1):
-                drift = self.drift()
-                with OffloadEngine(model, policy, self.device) as eng:
-                    gen = Generator(model, work.decoding, engine=eng)
-                    spent[0] = 0.0
-                    res, secs = timed(self.device, lambda: gen.replay(work, 0))
-                if rep:  # the first is a warm-up
-                    loop.append((secs - spent[0]) / res.forwards * drift)
+            for name, pol in policies.items():
+                samples = []
+                for rep in range(self.reps + 1):
+                    with OffloadEngine(model, pol, self.device) as eng:
+                        gen = Generator(model, work.decoding, engine=eng)
+                        spent.clear()
+                        res, secs = timed(self.device, lambda: gen.replay(work, 0))
+                    if rep:  # the first is a warm-up
+                        samples.append({**dict.fromkeys(("dense", "moe", "head"), 0.0), **spent, **eng.timers,
+                                        "total": secs, "forwards": res.forwards})
+                med[name] = {k: float(np.median([x[k] for x in samples])) for k in samples[0]}
         finally:
             decoding.sample = sample_fn
             for m, fwd in saved:
                 m.forward = fwd
-        return float(np.median(loop))
+        st = med["static"]
+        forward_s = (st["total"] - st["dense"] - st["moe"] - st["head"]) / st["forwards"]
+        if self.device.type != "cpu":  # a GPU's work is asynchronous: host clocks do not see it
+            return forward_s, {}
+        data["host"]["forward_s"] = _m(forward_s)
+        cost = CostModel(Profile(data, where="profile being measured"), s, dtype_name(self.dtype))
+        fw = work.forwards
+        tc = list(zip(fw["tokens_run"].tolist(), fw["context"].tolist()))
+        priced = {"dense": s.first_k_dense * sum(cost.non_expert_s("dense_layer", t, c) for t, c in tc),
+                  "head": sum(cost.non_expert_s("head", t) for t, _ in tc), "moe": 0.0, "experts": 0.0,
+                  "decide": 0.0, "copies": 0.0}
+        for name, pol in policies.items():
+            for f in replay(work, pol, with_act=False):
+                p = cost.layer_parts(f.decision, f.counts, f.counters, f.tokens_run, f.context)
+                if name == "static":
+                    priced["moe"] += float(p["non_expert"].sum())
+                    priced["experts"] += float((p["hits_ready"] + p["hits_fresh"] + p["cpu"]).sum())
+                else:  # swap: its decisions per wave, and copies
+                    moved = f.counters["migrations"] + f.counters["setup_migrations"]
+                    priced["decide"] += float(p["decide"].sum())
+                    priced["copies"] += float((p["copy"] + p["setup_copy"]).sum() + sum(c.sum() for _, c, _ in p["waves"])
+                                              + cost.profile.host("copy_call_s") * moved.sum())
+        ran = {"dense": st["dense"], "head": st["head"], "moe": st["moe"] - st["layer_s"],
+               "experts": st["fast_s"] + st["cpu_s"]}
+        if "swap" in med:
+            ran.update(decide=med["swap"]["decide_s"], copies=med["swap"]["copy_s"])
+        factors: dict[str, Any] = {}
+        tables = data["non_expert"][s.model_key]
+        key, dt = s.expert_shape_key, dtype_name(self.dtype)
+        targets = {"dense": [tables["dense_layer"]] if s.first_k_dense else [],
+                   "moe": [tables["moe_layer"]] + ([] if s.first_k_dense else [tables["dense_layer"]]),
+                   "head": [tables["head"]] if real else [],
+                   "experts": [data["gpu_experts"][key][dt]] if real else []}
+        for part in ran:
+            if priced[part] <= 0 or ran[part] <= 0:
+                continue
+            k = ran[part] / priced[part]
+            factors[part] = k
+            for e in targets.get(part, []):
+                e["seconds"] = (np.asarray(e["seconds"], dtype=float) * k).tolist()
+                if "group_s" in e:
+                    e["group_s"] *= k
+                e["in_run"] = k
+            host = data["host"]
+            for name in {"decide": ("decide_s", "refresh_s", "swap_s", "swap_wave_s"), "copies": ("copy_call_s",)}.get(part, ()):
+                host[name]["value"] *= k
+            if part == "copies":  # on the CPU a copy is the host's own memory traffic
+                for entry in data["h2d"].values():
+                    entry["gbps"] = (np.asarray(entry["gbps"], dtype=float) / k).tolist()
+        note = (f"measured over priced in replays of a synthetic {len(tc)}-forward trace "
+                f"({', '.join(f'{n} B={int(p.budget[0])}' for n, p in policies.items())}); the tables and "
+                "host costs each part prices are scaled by it")
+        return forward_s, {**factors, "note": note}
 
     def overheads(self) -> dict[str, Any]:
         x = torch.zeros(16, device=self.device)
@@ -390,7 +486,7 @@ class Profiler:
         name = f"{socket.gethostname()}-{self.device.type}"
         data = {
             "format": FORMAT, "version": VERSION, "name": name,
-            "measured": {**measured_where(), **({"reference_s": self.reference_s} if self.normalise else {})},
+            "measured": {**measured_where(), "reference_s": self.reference_s},
             "about": (f"Measured by runtime.profile on {platform.node()} ({platform.processor() or platform.machine()}), "
                       f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
                       f"{torch.cuda.get_device_name(self.device) if cuda else 'fast device = CPU'}, "
@@ -407,10 +503,22 @@ class Profiler:
             "cpu_expert_ffn": {key: cpu_ffn},
             "non_expert": non_expert,
         }
-        data["host"] = {**self.host_costs(), "forward_s": {**_m(self.forward_host_s()),
-                                                            "note": "measured with runtime.decoding.Generator, per forward"}}
+        data["host"] = {**self.host_costs(), "forward_s": _m(0.0)}
+        forward_s, in_run = self.in_run(data)
+        data["host"]["forward_s"] = {**_m(forward_s), "note": "measured with runtime.decoding.Generator, per forward"}
+        if in_run:
+            data["in_run"] = in_run
+        self._step("in a run")
         self.bar.close()
         return data
+
+
+def in_run_line(prof: Profile) -> str:
+    """The in-run factors of a profile, as one line (what its tables were scaled by)."""
+    f = prof.data.get("in_run") or {}
+    parts = ", ".join(f"{k} x{v:.2f}" for k, v in f.items() if k != "note")
+    return f"in-run level (tables scaled by measured over priced in a replay): {parts}" if parts else \
+        "in-run level: none applied (a GPU's work is timed on the device)"
 
 
 def profile_box(cfg: ModelConfig, device: torch.device, dtype: str, quick: bool, progress: bool = True,
@@ -434,11 +542,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ModelConfig.load(a.checkpoint) if a.checkpoint else ModelConfig.from_dict(ModelShape.named("llada2-mini").config)
     dtype = a.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     t0 = time.perf_counter()
-    prof = profile_box(cfg, device, dtype, a.quick)
+    model = None
+    if a.checkpoint:  # the in-run step replays the checkpoint itself (experts in host memory, as the engine keeps them)
+        from runtime.checkpoint import load_model
+        model = load_model(a.checkpoint, device=device, dtype=dtype, experts_device="cpu")
+    prof = profile_box(cfg, device, dtype, a.quick, model=model)
     prof.write(a.out)
     s = prof.summary()
     print(f"wrote {a.out} in {time.perf_counter() - t0:.0f} s: {s['name']}, fast device {s['fast_device']}, "
           f"h2d pinned up to {s['h2d_pinned_gbps_max']:.1f} GB/s, launch {s['launch_s'] * 1e6:.1f} us")
+    print(in_run_line(prof))
     return 0
 
 

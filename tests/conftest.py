@@ -98,5 +98,5 @@ def validated(tmp_path_factory):
     d = tmp_path_factory.mktemp("loop")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        paths = run(d / "loop", repeats=1)
+        paths = run(d / "loop", rounds=1)
     return {**paths, "stdout": printed.getvalue()}

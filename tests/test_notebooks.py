@@ -54,7 +54,7 @@ def test_validation(tmp_path, validated, fmt):
         from experiments.validate import write
         d = json.loads(result.read_text())
         result = tmp_path / "v.parquet"
-        write(str(result), pd.DataFrame(d["runs"]), d["provenance"])
+        write(str(result), pd.DataFrame(d["runs"]), pd.DataFrame(d["rounds"]), d["provenance"])
     nb = run_notebook("validation.ipynb", f'RESULT = "{result}"', tmp_path)
     assert _images(nb) >= 2 and "tokens agree for every policy: True" in _text(nb)
 

@@ -36,7 +36,7 @@ def test_a_mixed_plan_runs_for_real_with_the_tokens_of_all(validated, tiny_ckpt,
     assert p.returncode == 0, p.stderr
     assert "kind per layer:   swap cpu tide" in p.stdout
     out = tmp_path / "v.json"
-    p = run_module("experiments.validate", "--checkpoint", str(tiny_ckpt), "--plan", str(plan), "--repeats", "1",
+    p = run_module("experiments.validate", "--checkpoint", str(tiny_ckpt), "--plan", str(plan), "--rounds", "1",
                    "--out", str(out))
     assert p.returncode == 0, p.stderr
     assert "tokens agree with the reference (all)" in p.stdout and "swap x1" in p.stdout

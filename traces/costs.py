@@ -72,9 +72,14 @@ class CostModel:
         gpu_counts = np.asarray(gpu_counts)
         return self.grouped_s((gpu_counts > 0).sum(axis=-1), gpu_counts.sum(axis=-1))
 
-    def grouped_s(self, experts: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        """``experts`` experts holding ``tokens`` tokens in all, computed grouped on the fast device."""
-        return self.profile.gpu_experts_s(self._key, self._gpu_dtype, experts, tokens / np.maximum(experts, 1))
+    def grouped_s(self, experts: np.ndarray, tokens: np.ndarray, stack: np.ndarray | int | None = None) -> np.ndarray:
+        """``experts`` experts holding ``tokens`` tokens in all, computed grouped on the fast
+        device, in one call over a stack of ``stack`` experts (its other entries hold no tokens)."""
+        s = self.profile.gpu_experts_s(self._key, self._gpu_dtype, experts, tokens / np.maximum(experts, 1))
+        if stack is None:
+            return s
+        idle = np.maximum(np.asarray(stack, dtype=np.float64) - experts, 0.0)
+        return np.where(np.asarray(experts) > 0, s + self.profile.gpu_group_s(self._key, self._gpu_dtype) * idle, 0.0)
 
     def copies_s(self, migrations: np.ndarray) -> np.ndarray:
         m = np.asarray(migrations, dtype=np.float64)
@@ -112,12 +117,12 @@ class CostModel:
         waves = (w.wave_experts > 0).sum(axis=0)
         decide = np.where(w.swap, host("swap_s") + host("swap_wave_s") * waves,
                           np.where(w.refreshed, host("refresh_s"), host("decide_s")))
-        if self.profile.shares_cores:  # the fast device is the CPU: misses run its kernel, like hits
-            cpu = self.grouped_s(w.miss_n, w.miss_tok)
+        if self.profile.shares_cores:  # the fast device is the CPU: misses run its kernel, like hits,
+            cpu = self.grouped_s(w.miss_n, w.miss_tok, self.shape.experts)  # on the host stack of every expert
         else:
             cpu = w.miss_w @ self.profile.cpu_expert_s(self._key, self.cpu_dtype, w.knots)
         launch = host("copy_call_s") * w.wave_copies + host("expert_call_s") * w.wave_experts
-        hits = np.where(w.wave_experts > 0, self.grouped_s(w.wave_experts, w.wave_tokens), 0.0)
+        hits = np.where(w.wave_experts > 0, self.grouped_s(w.wave_experts, w.wave_tokens, w.slots), 0.0)
         copy = np.where(w.wave_copies > 0, self.copies_s(w.wave_copies), 0.0)
         return {
             "non_expert": per_fwd[w.fwd],
@@ -127,8 +132,8 @@ class CostModel:
             "copy": self.copies_s(w.copy_n),
             "d2h_act": self.act_s(w.act_tokens, "d2h"),
             "h2d_act": self.act_s(w.act_tokens, "h2d"),
-            "hits_ready": self.grouped_s(w.ready_n, w.ready_tok),
-            "hits_fresh": self.grouped_s(w.fresh_n, w.fresh_tok),
+            "hits_ready": self.grouped_s(w.ready_n, w.ready_tok, w.slots),
+            "hits_fresh": self.grouped_s(w.fresh_n, w.fresh_tok, w.slots),
             "cpu": cpu,
             "issue": host("issue_s") + host("copy_call_s") * (w.setup_n + w.copy_n) + host("miss_call_s") * w.miss_n,
             "launch": host("expert_call_s") * (w.ready_n + w.fresh_n),

@@ -25,7 +25,9 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
 * ``h2d`` / ``d2h``: per ``pinned`` / ``pageable``, bandwidth against transfer size
   (``bytes``, ``gbps``), interpolated in log size.
 * ``gpu_experts``: per expert shape (``HIDDENxINTER``) and dtype, the time to compute
-  ``experts`` experts grouped, with ``tokens_per_expert`` tokens each (a grid).
+  ``experts`` experts grouped, with ``tokens_per_expert`` tokens each (a grid), from a stack
+  holding just those experts; optional ``group_s``: what each further stack entry without
+  tokens adds to a call (a grouped kernel walks the whole slot stack; absent: zero).
 * ``cpu_expert_ffn``: per expert shape and weight dtype, one expert's FFN on the CPU
   against ``tokens``.
 * ``non_expert``: per model key (:attr:`traces.shapes.ModelShape.model_key`), the time of
@@ -246,11 +248,13 @@ class Profile:
         self._h2d = self._bandwidths("h2d")
         self._d2h = self._bandwidths("d2h")
         self._gpu: dict[tuple[str, str], Table2] = {}
+        self._group: dict[tuple[str, str], float] = {}
         for shape, per in self._section("gpu_experts").items():
             for dt, t in per.items():
                 where = f"{w}: gpu_experts.{shape}.{dt}"
                 xs, ys = _axis(where, t, "experts"), _axis(where, t, "tokens_per_expert")
                 self._gpu[(shape, dt)] = Table2(xs, ys, _values(where, t, "seconds", (len(xs), len(ys))))
+                self._group[(shape, dt)] = need_float(t.get("group_s", 0.0), f"{where}.group_s", lo=0.0)
         self._cpu: dict[tuple[str, str], Table1] = {}
         for shape, per in self._section("cpu_expert_ffn").items():
             for dt, t in per.items():
@@ -312,6 +316,11 @@ class Profile:
         t = self._lookup(self._gpu, "gpu_experts", shape_key, dtype)
         experts = np.asarray(experts, dtype=np.float64)
         return np.where(experts > 0, t(experts, np.maximum(tokens_per_expert, 1)), 0.0)
+
+    def gpu_group_s(self, shape_key: str, dtype: str) -> float:
+        """Seconds each stack entry without tokens adds to a grouped call (zero when not measured)."""
+        self._lookup(self._gpu, "gpu_experts", shape_key, dtype)
+        return self._group[(shape_key, dtype)]
 
     def cpu_expert_s(self, shape_key: str, dtype: str, tokens: Any) -> np.ndarray:
         """One expert's FFN on the CPU with ``tokens`` tokens (0 tokens: no time)."""

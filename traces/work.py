@@ -63,6 +63,7 @@ class Work:
     wave_copies: np.ndarray  # [W, V]
     wave_experts: np.ndarray  # [W, V]
     wave_tokens: np.ndarray  # [W, V]
+    slots: np.ndarray  # [V] experts resident: the stack a grouped call on the fast device walks
 
     @property
     def n_rows(self) -> int:
@@ -143,4 +144,5 @@ def layer_work(decision: Decision, counts: np.ndarray, counters: dict[str, np.nd
                 swap=swap.copy(), setup_n=counters["setup_migrations"], copy_n=counters["migrations"] - in_waves,
                 act_tokens=counters["bytes_act"] / act_bytes / 2, ready_n=ready_n, ready_tok=ready_tok,
                 fresh_n=fresh_n, fresh_tok=fresh_tok, miss_n=miss_n, miss_tok=miss_tok, miss_w=miss_w, knots=knots,
-                wave_copies=wave_copies, wave_experts=wave_experts, wave_tokens=wave_tokens)
+                wave_copies=wave_copies, wave_experts=wave_experts, wave_tokens=wave_tokens,
+                slots=decision.resident.sum(axis=1))
