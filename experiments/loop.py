@@ -1,7 +1,7 @@
 """The whole loop on a tiny random model, end to end on this box: capture, profile, plan, validate.
 
 ``python -m experiments.loop [--out out/loop] [--rounds 5]`` runs, in order, what the
-README's quick start shows as five commands (about 15 seconds on 2 cores):
+README's quick start shows as five commands (about 35 seconds on 2 cores):
 
 1. ``runtime.make_checkpoint --preset tiny`` (``DIR/tiny``, fp32, router skew 0.25);
 2. ``runtime.generate ... --trace-out DIR/t.parquet`` (48 tokens after a 40-token prompt);

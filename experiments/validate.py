@@ -1,14 +1,16 @@
 """Does the plan deliver on this box? Predicted against measured, and the tokens checked.
 
 ``python -m experiments.validate --checkpoint DIR --plan PLAN.json [--trace FILE ...]
-[--device cpu|cuda] [--repeats 3] [--out FILE]``
+[--device cpu|cuda] [--rounds 5] [--out FILE]``
 
 Replays the traces the plan was made from (``--trace`` to give others; KV-cache traces:
 their schedules and expert choices, so the work is the work the planner priced) through the
 runtime under the plan and under the baselines the planner compared it with (``cpu``,
 ``static``, ``swap``, ``tide`` tau=1, with the plan's budgets), plus ``all`` (every expert on
-the fast device) as the reference for the tokens when it fits. Prints predicted against
-measured seconds, tokens/s and the plan's speedups, writes the table with provenance (torch
+the fast device) as the reference for the tokens when it fits. In rounds (``--rounds``), each
+re-timing this box's profile next to the runs: prints every round's error (predicted over
+measured seconds, minus one), then per run the medians over rounds against the plan's own
+prediction and how far the box drifted since it, tokens/s and the plan's speedups; writes the table with provenance (torch
 version, device, checkpoint, plan, profile and trace hashes) to ``--out`` (``.parquet`` or
 ``.json``), and fails with one clear line unless every run's tokens agree with the
 reference as the lossless rule (:mod:`runtime.lossless`) requires: exactly when the fast

@@ -47,21 +47,12 @@ def to_device(values, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def around_reference(fn: Callable[[], T]) -> tuple[T, float]:
-    """``fn()`` and the box's speed reference around it (the mean of a reading before and
-    one after): what a timed run is put on a profile's footing with."""
-    before = speed_reference_s()
-    out = fn()
-    return out, (before + speed_reference_s()) / 2
-
-
 def speed_reference_s(reps: int = 3) -> float:
     """Seconds of a fixed piece of host work (small matmuls and adds from eager PyTorch: the
-    mix of kernel calls and interpreter work the engine does), the median of ``reps``. A
-    shared box changes speed by 2x within minutes; this tracks it (correlation 0.92 with a
-    whole run's time on the 2-core VM), so times measured at different moments can be put
-    on one footing: multiply by the reference of the moment you compare with, divide by
-    the reference of the moment measured."""
+    mix of kernel calls and interpreter work the engine does), the median of ``reps``.
+    Recorded in profiles and validation rounds so a reader sees how the box's speed moved
+    between them; never used to rescale a time: being compute-bound it once claimed a 1.4x
+    faster box that memory-bound runs never saw."""
     x = torch.ones(64, 64) * 0.01
     out = []
     for _ in range(reps):

@@ -16,7 +16,13 @@ def test_capture_then_replay_elsewhere(tmp_path):
     assert "mixed" in set(df["policy"])
     assert (df["predicted_s"] > 0).all() and (df["measured_s"] > 0).all()
     assert (df["spread"] >= 0).all() and df.loc[df["policy"] == "all", "speedup_error"].abs().max() < 1e-12
-    assert "median |error|" in rep.stdout
+    assert "median |error|" in rep.stdout and "error per round" in rep.stdout
+    # the error's definition: predicted over measured seconds, minus one, per round; the median over rounds
+    rounds = pd.read_parquet(d / "accuracy-rounds.parquet")
+    assert ((rounds["error"] - (rounds["predicted_s"] / rounds["measured_s"] - 1)).abs() < 1e-12).all()
+    per_run = rounds.groupby("run")["error"].median()
+    assert ((df.set_index("run")["error"] - per_run).abs() < 1e-12).all()
+    assert "drift" in df and "normalised_s" not in df  # the speed reference's drift beside the error, never in it
 
 
 def test_replay_only_needs_a_capture(tmp_path):

@@ -86,3 +86,28 @@ def test_swaps_decision_grows_with_its_waves_and_older_profiles_price_it_flat():
     older = copy.deepcopy(prof.data)
     del older["host"]["swap_wave_s"]  # measured before the per-wave cost: swap_s is the whole decision
     assert Profile(older).host("swap_wave_s") == 0.0
+
+
+def test_a_grouped_call_pays_for_its_idle_stack_entries():
+    """A grouped kernel walks the whole slot stack: with ``group_s`` measured, each stack entry
+    without tokens adds it to the call (hits on the budget's slots; on a CPU fast device,
+    misses on the host stack of every expert); profiles without it price as before."""
+    p = Profile.load("h200")
+    shape = ModelShape.named("llada2-mini")
+    key = shape.expert_shape_key
+    data = copy.deepcopy(p.data)
+    data["gpu_experts"][key]["bfloat16"]["group_s"] = 1e-6
+    with_group = CostModel(Profile(data), shape)
+    plain = CostModel(p, shape)
+    e, t = np.array([4.0]), np.array([16.0])
+    assert with_group.grouped_s(e, t, 64)[0] == pytest.approx(plain.grouped_s(e, t)[0] + 60e-6)
+    assert with_group.grouped_s(np.array([0.0]), np.array([0.0]), 64)[0] == 0  # no call, no cost
+    assert plain.grouped_s(e, t, 64)[0] == plain.grouped_s(e, t)[0]
+    counts = np.random.default_rng(0).multinomial(256, np.ones(256) / 256, size=19)
+    d, c = _one_forward("static", 128, counts)
+    diff = with_group.layer_parts(d, counts, c, 32, 96)["hits_ready"] - plain.layer_parts(d, counts, c, 32, 96)["hits_ready"]
+    ready = (counts > 0) & d.resident
+    assert diff == pytest.approx(1e-6 * (128 - ready.sum(axis=1)))
+    data["gpu_experts"][key]["bfloat16"]["group_s"] = -1.0
+    with pytest.raises(TideError, match="group_s"):
+        Profile(data)

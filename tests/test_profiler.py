@@ -25,6 +25,13 @@ def test_quick_profile_of_this_box_validates_and_prices_the_model(tmp_path, tiny
     assert prof.host("forward_s") > 0 and prof.host("issue_s") > 0 and prof.host("decide_s") > 0
     assert prof.host("refresh_s") > prof.host("decide_s")  # a refresh ranks and moves experts
     assert prof.host("expert_call_s") == 0.0  # the fast device is the CPU: its grouped time is host time
+    # the tables' level inside a forward, measured on the checkpoint itself and recorded beside them
+    level = d["in_run"]
+    assert {"dense", "moe", "head", "experts", "decide", "copies"} <= set(level) and "note" in level
+    assert all(0.2 < level[k] < 5 for k in level if k != "note")
+    assert d["gpu_experts"][shape.expert_shape_key]["float32"]["in_run"] == level["experts"]
+    assert d["gpu_experts"][shape.expert_shape_key]["float32"]["group_s"] >= 0
+    assert d["measured"]["reference_s"] > 0  # recorded for drift reports; no cell is rescaled by it
 
 
 def test_profile_bad_flags(tmp_path):

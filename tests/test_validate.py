@@ -25,6 +25,26 @@ def test_capture_profile_plan_validate_end_to_end(validated, tiny_ckpt, tmp_path
                        "has changed since the plan was made")
 
 
+def test_error_is_predicted_over_measured_per_round_with_drift_beside(validated):
+    """The figure a user reads: each round's error is predicted over measured seconds, minus
+    one (raw seconds, no rescaling); a run's error is the median of its rounds'; the drift
+    since the plan's profile sits in its own columns, saved with the rounds."""
+    import numpy as np
+    d = json.loads(validated["result"].read_text())
+    rounds = d["rounds"]
+    assert rounds and {"round", "policy", "predicted_s", "measured_s", "error", "reference_s"} <= set(rounds[0])
+    for r in rounds:
+        assert abs(r["error"] - (r["predicted_s"] / r["measured_s"] - 1)) < 1e-12
+    for run in d["runs"]:
+        mine = [r for r in rounds if r["policy"] == run["policy"]]
+        assert abs(run["error"] - float(np.median([r["error"] for r in mine]))) < 1e-12
+        assert abs(run["measured_s"] - float(np.median([r["measured_s"] for r in mine]))) < 1e-12
+        assert "normalised_s" not in run and "drift" in run and "reference_drift" in run
+        if run["policy"] != "all":  # the plan priced its runs on its own profile: how far the box moved since
+            assert run["planned_s"] > 0 and abs(run["drift"] - (run["planned_s"] / run["predicted_s"] - 1)) < 1e-12
+    assert "error per round" in validated["stdout"] and "median |error|" in validated["stdout"]
+
+
 def test_a_mixed_plan_runs_for_real_with_the_tokens_of_all(validated, tiny_ckpt, tmp_path):
     """A plan mixing kinds (a swap, a cpu and a tide layer, chosen by hand; budgets and taus
     planned) through the real engine: tokens exactly those of ``all``, predicted and measured

@@ -37,9 +37,12 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
 
 * ``measured`` (optional, written by ``runtime.profile``): when and where the profile was
   taken (``created``, ``host``, ``threads``, ``cores``, ``load_avg_1m``), so a validation can
-  tell whether it runs on the same box under the same load; with a CPU fast device also
-  ``reference_s``, the speed reference at the start, on whose footing every time is (a
-  drifting box's measurements are scaled to it as they are taken).
+  tell whether it runs on the same box under the same load, and ``reference_s``, the speed
+  reference at the start (validations report the box's drift against it; no time is scaled by it).
+* ``in_run`` (optional, written by ``runtime.profile`` when the fast device is the CPU): what
+  each part costs inside a forward over what its table priced (``dense``, ``moe``, ``head``,
+  ``experts``, ``decide``, ``copies``), measured by replaying a synthetic trace through the
+  engine; the tables and host costs were scaled by these factors (kept so a reader sees how).
 
 Lookups interpolate linearly between measured points; below the first point the first
 value holds; above the last the last segment's slope continues.
@@ -356,8 +359,8 @@ class Profile:
         return t
 
     def reference_s(self) -> float | None:
-        """The speed reference measured when the profile started (``runtime.device.speed_reference_s``),
-        when the fast device is the CPU: the profile's times are on that footing."""
+        """The speed reference measured when the profile started (``runtime.device.speed_reference_s``):
+        what a validation compares the box's speed now against (reported as drift only)."""
         m = self.data.get("measured")
         v = m.get("reference_s") if isinstance(m, dict) else None
         return need_float(v, f"{self.where}: measured.reference_s", positive=True) if v is not None else None
