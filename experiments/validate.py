@@ -38,21 +38,25 @@ from traces.plan import Plan
 from traces.policies import Policy, baselines, kinds_label, tau_label
 from traces.shapes import ModelShape
 from traces.trace import Trace, read_trace
+from traces.values import get, need_dict, need_float, need_list, need_str
 
 
 def plan_traces(plan: Plan, given: list[str] | None) -> list[tuple[str, Trace]]:
     """The traces to replay: ``--trace`` files, or those the plan names (checked by hash)."""
     if given:
         return [(p, read_trace(p)) for p in given]
-    named = plan.provenance.get("traces") or []
+    named = need_list(plan.provenance.get("traces") or [], "--plan: provenance.traces")
     if not named:
         raise TideError("--plan: the plan names no traces; give --trace")
     out = []
-    for t in named:
-        path = Path(t["name"])
+    for i, t in enumerate(named):
+        w = f"--plan: provenance.traces[{i}]"
+        t = need_dict(t, w)
+        path = Path(need_str(get(t, "name", w), f"{w}.name"))
+        sha = need_str(t["sha256"], f"{w}.sha256") if t.get("sha256") is not None else None
         if not path.is_file():
             raise TideError(f"--plan: its trace {path} is not here; give --trace")
-        if t.get("sha256") and file_sha256(path) != t["sha256"]:
+        if sha and file_sha256(path) != sha:
             raise TideError(f"--plan: {path} has changed since the plan was made (sha256 differs); give --trace")
         out.append((str(path), read_trace(path)))
     return out
@@ -122,7 +126,7 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
         return total, counters, results
 
     checked = {name: run(policy, True) for name, policy in policies.items()}  # tokens, and a warm-up
-    origin = (plan.provenance.get("profile") or {}).get("origin") or {}
+    _, origin = plan_profile(plan)
     ref_then = origin.get("reference_s") if isinstance(origin.get("reference_s"), (int, float)) else None
     per_round = []
     for rnd in tqdm(range(rounds), desc="rounds of profile + every policy", unit="round", disable=not progress):
@@ -185,8 +189,7 @@ def box_check(plan: Plan, tolerance: float = 0.25) -> tuple[list[str], list[str]
     import torch
 
     from runtime.profile import memory_bandwidth_gbps
-    prof = plan.provenance.get("profile") or {}
-    origin = prof.get("origin") if isinstance(prof.get("origin"), dict) else {}
+    prof, origin = plan_profile(plan)
     name = prof.get("name", "?")
     lines, warn = [], []
     host = socket.gethostname()
@@ -202,7 +205,9 @@ def box_check(plan: Plan, tolerance: float = 0.25) -> tuple[list[str], list[str]
     except (KeyError, ValueError, TypeError):
         pass
     load_now = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    lines.append(f"profile {name}: measured on {origin['host']}{age} (load {origin.get('load_avg_1m', float('nan')):.1f}); "
+    load_then = origin.get("load_avg_1m")
+    load_then = float("nan") if load_then is None else need_float(load_then, "--plan: provenance.profile.origin.load_avg_1m")
+    lines.append(f"profile {name}: measured on {origin['host']}{age} (load {load_then:.1f}); "
                  f"this run on {host} (load {load_now:.1f}, {os.cpu_count()} cores)")
     if origin["host"] != host:
         warn.append(f"the profile was measured on {origin['host']}, this run is on {host}: predictions are for another box")
@@ -233,10 +238,19 @@ def round_table(rounds: pd.DataFrame) -> str:
 
 
 def _predicted(plan: Plan, name: str) -> float:
+    """The plan's own prediction of a run (NaN where it made none), each value checked."""
     p = plan.predicted
-    if name == "plan":
-        return float(p.get("seconds", "nan"))
-    return float((p.get("baselines") or {}).get(name, {}).get("seconds", "nan"))
+    if name != "plan":
+        base = need_dict(p.get("baselines") or {}, "--plan: predicted.baselines")
+        p = need_dict(base.get(name) or {}, f"--plan: predicted.baselines.{name}")
+    v = p.get("seconds")
+    return float("nan") if v is None else need_float(v, f"--plan: predicted{'' if name == 'plan' else '.baselines.' + name}.seconds", positive=True)
+
+
+def plan_profile(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The plan's provenance of its profile and that profile's origin (each an object, or empty)."""
+    prof = need_dict(plan.provenance.get("profile") or {}, "--plan: provenance.profile")
+    return prof, need_dict(prof.get("origin") or {}, "--plan: provenance.profile.origin")
 
 
 
@@ -285,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         check_out_path(a.out)
     plan = Plan.read(a.plan)
     traces = plan_traces(plan, a.trace)
+    for name in ("plan", *baselines(1, 1, 1)):  # the plan's own predictions, checked before any work
+        _predicted(plan, name)
     from runtime.config import ModelConfig
     from runtime.device import check_device
     check_device(a.device)

@@ -64,6 +64,7 @@ TRACE_META = {
     "experts a float": (lambda m: m["model"].__setitem__("num_experts", 32.0), "num_experts must be an integer"),
     "experts beyond 64 bits": (lambda m: m["model"].__setitem__("num_experts", 2**70), "num_experts"),
     "dtype a number": (lambda m: m.__setitem__("dtype", 2), "dtype must be a string"),
+    "model name a number": (lambda m: m.__setitem__("model_name", 3), "model_name must be a string"),
     "metadata a list": (lambda m: (m.clear(), m.update({"format": "tide-trace", "version": 1, "model": 1, "dtype": 1,
                                                           "decoding": 1, "requests": 1})), "metadata model"),
 }
@@ -74,6 +75,14 @@ def test_trace_metadata_of_the_wrong_type_or_incomplete(tmp_path, small_trace, c
     edit, fragment = TRACE_META[case]
     path = _with_meta(tmp_path, small_trace, edit)
     _raises(lambda: read_trace(path), str(path), fragment)
+
+
+@pytest.mark.parametrize("meta", ["[]", "3", '"x"', "null"])
+def test_trace_metadata_that_is_not_an_object(tmp_path, small_trace, meta):
+    table = small_trace.to_table()
+    path = tmp_path / "t.parquet"
+    pq.write_table(table.replace_schema_metadata({META_KEY: meta.encode()}), path)
+    _raises(lambda: read_trace(path), str(path), "tide.trace metadata must be an object")
 
 
 def test_a_trace_with_no_forwards_is_refused(tmp_path, small_trace):
@@ -102,6 +111,13 @@ PROFILE_EDITS = {
                      "same length"),
     "section a list": (lambda d: d.__setitem__("h2d", []), "h2d"),
     "name a number": (lambda d: d.__setitem__("name", 5), "name must be a string"),
+    "expert table a number": (lambda d: next(iter(d["gpu_experts"].values())).update(bfloat16=3), "must be an object"),
+    "CPU table a string": (lambda d: next(iter(d["cpu_expert_ffn"].values())).update(bfloat16="x"), "must be an object"),
+    "layer table a list": (lambda d: next(iter(d["non_expert"].values())).update(moe_layer=[1, 2]), "must be an object"),
+    "group cost negative": (lambda d: next(iter(next(iter(d["gpu_experts"].values())).values())).update(group_s=-1),
+                            "group_s must be at least 0"),
+    "in-run level a list": (lambda d: d.update(in_run=[1.2]), "in_run must be an object"),
+    "in-run factor a string": (lambda d: d.update(in_run={"dense": "1.2"}), "in_run.dense must be a number"),
 }
 
 
@@ -126,6 +142,10 @@ PLAN_EDITS = {
     "predicted a list": (lambda d: d.__setitem__("predicted", [1]), "predicted must be an object"),
     "dtype unknown": (lambda d: d.__setitem__("dtype", "int8"), "dtype must be one of"),
     "memory NaN": (lambda d: d.__setitem__("gpu_mem_bytes", math.nan), "gpu_mem_bytes must be a finite"),
+    "ignored tau beyond 64 bits": (lambda d: (d.__setitem__("version", 2), d["layers"][0].update(kind="cpu", budget=0,
+                                                                                               tau=10**30)),
+                                   "layers[0].tau must be at least 1 and fit in 64 bits"),
+    "ignored tau a string": (lambda d: (d["layers"][1].update(kind="static", tau="x")), "layers[1].tau must be an integer"),
 }
 
 
@@ -137,6 +157,31 @@ def test_plan_sections_of_the_wrong_type(tmp_path, small_shape, case):
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(d))
     _raises(lambda: Plan.read(path), str(path), fragment)
+
+
+VALIDATE_PLAN_EDITS = {
+    "traces a string": (lambda d: d["provenance"].update(traces="t.parquet"), "provenance.traces must be a list"),
+    "a trace a number": (lambda d: d["provenance"].update(traces=[3]), "provenance.traces[0] must be an object"),
+    "a trace's name a list": (lambda d: d["provenance"].update(traces=[{"name": ["t"]}]),
+                              "provenance.traces[0].name must be a string"),
+    "a trace's hash a number": (lambda d: d["provenance"]["traces"][0].update(sha256=5), "sha256 must be a string"),
+    "profile a string": (lambda d: d["provenance"].update(profile="h200"), "provenance.profile must be an object"),
+    "predicted seconds a list": (lambda d: d["predicted"].update(seconds=[1]), "predicted.seconds must be a number"),
+    "baselines a list": (lambda d: d["predicted"].update(baselines=[1]), "predicted.baselines must be an object"),
+}
+
+
+@pytest.mark.parametrize("case", list(VALIDATE_PLAN_EDITS))
+def test_validate_reads_the_plans_provenance_and_predictions_strictly(validated, tmp_path, case):
+    """What validate reads of a plan beyond its layers (the traces it names, its profile's
+    origin, its own predictions): a value of the wrong kind is one line, before any run."""
+    edit, fragment = VALIDATE_PLAN_EDITS[case]
+    d = json.loads(validated["plan"].read_text())
+    edit(d)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(d))
+    assert_clean_error(run_module("experiments.validate", "--checkpoint", str(validated["checkpoint"]), "--plan",
+                                  str(path)), fragment)
 
 
 CONFIG_EDITS = {

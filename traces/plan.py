@@ -97,7 +97,12 @@ class Plan:
             r = need_dict(r, w)
             layers.append(need_int(get(r, "layer", w), f"{w}.layer", lo=0))
             kind.append(need_str(get(r, "kind", w), f"{w}.kind", KINDS) if version >= 2 else "tide")
-            tau.append(need_int(get(r, "tau", w), f"{w}.tau", lo=1) if kind[-1] == "tide" else 0)
+            if kind[-1] == "tide":
+                tau.append(need_int(get(r, "tau", w), f"{w}.tau", lo=1))
+            else:  # a tau the reader ignores is still checked as the command line's --tau is
+                if r.get("tau") is not None:
+                    need_int(r["tau"], f"{w}.tau", lo=1)
+                tau.append(0)
             budget.append(need_int(get(r, "budget", w), f"{w}.budget", lo=0))
         dtype = need_str(d.get("dtype", "bfloat16"), f"{where}: dtype", tuple(DTYPE_BYTES))
         gpu_mem = d.get("gpu_mem_bytes")

@@ -231,6 +231,12 @@ class Profile:
             need_str(d["name"], f"{w}: name")
         if d.get("measured") is not None:
             need_dict(d["measured"], f"{w}: measured")
+        if d.get("in_run") is not None:  # what the tables were scaled by: numbers, and a note
+            for k, v in need_dict(d["in_run"], f"{w}: in_run").items():
+                if k == "note":
+                    need_str(v, f"{w}: in_run.note")
+                else:
+                    need_float(v, f"{w}: in_run.{k}", positive=True)
         if d.get("fast_device") not in ("cuda", "cpu"):
             raise _fail(w, f"fast_device must be 'cuda' or 'cpu', got {d.get('fast_device')!r}")
         groups = [("capacities", CAPACITIES), ("overheads", OVERHEADS)] + ([("host", HOST)] if d["version"] >= 2 else [])
@@ -255,6 +261,7 @@ class Profile:
         for shape, per in self._section("gpu_experts").items():
             for dt, t in per.items():
                 where = f"{w}: gpu_experts.{shape}.{dt}"
+                t = need_dict(t, where)
                 xs, ys = _axis(where, t, "experts"), _axis(where, t, "tokens_per_expert")
                 self._gpu[(shape, dt)] = Table2(xs, ys, _values(where, t, "seconds", (len(xs), len(ys))))
                 self._group[(shape, dt)] = need_float(t.get("group_s", 0.0), f"{where}.group_s", lo=0.0)
@@ -262,6 +269,7 @@ class Profile:
         for shape, per in self._section("cpu_expert_ffn").items():
             for dt, t in per.items():
                 where = f"{w}: cpu_expert_ffn.{shape}.{dt}"
+                t = need_dict(t, where)
                 xs = _axis(where, t, "tokens")
                 self._cpu[(shape, dt)] = Table1(xs, _values(where, t, "seconds", (len(xs),)))
         self._non: dict[tuple[str, str], Table1 | Table2] = {}
@@ -270,7 +278,7 @@ class Profile:
                 where = f"{w}: non_expert.{key}.{part}"
                 if part not in per:
                     raise _fail(where, "missing")
-                t = per[part]
+                t = need_dict(per[part], where)
                 xs = _axis(where, t, "tokens")
                 if part == "head":
                     self._non[(key, part)] = Table1(xs, _values(where, t, "seconds", (len(xs),)))

@@ -224,17 +224,19 @@ def trace_from_table(table: pa.Table, where: str = "trace") -> Trace:
         meta = json.loads(meta_raw)
     except json.JSONDecodeError:
         raise _fail(where, "tide.trace metadata is not valid JSON") from None
+    meta = need_dict(meta, f"{where}: tide.trace metadata")
     if meta.get("format") != FORMAT:
         raise _fail(where, f"format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("version") != VERSION:
         raise _fail(where, f"trace format version {meta.get('version')!r} is not supported (this TIDE reads {VERSION})")
-    meta = need_dict(meta, f"{where}: tide.trace metadata")
     for key in ("model", "dtype", "decoding", "requests"):
         if key not in meta:
             raise _fail(where, f"metadata lacks {key!r}")
     model_name = meta.get("model_name")
+    if model_name is not None:
+        need_str(model_name, f"{where}: metadata model_name")
     shape = ModelShape.from_config(need_dict(meta["model"], f"{where}: metadata model"),
-                                   name=model_name if isinstance(model_name, str) else None, source=f"{where} metadata")
+                                   name=model_name, source=f"{where} metadata")
     need_str(meta["dtype"], f"{where}: metadata dtype", tuple(DTYPE_BYTES))
     decoding = Decoding.from_json(meta["decoding"], f"{where}: metadata decoding")
     requests = read_requests(meta["requests"], f"{where}: metadata requests")

@@ -1,0 +1,74 @@
+"""Which requests share a forward: continuous batching at forward granularity.
+
+Requests wait in arrival order (offline: prompt order). Before every forward, free seats
+(up to the batch size) go to the first waiting requests; a request that finishes (its last
+block committed, or eos) leaves after its forward, so the next waiting request joins at the
+very next forward, its prefill sharing that forward with the others' denoising steps. No
+timing enters the rule: the runtime, its replay of a trace at another batch size, and the
+simulator all get the same batches from the same order.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from traces.errors import TideError
+
+
+@dataclass
+class Admission:
+    """The seats of one batch: ``seat()`` before a forward, ``leave(r)`` after it."""
+
+    batch_size: int
+    waiting: deque = field(default_factory=deque)
+    running: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise TideError(f"--batch-size must be an integer of at least 1, got {self.batch_size!r}")
+        self.waiting = deque(self.waiting)
+
+    @classmethod
+    def of(cls, requests: Iterable[int], batch_size: int) -> "Admission":
+        return cls(batch_size, deque(requests))
+
+    def arrive(self, request: int) -> None:
+        """A request joins the queue (the simulator's arrivals; the runtime queues all at once)."""
+        self.waiting.append(request)
+
+    def seat(self) -> list[int]:
+        """The requests of the next forward, in seat order (those already running first, then
+        newcomers in arrival order); fills free seats from the queue."""
+        while self.waiting and len(self.running) < self.batch_size:
+            self.running.append(self.waiting.popleft())
+        return list(self.running)
+
+    def leave(self, request: int) -> None:
+        """``request`` finished with the forward just run: its seat is free for the next."""
+        self.running.remove(request)
+
+    @property
+    def done(self) -> bool:
+        return not self.waiting and not self.running
+
+
+def compose(forwards: Sequence[tuple[int, int]], batch_size: int) -> list[list[tuple[int, int]]]:
+    """Batched forwards from requests' own forwards: ``forwards`` lists ``(request, count)`` in
+    arrival order; each batched forward is a list of ``(request, i)``, request ``request``'s
+    ``i``-th own forward. A request leaves after its last forward. What the runtime runs at
+    ``batch_size`` when each request's forwards are known (a batch-1 trace replayed at N)."""
+    left = {r: n for r, n in forwards}
+    if len(left) != len(forwards):
+        raise TideError("compose: requests must be distinct")
+    seats = Admission.of((r for r, n in forwards if n > 0), batch_size)
+    nxt = dict.fromkeys(left, 0)
+    out = []
+    while not seats.done:
+        members = seats.seat()
+        out.append([(r, nxt[r]) for r in members])
+        for r in members:
+            nxt[r] += 1
+            if nxt[r] == left[r]:
+                seats.leave(r)
+    return out
