@@ -18,6 +18,7 @@ The library; ``python -m runtime.generate`` is its command line.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
@@ -25,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from runtime.capture import TraceRecorder
-from runtime.model import LLaDA2, KVCache, block_causal_mask
+from runtime.model import LLaDA2, KVCache, Segment, block_causal_mask
 from runtime.replay import ChoiceReplay, check_replayable, replay_prompt
+from traces.admission import Admission
 from traces.errors import TideError
 from traces.trace import Decoding, Trace
 from traces.values import need_float, need_int
@@ -103,6 +105,11 @@ class Result:
     #: it and its logits' top-2 gap relative to the largest |logit| then (near-tie checks)
     committed_at: list[int] | None = None
     margin: list[float] | None = None
+    #: in a batched run: the batched forwards it took part in, its first and last forward's
+    #: start and end (seconds from the run's start)
+    batch_forwards: list[int] = field(default_factory=list)
+    start_s: float = 0.0
+    end_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -119,8 +126,36 @@ class Planned:
 
 
 @dataclass
+class _Request:
+    """One request in flight: its canvas, its own KV cache and sampler, its schedule of
+    forwards (live or from a trace), the next forward it asks for, and its result so far."""
+
+    request: int
+    x: torch.Tensor
+    P: int
+    G: int
+    decoding: Decoding
+    schedule: Iterator[Planned]
+    cache: KVCache | None
+    sampler: torch.Generator | None
+    res: Result = field(default_factory=lambda: Result(tokens=[]))
+    notes: dict[int, tuple[int, float]] = field(default_factory=dict)
+    next: Planned | None = None
+    start_s: float = 0.0
+    end_s: float = 0.0
+    batch_forwards: list[int] = field(default_factory=list)  # the batched forwards it took part in
+
+    def advance(self) -> bool:
+        """Fetch the next forward this request asks for; False when it has finished."""
+        self.next = next(self.schedule, None)
+        return self.next is not None
+
+
+@dataclass
 class Generator:
-    """Runs prompts one after another on one model (the offload engine keeps its state across them)."""
+    """Runs prompts on one model, one after another or several at once (``batch_size``:
+    continuous batching at forward granularity, :mod:`traces.admission`); the offload engine
+    keeps its state across them."""
 
     model: LLaDA2
     decoding: Decoding = field(default_factory=Decoding)
@@ -128,85 +163,108 @@ class Generator:
     recorder: TraceRecorder | None = None
     engine: "OffloadEngine | None" = None
     margins: bool = False
+    forwards_run: int = field(default=0, init=False)  # batched forwards run so far (every call)
 
-    def _forward(self, ids, pos0, cache, mask, logits_from, request, kind, block, step, choice_from):
-        if self.engine is not None:
-            self.engine.begin(kind, step)
-        if self.recorder is not None:
-            T = ids.shape[0]
-            self.recorder.begin(request, kind, block, step, T, pos0 + T, pos0 + choice_from, T - choice_from)
-        return self.model(ids, pos0, cache, mask, logits_from)
-
-    def _accept(self, res: Result, x: torch.Tensor, s0: int, logits: torch.Tensor, n: int,
-                threshold: float | None = None) -> int:
+    def _accept(self, q: _Request, s0: int, logits: torch.Tensor, n: int, threshold: float | None = None) -> int:
         """Sample and commit in ``x[s0:s0 + rows]``; with ``margins``, note each committed
         position's forward and top-2 logit gap (relative to the largest |logit|)."""
-        block = x[s0:s0 + logits.shape[0]]
+        block = q.x[s0:s0 + logits.shape[0]]
         masked = block == self.model.cfg.mask_id if self.margins else None
-        tok, prob = sample(logits, self.sampling, self._gen)
+        tok, prob = sample(logits, self.sampling, q.sampler)
         n = accept(block, tok, prob, self.model.cfg.mask_id, n, threshold)
         if masked is not None:
             lf = logits.float()
             top2 = lf.topk(2, dim=-1).values
             rel = ((top2[:, 0] - top2[:, 1]) / lf.abs().amax(dim=-1).clamp_min(1e-30)).tolist()
             for i in (masked & (block != self.model.cfg.mask_id)).nonzero().flatten().tolist():
-                self._notes[s0 + i] = (res.forwards, rel[i])
+                q.notes[s0 + i] = (q.res.forwards, rel[i])
         return n
 
-    def _finish(self, res: Result, start: int, length: int) -> None:
+    def _finish(self, q: _Request) -> Result:
+        res = q.res
         if self.margins:
-            notes = [self._notes.get(p, (-1, float("inf"))) for p in range(start, start + length)]
+            notes = [q.notes.get(p, (-1, float("inf"))) for p in range(q.P, q.P + q.G)]
             res.committed_at = [f for f, _ in notes]
             res.margin = [m for _, m in notes]
+        res.tokens = q.x[q.P:q.P + q.G].tolist()
+        res.seconds = q.end_s - q.start_s
+        res.start_s, res.end_s, res.batch_forwards = q.start_s, q.end_s, q.batch_forwards
+        return res
 
-    def _end(self, committed: int) -> None:
-        counters = self.engine.end() if self.engine is not None else None
-        if self.recorder is not None:
-            self.recorder.end(committed, counters)
-
-    @torch.no_grad()
-    def generate(self, prompt: list[int], gen_length: int, request: int = 0) -> Result:
+    def _check_prompt(self, prompt: list[int], gen_length: int, where: str = "") -> None:
         d, cfg = self.decoding, self.model.cfg
         if not prompt:
-            raise TideError("empty prompt")
+            raise TideError(f"{where}empty prompt")
         if gen_length < 1:
-            raise TideError(f"--gen-length must be at least 1, got {gen_length}")
+            raise TideError(f"{where}--gen-length must be at least 1, got {gen_length}")
         if d.block_length < 1 or d.steps < 1:
             raise TideError("--block-length and --steps must be at least 1")
         need_float(d.threshold, "--threshold", lo=0.0, hi=1.0)
         max_pos = cfg.shape.config.get("max_position_embeddings")
         if isinstance(max_pos, int) and not isinstance(max_pos, bool) and len(prompt) + gen_length > max_pos:
-            raise TideError(f"--gen-length {gen_length}: the prompt's {len(prompt)} tokens plus {gen_length} exceed the "
-                            f"model's max_position_embeddings ({max_pos})")
+            raise TideError(f"{where}--gen-length {gen_length}: the prompt's {len(prompt)} tokens plus {gen_length} exceed "
+                            f"the model's max_position_embeddings ({max_pos})")
         bad = [t for t in prompt if not 0 <= t < cfg.shape.vocab]
         if bad:
-            raise TideError(f"prompt token id {bad[0]} is outside the vocabulary of {cfg.shape.vocab}")
+            raise TideError(f"{where}prompt token id {bad[0]} is outside the vocabulary of {cfg.shape.vocab}")
+
+    def _live(self, prompt: list[int], gen_length: int, request: int) -> _Request:
         x = self._canvas(prompt, gen_length)
-        self._gen = torch.Generator(device=x.device).manual_seed(self.sampling.seed + request) \
+        sampler = torch.Generator(device=x.device).manual_seed(self.sampling.seed + request) \
             if self.sampling.temperature > 0 else None
-        res = self._run(x, len(prompt), gen_length, request, self._live_schedule(x, len(prompt), gen_length))
-        out = res.tokens
-        if cfg.eos_id in out:  # the answer ends at the first eos (kept)
-            cut = out.index(cfg.eos_id) + 1
-            if res.margin is not None:
-                res.committed_at, res.margin = res.committed_at[:cut], res.margin[:cut]
-            res.tokens = out[:cut]
-        return res
+        d = self.decoding
+        cache = KVCache(self.model.cfg, len(x), x.device, self.model.dtype) if d.kv_cache else None
+        return _Request(request, x, len(prompt), gen_length, d, self._live_schedule(x, len(prompt), gen_length),
+                        cache, sampler)
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], gen_length: int, request: int = 0) -> Result:
+        """One request alone (a batch of one)."""
+        return self.generate_batch([prompt], [gen_length], 1, [request])[0]
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: list[list[int]], gen_lengths: list[int], batch_size: int,
+                       requests: list[int] | None = None) -> list[Result]:
+        """Every prompt, up to ``batch_size`` in each forward; results in prompt order, each
+        ending at its first ``eos`` (kept) or at its generation length."""
+        requests = list(range(len(prompts))) if requests is None else requests
+        for i, (p, g) in enumerate(zip(prompts, gen_lengths)):
+            self._check_prompt(p, g, f"prompt {i + 1}: " if len(prompts) > 1 else "")
+        reqs = [self._live(p, g, r) for p, g, r in zip(prompts, gen_lengths, requests)]
+        out = self._run(reqs, batch_size)
+        eos = self.model.cfg.eos_id
+        for res in out:
+            if eos in res.tokens:  # the answer ends at the first eos (kept)
+                cut = res.tokens.index(eos) + 1
+                if res.margin is not None:
+                    res.committed_at, res.margin = res.committed_at[:cut], res.margin[:cut]
+                res.tokens = res.tokens[:cut]
+        return out
 
     @torch.no_grad()
     def replay(self, trace: Trace, request: int = 0) -> Result:
         """Run one request of a KV-cache trace: its forwards in order, its commit counts
         (most confident first), its experts (``runtime.replay``); no early stop at eos."""
+        return self.replay_batch(trace, [request], 1)[0]
+
+    @torch.no_grad()
+    def replay_batch(self, trace: Trace, requests: list[int], batch_size: int) -> list[Result]:
+        """Requests of a KV-cache trace, each replayed as :meth:`replay` does, up to
+        ``batch_size`` in each forward (the batched forwards the same prompts make at that
+        batch size: routing is per token, attention per request)."""
         cfg = self.model.cfg
         check_replayable(trace, self.model)
-        req = next((r for r in trace.requests if r["request"] == request), None)
-        if req is None:
-            raise TideError(f"--replay-trace: no request {request} in the trace")
-        P, G = req["prompt_length"], req["gen_length"]
-        x = self._canvas(replay_prompt(P, cfg.shape.vocab, (cfg.mask_id, cfg.eos_id)), G, trace.decoding.block_length)
-        self._gen = None
+        reqs = []
+        for request in requests:
+            req = next((r for r in trace.requests if r["request"] == request), None)
+            if req is None:
+                raise TideError(f"--replay-trace: no request {request} in the trace")
+            P, G = req["prompt_length"], req["gen_length"]
+            x = self._canvas(replay_prompt(P, cfg.shape.vocab, (cfg.mask_id, cfg.eos_id)), G, trace.decoding.block_length)
+            cache = KVCache(cfg, len(x), x.device, self.model.dtype)
+            reqs.append(_Request(request, x, P, G, trace.decoding, self._trace_schedule(trace, request), cache, None))
         with ChoiceReplay(trace, self.model) as chooser:
-            return self._run(x, P, G, request, self._trace_schedule(trace, request), chooser, trace.decoding)
+            return self._run(reqs, batch_size, chooser)
 
     # ---- the forward schedule: live (decided as the tokens commit) or read from a trace ----------
     def _canvas(self, prompt: list[int], gen_length: int, block_length: int | None = None) -> torch.Tensor:
@@ -249,41 +307,75 @@ class Generator:
                                                    rows["step"].tolist(), rows["tokens_committed"].tolist()):
             yield Planned(str(kind), int(block), int(step), int(committed), None, int(f))
 
-    def _run(self, x: torch.Tensor, P: int, gen_length: int, request: int, schedule: Iterator[Planned],
-             chooser: ChoiceReplay | None = None, decoding: Decoding | None = None) -> Result:
-        """Run the forwards ``schedule`` yields (one loop for live and replayed decoding)."""
-        d = decoding or self.decoding
-        bl, dev = d.block_length, x.device
-        cache = KVCache(self.model.cfg, len(x), dev, self.model.dtype) if d.kv_cache else None
-        if self.recorder is not None:
-            self.recorder.add_request(request, P, gen_length)
-        self._notes: dict[int, tuple[int, float]] = {}
-        res = Result(tokens=[])
-        for p in schedule:
+    def _segment(self, q: _Request, p: Planned) -> tuple[Segment, int]:
+        """What request ``q`` runs in forward ``p``, and the first of its rows whose choices a
+        trace keeps (without the KV cache, only the current block's)."""
+        bl, dev = q.decoding.block_length, q.x.device
+        s0, e = p.block * bl, (p.block + 1) * bl
+        if p.kind == "prefill":
+            P0 = (q.P // bl) * bl
+            return Segment(q.x[:P0], 0, q.cache, block_causal_mask(P0, bl, dev), None), 0
+        if p.kind == "commit":
+            return Segment(q.x[s0:e], s0, q.cache, None, None), 0
+        if q.cache is not None:
+            return Segment(q.x[s0:e], s0, q.cache, None, 0), 0
+        return Segment(q.x[:e], 0, None, block_causal_mask(e, bl, dev), s0), s0
+
+    def _run(self, reqs: list[_Request], batch_size: int, chooser: ChoiceReplay | None = None) -> list[Result]:
+        """Run the requests' forwards, up to ``batch_size`` requests in each (one loop for
+        live and replayed decoding, any batch size): seats go in arrival order
+        (:class:`traces.admission.Admission`); a request leaves after its last forward and the
+        next joins at the very next one. Results in the order of ``reqs``."""
+        if self.recorder is not None and (batch_size > 1 and len(reqs) > 1):
+            raise TideError("--trace-out records one request per forward (trace format v1): run it with --batch-size 1")
+        by_id = {q.request: q for q in reqs}
+        seats = Admission.of([q.request for q in reqs], batch_size)
+        t0 = time.perf_counter()
+        n_forward = 0
+        while not seats.done:
+            members = []
+            for r in seats.seat():
+                q = by_id[r]
+                if q.next is None:  # a newcomer: its first forward
+                    if self.recorder is not None:
+                        self.recorder.add_request(q.request, q.P, q.G)
+                    if not q.advance():
+                        seats.leave(r)
+                        continue
+                    q.start_s = time.perf_counter() - t0
+                members.append(q)
+            if not members:
+                continue
+            plans = [q.next for q in members]
             if chooser is not None:
-                chooser.set_forward(p.forward)
-            s0, e = p.block * bl, (p.block + 1) * bl
-            if p.kind == "prefill":
-                P0 = (P // bl) * bl
-                self._forward(x[:P0], 0, cache, block_causal_mask(P0, bl, dev), None, request, "prefill", 0, 0, 0)
-                n = 0
-            elif p.kind == "commit":
-                self._forward(x[s0:e], s0, cache, None, None, request, "commit", p.block, 0, 0)
-                n = 0
-            else:
-                if cache is not None:
-                    logits = self._forward(x[s0:e], s0, cache, None, 0, request, "step", p.block, p.step, 0)
-                else:
-                    logits = self._forward(x[:e], 0, None, block_causal_mask(e, bl, dev), s0, request, "step",
-                                           p.block, p.step, s0)
-                n = self._accept(res, x, s0, logits, p.commit, p.threshold)
-                res.step_forwards += 1
-                res.committed += n
-            res.forwards += 1
-            self._end(n)
-        self._finish(res, P, gen_length)
-        res.tokens = x[P:P + gen_length].tolist()
-        return res
+                chooser.set_forwards([p.forward for p in plans])
+            segs = [self._segment(q, p) for q, p in zip(members, plans)]
+            if self.engine is not None:
+                self.engine.begin(plans[0].kind, plans[0].step, [(p.kind, p.step) for p in plans[1:]])
+            if self.recorder is not None:
+                (sg, cf), q, p = segs[0], members[0], plans[0]
+                T = sg.ids.shape[0]
+                self.recorder.begin(q.request, p.kind, p.block, p.step, T, sg.pos0 + T, sg.pos0 + cf, T - cf)
+            logits = self.model.forward_batch([sg for sg, _ in segs])
+            committed = 0
+            for q, p, (sg, _), lg in zip(members, plans, segs, logits):
+                if p.kind == "step":
+                    n = self._accept(q, p.block * q.decoding.block_length, lg, p.commit, p.threshold)
+                    q.res.step_forwards += 1
+                    q.res.committed += n
+                    committed += n
+                q.res.forwards += 1
+                q.batch_forwards.append(n_forward)
+            counters = self.engine.end() if self.engine is not None else None
+            if self.recorder is not None:
+                self.recorder.end(committed, counters)
+            n_forward += 1
+            self.forwards_run += 1
+            for q in members:
+                if not q.advance():
+                    q.end_s = time.perf_counter() - t0
+                    seats.leave(q.request)
+        return [self._finish(q) for q in reqs]
 
 
 def warm_up(model: LLaDA2, decoding: Decoding, prompt: list[int], sampling: Sampling | None = None,

@@ -1,9 +1,14 @@
 """The generation command: load a checkpoint, decode prompts (``runtime.decoding``), report.
 
 ``python -m runtime.generate --checkpoint DIR (--prompt TEXT | --prompt-ids 1,2,3 |
---prompts FILE.jsonl) --gen-length N [--block-length 32 --steps 32 --threshold 0.95]
-[--no-kv-cache] [--device cpu|cuda] [--dtype bfloat16|float32] [--seed S] [--trace-out FILE]
-[--json] [--policy P ...]``
+--prompts FILE.jsonl) --gen-length N [--batch-size B] [--block-length 32 --steps 32
+--threshold 0.95] [--no-kv-cache] [--device cpu|cuda] [--dtype bfloat16|float32] [--seed S]
+[--trace-out FILE] [--json] [--policy P ...]``
+
+With ``--batch-size B`` up to ``B`` requests share every forward (continuous batching: a
+finished request's seat goes to the next prompt at the very next forward); ``--json``
+then lists each request (prompt order) with its tokens, the forwards it took part in and
+its start and end seconds.
 """
 from __future__ import annotations
 
@@ -32,8 +37,9 @@ from traces.trace import load_popularity, read_trace
 from traces.values import need_float, need_int, need_ints
 
 
-def read_prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
-    """Token ids of every prompt given on the command line."""
+def read_prompts(args: argparse.Namespace, tokenizer: Any) -> list[tuple[list[int], int, str]]:
+    """Token ids of every prompt given on the command line, each with its generation length
+    (a ``--prompts`` line's own ``gen_length``, else ``--gen-length``) and where it came from."""
     def encode(text: str) -> list[int]:
         if tokenizer is None:
             raise TideError(f"--prompt: {args.checkpoint} has no tokenizer; give --prompt-ids instead")
@@ -58,9 +64,9 @@ def read_prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
     if len(given) != 1:
         raise TideError("give exactly one of --prompt, --prompt-ids, --prompts")
     if args.prompt is not None:
-        return [encode(args.prompt)]
+        return [(encode(args.prompt), args.gen_length, "--prompt")]
     if args.prompt_ids is not None:
-        return [parse_ids(args.prompt_ids, "--prompt-ids")]
+        return [(parse_ids(args.prompt_ids, "--prompt-ids"), args.gen_length, "--prompt-ids")]
     path = Path(args.prompts)
     if not path.is_file():
         raise TideError(f"--prompts {path}: file not found")
@@ -76,10 +82,13 @@ def read_prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
             obj = json.loads(line)
         except json.JSONDecodeError:
             raise TideError(f"{path}:{i}: not a JSON object") from None
-        if isinstance(obj, dict) and "prompt_ids" in obj:
-            prompts.append(need_ints(obj["prompt_ids"], f"{path}:{i}: prompt_ids", lo=0))
-        elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-            prompts.append(encode(obj["prompt"]))
+        if not isinstance(obj, dict):
+            raise TideError(f"{path}:{i}: not a JSON object")
+        g = args.gen_length if obj.get("gen_length") is None else need_int(obj["gen_length"], f"{path}:{i}: gen_length", lo=1)
+        if "prompt_ids" in obj:
+            prompts.append((need_ints(obj["prompt_ids"], f"{path}:{i}: prompt_ids", lo=0), g, f"{path}:{i}"))
+        elif isinstance(obj.get("prompt"), str):
+            prompts.append((encode(obj["prompt"]), g, f"{path}:{i}"))
         else:
             raise TideError(f"{path}:{i}: each line needs \"prompt\" (text) or \"prompt_ids\" (list of ids)")
     if not prompts:
@@ -87,11 +96,26 @@ def read_prompts(args: argparse.Namespace, tokenizer: Any) -> list[list[int]]:
     return prompts
 
 
+def check_positions(model: LLaDA2, given: list[tuple[list[int], int, str]]) -> None:
+    """Every prompt and its generation length within the model's positions: one line naming
+    the prompt's file and line (or flag), before any work."""
+    max_pos = model.cfg.shape.config.get("max_position_embeddings")
+    if not isinstance(max_pos, int) or isinstance(max_pos, bool):
+        return
+    for ids, g, where in given:
+        if len(ids) + g > max_pos:
+            raise TideError(f"{where}: the prompt's {len(ids)} tokens plus a generation length of {g} exceed the "
+                            f"model's max_position_embeddings ({max_pos})")
+
+
 def add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--checkpoint", required=True, help="folder with config.json and safetensors")
     ap.add_argument("--prompt", help="text (needs the checkpoint's tokenizer)")
     ap.add_argument("--prompt-ids", help="comma-separated token ids")
-    ap.add_argument("--prompts", help="JSONL file, one {\"prompt\": ...} or {\"prompt_ids\": [...]} per line")
+    ap.add_argument("--prompts", help="JSONL file, one {\"prompt\": ...} or {\"prompt_ids\": [...]} per line "
+                    "(optionally with its own \"gen_length\")")
+    ap.add_argument("--batch-size", type=integer, default=1,
+                    help="requests sharing each forward (continuous batching; default 1: one after another)")
     ap.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     ap.add_argument("--gen-length", type=integer, required=True)
     ap.add_argument("--block-length", type=integer, default=32)
@@ -150,6 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         check_out_path(args.trace_out, "--trace-out")
     if args.policy is not None and args.policy not in POLICIES:
         raise TideError(f"--policy: unknown policy {args.policy!r} (expected one of {', '.join(POLICIES)})")
+    need_int(args.batch_size, "--batch-size", lo=1)
     device = check_device(args.device)
     replay = read_trace(args.replay_trace) if args.replay_trace else None
     offload = args.policy is not None
@@ -165,40 +190,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         decoding = replay.decoding
         lengths = [r["gen_length"] for r in replay.requests]
     else:
-        prompts = read_prompts(args, tokenizer)
+        given = read_prompts(args, tokenizer)
+        check_positions(model, given)
+        prompts, lengths = [p for p, _, _ in given], [g for _, g, _ in given]
         decoding = Decoding(args.block_length, args.steps, args.threshold, not args.no_kv_cache)
-        lengths = [args.gen_length] * len(prompts)
+    if args.trace_out and args.batch_size > 1 and len(prompts) > 1:
+        raise TideError("--trace-out records one request per forward (trace format v1): use --batch-size 1 with it")
     bl = decoding.block_length
-    kv_tokens = kv_tokens_for([(len(p), g) for p, g in zip(prompts, lengths)], bl, decoding.kv_cache)
+    kv_tokens = kv_tokens_for([(len(p), g) for p, g in zip(prompts, lengths)], bl, decoding.kv_cache, args.batch_size)
     dtype = dtype_name(model.dtype)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).check(model.cfg.shape.vocab)
     engine = make_engine(args, model, device, kv_tokens)
     warm_up(model, decoding, prompts[0], sampling, engine)
     rec = TraceRecorder(model, decoding, dtype) if args.trace_out else None
-    results = []
     with engine or nullcontext(), rec or nullcontext():
         gen = Generator(model, decoding, sampling, rec, engine)
-        for i, p in enumerate(prompts):
-            if replay is not None:
-                r, seconds = timed(device, lambda: gen.replay(replay, replay.requests[i]["request"]))
-            else:
-                r, seconds = timed(device, lambda: gen.generate(p, lengths[i], request=i))
-            r.seconds = seconds
-            results.append(r)
+        if replay is not None:
+            results, seconds = timed(device, lambda: gen.replay_batch(
+                replay, [r["request"] for r in replay.requests], args.batch_size))
+        else:
+            results, seconds = timed(device, lambda: gen.generate_batch(prompts, lengths, args.batch_size))
     policy_meta = {**engine.policy.to_json(), "popularity": args.popularity} if engine is not None else None
     if rec is not None:
         rec.trace(source={"generator": "runtime.generate", "checkpoint": str(args.checkpoint),
                           "device": str(device), "seed": args.seed, "replay_trace": args.replay_trace},
                   policy=policy_meta).write(args.trace_out)
-    seconds = sum(r.seconds for r in results)
     n_tokens = sum(len(r.tokens) for r in results)
     steps = sum(r.step_forwards for r in results)
+    forwards = gen.forwards_run
     out: dict[str, Any] = {
         "tokens": results[0].tokens if len(results) == 1 else [r.tokens for r in results],
-        "forwards": sum(r.forwards for r in results),
+        "forwards": forwards,
         "tokens_per_forward": sum(r.committed for r in results) / max(steps, 1),
         "seconds": seconds,
         "tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
+        "forwards_per_s": forwards / seconds if seconds > 0 else 0.0,
+        "batch_size": args.batch_size,
+        "requests": [{"request": i, "tokens": r.tokens, "forwards": r.forwards, "batch_forwards": r.batch_forwards,
+                      "start_s": r.start_s, "end_s": r.end_s} for i, r in enumerate(results)],
         "device": str(device), "dtype": dtype, "kv_cache": decoding.kv_cache,
     }
     if engine is not None:

@@ -1,4 +1,4 @@
-"""LLaDA2.0 MoE in plain PyTorch, batch size one, with a block-level KV cache.
+"""LLaDA2.0 MoE in plain PyTorch, with a block-level KV cache per request and batches of requests.
 
 Same parameter names and math as the published ``modeling_llada2_moe.py``: fused QKV with
 GQA, per-head RMSNorm on q and k, rotary on the first ``rope_dim`` dims of each head,
@@ -6,12 +6,20 @@ dense first layer(s), MoE layers with a sigmoid group-limited top-k router whose
 ``expert_bias`` only chooses, weights normalised then scaled, shared experts, RMSNorm in
 fp32, untied ``lm_head``. Routed experts are stacked per layer (``[E, I, H]``) and computed
 by an *expert executor* so the offload engine can take over without touching the model.
+
+A batched forward (:meth:`LLaDA2.forward_batch`) runs several requests' segments (:class:`Segment`):
+everything but the routed experts runs per request, each at its own positions with its own
+KV cache (ragged contexts, no padding), exactly as that request alone; the MoE layers route
+every request's tokens and hand them to the executor as one batch (one policy decision,
+one dispatch). On the CPU a matmul rounds differently with more rows, so there each
+expert's rows of each request are computed in a call of their own
+(:func:`run_by_request`): a request's tokens are bit for bit those of its batch-1 run.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -164,9 +172,11 @@ def combine(outputs: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, d
     return full.view(T, k, -1).to(weights.dtype).mul_(weights.unsqueeze(-1)).sum(dim=1).to(dtype)
 
 
-def local_experts(layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ew: ExpertWeights) -> torch.Tensor:
+def local_experts(layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ew: ExpertWeights,
+                  rows: "Sequence[int] | None" = None) -> torch.Tensor:
     """All experts where ``ew`` lives (on ``x``'s device): tokens sorted by expert, through the
-    device's expert kernel (:func:`kernel_for`, the engine's, so both compute the same numbers)."""
+    device's expert kernel (:func:`kernel_for`, the engine's, so both compute the same numbers).
+    ``rows``: each request's token count when ``x`` holds a batch (see :func:`run_by_request`)."""
     T, k = idx.shape
     flat = idx.reshape(-1)
     order = flat.argsort(stable=True)
@@ -175,9 +185,59 @@ def local_experts(layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tenso
     out = torch.empty_like(tokens)
     bounds = np.concatenate([[0], np.cumsum(counts)])
     active = np.flatnonzero(counts)
-    kernel_for(ew.gate.device, ew.gate.dtype, ew.gate.shape[2], ew.gate.shape[1])(
-        tokens, out, bounds, active, ew, np.arange(len(counts)))
+    kernel = kernel_for(ew.gate.device, ew.gate.dtype, ew.gate.shape[2], ew.gate.shape[1])
+    run_by_request(kernel, tokens, out, bounds, active, ew, np.arange(len(counts)), request_of(order, k, rows))
     return combine(out, order, w, x.dtype)
+
+
+def request_of(order: torch.Tensor, k: int, rows: "Sequence[int] | None") -> np.ndarray | None:
+    """The request of each expert-sorted row (``order`` of the flattened ``[T, k]`` choices),
+    where exactness asks for it: a batch of several requests on the CPU; else None."""
+    if rows is None or len(rows) < 2 or order.device.type != "cpu":
+        return None
+    return np.searchsorted(np.cumsum(rows), order.numpy() // k, side="right")
+
+
+def run_by_request(kernel, tokens: torch.Tensor, out: torch.Tensor, bounds: np.ndarray, experts: np.ndarray,
+                   weights: ExpertWeights, index: np.ndarray, request: np.ndarray | None) -> None:
+    """``kernel`` over ``experts``, each request's rows of an expert in a call of their own when
+    ``request`` (each sorted row's request) is given: in waves, the ``w``-th request of every
+    expert in wave ``w``, gathered, computed and put back. A request's rows then go through
+    exactly the calls of its batch-1 run (on the CPU, fp32 matmuls round differently with
+    more rows), whatever shares the batch. Without ``request``: one call, as batch 1 does."""
+    experts = np.asarray(experts)
+    if request is None or not len(experts):
+        kernel(tokens, out, bounds, experts, weights, index)
+        return
+    starts, ends = bounds[experts], bounds[experts + 1]
+    cut = np.flatnonzero(np.diff(request) != 0) + 1  # rows where the request changes
+    seg_start = np.concatenate([[0], cut])
+    seg_end = np.concatenate([cut, [len(request)]])
+    # segments never straddle experts: split at expert bounds too
+    edges = np.union1d(np.concatenate([seg_start, seg_end]), np.concatenate([starts, ends]))
+    edges = edges[(edges >= 0) & (edges <= len(request))]
+    seg_start, seg_end = edges[:-1], edges[1:]
+    keep = seg_end > seg_start
+    seg_start, seg_end = seg_start[keep], seg_end[keep]
+    owner = np.searchsorted(ends, seg_start, side="right")  # which of ``experts`` each segment belongs to
+    inside = owner < len(experts)
+    seg_start, seg_end, owner = seg_start[inside], seg_end[inside], owner[inside]
+    inside = seg_start >= starts[owner]
+    seg_start, seg_end, owner = seg_start[inside], seg_end[inside], owner[inside]
+    if not len(owner) or np.bincount(owner).max() == 1:
+        kernel(tokens, out, bounds, experts, weights, index)
+        return
+    rank = np.arange(len(owner)) - np.searchsorted(owner, owner, side="left")  # the segment's place in its expert
+    for wv in range(int(rank.max()) + 1):
+        sel = np.flatnonzero(rank == wv)
+        sizes = seg_end[sel] - seg_start[sel]
+        rows = np.concatenate([np.arange(a, b) for a, b in zip(seg_start[sel], seg_end[sel])])
+        rows_t = torch.from_numpy(rows).to(tokens.device)
+        part = tokens[rows_t]
+        res = torch.empty_like(part)
+        kernel(part, res, np.concatenate([[0], np.cumsum(sizes)]), np.arange(len(sel)), weights,
+               np.asarray(index)[experts[owner[sel]]])
+        out[rows_t] = res
 
 
 def run_experts(tokens: torch.Tensor, out: torch.Tensor, bounds: np.ndarray, experts: np.ndarray,
@@ -258,7 +318,8 @@ def kernel_for(device: torch.device, dtype: torch.dtype, hidden: int, inter: int
 
 
 class ExpertExecutor(Protocol):
-    def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ew: ExpertWeights) -> torch.Tensor: ...
+    def __call__(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ew: ExpertWeights,
+                 rows: Sequence[int] | None = None) -> torch.Tensor: ...
 
 
 class MoE(nn.Module):
@@ -274,15 +335,29 @@ class MoE(nn.Module):
         self.observer: Callable[[int, torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scores = self.gate.scores(x)
-        idx = self.override(self.layer) if self.override is not None else self.gate.choose(scores)
-        w = self.gate.weights(scores, idx)
+        return self.forward_batch([x])[0]
+
+    def forward_batch(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each request's tokens routed by its own router call (row-exact); the routed experts
+        of all of them in one executor call; shared experts per request."""
+        scores = [self.gate.scores(x) for x in xs]
+        if self.override is not None:
+            idx = self.override(self.layer)
+        else:
+            idx = torch.cat([self.gate.choose(sc) for sc in scores]) if len(xs) > 1 else self.gate.choose(scores[0])
+        one = len(xs) == 1
+        sc = scores[0] if one else torch.cat(scores)
+        x = xs[0] if one else torch.cat(xs)
+        w = self.gate.weights(sc, idx)
         if self.observer is not None:
             self.observer(self.layer, idx)
-        y = self.executor(self.layer, x, idx, w, self.experts)
+        rows = [len(t) for t in xs]
+        y = self.executor(self.layer, x, idx, w, self.experts) if one else \
+            self.executor(self.layer, x, idx, w, self.experts, rows)
+        ys = [y] if one else list(y.split(rows))
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y
+            ys = [yi + self.shared_experts(xi) for yi, xi in zip(ys, xs)]
+        return ys
 
 
 class DecoderLayer(nn.Module):
@@ -297,6 +372,15 @@ class DecoderLayer(nn.Module):
     def forward(self, h, cos, sin, pos0, cache, mask):
         h = h + self.attention(self.input_layernorm(h), cos, sin, pos0, cache, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward_batch(self, hs: list[torch.Tensor], segs: list["Segment"], ropes: list, i: int) -> list[torch.Tensor]:
+        """Attention per request (its positions, its cache, its mask); the MoE block batched."""
+        hs = [h + self.attention(self.input_layernorm(h), cos, sin, sg.pos0,
+                                 sg.cache.layers[i] if sg.cache is not None else None, sg.mask)
+              for h, sg, (cos, sin) in zip(hs, segs, ropes)]
+        xs = [self.post_attention_layernorm(h) for h in hs]
+        ys = self.mlp.forward_batch(xs) if isinstance(self.mlp, MoE) else [self.mlp(x) for x in xs]
+        return [h + y for h, y in zip(hs, ys)]
 
 
 class Backbone(nn.Module):
@@ -322,6 +406,19 @@ def block_causal_mask(n: int, block_length: int, device: torch.device) -> torch.
     """``[n, n]`` True where a query may attend: keys in its own or an earlier block."""
     b = torch.arange(n, device=device) // block_length
     return b[None, :] <= b[:, None]
+
+
+@dataclass
+class Segment:
+    """One request's part of a batched forward: its tokens ``ids`` at positions ``pos0..``,
+    its own KV cache and attention mask, and the rows whose logits it needs
+    (``logits_from``; None: no logits)."""
+
+    ids: torch.Tensor
+    pos0: int = 0
+    cache: "KVCache | None" = None
+    mask: torch.Tensor | None = None
+    logits_from: int | None = 0
 
 
 class LLaDA2(nn.Module):
@@ -358,11 +455,15 @@ class LLaDA2(nn.Module):
             out = self.forward(ids[0], pos0, cache, mask.reshape(mask.shape[-2:]) if mask is not None else None,
                                logits_from)
             return None if out is None else out[None]
-        h = self.model.word_embeddings(ids)
-        cos, sin = rope(self.cfg, pos0, ids.shape[0], h.dtype, h.device)
+        return self.forward_batch([Segment(ids, pos0, cache, mask, logits_from)])[0]
+
+    @torch.no_grad()
+    def forward_batch(self, segments: list[Segment]) -> list[torch.Tensor | None]:
+        """Several requests in one forward: per segment, its logits (fp32) or None. Each
+        request's numbers are those of :meth:`forward` on it alone (exactly, on the CPU)."""
+        hs = [self.model.word_embeddings(sg.ids) for sg in segments]
+        ropes = [rope(self.cfg, sg.pos0, sg.ids.shape[0], h.dtype, h.device) for sg, h in zip(segments, hs)]
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, pos0, cache.layers[i] if cache is not None else None, mask)
-        if logits_from is None:
-            return None
-        h = self.model.norm(h[logits_from:])
-        return self.lm_head(h).float()
+            hs = layer.forward_batch(hs, segments, ropes, i)
+        return [None if sg.logits_from is None else self.lm_head(self.model.norm(h[sg.logits_from:])).float()
+                for sg, h in zip(segments, hs)]

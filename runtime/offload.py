@@ -15,14 +15,15 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from runtime.checkpoint import dtype_name
 from runtime.device import to_device
-from runtime.model import KERNELS, ExpertWeights, LLaDA2, choose_kernel, combine, run_experts, segment_rows
+from runtime.model import (KERNELS, ExpertWeights, LLaDA2, choose_kernel, combine, request_of, run_by_request,
+                           run_experts, segment_rows)
 from traces.counters import COUNTERS, forward_counters
 from traces.errors import TideError
 from traces.policies import Policy, PolicyRunner
@@ -112,8 +113,9 @@ class OffloadEngine:
         self.detach()
 
     # ---- one forward -------------------------------------------------------------------
-    def begin(self, kind: str, step: int) -> None:
-        self.runner.begin(kind, step)
+    def begin(self, kind: str, step: int, more: Sequence[tuple[str, int]] = ()) -> None:
+        """Start a forward: its (first) request's kind and step, a batch's others in ``more``."""
+        self.runner.begin(kind, step, more)
         L, E = self.policy.n_layers, self.model.cfg.shape.experts
         self._counts = np.zeros((L, E), dtype=np.int64)
         self._choices: list[torch.Tensor | None] = [None] * L
@@ -159,14 +161,18 @@ class OffloadEngine:
                 layer.slot_of[e] = slot
         self.timers["copy_s"] += time.perf_counter() - t0
 
-    def _execute(self, l: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ew: ExpertWeights) -> torch.Tensor:
+    def _execute(self, l: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ew: ExpertWeights,
+                 rows: Sequence[int] | None = None) -> torch.Tensor:
         t_layer = time.perf_counter()
         try:
-            return self._layer(l, x, idx, w)
+            return self._layer(l, x, idx, w, rows)
         finally:
             self.timers["layer_s"] += time.perf_counter() - t_layer
 
-    def _layer(self, l: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _layer(self, l: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+               rows: Sequence[int] | None = None) -> torch.Tensor:
+        """One MoE layer of a forward: every request's tokens routed as one batch (``rows``:
+        each request's token count), one decision, one dispatch."""
         if not self._in_forward:
             raise RuntimeError("OffloadEngine: forward run without begin()")
         i = l - self.model.cfg.shape.first_k_dense
@@ -189,23 +195,24 @@ class OffloadEngine:
         tokens = x[order // k]
         out = torch.empty_like(tokens)
         bounds = np.concatenate([[0], np.cumsum(counts)])
+        req = request_of(order, k, rows)  # on the CPU: each request's rows of an expert in calls of their own
         if waves is None:
             self._copy(layer, copies)
             layer.slot_of[:] = self.runner.state.slot_of[i]  # evictions
             active = np.flatnonzero(counts)
             on_fast = layer.slot_of[active] >= 0
             fresh = np.isin(active, copies[:, 0]) if len(copies) else np.zeros(len(active), dtype=bool)
-            miss = self._send_misses(tokens, bounds, active[~on_fast])  # activations leave first ...
-            self._fast(layer, tokens, out, bounds, active[on_fast & ~fresh])  # ... hits overlap copies and CPU
+            miss = self._send_misses(tokens, bounds, active[~on_fast], req)  # activations leave first ...
+            self._fast(layer, tokens, out, bounds, active[on_fast & ~fresh], req)  # ... hits overlap copies and CPU
             if fresh.any():
                 self._wait_copies()
-                self._fast(layer, tokens, out, bounds, active[on_fast & fresh])
+                self._fast(layer, tokens, out, bounds, active[on_fast & fresh], req)
             self._cpu(layer, out, miss)
         else:
             for wave in waves:
                 self._copy(layer, wave.copies)
                 self._wait_copies()
-                self._fast(layer, tokens, out, bounds, wave.gpu_experts)
+                self._fast(layer, tokens, out, bounds, wave.gpu_experts, req)
             layer.slot_of[:] = self.runner.state.slot_of[i]
         return combine(out, order, w, x.dtype)
 
@@ -215,24 +222,25 @@ class OffloadEngine:
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
             self.timers["wait_s"] += time.perf_counter() - t0
 
-    def _fast(self, layer: _Layer, tokens, out, bounds, experts: np.ndarray) -> None:
+    def _fast(self, layer: _Layer, tokens, out, bounds, experts: np.ndarray, req: np.ndarray | None = None) -> None:
         """Resident experts' tokens on the fast device."""
         if not len(experts):
             return
         t0 = time.perf_counter()
-        self._run_fast(tokens, out, bounds, experts, layer.slots, layer.slot_of)
+        run_by_request(self._run_fast, tokens, out, bounds, experts, layer.slots, layer.slot_of, req)
         self.timers["fast_s"] += time.perf_counter() - t0
 
-    def _send_misses(self, tokens: torch.Tensor, bounds: np.ndarray, experts: np.ndarray):
+    def _send_misses(self, tokens: torch.Tensor, bounds: np.ndarray, experts: np.ndarray, req: np.ndarray | None = None):
         """Start moving the missed experts' tokens to the host (on a GPU: on the activation
         stream, so the hits queued after it do not wait for it)."""
         if not len(experts):
             return None
-        rows, sizes = segment_rows(bounds, experts)
-        rows = to_device(rows, tokens.device)
+        rows_np, sizes = segment_rows(bounds, experts)
+        req = None if req is None else req[rows_np]
+        rows = to_device(rows_np, tokens.device)
         picked = tokens[rows]
         if self.act_stream is None:
-            return rows, picked, sizes, experts, None
+            return rows, picked, sizes, experts, None, req
         host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
         self.act_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.act_stream):
@@ -240,21 +248,21 @@ class OffloadEngine:
             done = torch.cuda.Event()
             done.record()
         picked.record_stream(self.act_stream)  # read on the activation stream after we drop it
-        return rows, host, sizes, experts, done
+        return rows, host, sizes, experts, done, req
 
     def _cpu(self, layer: _Layer, out: torch.Tensor, miss) -> None:
         """Missed experts' tokens on the CPU with the host weights; results back in one copy."""
         if miss is None:
             return
-        rows, host_tokens, sizes, experts, done = miss
+        rows, host_tokens, sizes, experts, done, req = miss
         t0 = time.perf_counter()
         if done is not None:
             done.synchronize()
         t1 = time.perf_counter()
         self.timers["wait_s"] += t1 - t0
         res = torch.empty(host_tokens.shape, dtype=host_tokens.dtype, pin_memory=done is not None)
-        self._run_cpu(host_tokens, res, np.concatenate([[0], np.cumsum(sizes)]), np.arange(len(experts)),
-                      layer.host, experts)
+        run_by_request(self._run_cpu, host_tokens, res, np.concatenate([[0], np.cumsum(sizes)]), np.arange(len(experts)),
+                       layer.host, experts, req)
         self.timers["cpu_s"] += time.perf_counter() - t1
         if done is None:
             out[rows] = res

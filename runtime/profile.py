@@ -376,12 +376,12 @@ class Profiler:
                 finally:
                     spent[part] = spent.get(part, 0.0) + time.perf_counter() - t0
             return run
-        layers = model.model.layers
-        parts = [("dense" if i < s.first_k_dense else "moe", m) for i, m in enumerate(layers)]
-        parts += [("head", model.lm_head), ("head", model.model.norm)]
-        saved = [(m, m.forward) for _, m in parts]
-        for part, m in parts:
-            m.forward = clocked(part, m.forward)
+        layers = model.model.layers  # a forward calls each layer's forward_batch, the head's modules directly
+        parts = [("dense" if i < s.first_k_dense else "moe", m, "forward_batch") for i, m in enumerate(layers)]
+        parts += [("head", model.lm_head, "forward"), ("head", model.model.norm, "forward")]
+        saved = [(m, name, getattr(m, name)) for _, m, name in parts]
+        for part, m, name in parts:
+            setattr(m, name, clocked(part, getattr(m, name)))
         decoding.sample = clocked("head", sample_fn)
         b = max(1, s.experts // 8)
         policies = {"static": policy} if not real else {"static": policy, "swap": Policy.make("swap", s.n_moe_layers,
@@ -401,8 +401,8 @@ class Profiler:
                 med[name] = {k: float(np.median([x[k] for x in samples])) for k in samples[0]}
         finally:
             decoding.sample = sample_fn
-            for m, fwd in saved:
-                m.forward = fwd
+            for m, name, fn in saved:
+                setattr(m, name, fn)
         st = med["static"]
         forward_s = (st["total"] - st["dense"] - st["moe"] - st["head"]) / st["forwards"]
         if self.device.type != "cpu":  # a GPU's work is asynchronous: host clocks do not see it

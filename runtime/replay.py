@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from runtime.model import LLaDA2
@@ -45,7 +46,8 @@ def check_replayable(trace: Trace, model: LLaDA2, where: str = "--replay-trace")
 
 
 class ChoiceReplay:
-    """Feeds one forward's recorded choices to every MoE block's ``override`` hook."""
+    """Feeds one forward's recorded choices (a batched forward's: each request's, in order)
+    to every MoE block's ``override`` hook."""
 
     def __init__(self, trace: Trace, model: LLaDA2):
         self.trace, self.model = trace, model
@@ -63,7 +65,12 @@ class ChoiceReplay:
             blk.override = None
 
     def set_forward(self, f: int) -> None:
-        self._cur = torch.as_tensor(self.trace.choices_of(f).astype("int64"), device=self.model.device)
+        self.set_forwards([f])
+
+    def set_forwards(self, forwards: list[int]) -> None:
+        """A batched forward: its requests' recorded forwards, their tokens' choices in order."""
+        ch = [self.trace.choices_of(f) for f in forwards]
+        self._cur = torch.as_tensor((ch[0] if len(ch) == 1 else np.concatenate(ch)).astype("int64"), device=self.model.device)
 
     def _choices(self, layer: int) -> torch.Tensor:
         if self._cur is None:

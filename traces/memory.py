@@ -29,11 +29,13 @@ def kv_tokens(traces: Sequence["Trace"]) -> int:
     return max((int(t.forwards["context"].max()) for t in traces if t.decoding.kv_cache), default=0)
 
 
-def kv_tokens_for(lengths: Sequence[tuple[int, int]], block_length: int, kv_cache: bool = True) -> int:
-    """KV-cache tokens of requests ``(prompt, gen)`` decoded in whole blocks (before the run)."""
+def kv_tokens_for(lengths: Sequence[tuple[int, int]], block_length: int, kv_cache: bool = True,
+                  batch_size: int = 1) -> int:
+    """KV-cache tokens of requests ``(prompt, gen)`` decoded in whole blocks (before the run):
+    a batch holds up to ``batch_size`` requests' caches at once, each as long as the longest."""
     if not kv_cache or not lengths:
         return 0
-    return max(math.ceil((p + g) / block_length) * block_length for p, g in lengths)
+    return min(batch_size, len(lengths)) * max(math.ceil((p + g) / block_length) * block_length for p, g in lengths)
 
 
 @dataclass(frozen=True)

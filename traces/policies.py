@@ -28,6 +28,13 @@ Rules (ranking is always by count, ties by lower expert id):
 A policy's rows keep one clock: it ticks once per forward and once per extra swap wave, so
 "least recently used" means the same thing whatever the other rows do.
 
+In a batched forward (several requests, each at its own block and step) the counts are the
+whole batch's, one decision per layer, and ``tau`` still counts each request's own
+denoising steps: a tide layer refreshes when any request in the forward is at a refresh
+point of its own (its prefill, its block's first step, or every ``tau`` steps after it).
+A joining request's prefill therefore refreshes the batch, as a prefill does alone; a
+batch of one refreshes exactly as before.
+
 After evictions, new experts (in rank order) take the lowest-numbered free slots, so slot
 numbers (which the runtime uses to index its stacked weights) are part of the decision too.
 
@@ -581,11 +588,17 @@ def _swap_row(state: PlacementState, r: int, counts: np.ndarray, budget: int, wa
     return np.concatenate(tables) if len(tables) > 1 else tables[0] if tables else _NO_TABLE
 
 
-def begin_forward(policy: Policy, kind: str, step_in_block: int) -> np.ndarray | None:
-    """Which layers refresh at this forward (tide/plan; None for other policies)."""
-    if kind not in FORWARD_KINDS:
-        raise TideError(f"unknown forward kind {kind!r}")
-    return policy.refresh_mask(kind, step_in_block) if policy.tau is not None else None
+def begin_forward(policy: Policy, kind: str, step_in_block: int,
+                  more: Sequence[tuple[str, int]] = ()) -> np.ndarray | None:
+    """Which layers refresh at this forward (tide/plan; None for other policies): where any of
+    its requests (``kind``/``step_in_block``, then a batch's others in ``more``) is at a refresh point."""
+    members = [(kind, step_in_block), *more]
+    for k, _ in members:
+        if k not in FORWARD_KINDS:
+            raise TideError(f"unknown forward kind {k!r}")
+    if policy.tau is None:
+        return None
+    return np.logical_or.reduce([policy.refresh_mask(k, s) for k, s in members])
 
 
 def layer_rows(layers: np.ndarray, group: int) -> np.ndarray:
@@ -659,9 +672,10 @@ class PolicyRunner:
     def __post_init__(self) -> None:
         self._swaps = bool(self.policy.swap_rows.any())
 
-    def begin(self, kind: str, step_in_block: int) -> None:
-        """Start a forward; then call :meth:`layer` for every MoE layer in order, then :meth:`end`."""
-        self._refresh = begin_forward(self.policy, kind, step_in_block)
+    def begin(self, kind: str, step_in_block: int, more: Sequence[tuple[str, int]] = ()) -> None:
+        """Start a forward (``more``: a batch's other requests' kinds and steps); then call
+        :meth:`layer` for every MoE layer in order, then :meth:`end`."""
+        self._refresh = begin_forward(self.policy, kind, step_in_block, more)
         self._first = self.state is None
         if self._first:
             self.state = PlacementState.empty(self.policy, self.experts, self.group)

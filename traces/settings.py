@@ -49,6 +49,11 @@ def resolve_policy(name: str, shape: ModelShape, dtype: str, *, tau: int | None 
             raise TideError(f"--gpu-mem-gb {gpu_mem_gb:g}: more than the device's memory ({mem_limit_bytes / 1e9:.1f} GB)")
     limit = gpu_mem_gb * 1e9 if gpu_mem_gb is not None else mem_limit_bytes
     mem = MemoryBudget(shape, dtype, limit if limit is not None else float("inf"), kv_tokens)
+    if limit is not None and mem.fixed_bytes > limit:
+        kv = kv_tokens * shape.kv_bytes_per_token(dtype)
+        raise TideError(f"--gpu-mem-gb {limit / 1e9:g}: the non-expert weights ({shape.non_expert_bytes(dtype) / 1e9:.4f} GB) "
+                        f"and the KV cache ({kv / 1e9:.4f} GB: {kv_tokens} tokens for the batch, see --batch-size) "
+                        "alone leave no room for one expert per layer")
     L, E = shape.n_moe_layers, shape.experts
     budget: int | Sequence[int] | None = gpu_experts
     if name == "plan":
