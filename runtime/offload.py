@@ -90,6 +90,7 @@ class OffloadEngine:
         self.act_bytes = 2 * s.hidden * dtype_bytes(dtype_name(self.model.dtype))
         self._counters: list[dict[str, np.ndarray]] = []
         self._pending: list[tuple[Any, np.ndarray, list[torch.Tensor]]] = []  # forwards not yet counted
+        self.forward_counts: list[np.ndarray] = []  # each forward's [L, E] routed-token counts (the whole batch's)
         self._in_forward = False
 
     def reset(self) -> None:
@@ -97,7 +98,7 @@ class OffloadEngine:
         self.runner = PolicyRunner(self.policy, self.model.cfg.shape.experts, setup_counts=self.setup_counts)
         for layer in self.layers:
             layer.slot_of[:] = -1
-        self._counters, self._pending = [], []
+        self._counters, self._pending, self.forward_counts = [], [], []
         self.timers = dict.fromkeys(TIMERS, 0.0)
 
     def detach(self) -> None:
@@ -127,6 +128,7 @@ class OffloadEngine:
         :meth:`totals`), not on the forward's path: no host work or device sync of their own."""
         t0 = time.perf_counter()
         self._pending.append((self.runner.end(), self._counts, self._choices))
+        self.forward_counts.append(self._counts)
         i = len(self._counters) + len(self._pending) - 1
         self._in_forward = False
         self.timers["book_s"] += time.perf_counter() - t0

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
 
 from traces.errors import TideError
+
+if TYPE_CHECKING:
+    from traces.trace import Trace
 
 
 @dataclass
@@ -72,3 +77,16 @@ def compose(forwards: Sequence[tuple[int, int]], batch_size: int) -> list[list[t
             if nxt[r] == left[r]:
                 seats.leave(r)
     return out
+
+
+def batched_counts(trace: "Trace", batch_size: int) -> tuple[list[list[tuple[int, int]]], np.ndarray]:
+    """The forwards the requests of a batch-1 ``trace`` make together at ``batch_size``
+    (:func:`compose`, requests in the trace's order), as ``(request, trace forward)`` lists,
+    and each batched forward's per-layer expert counts ``[F, L, E]``: the members' counts
+    added, since routing is per token (what the engine counts running them batched)."""
+    fw = trace.forwards
+    own = {int(r["request"]): np.flatnonzero(fw["request"].to_numpy() == r["request"]) for r in trace.requests}
+    batches = compose([(r, len(f)) for r, f in own.items()], batch_size)
+    members = [[(r, int(own[r][i])) for r, i in b] for b in batches]
+    counts = np.stack([sum(trace.counts[f] for _, f in m) for m in members])
+    return members, counts

@@ -1,0 +1,239 @@
+"""Batches of requests in the runtime: continuous batching, lossless per request, the
+admission rule, the tide refresh rule in a batch, and batched forwards rebuilt from a
+batch-1 trace."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_clean_error, run_module
+from runtime.capture import TraceRecorder
+from runtime.checkpoint import load_model
+from runtime.decoding import Generator
+from runtime.model import KVCache, Segment
+from runtime.offload import OffloadEngine
+from traces.admission import Admission, batched_counts, compose
+from traces.errors import TideError
+from traces.policies import Policy, PolicyRunner
+from traces.trace import Decoding
+
+#: ragged: different prompt and generation lengths, one prompt shorter than a block
+PROMPTS = [list(range(1, 41)), list(range(5, 17)), list(range(100, 170)), [7, 8, 9]]
+LENGTHS = [48, 64, 40, 80]
+DEC = Decoding(32, 32, 0.5, True)
+POLICIES = [("all", {}), ("cpu", {}), ("static", {"budget": 6}), ("swap", {"budget": 6}),
+            ("tide", {"budget": 6, "tau": 2}), ("plan", {"kind": ["swap", "cpu", "tide"], "budget": [4, 0, 8], "tau": 3})]
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_ckpt):
+    return load_model(tiny_ckpt, dtype="float32", experts_device="cpu")
+
+
+def test_a_batched_forward_gives_each_request_its_own_logits_bit_for_bit(fp32):
+    """Ragged segments (other lengths, positions, caches) in one forward: each request's
+    logits are exactly those of the same forward alone (on the CPU an expert's rows are
+    computed per request: a matmul over more rows rounds differently)."""
+    cfg = fp32.cfg
+    caches = [KVCache(cfg, 96, fp32.device, fp32.dtype) for _ in range(3)]
+    segs = [Segment(torch.arange(1, 33), 0, caches[0], None, 0),
+            Segment(torch.arange(40, 72), 32, caches[1], None, 0),
+            Segment(torch.full((32,), cfg.mask_id), 64, caches[2], None, 0)]
+    batch = fp32.forward_batch(segs)
+    for sg, b in zip(segs, batch):
+        alone = fp32.forward_batch([Segment(sg.ids, sg.pos0, KVCache(cfg, 96, fp32.device, fp32.dtype), None, 0)])[0]
+        assert torch.equal(b, alone)
+
+
+def _solo(model, policy=None):
+    out = []
+    for i, (p, g) in enumerate(zip(PROMPTS, LENGTHS)):
+        with (OffloadEngine(model, policy, model.device) if policy else _null()) as eng:
+            out.append(Generator(model, DEC, engine=eng).generate(p, g, request=i).tokens)
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return None
+
+
+def _choices_by_request(model, run):
+    """Every router choice a run makes, per request and in order (each request's router runs
+    on its own tokens, in seat order: by request within a forward)."""
+    calls = []
+    orig = type(model.moe_blocks[0].gate).choose
+
+    def choose(self, scores):
+        idx = orig(self, scores)
+        calls.append(idx.clone())
+        return idx
+    for blk in model.moe_blocks:
+        blk.gate.choose = choose.__get__(blk.gate)
+    try:
+        results = run()
+    finally:
+        for blk in model.moe_blocks:
+            del blk.gate.choose
+    return results, calls
+
+
+def test_batched_generation_is_each_requests_own_run(fp32):
+    """fp32 on the CPU: at batch 2, 3 and 4 (more than the prompts too) each request's tokens
+    and every one of its expert choices equal its own batch-1 run."""
+    L = fp32.cfg.shape.n_moe_layers
+    solo_tokens, solo_calls = [], []
+    for i, (p, g) in enumerate(zip(PROMPTS, LENGTHS)):
+        res, calls = _choices_by_request(fp32, lambda: Generator(fp32, DEC).generate(p, g, request=i))
+        solo_tokens.append(res.tokens)
+        solo_calls.append(calls)
+    for bs in (2, 3, 4, 9):
+        results, calls = _choices_by_request(fp32, lambda: Generator(fp32, DEC).generate_batch(PROMPTS, LENGTHS, bs))
+        assert [r.tokens for r in results] == solo_tokens, bs
+        per_request = {i: [] for i in range(len(PROMPTS))}
+        it = iter(calls)
+        for f in range(max(max(r.batch_forwards) for r in results) + 1):
+            members = [i for i, r in enumerate(results) if f in r.batch_forwards]
+            assert 1 <= len(members) <= bs
+            for _ in range(L):
+                for i in members:
+                    per_request[i].append(next(it))
+        for i in per_request:
+            assert len(per_request[i]) == len(solo_calls[i])
+            assert all(torch.equal(a, b) for a, b in zip(per_request[i], solo_calls[i])), (bs, i)
+
+
+def test_continuous_batching_seats_the_next_request_at_the_next_forward(fp32):
+    results = Generator(fp32, DEC).generate_batch(PROMPTS, LENGTHS, 2)
+    first_end = min(max(r.batch_forwards) for r in results[:2])
+    assert min(results[2].batch_forwards) == first_end + 1  # joined right after a seat freed
+    for r in results:
+        assert r.batch_forwards == list(range(r.batch_forwards[0], r.batch_forwards[-1] + 1))  # no gaps
+        assert r.forwards == len(r.batch_forwards) and 0 <= r.start_s <= r.end_s
+    per_forward = np.bincount(np.concatenate([r.batch_forwards for r in results]))
+    assert per_forward.max() == 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_policy_gives_the_tokens_of_all_in_the_same_batched_run(tiny_ckpt, dtype):
+    model = load_model(tiny_ckpt, dtype=dtype, experts_device="cpu")
+    L, E = model.cfg.shape.n_moe_layers, model.cfg.shape.experts
+    ref, counters = None, {}
+    for name, kw in (POLICIES if dtype == "float32" else POLICIES[:5]):  # bf16 on the CPU is slow: no plan there
+        policy = Policy.make(name, L, E, **kw)
+        with OffloadEngine(model, policy, model.device) as eng:
+            toks = [r.tokens for r in Generator(model, DEC, engine=eng).generate_batch(PROMPTS, LENGTHS, 3)]
+        counters[name] = eng.totals()
+        ref = toks if ref is None else ref
+        assert toks == ref, name
+    assert counters["cpu"]["gpu_tokens"] == 0 and counters["all"]["cpu_tokens"] == 0
+    assert counters["swap"]["cpu_tokens"] == 0 and counters["swap"]["migrations"] > 0
+    if dtype == "float32":
+        assert ref == _solo(model)  # and every request's tokens are its batch-1 run's
+
+
+def test_the_admission_rule():
+    a = Admission.of([3, 1, 2], 2)
+    assert a.seat() == [3, 1]
+    a.leave(3)
+    assert a.seat() == [1, 2] and not a.done
+    a.leave(1), a.leave(2)
+    assert a.done
+    assert compose([(0, 2), (1, 1), (2, 3)], 2) == [[(0, 0), (1, 0)], [(0, 1), (2, 0)], [(2, 1)], [(2, 2)]]
+    assert compose([(0, 2), (1, 1)], 5) == [[(0, 0), (1, 0)], [(0, 1)]]  # a batch above the requests runs them all
+    assert compose([(0, 2), (1, 1)], 1) == [[(0, 0)], [(0, 1)], [(1, 0)]]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(TideError, match="--batch-size"):
+            Admission(bad)
+
+
+def test_tide_refreshes_where_any_request_of_the_forward_would():
+    """tau counts each request's own steps: a batched forward refreshes a tide layer when any
+    member is at its prefill, its block's first step, or a multiple of tau; a batch of one
+    decides as before."""
+    policy = Policy.make("plan", 3, 8, kind=["tide", "static", "tide"], budget=[2, 2, 2], tau=[4, 1, 2])
+    r = PolicyRunner(policy, 8)
+    r.begin("step", 3)
+    assert not r._refresh.any()
+    r.begin("step", 3, [("step", 2)])
+    assert r._refresh.tolist() == [False, False, True]  # layer 2's tau=2 hits at step 2
+    r.begin("commit", 0, [("prefill", 0)])
+    assert r._refresh.tolist() == [True, False, True]  # a joining request's prefill refreshes
+    r.begin("step", 5, [("commit", 0), ("step", 4)])
+    assert r._refresh.tolist() == [True, False, True]
+
+
+def test_batched_forwards_rebuilt_from_a_batch1_trace_match_a_real_batched_run(fp32, tmp_path):
+    """A batch-1 trace of several requests rebuilds, exactly, the forwards the same prompts
+    make at batch N: each batched forward's expert counts are its members' (routing is per
+    token, attention per request), equal to what the engine counted running them batched."""
+    L, E = fp32.cfg.shape.n_moe_layers, fp32.cfg.shape.experts
+    with TraceRecorder(fp32, DEC, "float32") as rec:
+        Generator(fp32, DEC, recorder=rec).generate_batch(PROMPTS, LENGTHS, 1)
+    trace = rec.trace()
+    for bs in (2, 3):
+        with OffloadEngine(fp32, Policy.make("all", L, E), fp32.device) as eng:
+            Generator(fp32, DEC, engine=eng).generate_batch(PROMPTS, LENGTHS, bs)
+        members, counts = batched_counts(trace, bs)
+        assert counts.shape == (len(eng.forward_counts), L, E)
+        assert all(np.array_equal(c, e) for c, e in zip(counts, eng.forward_counts)), bs
+    # and the engine runs the trace's requests composed at batch N (realistic traffic, any batch size)
+    with OffloadEngine(fp32, Policy.make("tide", L, E, budget=6, tau=2), fp32.device) as eng:
+        out = Generator(fp32, DEC, engine=eng).replay_batch(trace, [r["request"] for r in trace.requests], 3)
+    assert len(out) == len(PROMPTS) and len(eng.forward_counts) == len(batched_counts(trace, 3)[0])
+    assert all(np.array_equal(c, e) for c, e in zip(batched_counts(trace, 3)[1], eng.forward_counts))
+
+
+def test_generate_batch_size_on_the_command_line(tiny_ckpt, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt_ids": p, **({"gen_length": g} if i % 2 else {})})
+                                 for i, (p, g) in enumerate(zip(PROMPTS, LENGTHS))) + "\n")
+    base = ["runtime.generate", "--checkpoint", str(tiny_ckpt), "--prompts", str(prompts), "--gen-length", "48",
+            "--threshold", "0.5", "--json"]
+    one = run_module(*base)
+    assert one.returncode == 0, one.stderr
+    solo = json.loads(one.stdout)
+    for bs in ("3", "8"):
+        p = run_module(*base, "--batch-size", bs, "--policy", "tide", "--gpu-experts", "6", "--tau", "2")
+        assert p.returncode == 0, p.stderr
+        out = json.loads(p.stdout)
+        assert out["batch_size"] == int(bs) and [r["request"] for r in out["requests"]] == [0, 1, 2, 3]
+        assert [r["tokens"] for r in out["requests"]] == [r["tokens"] for r in solo["requests"]]
+        assert out["forwards"] < solo["forwards"] and out["forwards_per_s"] > 0
+        assert all(r["forwards"] == len(r["batch_forwards"]) and r["end_s"] >= r["start_s"] for r in out["requests"])
+    assert len(solo["requests"][1]["tokens"]) <= LENGTHS[1]  # a line's own gen_length
+    assert solo["forwards"] == sum(r["forwards"] for r in solo["requests"])  # batch 1: one request per forward
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "-2"], "--batch-size must be at least 1"),
+    (["--batch-size", "1.5"], "--batch-size"),
+    (["--batch-size", str(2**64)], "does not fit in 64 bits"),
+    (["--batch-size", "64", "--policy", "static", "--gpu-mem-gb", "0.0008"], "KV cache"),
+])
+def test_bad_batch_flags(tiny_ckpt, tmp_path, flags, fragment):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt_ids": list(range(1, 200))}) for _ in range(64)) + "\n")
+    assert_clean_error(run_module("runtime.generate", "--checkpoint", str(tiny_ckpt), "--prompts", str(prompts),
+                                  "--gen-length", "64", *flags), fragment)
+
+
+def test_a_prompt_too_long_for_the_positions_names_its_line(tiny_ckpt, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt_ids": [1, 2]}) + "\n" + json.dumps({"prompt_ids": [1] * 4000}) + "\n")
+    assert_clean_error(run_module("runtime.generate", "--checkpoint", str(tiny_ckpt), "--prompts", str(prompts),
+                                  "--gen-length", "200", "--batch-size", "2"), "p.jsonl:2", "max_position_embeddings")
+
+
+def test_trace_out_of_a_batch_is_refused_for_now(tiny_ckpt, tmp_path):
+    out = tmp_path / "t.parquet"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt_ids": p}) for p in PROMPTS[:2]) + "\n")
+    assert_clean_error(run_module("runtime.generate", "--checkpoint", str(tiny_ckpt), "--prompts", str(prompts),
+                                  "--gen-length", "32", "--batch-size", "2", "--trace-out", str(out)), "--batch-size 1")
+    assert not out.exists()
