@@ -10,14 +10,21 @@
 # 2. the device check (experiments.gpu_check --quick): mini-shape runs per policy, tokens
 #    against all, measured over the cost model's bound;
 # 3. the accuracy capture on the tiny preset (bf16 on a GPU), to replay with the simulator;
-# 4. the engine's host time per MoE layer-forward per policy (experiments.bench_engine).
+# 4. the engine's host time per MoE layer-forward per policy (experiments.bench_engine);
+# 5. batches (experiments.batch_check): batch 1, 8 and 32 on the mini shape under all and
+#    tide, each request's tokens checked against all in the same batched run.
 # Each step has its own time limit and writes under OUT; a failing step does not stop the rest.
+# STEPS="batches gpu_check" runs only those steps; BATCH_PRESET (default mini) picks the
+# batched step's checkpoint (tests run it on the CPU with tiny).
 set -uo pipefail
 OUT=${1:-${OUT:-out/device}}
 DEVICE=${2:-cuda}
 mkdir -p "$OUT"
+STEPS=${STEPS:-kernels gpu_check accuracy_capture bench_engine batches}
+BATCH_PRESET=${BATCH_PRESET:-mini}
 step() {  # step NAME SECONDS CMD...: run, keep its output, note its exit status
     local name=$1 limit=$2; shift 2
+    case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
     echo "== $name (limit ${limit}s)"
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
@@ -40,6 +47,8 @@ for m in ('llada2-mini', 'llada2-flash'):
 json.dump(out, open('$OUT/kernels.json', 'w'), indent=1)
 "
 step gpu_check 240 python -m experiments.gpu_check --quick --out "$OUT/gpu_check.json"
-step accuracy_capture 240 python -m experiments.accuracy --capture-only "$OUT/accuracy" --device "$DEVICE" --repeats 3
+step accuracy_capture 240 python -m experiments.accuracy --capture-only "$OUT/accuracy" --device "$DEVICE" --rounds 3
 step bench_engine 120 python -m experiments.bench_engine --device "$DEVICE" --json
+step batches 180 python -m experiments.batch_check --preset "$BATCH_PRESET" --device "$DEVICE" \
+    --batch-sizes 1,8,32 --checkpoint-dir "$OUT/checkpoints" --out "$OUT/batches.json"
 cat "$OUT/status.txt"

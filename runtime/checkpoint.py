@@ -133,6 +133,8 @@ def _assign(model: LLaDA2, name: str, tensor: torch.Tensor) -> None:
 def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
                experts_device: str | torch.device = "cpu", pin: bool | None = None, bias_fp32: bool = False) -> LLaDA2:
     """Load a checkpoint; any missing shard, missing tensor, wrong shape or dtype is a TideError."""
+    from runtime.device import keep_freed_memory
+    keep_freed_memory()  # a run's large temporaries reused, not faulted in again every forward
     folder = Path(folder)
     cfg = ModelConfig.load(folder)
     files = checkpoint_files(folder)

@@ -92,8 +92,21 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos0: int,
                 cache: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None) -> torch.Tensor:
-        T = x.shape[0]
-        qkv = self.query_key_value(x).view(T, self.heads + 2 * self.kv_heads, self.head_dim)
+        return self.dense(self.attend(self.query_key_value(x), cos, sin, pos0, cache, mask))
+
+    def forward_rows(self, x: torch.Tensor, rows: list[int], segs: list["Segment"], ropes: list, i: int) -> torch.Tensor:
+        """Several requests' rows, one after another: the projections over all of them at
+        once, attention per request (its positions, its cache ``i``, its mask)."""
+        parts = self.query_key_value(x).split(rows)
+        o = [self.attend(q, cos, sin, sg.pos0, sg.cache.layers[i] if sg.cache is not None else None, sg.mask)
+             for q, sg, (cos, sin) in zip(parts, segs, ropes)]
+        return self.dense(torch.cat(o))
+
+    def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos0: int,
+               cache: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """One request's attention from its projected rows ``[T, (heads + 2 kv_heads) head_dim]``."""
+        T = qkv.shape[0]
+        qkv = qkv.view(T, self.heads + 2 * self.kv_heads, self.head_dim)
         q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         if self.use_qk_norm:
@@ -108,7 +121,7 @@ class Attention(nn.Module):
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)
         o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=self.head_dim ** -0.5)[0]
-        return self.dense(o.transpose(0, 1).reshape(T, self.heads * self.head_dim))
+        return o.transpose(0, 1).reshape(T, self.heads * self.head_dim)
 
 
 class Router(nn.Module):
@@ -186,14 +199,20 @@ def local_experts(layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tenso
     bounds = np.concatenate([[0], np.cumsum(counts)])
     active = np.flatnonzero(counts)
     kernel = kernel_for(ew.gate.device, ew.gate.dtype, ew.gate.shape[2], ew.gate.shape[1])
-    run_by_request(kernel, tokens, out, bounds, active, ew, np.arange(len(counts)), request_of(order, k, rows))
+    run_by_request(kernel, tokens, out, bounds, active, ew, np.arange(len(counts)), request_of(order, k, rows, x))
     return combine(out, order, w, x.dtype)
 
 
-def request_of(order: torch.Tensor, k: int, rows: "Sequence[int] | None") -> np.ndarray | None:
-    """The request of each expert-sorted row (``order`` of the flattened ``[T, k]`` choices),
-    where exactness asks for it: a batch of several requests on the CPU; else None."""
-    if rows is None or len(rows) < 2 or order.device.type != "cpu":
+def row_exact(t: torch.Tensor) -> bool:
+    """Batches of requests computed each apart, bit-equal to batch 1: in fp32 on the CPU (the
+    reference mode the tests hold to); in bf16 or on a GPU rows go together (faster)."""
+    return t.device.type == "cpu" and t.dtype == torch.float32
+
+
+def request_of(order: torch.Tensor, k: int, rows: "Sequence[int] | None", x: torch.Tensor) -> np.ndarray | None:
+    """The request of each expert-sorted row (``order`` of the flattened ``[T, k]`` choices of
+    the tokens ``x``) where a row-exact batch of several requests needs it; else None."""
+    if rows is None or len(rows) < 2 or not row_exact(x):
         return None
     return np.searchsorted(np.cumsum(rows), order.numpy() // k, side="right")
 
@@ -338,8 +357,9 @@ class MoE(nn.Module):
         return self.forward_batch([x])[0]
 
     def forward_batch(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each request's tokens routed by its own router call (row-exact); the routed experts
-        of all of them in one executor call; shared experts per request."""
+        """Row-exact: each request's tokens routed by its own router call, the routed experts
+        of all of them in one executor call (which computes each request's rows of an expert
+        apart), shared experts per request."""
         scores = [self.gate.scores(x) for x in xs]
         if self.override is not None:
             idx = self.override(self.layer)
@@ -359,6 +379,19 @@ class MoE(nn.Module):
             ys = [yi + self.shared_experts(xi) for yi, xi in zip(ys, xs)]
         return ys
 
+    def forward_rows(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Merged: several requests' rows (one after another) routed, computed by the executor
+        (an expert's rows of every request together) and through the shared experts at once."""
+        scores = self.gate.scores(x)
+        idx = self.override(self.layer) if self.override is not None else self.gate.choose(scores)
+        w = self.gate.weights(scores, idx)
+        if self.observer is not None:
+            self.observer(self.layer, idx)
+        y = self.executor(self.layer, x, idx, w, self.experts, rows)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -374,13 +407,20 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def forward_batch(self, hs: list[torch.Tensor], segs: list["Segment"], ropes: list, i: int) -> list[torch.Tensor]:
-        """Attention per request (its positions, its cache, its mask); the MoE block batched."""
+        """Row-exact: everything per request as it runs alone, the MoE block's experts batched."""
         hs = [h + self.attention(self.input_layernorm(h), cos, sin, sg.pos0,
                                  sg.cache.layers[i] if sg.cache is not None else None, sg.mask)
               for h, sg, (cos, sin) in zip(hs, segs, ropes)]
         xs = [self.post_attention_layernorm(h) for h in hs]
         ys = self.mlp.forward_batch(xs) if isinstance(self.mlp, MoE) else [self.mlp(x) for x in xs]
         return [h + y for h, y in zip(hs, ys)]
+
+    def forward_rows(self, h: torch.Tensor, rows: list[int], segs: list["Segment"], ropes: list, i: int) -> torch.Tensor:
+        """Merged: the requests' rows together through every projection, norm and expert;
+        attention per request."""
+        h = h + self.attention.forward_rows(self.input_layernorm(h), rows, segs, ropes, i)
+        x = self.post_attention_layernorm(h)
+        return h + (self.mlp.forward_rows(x, rows) if isinstance(self.mlp, MoE) else self.mlp(x))
 
 
 class Backbone(nn.Module):
@@ -431,6 +471,12 @@ class LLaDA2(nn.Module):
         self.lm_head = nn.Linear(cfg.shape.hidden, cfg.shape.vocab, bias=False)
 
     @property
+    def row_exact(self) -> bool:
+        """Whether a batch computes each request apart, bit-equal to its batch-1 run
+        (:func:`row_exact`: fp32 on the CPU, the reference mode)."""
+        return row_exact(self.lm_head.weight)
+
+    @property
     def moe_blocks(self) -> list[MoE]:
         return [l.mlp for l in self.model.layers if isinstance(l.mlp, MoE)]
 
@@ -459,11 +505,34 @@ class LLaDA2(nn.Module):
 
     @torch.no_grad()
     def forward_batch(self, segments: list[Segment]) -> list[torch.Tensor | None]:
-        """Several requests in one forward: per segment, its logits (fp32) or None. Each
-        request's numbers are those of :meth:`forward` on it alone (exactly, on the CPU)."""
-        hs = [self.model.word_embeddings(sg.ids) for sg in segments]
-        ropes = [rope(self.cfg, sg.pos0, sg.ids.shape[0], h.dtype, h.device) for sg, h in zip(segments, hs)]
+        """Several requests in one forward: per segment, its logits (fp32) or None.
+
+        Row-exact (:attr:`row_exact`, the default in fp32 on the CPU, the reference mode):
+        each request's numbers are those of :meth:`forward` on it alone, bit for bit; only
+        the routed experts run as one batch. Otherwise (bf16, GPUs) the requests' rows go
+        through every projection, norm and expert together (each weight read once per
+        forward, the point of batching), attention per request; a request's numbers may
+        then differ from its batch-1 run in the last bits, as on any GPU, while every
+        placement policy still computes exactly the same numbers."""
+        if self.row_exact or len(segments) == 1:
+            hs = [self.model.word_embeddings(sg.ids) for sg in segments]
+            ropes = [rope(self.cfg, sg.pos0, sg.ids.shape[0], h.dtype, h.device) for sg, h in zip(segments, hs)]
+            for i, layer in enumerate(self.model.layers):
+                hs = layer.forward_batch(hs, segments, ropes, i)
+            return [None if sg.logits_from is None else self.lm_head(self.model.norm(h[sg.logits_from:])).float()
+                    for sg, h in zip(segments, hs)]
+        rows = [sg.ids.shape[0] for sg in segments]
+        h = self.model.word_embeddings(torch.cat([sg.ids for sg in segments]))
+        ropes = [rope(self.cfg, sg.pos0, n, h.dtype, h.device) for sg, n in zip(segments, rows)]
         for i, layer in enumerate(self.model.layers):
-            hs = layer.forward_batch(hs, segments, ropes, i)
-        return [None if sg.logits_from is None else self.lm_head(self.model.norm(h[sg.logits_from:])).float()
-                for sg, h in zip(segments, hs)]
+            h = layer.forward_rows(h, rows, segments, ropes, i)
+        starts = np.concatenate([[0], np.cumsum(rows)])
+        want = [(k, int(starts[k]) + sg.logits_from, int(starts[k + 1])) for k, sg in enumerate(segments)
+                if sg.logits_from is not None]
+        out: list[torch.Tensor | None] = [None] * len(segments)
+        if want:
+            picked = torch.cat([h[a:b] for _, a, b in want])
+            logits = self.lm_head(self.model.norm(picked)).float().split([b - a for _, a, b in want])
+            for (k, _, _), lg in zip(want, logits):
+                out[k] = lg
+        return out

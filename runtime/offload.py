@@ -197,7 +197,7 @@ class OffloadEngine:
         tokens = x[order // k]
         out = torch.empty_like(tokens)
         bounds = np.concatenate([[0], np.cumsum(counts)])
-        req = request_of(order, k, rows)  # on the CPU: each request's rows of an expert in calls of their own
+        req = request_of(order, k, rows, x)  # on the CPU: each request's rows of an expert in calls of their own
         if waves is None:
             self._copy(layer, copies)
             layer.slot_of[:] = self.runner.state.slot_of[i]  # evictions
