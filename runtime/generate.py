@@ -83,7 +83,7 @@ def read_prompts(args: argparse.Namespace, tokenizer: Any) -> list[tuple[list[in
         except json.JSONDecodeError:
             raise TideError(f"{path}:{i}: not a JSON object") from None
         if not isinstance(obj, dict):
-            raise TideError(f"{path}:{i}: not a JSON object")
+            raise TideError(f"{path}:{i}: each line needs \"prompt\" (text) or \"prompt_ids\" (list of ids)")
         g = args.gen_length if obj.get("gen_length") is None else need_int(obj["gen_length"], f"{path}:{i}: gen_length", lo=1)
         if "prompt_ids" in obj:
             prompts.append((need_ints(obj["prompt_ids"], f"{path}:{i}: prompt_ids", lo=0), g, f"{path}:{i}"))

@@ -277,12 +277,15 @@ def test_checkpoint_weights_holding_nan(tmp_path, tiny_ckpt):
     ('{"prompt_ids": []}', "prompt_ids must not be empty"),
     ('{"prompt_ids": 5}', "prompt_ids must be a list"),
     ('[1, 2]', "each line needs"),
+    ('{"prompt_ids": [1], "gen_length": 0}', "gen_length must be at least 1"),
+    ('{"prompt_ids": [1], "gen_length": 2.5}', "gen_length must be an integer"),
+    ('{"prompt_ids": [1], "gen_length": 100000000000000000000}', "gen_length"),
 ])
 def test_jsonl_prompt_ids_of_the_wrong_type(tmp_path, line, fragment):
     from runtime.generate import read_prompts
     f = tmp_path / "p.jsonl"
     f.write_text(line + "\n")
-    args = Namespace(prompt=None, prompt_ids=None, prompts=str(f), chat=False, checkpoint="x")
+    args = Namespace(prompt=None, prompt_ids=None, prompts=str(f), chat=False, checkpoint="x", gen_length=8)
     _raises(lambda: read_prompts(args, None), str(f), fragment)
 
 
