@@ -165,19 +165,26 @@ class Generator:
     margins: bool = False
     forwards_run: int = field(default=0, init=False)  # batched forwards run so far (every call)
 
-    def _accept(self, q: _Request, s0: int, logits: torch.Tensor, n: int, threshold: float | None = None) -> int:
-        """Sample and commit in ``x[s0:s0 + rows]``; with ``margins``, note each committed
+    def _accept(self, q: _Request, s0: int, logits: torch.Tensor, n: int, threshold: float | None = None,
+                rows: torch.Tensor | None = None) -> int:
+        """Sample and commit in ``x[s0:s0 + block]``; ``rows``: the block positions ``logits``
+        hold (the masked ones) when not all; with ``margins``, note each committed
         position's forward and top-2 logit gap (relative to the largest |logit|)."""
-        block = q.x[s0:s0 + logits.shape[0]]
+        block = q.x[s0:s0 + (logits.shape[0] if rows is None else q.decoding.block_length)]
         masked = block == self.model.cfg.mask_id if self.margins else None
         tok, prob = sample(logits, self.sampling, q.sampler)
+        if rows is not None:  # positions without logits are not masked: they never commit
+            tok = block.clone().index_copy_(0, rows, tok)
+            prob = torch.zeros(len(block), dtype=prob.dtype, device=prob.device).index_copy_(0, rows, prob)
         n = accept(block, tok, prob, self.model.cfg.mask_id, n, threshold)
         if masked is not None:
             lf = logits.float()
             top2 = lf.topk(2, dim=-1).values
             rel = ((top2[:, 0] - top2[:, 1]) / lf.abs().amax(dim=-1).clamp_min(1e-30)).tolist()
+            at = list(range(len(block))) if rows is None else rows.tolist()
+            where = {p: i for i, p in enumerate(at)}
             for i in (masked & (block != self.model.cfg.mask_id)).nonzero().flatten().tolist():
-                q.notes[s0 + i] = (q.res.forwards, rel[i])
+                q.notes[s0 + i] = (q.res.forwards, rel[where[i]])
         return n
 
     def _finish(self, q: _Request) -> Result:
@@ -317,9 +324,13 @@ class Generator:
             return Segment(q.x[:P0], 0, q.cache, block_causal_mask(P0, bl, dev), None), 0
         if p.kind == "commit":
             return Segment(q.x[s0:e], s0, q.cache, None, None), 0
+        # the head and sampling only for the still-masked positions (the rest never commit):
+        # greedy decoding and not row-exact (in fp32 on the CPU every row is computed, as batch 1 does)
+        rows = (q.x[s0:e] == self.model.cfg.mask_id).nonzero().flatten() \
+            if self.sampling.temperature == 0 and not self.model.row_exact else None
         if q.cache is not None:
-            return Segment(q.x[s0:e], s0, q.cache, None, 0), 0
-        return Segment(q.x[:e], 0, None, block_causal_mask(e, bl, dev), s0), s0
+            return Segment(q.x[s0:e], s0, q.cache, None, 0, rows), 0
+        return Segment(q.x[:e], 0, None, block_causal_mask(e, bl, dev), s0, rows), s0
 
     def _run(self, reqs: list[_Request], batch_size: int, chooser: ChoiceReplay | None = None) -> list[Result]:
         """Run the requests' forwards, up to ``batch_size`` requests in each (one loop for
@@ -360,7 +371,7 @@ class Generator:
             committed = 0
             for q, p, (sg, _), lg in zip(members, plans, segs, logits):
                 if p.kind == "step":
-                    n = self._accept(q, p.block * q.decoding.block_length, lg, p.commit, p.threshold)
+                    n = self._accept(q, p.block * q.decoding.block_length, lg, p.commit, p.threshold, sg.logit_rows)
                     q.res.step_forwards += 1
                     q.res.committed += n
                     committed += n

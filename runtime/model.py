@@ -452,13 +452,20 @@ def block_causal_mask(n: int, block_length: int, device: torch.device) -> torch.
 class Segment:
     """One request's part of a batched forward: its tokens ``ids`` at positions ``pos0..``,
     its own KV cache and attention mask, and the rows whose logits it needs
-    (``logits_from``; None: no logits)."""
+    (``logits_from``; None: no logits), or only some of them (``logit_rows``, offsets from
+    ``logits_from``: a step's still-masked positions, the only ones it samples)."""
 
     ids: torch.Tensor
     pos0: int = 0
     cache: "KVCache | None" = None
     mask: torch.Tensor | None = None
     logits_from: int | None = 0
+    logit_rows: torch.Tensor | None = None
+
+    def head_rows(self, h: torch.Tensor) -> torch.Tensor:
+        """This segment's rows of ``h`` that need logits."""
+        h = h[self.logits_from:]
+        return h if self.logit_rows is None else h[self.logit_rows]
 
 
 class LLaDA2(nn.Module):
@@ -519,7 +526,7 @@ class LLaDA2(nn.Module):
             ropes = [rope(self.cfg, sg.pos0, sg.ids.shape[0], h.dtype, h.device) for sg, h in zip(segments, hs)]
             for i, layer in enumerate(self.model.layers):
                 hs = layer.forward_batch(hs, segments, ropes, i)
-            return [None if sg.logits_from is None else self.lm_head(self.model.norm(h[sg.logits_from:])).float()
+            return [None if sg.logits_from is None else self.lm_head(self.model.norm(sg.head_rows(h))).float()
                     for sg, h in zip(segments, hs)]
         rows = [sg.ids.shape[0] for sg in segments]
         h = self.model.word_embeddings(torch.cat([sg.ids for sg in segments]))
@@ -527,12 +534,12 @@ class LLaDA2(nn.Module):
         for i, layer in enumerate(self.model.layers):
             h = layer.forward_rows(h, rows, segments, ropes, i)
         starts = np.concatenate([[0], np.cumsum(rows)])
-        want = [(k, int(starts[k]) + sg.logits_from, int(starts[k + 1])) for k, sg in enumerate(segments)
+        want = [(k, sg.head_rows(h[int(starts[k]):int(starts[k + 1])])) for k, sg in enumerate(segments)
                 if sg.logits_from is not None]
         out: list[torch.Tensor | None] = [None] * len(segments)
         if want:
-            picked = torch.cat([h[a:b] for _, a, b in want])
-            logits = self.lm_head(self.model.norm(picked)).float().split([b - a for _, a, b in want])
-            for (k, _, _), lg in zip(want, logits):
+            picked = torch.cat([r for _, r in want])
+            logits = self.lm_head(self.model.norm(picked)).float().split([len(r) for _, r in want])
+            for (k, _), lg in zip(want, logits):
                 out[k] = lg
         return out
