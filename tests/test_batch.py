@@ -237,3 +237,28 @@ def test_trace_out_of_a_batch_is_refused_for_now(tiny_ckpt, tmp_path):
     assert_clean_error(run_module("runtime.generate", "--checkpoint", str(tiny_ckpt), "--prompts", str(prompts),
                                   "--gen-length", "32", "--batch-size", "2", "--trace-out", str(out)), "--batch-size 1")
     assert not out.exists()
+
+
+def test_each_requests_rows_of_an_expert_are_computed_as_alone():
+    """run_by_request on rows of several requests, experts listed in any order (a swap wave
+    lists them by rank): every (expert, request) segment's output is that segment computed
+    alone; in fp32 on the CPU the engine's kernel is the matmul chain (the grouped kernel
+    rounds a group differently beside others)."""
+    from runtime.model import ExpertWeights, choose_kernel, run_by_request, run_experts
+    torch.manual_seed(0)
+    E, H, I = 6, 16, 8
+    w = ExpertWeights(torch.randn(E, I, H), torch.randn(E, I, H), torch.randn(E, H, I))
+    counts = np.array([3, 0, 5, 2, 4, 1])
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    tok = torch.randn(int(counts.sum()), H)
+    req = np.array([0, 1, 1, 0, 0, 1, 2, 2, 0, 2, 1, 1, 2, 2, 0])
+    for experts in (np.array([4, 0, 2]), np.array([0, 2, 3, 4, 5]), np.array([5, 3])):
+        out = torch.zeros_like(tok)
+        run_by_request(run_experts, tok, out, bounds, experts, w, np.arange(E), req)
+        for e in range(E):
+            for r in np.unique(req[bounds[e]:bounds[e + 1]]):
+                rows = np.arange(bounds[e], bounds[e + 1])[req[bounds[e]:bounds[e + 1]] == r]
+                alone = torch.empty(len(rows), H)
+                run_experts(tok[rows], alone, np.array([0, len(rows)]), np.array([0]), w, np.array([e]))
+                assert torch.equal(out[rows], alone) == (e in experts) or not len(rows)
+    assert choose_kernel(torch.device("cpu"), torch.float32, 64, 32)[0] == "loop"
