@@ -225,38 +225,27 @@ def run_by_request(kernel, tokens: torch.Tensor, out: torch.Tensor, bounds: np.n
     exactly the calls of its batch-1 run (on the CPU, fp32 matmuls round differently with
     more rows), whatever shares the batch. Without ``request``: one call, as batch 1 does."""
     experts = np.asarray(experts)
-    if request is None or not len(experts):
+    rows, sizes = segment_rows(bounds, experts)
+    if request is None or not len(rows):
         kernel(tokens, out, bounds, experts, weights, index)
         return
-    experts = experts[np.argsort(bounds[experts], kind="stable")]  # in row order (a swap wave lists them by rank)
-    starts, ends = bounds[experts], bounds[experts + 1]
-    cut = np.flatnonzero(np.diff(request) != 0) + 1  # rows where the request changes
-    seg_start = np.concatenate([[0], cut])
-    seg_end = np.concatenate([cut, [len(request)]])
-    # segments never straddle experts: split at expert bounds too
-    edges = np.union1d(np.concatenate([seg_start, seg_end]), np.concatenate([starts, ends]))
-    edges = edges[(edges >= 0) & (edges <= len(request))]
-    seg_start, seg_end = edges[:-1], edges[1:]
-    keep = seg_end > seg_start
-    seg_start, seg_end = seg_start[keep], seg_end[keep]
-    owner = np.searchsorted(ends, seg_start, side="right")  # which of ``experts`` each segment belongs to
-    inside = owner < len(experts)
-    seg_start, seg_end, owner = seg_start[inside], seg_end[inside], owner[inside]
-    inside = seg_start >= starts[owner]
-    seg_start, seg_end, owner = seg_start[inside], seg_end[inside], owner[inside]
-    if not len(owner) or np.bincount(owner).max() == 1:
+    owner = np.repeat(np.arange(len(experts)), sizes)  # which of ``experts`` each row belongs to
+    req = request[rows]
+    first = np.concatenate([[True], (owner[1:] != owner[:-1]) | (req[1:] != req[:-1])])
+    seg = np.cumsum(first) - 1  # each row's (expert, request) segment
+    seg_owner = owner[first]
+    rank = np.arange(len(seg_owner)) - np.searchsorted(seg_owner, seg_owner, side="left")  # place in its expert
+    if rank.max() == 0:  # no expert holds rows of two requests: one call, as batch 1 does
         kernel(tokens, out, bounds, experts, weights, index)
         return
-    rank = np.arange(len(owner)) - np.searchsorted(owner, owner, side="left")  # the segment's place in its expert
     for wv in range(int(rank.max()) + 1):
-        sel = np.flatnonzero(rank == wv)
-        sizes = seg_end[sel] - seg_start[sel]
-        rows = np.concatenate([np.arange(a, b) for a, b in zip(seg_start[sel], seg_end[sel])])
-        rows_t = torch.from_numpy(rows).to(tokens.device)
+        in_wave = rank[seg] == wv
+        segs, seg_sizes = np.unique(seg[in_wave], return_counts=True)
+        rows_t = torch.from_numpy(rows[in_wave]).to(tokens.device)
         part = tokens[rows_t]
         res = torch.empty_like(part)
-        kernel(part, res, np.concatenate([[0], np.cumsum(sizes)]), np.arange(len(sel)), weights,
-               np.asarray(index)[experts[owner[sel]]])
+        kernel(part, res, np.concatenate([[0], np.cumsum(seg_sizes)]), np.arange(len(segs)), weights,
+               np.asarray(index)[experts[seg_owner[segs]]])
         out[rows_t] = res
 
 
