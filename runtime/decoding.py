@@ -198,22 +198,27 @@ class Generator:
         res.start_s, res.end_s, res.batch_forwards = q.start_s, q.end_s, q.batch_forwards
         return res
 
-    def _check_prompt(self, prompt: list[int], gen_length: int, where: str = "") -> None:
+    def check_prompts(self, prompts: list[list[int]], gen_lengths: list[int], where: list[str] | None = None) -> None:
+        """Every prompt usable with its generation length (ids in the vocabulary, within the
+        model's positions), before any work: one line, prefixed with ``where`` (a prompt's
+        file and line, or flag) when given."""
         d, cfg = self.decoding, self.model.cfg
-        if not prompt:
-            raise TideError(f"{where}empty prompt")
-        if gen_length < 1:
-            raise TideError(f"{where}--gen-length must be at least 1, got {gen_length}")
         if d.block_length < 1 or d.steps < 1:
             raise TideError("--block-length and --steps must be at least 1")
         need_float(d.threshold, "--threshold", lo=0.0, hi=1.0)
         max_pos = cfg.shape.config.get("max_position_embeddings")
-        if isinstance(max_pos, int) and not isinstance(max_pos, bool) and len(prompt) + gen_length > max_pos:
-            raise TideError(f"{where}--gen-length {gen_length}: the prompt's {len(prompt)} tokens plus {gen_length} exceed "
-                            f"the model's max_position_embeddings ({max_pos})")
-        bad = [t for t in prompt if not 0 <= t < cfg.shape.vocab]
-        if bad:
-            raise TideError(f"{where}prompt token id {bad[0]} is outside the vocabulary of {cfg.shape.vocab}")
+        for i, (prompt, g) in enumerate(zip(prompts, gen_lengths)):
+            at = f"{where[i]}: " if where is not None else (f"prompt {i + 1}: " if len(prompts) > 1 else "")
+            if not prompt:
+                raise TideError(f"{at}empty prompt")
+            if g < 1:
+                raise TideError(f"{at}--gen-length must be at least 1, got {g}")
+            if isinstance(max_pos, int) and not isinstance(max_pos, bool) and len(prompt) + g > max_pos:
+                raise TideError(f"{at}the prompt's {len(prompt)} tokens plus a generation length of {g} exceed "
+                                f"the model's max_position_embeddings ({max_pos})")
+            bad = [t for t in prompt if not 0 <= t < cfg.shape.vocab]
+            if bad:
+                raise TideError(f"{at}prompt token id {bad[0]} is outside the vocabulary of {cfg.shape.vocab}")
 
     def _live(self, prompt: list[int], gen_length: int, request: int) -> _Request:
         x = self._canvas(prompt, gen_length)
@@ -235,8 +240,7 @@ class Generator:
         """Every prompt, up to ``batch_size`` in each forward; results in prompt order, each
         ending at its first ``eos`` (kept) or at its generation length."""
         requests = list(range(len(prompts))) if requests is None else requests
-        for i, (p, g) in enumerate(zip(prompts, gen_lengths)):
-            self._check_prompt(p, g, f"prompt {i + 1}: " if len(prompts) > 1 else "")
+        self.check_prompts(prompts, gen_lengths)
         reqs = [self._live(p, g, r) for p, g, r in zip(prompts, gen_lengths, requests)]
         out = self._run(reqs, batch_size)
         eos = self.model.cfg.eos_id
@@ -337,8 +341,7 @@ class Generator:
         live and replayed decoding, any batch size): seats go in arrival order
         (:class:`traces.admission.Admission`); a request leaves after its last forward and the
         next joins at the very next one. Results in the order of ``reqs``."""
-        if self.recorder is not None and (batch_size > 1 and len(reqs) > 1):
-            raise TideError("--trace-out records one request per forward (trace format v1): run it with --batch-size 1")
+        check_recordable(self.recorder is not None, batch_size, len(reqs))
         by_id = {q.request: q for q in reqs}
         seats = Admission.of([q.request for q in reqs], batch_size)
         t0 = time.perf_counter()
@@ -387,6 +390,12 @@ class Generator:
                     q.end_s = time.perf_counter() - t0
                     seats.leave(q.request)
         return [self._finish(q) for q in reqs]
+
+
+def check_recordable(recording: bool, batch_size: int, requests: int) -> None:
+    """A trace records one request per forward (format v1): recording needs batch size 1."""
+    if recording and batch_size > 1 and requests > 1:
+        raise TideError("--trace-out records one request per forward (trace format v1): use --batch-size 1 with it")
 
 
 def warm_up(model: LLaDA2, decoding: Decoding, prompt: list[int], sampling: Sampling | None = None,

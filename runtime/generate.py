@@ -22,7 +22,7 @@ from runtime.capture import TraceRecorder
 import torch
 
 from runtime.checkpoint import dtype_name, load_model
-from runtime.decoding import Decoding, Generator, Sampling, warm_up
+from runtime.decoding import Decoding, Generator, Sampling, check_recordable, warm_up
 from runtime.device import check_device, timed
 from runtime.model import KERNELS, LLaDA2
 from runtime.offload import OffloadEngine
@@ -94,18 +94,6 @@ def read_prompts(args: argparse.Namespace, tokenizer: Any) -> list[tuple[list[in
     if not prompts:
         raise TideError(f"{path}: no prompts")
     return prompts
-
-
-def check_positions(model: LLaDA2, given: list[tuple[list[int], int, str]]) -> None:
-    """Every prompt and its generation length within the model's positions: one line naming
-    the prompt's file and line (or flag), before any work."""
-    max_pos = model.cfg.shape.config.get("max_position_embeddings")
-    if not isinstance(max_pos, int) or isinstance(max_pos, bool):
-        return
-    for ids, g, where in given:
-        if len(ids) + g > max_pos:
-            raise TideError(f"{where}: the prompt's {len(ids)} tokens plus a generation length of {g} exceed the "
-                            f"model's max_position_embeddings ({max_pos})")
 
 
 def add_generation_args(ap: argparse.ArgumentParser) -> None:
@@ -191,11 +179,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lengths = [r["gen_length"] for r in replay.requests]
     else:
         given = read_prompts(args, tokenizer)
-        check_positions(model, given)
         prompts, lengths = [p for p, _, _ in given], [g for _, g, _ in given]
         decoding = Decoding(args.block_length, args.steps, args.threshold, not args.no_kv_cache)
-    if args.trace_out and args.batch_size > 1 and len(prompts) > 1:
-        raise TideError("--trace-out records one request per forward (trace format v1): use --batch-size 1 with it")
+        Generator(model, decoding).check_prompts(prompts, lengths, [w for _, _, w in given])
+    check_recordable(bool(args.trace_out), args.batch_size, len(prompts))
     bl = decoding.block_length
     kv_tokens = kv_tokens_for([(len(p), g) for p, g in zip(prompts, lengths)], bl, decoding.kv_cache, args.batch_size)
     dtype = dtype_name(model.dtype)
