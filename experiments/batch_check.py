@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, run_cli
+from traces.cli import ArgumentParser, atomic_write, check_out_path, comma_list, integer, run_cli
 from traces.errors import TideError
 from traces.values import need_int
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.bench_runtime import ensure_checkpoint, parse_list
+    from experiments.bench_runtime import ensure_checkpoint
     ap = ArgumentParser(prog="python -m experiments.batch_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="mini")
     ap.add_argument("--layers", type=integer, default=3)
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint-dir", default="out/checkpoints")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     a = ap.parse_args(argv)
-    sizes = parse_list(a.batch_sizes, "--batch-sizes", lambda v: need_int(v, "--batch-sizes", lo=1))
+    sizes = comma_list(a.batch_sizes, "--batch-sizes", lambda v: need_int(integer(v), "--batch-sizes", lo=1),
+                       "integer values")
     if a.out:
         check_out_path(a.out)
     import torch

@@ -29,25 +29,9 @@ from runtime.checkpoint import load_model
 from runtime.decoding import Generator, warm_up
 from runtime.device import check_device, timed
 from runtime.make_checkpoint import preset_config, write_checkpoint
-from traces.cli import ArgumentParser, integer, print_json, run_cli
+from traces.cli import ArgumentParser, comma_list, integer, print_json, run_cli
 from traces.values import need_int, need_str
 from traces.trace import Decoding
-
-
-def parse_list(text: str, flag: str, each) -> list:
-    """A comma-separated flag's values, each checked (one error line naming the flag)."""
-    from traces.errors import TideError
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
-        raise TideError(f"{flag}: expected a comma-separated list, got {text!r}")
-    out = []
-    for p in parts:
-        try:
-            v = int(p) if p.lstrip("-").isdigit() else p
-        except ValueError:
-            v = p
-        out.append(each(v))
-    return out
 
 
 def ensure_checkpoint(folder: Path, preset: str, layers: int | None, seed: int = 0) -> Path:
@@ -133,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     sizes = None
     if a.batch_sizes is not None:
-        sizes = parse_list(a.batch_sizes, "--batch-sizes", lambda v: need_int(v, "--batch-sizes", lo=1))
-        policies = parse_list(a.policies, "--policies", lambda v: need_str(v, "--policies", ("all", "static", "swap", "tide")))
-        traffic = parse_list(a.traffic, "--traffic", lambda v: need_str(v, "--traffic", ("own", "replay")))
+        sizes = comma_list(a.batch_sizes, "--batch-sizes", lambda v: need_int(integer(v), "--batch-sizes", lo=1),
+                           "integer values")
+        policies = comma_list(a.policies, "--policies", lambda v: need_str(v, "--policies", ("all", "static", "swap", "tide")))
+        traffic = comma_list(a.traffic, "--traffic", lambda v: need_str(v, "--traffic", ("own", "replay")))
     device = check_device(a.device)
     path = ensure_checkpoint(Path(a.checkpoint_dir), a.preset, a.layers)
     t0 = time.perf_counter()

@@ -50,7 +50,7 @@ from sim.candidates import Priced
 
 #: How long to wait for a Dask scheduler to answer before saying it does not.
 DASK_CONNECT_TIMEOUT = "10s"
-from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, number, run_cli
+from traces.cli import ArgumentParser, atomic_write, check_out_path, comma_list, integer, number, run_cli
 from traces.errors import TideError
 from traces.policies import BASELINES, POLICIES
 from traces.pool import worker_pool
@@ -157,14 +157,8 @@ def studies_from_toml(path: str) -> list[Study]:
 
 def _list(text: str, flag: str, kind: type) -> list[Any]:
     """A comma list of a flag; each value's range is checked by :meth:`Study.check`."""
-    try:
-        vals = [v if kind is str else (v if v == "fit" and flag == "--budgets" else kind(v))
-                for v in (s.strip() for s in text.split(",")) if v]
-    except (ValueError, argparse.ArgumentTypeError):
-        raise TideError(f"{flag}: expected comma-separated {'integer' if kind is integer else 'number'} values, got {text!r}") from None
-    if not vals:
-        raise TideError(f"{flag}: no values")
-    return vals
+    return comma_list(text, flag, lambda v: v if kind is str else (v if v == "fit" and flag == "--budgets" else kind(v)),
+                      f"{'integer' if kind is integer else 'number'} values")
 
 
 # ---- running points ------------------------------------------------------------------------

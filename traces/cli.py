@@ -47,6 +47,21 @@ def integer(text: str) -> int:
     return v
 
 
+def comma_list(text: str, flag: str, convert: Callable[[str], Any], what: str = "values") -> list[Any]:
+    """A flag's comma-separated values, each through ``convert``; a value it cannot read
+    (ValueError, argparse's type error) or no value at all is one error line naming the flag,
+    and a TideError of ``convert``'s own (a range, a choice) is passed on as it is."""
+    try:
+        vals = [convert(v) for v in (s.strip() for s in text.split(",")) if v]
+    except TideError:  # the converter's own line (a range, a choice) says more
+        raise
+    except (ValueError, argparse.ArgumentTypeError):
+        raise TideError(f"{flag}: expected comma-separated {what}, got {text!r}") from None
+    if not vals:
+        raise TideError(f"{flag}: no values")
+    return vals
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the command is, so its cleanup (``finally``, pools) runs."""
 
