@@ -236,11 +236,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     df, rounds = replay(out)
     pct = lambda c: (100 * df[c]).round(1).astype(str) + "%"  # noqa: E731
-    label = {int(r): f"{r}:{p}" for r, p in zip(df["run"], df["policy"])}
-    wide = rounds.pivot(index="round", columns="run", values="error").rename(columns=label)
-    print("error per round (predicted / measured - 1):")
+    from experiments.validate import round_table
     with pd.option_context("display.width", 200):
-        print(wide.map(lambda v: f"{100 * v:+.1f}%").to_string())
+        print(round_table(rounds, "run", {int(r): f"{r}:{p}" for r, p in zip(df["run"], df["policy"])}))
     show = df.assign(error=pct("error"), spread=pct("spread"), drift=pct("drift"),
                      **({"speedup_error": pct("speedup_error")} if "speedup_error" in df else {}))
     with pd.option_context("display.width", 160):

@@ -231,10 +231,11 @@ def pct(v: pd.Series) -> pd.Series:
     return v.map(lambda x: "nan" if pd.isna(x) else f"{100 * x:+.1f}%")
 
 
-def round_table(rounds: pd.DataFrame) -> str:
-    """Each round's error per policy (a row per round): the spread a user should see."""
-    wide = rounds.pivot(index="round", columns="policy", values="error")[rounds["policy"].unique()]
-    return "error per round (predicted / measured - 1):\n" + wide.apply(pct).to_string()
+def round_table(rounds: pd.DataFrame, by: str = "policy", labels: dict | None = None) -> str:
+    """Each round's error per run (a row per round, a column per ``by``, renamed by ``labels``):
+    the spread a user should see (validate's and accuracy's tables)."""
+    wide = rounds.pivot(index="round", columns=by, values="error")[rounds[by].unique()]
+    return "error per round (predicted / measured - 1):\n" + wide.rename(columns=labels or {}).apply(pct).to_string()
 
 
 def _predicted(plan: Plan, name: str) -> float:
