@@ -42,9 +42,15 @@ from traces.values import get, need_dict, need_float, need_list, need_str
 
 
 def plan_traces(plan: Plan, given: list[str] | None) -> list[tuple[str, Trace]]:
-    """The traces to replay: ``--trace`` files, or those the plan names (checked by hash)."""
-    if given:
-        return [(p, read_trace(p)) for p in given]
+    """The traces to replay: ``--trace`` files, or those the plan names (checked by hash);
+    one request per forward (the predictions price no batches yet)."""
+    out = [(p, read_trace(p)) for p in given] if given else _named_traces(plan)
+    for p, t in out:
+        t.require_one_request_per_forward(p)
+    return out
+
+
+def _named_traces(plan: Plan) -> list[tuple[str, Trace]]:
     named = need_list(plan.provenance.get("traces") or [], "--plan: provenance.traces")
     if not named:
         raise TideError("--plan: the plan names no traces; give --trace")

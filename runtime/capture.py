@@ -2,7 +2,7 @@
 
 The recorder hangs an observer on every MoE block; each forward's router choices are
 kept (all tokens with the KV cache, the current block's without it) and turned into
-counts and choices when the forward ends.
+counts and choices, per member of a batched forward, when the forward ends.
 """
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ class TraceRecorder:
         self.counters: list[dict[str, np.ndarray]] = []
         self.requests: list[dict[str, int]] = []
         self._idx: dict[int, torch.Tensor] = {}
-        self._row: dict[str, Any] | None = None
+        self._rows: list[dict[str, Any]] | None = None
+        self._forward = 0
+        self.batch_size = 1
         self._layer_pos = {l: i for i, l in enumerate(self.shape.moe_layers)}
 
     def attach(self) -> "TraceRecorder":
@@ -45,30 +47,36 @@ class TraceRecorder:
         self.detach()
 
     def _observe(self, layer: int, idx: torch.Tensor) -> None:
-        if self._row is not None:
+        if self._rows is not None:
             self._idx[layer] = idx
 
-    def begin(self, request: int, kind: str, block: int, step: int, tokens_run: int, context: int,
-              choice_start: int, choice_tokens: int) -> None:
-        self._row = dict(request=request, kind=kind, block=block, step=step, tokens_run=tokens_run,
-                         tokens_committed=0, context=context, choice_start=choice_start, choice_tokens=choice_tokens)
+    def begin(self, members: list[dict[str, Any]]) -> None:
+        """Start a forward: one dict per member in seat order (request, kind, block, step,
+        tokens_run, context, choice_start, choice_tokens), their tokens in that order."""
+        self._rows = [dict(m, forward=self._forward, tokens_committed=0) for m in members]
         self._idx = {}
 
-    def end(self, tokens_committed: int = 0,
+    def end(self, committed: list[int],
             counters: dict[str, np.ndarray] | Callable[[], dict[str, np.ndarray]] | None = None) -> None:
-        row = self._row
-        assert row is not None, "end() without begin()"
-        row["tokens_committed"] = tokens_committed
-        L, E = self.shape.n_moe_layers, self.shape.experts
-        idx = np.stack([self._idx[l].cpu().numpy() for l in self.shape.moe_layers])  # [L, T, k]
-        counts = np.stack([np.bincount(idx[i].reshape(-1), minlength=E) for i in range(L)])
-        n = row["choice_tokens"]
-        self.rows.append(row)
-        self.counts.append(counts.astype(np.int32))
-        self.choices.append(idx[:, idx.shape[1] - n:, :].reshape(-1).astype(np.int16))
+        """Finish the forward: each member's committed tokens; the engine's counters (a dict,
+        or a callable giving it: the engine counts later)."""
+        rows = self._rows
+        assert rows is not None, "end() without begin()"
+        E = self.shape.experts
+        idx = np.stack([self._idx[l].cpu().numpy() for l in self.shape.moe_layers])  # [L, T, k] of the whole batch
+        at = 0
+        for row, n in zip(rows, committed):
+            row["tokens_committed"] = n
+            mine = idx[:, at:at + row["tokens_run"], :]
+            at += row["tokens_run"]
+            self.rows.append(row)
+            self.counts.append(np.stack([np.bincount(m.reshape(-1), minlength=E) for m in mine]).astype(np.int32))
+            self.choices.append(mine[:, mine.shape[1] - row["choice_tokens"]:, :].reshape(-1).astype(np.int16))
+        assert at == idx.shape[1], "members' tokens_run do not add up to the forward's tokens"
         if counters is not None:
-            self.counters.append(counters)  # a dict, or a callable giving it (the engine counts later)
-        self._row = None
+            self.counters.append(counters)
+        self._rows = None
+        self._forward += 1
 
     def add_request(self, request: int, prompt_length: int, gen_length: int) -> None:
         self.requests.append({"request": request, "prompt_length": prompt_length, "gen_length": gen_length})
@@ -80,4 +88,5 @@ class TraceRecorder:
             counters = {k: np.stack([c[k] for c in per]) for k in per[0]}
         return Trace(shape=self.shape, dtype=self.dtype, decoding=self.decoding, requests=self.requests,
                      forwards=pd.DataFrame(self.rows), counts=np.stack(self.counts),
-                     choices=np.concatenate(self.choices), counters=counters, policy=policy, source=source or {})
+                     choices=np.concatenate(self.choices), counters=counters, policy=policy, source=source or {},
+                     batch_size=self.batch_size)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from runtime.capture import TraceRecorder
 from runtime.model import LLaDA2, KVCache, Segment, block_causal_mask
 from runtime.replay import ChoiceReplay, check_replayable, replay_prompt
-from traces.admission import Admission
+from traces.admission import Admission, Recorded, recorded
 from traces.errors import TideError
 from traces.trace import Decoding, Trace
 from traces.values import need_float, need_int
@@ -259,10 +259,11 @@ class Generator:
         return self.replay_batch(trace, [request], 1)[0]
 
     @torch.no_grad()
-    def replay_batch(self, trace: Trace, requests: list[int], batch_size: int) -> list[Result]:
-        """Requests of a KV-cache trace, each replayed as :meth:`replay` does, up to
-        ``batch_size`` in each forward (the batched forwards the same prompts make at that
-        batch size: routing is per token, attention per request)."""
+    def replay_batch(self, trace: Trace, requests: list[int], batch_size: int | None = None) -> list[Result]:
+        """Requests of a KV-cache trace, each replayed as :meth:`replay` does: in the forwards
+        the trace recorded (``batch_size`` None), or composed anew, up to ``batch_size`` in
+        each forward (the batched forwards the same prompts make at that batch size: routing
+        is per token, attention per request)."""
         cfg = self.model.cfg
         check_replayable(trace, self.model)
         reqs = []
@@ -274,8 +275,9 @@ class Generator:
             x = self._canvas(replay_prompt(P, cfg.shape.vocab, (cfg.mask_id, cfg.eos_id)), G, trace.decoding.block_length)
             cache = KVCache(cfg, len(x), x.device, self.model.dtype)
             reqs.append(_Request(request, x, P, G, trace.decoding, self._trace_schedule(trace, request), cache, None))
+        seats = recorded(trace, requests) if batch_size is None else batch_size
         with ChoiceReplay(trace, self.model) as chooser:
-            return self._run(reqs, batch_size, chooser)
+            return self._run(reqs, seats, chooser)
 
     # ---- the forward schedule: live (decided as the tokens commit) or read from a trace ----------
     def _canvas(self, prompt: list[int], gen_length: int, block_length: int | None = None) -> torch.Tensor:
@@ -336,14 +338,17 @@ class Generator:
             return Segment(q.x[s0:e], s0, q.cache, None, 0, rows), 0
         return Segment(q.x[:e], 0, None, block_causal_mask(e, bl, dev), s0, rows), s0
 
-    def _run(self, reqs: list[_Request], batch_size: int, chooser: ChoiceReplay | None = None) -> list[Result]:
+    def _run(self, reqs: list[_Request], batch_size: int | Recorded,
+             chooser: ChoiceReplay | None = None) -> list[Result]:
         """Run the requests' forwards, up to ``batch_size`` requests in each (one loop for
         live and replayed decoding, any batch size): seats go in arrival order
         (:class:`traces.admission.Admission`); a request leaves after its last forward and the
-        next joins at the very next one. Results in the order of ``reqs``."""
-        check_recordable(self.recorder is not None, batch_size, len(reqs))
+        next joins at the very next one. Or seats as a trace recorded them (``Recorded``).
+        Results in the order of ``reqs``."""
         by_id = {q.request: q for q in reqs}
-        seats = Admission.of([q.request for q in reqs], batch_size)
+        seats = Admission.of([q.request for q in reqs], batch_size) if isinstance(batch_size, int) else batch_size
+        if self.recorder is not None:
+            self.recorder.batch_size = max(self.recorder.batch_size, seats.batch_size)
         t0 = time.perf_counter()
         n_forward = 0
         while not seats.done:
@@ -367,17 +372,19 @@ class Generator:
             if self.engine is not None:
                 self.engine.begin(plans[0].kind, plans[0].step, [(p.kind, p.step) for p in plans[1:]])
             if self.recorder is not None:
-                (sg, cf), q, p = segs[0], members[0], plans[0]
-                T = sg.ids.shape[0]
-                self.recorder.begin(q.request, p.kind, p.block, p.step, T, sg.pos0 + T, sg.pos0 + cf, T - cf)
+                self.recorder.begin([dict(request=q.request, kind=p.kind, block=p.block, step=p.step,
+                                          tokens_run=sg.ids.shape[0], context=sg.pos0 + sg.ids.shape[0],
+                                          choice_start=sg.pos0 + cf, choice_tokens=sg.ids.shape[0] - cf)
+                                     for q, p, (sg, cf) in zip(members, plans, segs)])
             logits = self.model.forward_batch([sg for sg, _ in segs])
-            committed = 0
+            committed = []
             for q, p, (sg, _), lg in zip(members, plans, segs, logits):
+                n = 0
                 if p.kind == "step":
                     n = self._accept(q, p.block * q.decoding.block_length, lg, p.commit, p.threshold, sg.logit_rows)
                     q.res.step_forwards += 1
                     q.res.committed += n
-                    committed += n
+                committed.append(n)
                 q.res.forwards += 1
                 q.batch_forwards.append(n_forward)
             counters = self.engine.end() if self.engine is not None else None
@@ -390,12 +397,6 @@ class Generator:
                     q.end_s = time.perf_counter() - t0
                     seats.leave(q.request)
         return [self._finish(q) for q in reqs]
-
-
-def check_recordable(recording: bool, batch_size: int, requests: int) -> None:
-    """A trace records one request per forward (format v1): recording needs batch size 1."""
-    if recording and batch_size > 1 and requests > 1:
-        raise TideError("--trace-out records one request per forward (trace format v1): use --batch-size 1 with it")
 
 
 def warm_up(model: LLaDA2, decoding: Decoding, prompt: list[int], sampling: Sampling | None = None,

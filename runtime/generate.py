@@ -22,7 +22,7 @@ from runtime.capture import TraceRecorder
 import torch
 
 from runtime.checkpoint import dtype_name, load_model
-from runtime.decoding import Decoding, Generator, Sampling, check_recordable, warm_up
+from runtime.decoding import Decoding, Generator, Sampling, warm_up
 from runtime.device import check_device, timed
 from runtime.model import KERNELS, LLaDA2
 from runtime.offload import OffloadEngine
@@ -102,10 +102,12 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prompt-ids", help="comma-separated token ids")
     ap.add_argument("--prompts", help="JSONL file, one {\"prompt\": ...} or {\"prompt_ids\": [...]} per line "
                     "(optionally with its own \"gen_length\")")
-    ap.add_argument("--batch-size", type=integer, default=1,
-                    help="requests sharing each forward (continuous batching; default 1: one after another)")
+    ap.add_argument("--batch-size", type=integer, default=None,
+                    help="requests sharing each forward (continuous batching; default 1: one after another; "
+                         "with --replay-trace, the trace's recorded forwards)")
     ap.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    ap.add_argument("--gen-length", type=integer, required=True)
+    ap.add_argument("--gen-length", type=integer, default=None,
+                    help="tokens to generate per prompt (not with --replay-trace: the trace's)")
     ap.add_argument("--block-length", type=integer, default=32)
     ap.add_argument("--steps", type=integer, default=32)
     ap.add_argument("--threshold", type=number, default=0.95)
@@ -154,7 +156,10 @@ def make_engine(args: argparse.Namespace, model: LLaDA2, device: torch.device, k
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load, warm up, generate every prompt, and report (the JSON fields)."""
     Sampling(args.temperature, args.top_k, args.top_p, args.seed).check(2**62)
-    need_int(args.gen_length, "--gen-length", lo=1)
+    if args.gen_length is not None:
+        need_int(args.gen_length, "--gen-length", lo=1)
+    elif args.replay_trace is None:
+        raise TideError("--gen-length is required (except with --replay-trace, whose requests say theirs)")
     need_int(args.block_length, "--block-length", lo=1)
     need_int(args.steps, "--steps", lo=1)
     need_float(args.threshold, "--threshold", lo=0.0, hi=1.0)
@@ -162,7 +167,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         check_out_path(args.trace_out, "--trace-out")
     if args.policy is not None and args.policy not in POLICIES:
         raise TideError(f"--policy: unknown policy {args.policy!r} (expected one of {', '.join(POLICIES)})")
-    need_int(args.batch_size, "--batch-size", lo=1)
+    if args.batch_size is not None:
+        need_int(args.batch_size, "--batch-size", lo=1)
     device = check_device(args.device)
     replay = read_trace(args.replay_trace) if args.replay_trace else None
     offload = args.policy is not None
@@ -182,9 +188,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prompts, lengths = [p for p, _, _ in given], [g for _, g, _ in given]
         decoding = Decoding(args.block_length, args.steps, args.threshold, not args.no_kv_cache)
         Generator(model, decoding).check_prompts(prompts, lengths, [w for _, _, w in given])
-    check_recordable(bool(args.trace_out), args.batch_size, len(prompts))
+    # the seats per forward: the flag, else the replayed trace's recorded forwards, else one
+    batch_size = args.batch_size or (replay.batch_size if replay is not None else 1)
     bl = decoding.block_length
-    kv_tokens = kv_tokens_for([(len(p), g) for p, g in zip(prompts, lengths)], bl, decoding.kv_cache, args.batch_size)
+    kv_tokens = kv_tokens_for([(len(p), g) for p, g in zip(prompts, lengths)], bl, decoding.kv_cache, batch_size)
     dtype = dtype_name(model.dtype)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).check(model.cfg.shape.vocab)
     engine = make_engine(args, model, device, kv_tokens)
@@ -196,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results, seconds = timed(device, lambda: gen.replay_batch(
                 replay, [r["request"] for r in replay.requests], args.batch_size))
         else:
-            results, seconds = timed(device, lambda: gen.generate_batch(prompts, lengths, args.batch_size))
+            results, seconds = timed(device, lambda: gen.generate_batch(prompts, lengths, batch_size))
     policy_meta = {**engine.policy.to_json(), "popularity": args.popularity} if engine is not None else None
     if rec is not None:
         rec.trace(source={"generator": "runtime.generate", "checkpoint": str(args.checkpoint),
@@ -212,7 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": seconds,
         "tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
         "forwards_per_s": forwards / seconds if seconds > 0 else 0.0,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "requests": [{"request": i, "tokens": r.tokens, "forwards": r.forwards, "batch_forwards": r.batch_forwards,
                       "start_s": r.start_s, "end_s": r.end_s} for i, r in enumerate(results)],
         "device": str(device), "dtype": dtype, "kv_cache": decoding.kv_cache,

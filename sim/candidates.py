@@ -150,6 +150,7 @@ def price_candidates(trace: Trace, profiles: Sequence[Profile], cands: Candidate
                      progress: bool = False) -> Priced:
     """Replay ``cands`` on ``layers`` (MoE layer indices, default all) of ``trace`` once, from an
     empty placement, and price the work on every profile; setup copies included."""
+    trace.require_one_request_per_forward("sim.plan")
     shape = trace.shape
     layers = np.arange(shape.n_moe_layers) if layers is None else np.asarray(layers)
     L, C = len(layers), len(cands)

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         raise TideError(f"--budget-step must be at least 1, got {a.budget_step}")
     kinds, layer_kinds = (_kinds(v, f) for v, f in ((a.kinds, "--kinds"), (a.layer_kinds, "--layer-kinds")))
     traces = [read_trace(p) for p in a.trace]
+    for p, t in zip(a.trace, traces):
+        t.require_one_request_per_forward(p)
     profile = Profile.load(a.profile)
     plan, frame = make_plan(traces, profile, a.gpu_mem_gb, a.uniform, a.budget_step, a.jobs, names=a.trace,
                             kinds=kinds, layer_kinds=layer_kinds)

@@ -71,6 +71,7 @@ def simulate(trace: Trace, profile: Profile, policy: Policy, popularity: np.ndar
     """Replay ``trace`` on ``profile``'s box under ``policy``; decisions from ``traces.policies``,
     counters from ``traces.counters``, times from ``traces.costs``."""
     t_wall = time.perf_counter()
+    trace.require_one_request_per_forward("sim.replay")
     shape = trace.shape
     check_fits(shape, profile, trace.dtype)
     cost = CostModel(profile, shape, trace.dtype, cpu_dtype)
@@ -97,7 +98,6 @@ def simulate(trace: Trace, profile: Profile, policy: Policy, popularity: np.ndar
     env.process(run())
     env.run()
     per_forward = fw.copy()
-    per_forward.insert(0, "forward", np.arange(F))
     per_forward["start_s"], per_forward["end_s"] = starts, ends
     per_forward["seconds"] = ends - starts
     return SimResult(trace=trace, policy=policy, profile=profile.name, per_forward=per_forward, counters=counters,
@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.timeline:
         check_out_path(a.timeline, "--timeline")
     trace = read_trace(a.trace)
+    trace.require_one_request_per_forward(a.trace)
     profile = Profile.load(a.profile)
     policy = resolve_policy(a.policy, trace.shape, trace.dtype, tau=a.tau, gpu_experts=parse_budget(a.gpu_experts),
                             gpu_mem_gb=a.gpu_mem_gb, plan=a.plan, kv_tokens=kv_tokens([trace]),

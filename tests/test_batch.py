@@ -13,10 +13,11 @@ from runtime.checkpoint import load_model
 from runtime.decoding import Generator
 from runtime.model import KVCache, Segment
 from runtime.offload import OffloadEngine
-from traces.admission import Admission, batched_counts, compose
+from traces.admission import Admission, compose, compose_trace
 from traces.errors import TideError
 from traces.policies import Policy, PolicyRunner
-from traces.trace import Decoding
+from traces.replay import replay_policy
+from traces.trace import Decoding, read_trace
 
 #: ragged: different prompt and generation lengths, one prompt shorter than a block
 PROMPTS = [list(range(1, 41)), list(range(5, 17)), list(range(100, 170)), [7, 8, 9]]
@@ -169,23 +170,53 @@ def test_tide_refreshes_where_any_request_of_the_forward_would():
 
 def test_batched_forwards_rebuilt_from_a_batch1_trace_match_a_real_batched_run(fp32, tmp_path):
     """A batch-1 trace of several requests rebuilds, exactly, the forwards the same prompts
-    make at batch N: each batched forward's expert counts are its members' (routing is per
-    token, attention per request), equal to what the engine counted running them batched."""
+    make at batch N (routing is per token, attention per request): the composed trace's
+    per-forward counts equal what the engine counted running them batched, and what a trace
+    recorded of that batched run holds, member by member."""
     L, E = fp32.cfg.shape.n_moe_layers, fp32.cfg.shape.experts
     with TraceRecorder(fp32, DEC, "float32") as rec:
         Generator(fp32, DEC, recorder=rec).generate_batch(PROMPTS, LENGTHS, 1)
     trace = rec.trace()
+    assert not trace.batched and trace.batch_size == 1
     for bs in (2, 3):
-        with OffloadEngine(fp32, Policy.make("all", L, E), fp32.device) as eng:
-            Generator(fp32, DEC, engine=eng).generate_batch(PROMPTS, LENGTHS, bs)
-        members, counts = batched_counts(trace, bs)
-        assert counts.shape == (len(eng.forward_counts), L, E)
-        assert all(np.array_equal(c, e) for c, e in zip(counts, eng.forward_counts)), bs
+        policy = Policy.make("tide", L, E, budget=6, tau=2)
+        with OffloadEngine(fp32, policy, fp32.device) as eng, TraceRecorder(fp32, DEC, "float32") as rec:
+            Generator(fp32, DEC, engine=eng, recorder=rec).generate_batch(PROMPTS, LENGTHS, bs)
+        composed = compose_trace(trace, bs)
+        got = read_trace(rec.trace(policy=policy.to_json()).write(tmp_path / f"b{bs}.parquet"))
+        assert got.batched and got.batch_size == bs and got.n_batched == len(eng.forward_counts)
+        assert np.array_equal(composed.forward_counts(), np.stack(eng.forward_counts))
+        assert np.array_equal(got.forward_counts(), np.stack(eng.forward_counts))
+        cols = ["forward", "request", "kind", "block", "step", "tokens_run", "tokens_committed", "context"]
+        assert got.forwards[cols].equals(composed.forwards[cols].astype(got.forwards[cols].dtypes))
+        assert np.array_equal(got.counts, composed.counts) and np.array_equal(got.choices, composed.choices)
+        # the engine's counters, per forward, are the policy walk's over the recorded schedule
+        walked = replay_policy(got, policy)
+        assert all(np.array_equal(walked.counters[k], got.counters[k]) for k in got.counters)
     # and the engine runs the trace's requests composed at batch N (realistic traffic, any batch size)
     with OffloadEngine(fp32, Policy.make("tide", L, E, budget=6, tau=2), fp32.device) as eng:
         out = Generator(fp32, DEC, engine=eng).replay_batch(trace, [r["request"] for r in trace.requests], 3)
-    assert len(out) == len(PROMPTS) and len(eng.forward_counts) == len(batched_counts(trace, 3)[0])
-    assert all(np.array_equal(c, e) for c, e in zip(batched_counts(trace, 3)[1], eng.forward_counts))
+    assert len(out) == len(PROMPTS)
+    assert np.array_equal(np.stack(eng.forward_counts), compose_trace(trace, 3).forward_counts())
+
+
+def test_a_batched_trace_replays_its_recorded_forwards(fp32):
+    """``replay_batch`` without a batch size runs the forwards the trace recorded: the same
+    members in each forward, the same counts and counters."""
+    L, E = fp32.cfg.shape.n_moe_layers, fp32.cfg.shape.experts
+    policy = Policy.make("swap", L, E, budget=6)
+    with OffloadEngine(fp32, policy, fp32.device) as eng, TraceRecorder(fp32, DEC, "float32") as rec:
+        Generator(fp32, DEC, engine=eng, recorder=rec).generate_batch(PROMPTS, LENGTHS, 3)
+    trace = rec.trace()
+    with OffloadEngine(fp32, policy, fp32.device) as eng2:
+        out = Generator(fp32, DEC, engine=eng2).replay_batch(trace, [r["request"] for r in trace.requests])
+    member = {int(r): [] for r in trace.forwards["request"]}
+    for f, rows in enumerate(trace.schedule()):
+        for i in rows:
+            member[int(trace.forwards.at[i, "request"])].append(f)
+    assert [r.batch_forwards for r in out] == [member[r["request"]] for r in trace.requests]
+    assert np.array_equal(np.stack(eng2.forward_counts), trace.forward_counts())
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(eng.forward_counters, eng2.forward_counters) for k in a)
 
 
 def test_generate_batch_size_on_the_command_line(tiny_ckpt, tmp_path):
@@ -230,13 +261,30 @@ def test_a_prompt_too_long_for_the_positions_names_its_line(tiny_ckpt, tmp_path)
                                   "--gen-length", "200", "--batch-size", "2"), "p.jsonl:2", "max_position_embeddings")
 
 
-def test_trace_out_of_a_batch_is_refused_for_now(tiny_ckpt, tmp_path):
-    out = tmp_path / "t.parquet"
+def test_record_and_replay_a_batch_on_the_command_line(tiny_ckpt, tmp_path):
+    """--trace-out of a batched run writes a version-2 trace; --replay-trace runs its recorded
+    forwards, or with --batch-size its requests composed anew; the simulator refuses it clearly."""
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("\n".join(json.dumps({"prompt_ids": p}) for p in PROMPTS[:2]) + "\n")
-    assert_clean_error(run_module("runtime.generate", "--checkpoint", str(tiny_ckpt), "--prompts", str(prompts),
-                                  "--gen-length", "32", "--batch-size", "2", "--trace-out", str(out)), "--batch-size 1")
-    assert not out.exists()
+    prompts.write_text("\n".join(json.dumps({"prompt_ids": p}) for p in PROMPTS[:3]) + "\n")
+    t = tmp_path / "t.parquet"
+    base = ["runtime.generate", "--checkpoint", str(tiny_ckpt), "--threshold", "0.5", "--json",
+            "--policy", "tide", "--gpu-experts", "6", "--tau", "2"]
+    p = run_module(*base, "--prompts", str(prompts), "--gen-length", "40", "--batch-size", "2", "--trace-out", str(t))
+    assert p.returncode == 0, p.stderr
+    live, trace = json.loads(p.stdout), read_trace(t)
+    assert trace.batched and trace.batch_size == 2 and trace.n_batched == live["forwards"]
+    assert [r["request"] for r in trace.requests] == [0, 1, 2]
+    again = run_module(*base, "--replay-trace", str(t))
+    assert again.returncode == 0, again.stderr
+    out = json.loads(again.stdout)
+    assert out["batch_size"] == 2 and out["forwards"] == trace.n_batched
+    assert [r["batch_forwards"] for r in out["requests"]] == [r["batch_forwards"] for r in live["requests"]]
+    three = json.loads(run_module(*base, "--replay-trace", str(t), "--batch-size", "3").stdout)
+    assert three["batch_size"] == 3 and three["forwards"] == compose_trace(trace, 3).n_batched < trace.n_batched
+    assert_clean_error(run_module("sim.replay", "--trace", str(t), "--profile", "h200", "--policy", "all"),
+                       str(t), "batch size 2", "--batch-size 1")
+    stats = run_module("traces.stats", str(t), "--json")
+    assert stats.returncode == 0, stats.stderr
 
 
 def test_each_requests_rows_of_an_expert_are_computed_as_alone():

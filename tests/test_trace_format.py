@@ -9,6 +9,7 @@ import pytest
 
 from conftest import assert_clean_error, run_module
 from traces.errors import TideError
+from traces.admission import compose_trace
 from traces.trace import META_KEY, read_trace
 
 
@@ -32,7 +33,7 @@ def test_pandas_reads_the_file(tmp_path, small_trace):
     row = df.iloc[0]
     assert sum(row["counts"]) == row["tokens_run"] * small_trace.shape.top_k
     meta = json.loads(pq.read_schema(path).metadata[META_KEY])
-    assert meta["format"] == "tide-trace" and meta["version"] == 1 and meta["decoding"]["kv_cache"] is True
+    assert meta["format"] == "tide-trace" and meta["version"] == 2 and meta["decoding"]["kv_cache"] is True
 
 
 def test_structure_of_a_kv_trace(small_trace):
@@ -138,6 +139,62 @@ def test_reader_rejects_malformed_traces(tmp_path, small_trace, case):
         read_trace(bad)
     assert fragment in str(exc.value) and str(bad) in str(exc.value)
     assert "\n" not in str(exc.value)
+
+
+def test_a_version_1_trace_still_loads(tmp_path, small_trace):
+    """Version 1: one request per forward, no batch size in the metadata."""
+    v1 = _rewrite(small_trace.write(tmp_path / "t.parquet"), tmp_path / "v1.parquet",
+                  _meta_edit(lambda m: (m.update(version=1), m.pop("batch_size"))))
+    back = read_trace(v1)
+    assert back.batch_size == 1 and not back.batched and back.n_batched == small_trace.n_forwards
+    assert np.array_equal(back.counts, small_trace.counts)
+    # a version-1 file cannot claim batched forwards
+    two = _rewrite(v1, tmp_path / "v1b.parquet", lambda t: _set(t, "forward", pa.array(
+        np.minimum(t.column("forward").to_numpy(), 1).astype(np.int32))))
+    with pytest.raises(TideError, match="ordered by forward"):
+        read_trace(two)
+
+
+def test_a_batched_trace_round_trips(tmp_path, small_trace):
+    """Requests composed at batch 2: one row per member; the counters of a policy's run sit on
+    each forward's first member; a forward's counts are its members' added."""
+    from traces.policies import Policy
+    from traces.replay import replay_policy
+    b = compose_trace(small_trace, 2)
+    assert b.batched and b.n_batched < b.n_forwards == small_trace.n_forwards
+    pol = Policy.make("tide", b.shape.n_moe_layers, b.shape.experts, budget=8, tau=2)
+    b.counters = replay_policy(b, pol).counters
+    assert b.counters["gpu_tokens"].shape == (b.n_batched, b.shape.n_moe_layers)
+    back = read_trace(b.write(tmp_path / "b.parquet"))
+    assert back.batch_size == 2 and back.n_batched == b.n_batched
+    assert np.array_equal(back.forward_counts(), b.forward_counts())
+    assert all(np.array_equal(back.counters[k], b.counters[k]) for k in b.counters)
+    assert np.array_equal(back.choices, b.choices)
+    df = pd.read_parquet(tmp_path / "b.parquet")
+    assert df["gpu_tokens"].isna().sum() == (b.n_forwards - b.n_batched) * b.shape.n_moe_layers
+
+
+BATCHED_BAD = {
+    "a request twice in a forward": (lambda t: _set(t, "request", pa.array(np.zeros(t.num_rows, np.int32))),
+                                     "twice"),
+    "more members than seats": (_meta_edit(lambda m: m.update(batch_size=1)), "more than the batch size 1"),
+    "counters on every member": (lambda t: _set(t, "gpu_tokens", pa.array(np.ones(t.num_rows, np.int64))),
+                                 "first member's rows"),
+    "batch size not a number": (_meta_edit(lambda m: m.update(batch_size="8")), "batch_size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BATCHED_BAD))
+def test_reader_rejects_malformed_batched_traces(tmp_path, small_trace, case):
+    from traces.policies import Policy
+    from traces.replay import replay_policy
+    b = compose_trace(small_trace, 2)
+    b.counters = replay_policy(b, Policy.make("all", b.shape.n_moe_layers, b.shape.experts)).counters
+    edit, fragment = BATCHED_BAD[case]
+    bad = _rewrite(b.write(tmp_path / "good.parquet"), tmp_path / "bad.parquet", edit)
+    with pytest.raises(TideError) as exc:
+        read_trace(bad)
+    assert fragment in str(exc.value) and str(bad) in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_truncated_and_corrupted_files_fail_cleanly_on_the_command_line(tmp_path, small_trace):

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from traces.errors import TideError
-
-if TYPE_CHECKING:
-    from traces.trace import Trace
+from traces.trace import Trace
 
 
 @dataclass
@@ -58,6 +56,39 @@ class Admission:
         return not self.waiting and not self.running
 
 
+@dataclass
+class Recorded:
+    """Seats as a recorded run gave them: ``groups`` lists each forward's requests in seat
+    order (a batched trace's schedule, replayed as it ran). Same interface as :class:`Admission`."""
+
+    groups: list[list[int]]
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        self.groups = [list(g) for g in self.groups if len(g)]
+        self.batch_size = max([self.batch_size, *map(len, self.groups)])
+        self._next = 0
+
+    def seat(self) -> list[int]:
+        self._next += 1
+        return self.groups[self._next - 1]
+
+    def leave(self, request: int) -> None:
+        """Nothing to free: the next forward's members are recorded."""
+
+    @property
+    def done(self) -> bool:
+        return self._next >= len(self.groups)
+
+
+def recorded(trace: Trace, requests: Iterable[int] | None = None) -> Recorded:
+    """A trace's recorded schedule (only ``requests``' members, if given), as seats."""
+    req = trace.forwards["request"].to_numpy()
+    keep = None if requests is None else set(requests)
+    return Recorded([[int(r) for r in req[m] if keep is None or int(r) in keep] for m in trace.schedule()],
+                    trace.batch_size)
+
+
 def compose(forwards: Sequence[tuple[int, int]], batch_size: int) -> list[list[tuple[int, int]]]:
     """Batched forwards from requests' own forwards: ``forwards`` lists ``(request, count)`` in
     arrival order; each batched forward is a list of ``(request, i)``, request ``request``'s
@@ -79,14 +110,21 @@ def compose(forwards: Sequence[tuple[int, int]], batch_size: int) -> list[list[t
     return out
 
 
-def batched_counts(trace: "Trace", batch_size: int) -> tuple[list[list[tuple[int, int]]], np.ndarray]:
-    """The forwards the requests of a batch-1 ``trace`` make together at ``batch_size``
-    (:func:`compose`, requests in the trace's order), as ``(request, trace forward)`` lists,
-    and each batched forward's per-layer expert counts ``[F, L, E]``: the members' counts
-    added, since routing is per token (what the engine counts running them batched)."""
+def compose_trace(trace: Trace, batch_size: int) -> Trace:
+    """The batched run the requests of ``trace`` make at ``batch_size`` (:func:`compose`,
+    requests in the trace's order, each request's own forwards in order), as a batched trace:
+    each forward's members are those requests' recorded forwards (their counts and choices;
+    routing is per token, attention per request, so this is what the engine routes running
+    them batched). No counters: they belong to a policy's run."""
     fw = trace.forwards
-    own = {int(r["request"]): np.flatnonzero(fw["request"].to_numpy() == r["request"]) for r in trace.requests}
+    req = fw["request"].to_numpy()
+    own = {int(r["request"]): np.flatnonzero(req == r["request"]) for r in trace.requests}
     batches = compose([(r, len(f)) for r, f in own.items()], batch_size)
-    members = [[(r, int(own[r][i])) for r, i in b] for b in batches]
-    counts = np.stack([sum(trace.counts[f] for _, f in m) for m in members])
-    return members, counts
+    rows = np.array([own[r][i] for b in batches for r, i in b], dtype=np.int64)
+    forwards = fw.iloc[rows].reset_index(drop=True)
+    forwards["forward"] = np.repeat(np.arange(len(batches)), [len(b) for b in batches])
+    off = trace._choice_offsets
+    choices = np.concatenate([trace.choices[off[r]:off[r + 1]] for r in rows]) if len(rows) else trace.choices[:0]
+    return Trace(shape=trace.shape, dtype=trace.dtype, decoding=trace.decoding, requests=trace.requests,
+                 forwards=forwards, counts=trace.counts[rows], choices=choices, counters=None, policy=None,
+                 source={**trace.source, "composed_at_batch_size": batch_size}, batch_size=batch_size)

@@ -731,9 +731,11 @@ class PolicyRunner:
         return Decision(resident=self.state.slot_of >= 0, setup_table=cat(self._setup), copy_table=cat(self._copies),
                         swap=swap, wave_of=wave_of, refreshed=refreshed)
 
-    def step(self, counts: np.ndarray, kind: str, step_in_block: int) -> Decision:
-        """One whole forward: ``counts`` is ``[L, E]``; every row of every layer at once."""
+    def step(self, counts: np.ndarray, kind: str, step_in_block: int,
+             more: Sequence[tuple[str, int]] = ()) -> Decision:
+        """One whole forward: ``counts`` is ``[L, E]``; every row of every layer at once
+        (``more``: a batch's other requests, as in :meth:`begin`)."""
         counts = np.asarray(counts)
-        self.begin(kind, step_in_block)
+        self.begin(kind, step_in_block, more)
         self._decide(np.arange(len(counts)), counts)
         return self.end()

@@ -33,30 +33,43 @@ class Forward:
     counts: np.ndarray  # [L, E] of the replayed layers
     decision: Decision
     counters: dict[str, np.ndarray]  # each [rows] (the decision's rows: layers x group)
+    rows: np.ndarray  # its members: rows of ``trace.forwards`` (one in a batch-1 trace)
 
 
 def replay(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None, with_act: bool = True,
-           layers: Sequence[int] | None = None, group: int = 1) -> Iterator[Forward]:
+           layers: Sequence[int] | None = None, group: int = 1,
+           schedule: Sequence[np.ndarray] | None = None) -> Iterator[Forward]:
     """Every forward of ``trace`` in order under ``policy`` (resident sets carry over between
     its requests). ``popularity`` (``[L, E]``) replaces the first forward's counts for setup;
     ``with_act=False`` skips the per-token ``bytes_act`` work; ``layers`` (MoE layer indices)
     replays only those; ``group`` rows per layer decide on that layer's counts (the planner's
-    candidates, see :class:`~traces.policies.PolicyRunner`)."""
+    candidates, see :class:`~traces.policies.PolicyRunner`). ``schedule`` lists each
+    forward's members (rows of ``trace.forwards``; default: the forwards the trace recorded):
+    a batched forward routes its members' tokens together (their counts added) and refreshes
+    where any member would, as the runtime's engine does. A batched forward's ``context`` is
+    its longest member's."""
     shape = trace.shape
     runner = PolicyRunner(policy, shape.experts, setup_counts=popularity, group=group)
     fw = trace.forwards
     kinds, steps = fw["kind"].to_numpy(), fw["step"].to_numpy()
     runs, ctx = fw["tokens_run"].to_numpy(), fw["context"].to_numpy()
     exp_bytes, act = shape.expert_bytes(trace.dtype), trace.act_bytes_per_token
-    sel = None if layers is None else np.asarray(layers)
-    for f in range(trace.n_forwards):
-        counts = trace.counts[f] if sel is None else trace.counts[f][sel]
-        decision = runner.step(counts, kinds[f], int(steps[f]))
+    sel = slice(None) if layers is None else np.asarray(layers)
+    for f, rows in enumerate(trace.schedule() if schedule is None else schedule):
+        r = int(rows[0])
+        if len(rows) == 1:  # the common case, kept cheap
+            counts, more, run, context = trace.counts[r][sel], (), int(runs[r]), int(ctx[r])
+        else:
+            counts = trace.counts[rows][:, sel].sum(axis=0)
+            more = [(kinds[i], int(steps[i])) for i in rows[1:]]
+            run, context = int(runs[rows].sum()), int(ctx[rows].max())
+        decision = runner.step(counts, kinds[r], int(steps[r]), more)
         ch = None
         if with_act:
-            ch = trace.choices_of(f) if sel is None else trace.choices_of(f)[:, sel]
-        c = forward_counters(decision, counts, exp_bytes, act, ch, int(runs[f]))
-        yield Forward(f, str(kinds[f]), int(steps[f]), int(runs[f]), int(ctx[f]), counts, decision, c)
+            ch = np.concatenate([trace.choices_of(int(i))[:, sel] for i in rows]) if len(rows) > 1 \
+                else trace.choices_of(r)[:, sel]
+        c = forward_counters(decision, counts, exp_bytes, act, ch, run)
+        yield Forward(f, str(kinds[r]), int(steps[r]), run, context, counts, decision, c, np.asarray(rows))
 
 
 @dataclass
@@ -90,12 +103,14 @@ class PolicyReplay:
 
 def replay_policy(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None,
                   with_act: bool = True, cost: "CostModel | None" = None) -> PolicyReplay:
-    """:func:`replay` collected into ``[F, L]`` counters; with a ``cost`` model each forward
-    and layer is also priced (``PolicyReplay.times``)."""
-    F, L = trace.n_forwards, trace.shape.n_moe_layers
+    """:func:`replay` collected into ``[F, L]`` counters (``F``: the forwards run); with a
+    ``cost`` model each forward and layer is also priced (``PolicyReplay.times``; one request
+    per forward for now)."""
+    F, L = trace.n_batched, trace.shape.n_moe_layers
     out = {k: np.zeros((F, L), dtype=np.int64) for k in COUNTERS}
     times = None
     if cost is not None:
+        trace.require_one_request_per_forward("pricing")
         from traces.costs import RESOURCES
         times = {k: np.zeros((F, L)) for k in (*RESOURCES, "layer_s", "bound_s")}
         times["fixed_s"] = np.zeros(F)

@@ -1,32 +1,39 @@
-"""Expert-activation traces: one generation run (or several requests run one after another).
+"""Expert-activation traces: one generation run, its requests one after another or batched.
 
-On disk a trace is one Parquet file (format ``tide-trace``, version 1), one row per
-forward pass and MoE layer, in forward then layer order:
+On disk a trace is one Parquet file (format ``tide-trace``, version 2), one row per
+*member* of a forward pass and MoE layer: a forward of a batch-1 run has one member, a
+batched forward one per request it runs. Rows go by forward, then member (seat order, the
+order of the forward's tokens), then layer:
 
 =================  ==========================  ==============================================
 column             type                        meaning
 =================  ==========================  ==============================================
-forward            int32                       index of the forward in the run, from 0
-request            int32                       request (prompt) the forward belongs to
+forward            int32                       index of the (batched) forward in the run, from 0
+request            int32                       request (prompt) whose tokens this member runs
 kind               string                      ``prefill``, ``step`` (denoising) or ``commit``
 block              int32                       block index within the request's sequence
 step               int32                       denoising step within the block (0 for others)
-tokens_run         int32                       tokens the forward computes
-tokens_committed   int32                       masked tokens accepted by this forward
-context            int32                       tokens attended to (cached prefix + tokens run)
+tokens_run         int32                       tokens the member computes
+tokens_committed   int32                       masked tokens it accepted in this forward
+context            int32                       tokens it attends to (its cached prefix + tokens run)
 choice_start       int32                       position of the first token whose choices follow
 choice_tokens      int32                       how many consecutive tokens' choices follow
 layer              int16                       model layer index of this MoE layer
-counts             fixed_size_list<int32>[E]   tokens routed to each expert (all tokens run)
+counts             fixed_size_list<int32>[E]   its tokens routed to each expert (all tokens run)
 choices            list<int16>                 top-k expert ids, ``choice_tokens x k``, token-major
-gpu_tokens ...     int64 (optional)            counters when a policy ran (traces.counters)
+gpu_tokens ...     int64 (optional)            counters when a policy ran (traces.counters), per
+                                               forward: on its first member's rows, null on others
 =================  ==========================  ==============================================
 
-With the KV cache the choices cover every token run; without it, only the current block's.
-The file's key-value metadata ``tide.trace`` holds JSON: format, version, the model's
-``config.json``, dtype, decoding settings (block length, steps, threshold, kv_cache), the
-requests (prompt and generation lengths), provenance, and the policy if one ran.
-``pandas.read_parquet`` reads the file as it is; :func:`read_trace` validates it.
+A forward's routed counts are its members' added (routing is per token), so a batch-1
+trace of several requests rebuilds the forwards the same prompts make at any batch size
+(:mod:`traces.admission`). With the KV cache the choices cover every token run; without
+it, only the current block's. The file's key-value metadata ``tide.trace`` holds JSON:
+format, version, the model's ``config.json``, dtype, decoding settings (block length,
+steps, threshold, kv_cache), the requests (prompt and generation lengths), the batch size,
+provenance, and the policy if one ran. Version 1 (one request per forward, counters on
+every row, no batch size) still loads. ``pandas.read_parquet`` reads the file as it is;
+:func:`read_trace` validates it.
 """
 from __future__ import annotations
 
@@ -48,7 +55,8 @@ from traces.shapes import DTYPE_BYTES, ModelShape, dtype_bytes
 from traces.values import get, need_bool, need_dict, need_float, need_int, need_list, need_str
 
 FORMAT = "tide-trace"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # versions this TIDE reads
 META_KEY = b"tide.trace"
 
 FORWARD_COLUMNS: tuple[str, ...] = ("request", "kind", "block", "step", "tokens_run", "tokens_committed",
@@ -98,8 +106,10 @@ def read_requests(v: Any, where: str = "requests") -> list[dict[str, int]]:
 class Trace:
     """A run's forwards, per-layer expert counts, per-token choices and optional counters.
 
-    ``counts`` is ``[F, L, E]``; ``choices`` is flat, laid out forward, layer, token, k;
-    ``choices_of(f)`` gives one forward's ``[n, L, k]``.
+    The rows of ``forwards`` are forward members (one per forward in a batch-1 run); its
+    ``forward`` column names each one's batched forward. ``counts`` is ``[F, L, E]`` over
+    those rows; ``choices`` is flat, laid out row, layer, token, k; ``choices_of(f)`` gives
+    one row's ``[n, L, k]``. ``counters`` are per batched forward, ``[n_batched, L]`` each.
     """
 
     shape: ModelShape
@@ -112,16 +122,52 @@ class Trace:
     counters: dict[str, np.ndarray] | None = None
     policy: dict[str, Any] | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 1  # the run's batch size (seats per forward)
 
     def __post_init__(self) -> None:
         self.forwards = self.forwards.reset_index(drop=True)
+        if "forward" not in self.forwards:  # one request per forward
+            self.forwards.insert(0, "forward", np.arange(len(self.forwards), dtype=np.int64))
+        fwd = self.forwards["forward"].to_numpy(np.int64)
+        starts = np.flatnonzero(np.diff(fwd, prepend=-1)) if len(fwd) else np.zeros(0, np.int64)
+        self._members = np.split(np.arange(len(fwd)), starts[1:]) if len(fwd) else []
         per = self.forwards["choice_tokens"].to_numpy(np.int64) * self.shape.n_moe_layers * self.shape.top_k
         self._choice_offsets = np.concatenate([[0], np.cumsum(per)])
 
     # ---- access ---------------------------------------------------------------------
     @property
     def n_forwards(self) -> int:
+        """Rows of ``forwards``: forward members (forwards, in a batch-1 trace)."""
         return len(self.forwards)
+
+    @property
+    def n_batched(self) -> int:
+        """Forwards the run made (each with one or more members)."""
+        return len(self._members)
+
+    @property
+    def batched(self) -> bool:
+        """Whether some forward ran more than one request."""
+        return self.n_batched < self.n_forwards
+
+    def schedule(self) -> list[np.ndarray]:
+        """The recorded forwards: each one's rows of ``forwards`` (its members, in seat order)."""
+        return self._members
+
+    def require_one_request_per_forward(self, what: str) -> None:
+        """Refuse a batched trace where a reader handles one request per forward only."""
+        if self.batched:
+            most = max(map(len, self._members))
+            raise TideError(f"{what}: this trace's forwards run up to {most} requests each (recorded at batch size "
+                            f"{self.batch_size}); the simulator and planner price one request per forward for now: "
+                            "give a trace recorded at --batch-size 1 (runtime.generate --replay-trace T --batch-size N "
+                            "replays its requests batched on a real box)")
+
+    def forward_counts(self) -> np.ndarray:
+        """``[n_batched, L, E]`` each recorded forward's routed counts (its members' added)."""
+        if not self.batched:
+            return self.counts
+        return np.add.reduceat(self.counts, np.array([m[0] for m in self._members]), axis=0)
 
     @property
     def act_bytes_per_token(self) -> int:
@@ -157,7 +203,7 @@ class Trace:
         return {
             "format": FORMAT, "version": VERSION, "model": self.shape.arch_config(), "model_name": self.shape.name,
             "dtype": self.dtype, "decoding": asdict(self.decoding), "requests": self.requests,
-            "source": self.source, "policy": self.policy,
+            "source": self.source, "policy": self.policy, "batch_size": self.batch_size,
         }
 
     # ---- disk -----------------------------------------------------------------------
@@ -165,7 +211,7 @@ class Trace:
         F, L, k = self.n_forwards, self.shape.n_moe_layers, self.shape.top_k
         E = self.shape.experts
         rep = lambda col: np.repeat(self.forwards[col].to_numpy(), L)  # noqa: E731
-        cols: dict[str, pa.Array] = {"forward": pa.array(np.repeat(np.arange(F, dtype=np.int32), L))}
+        cols: dict[str, pa.Array] = {"forward": pa.array(rep("forward").astype(np.int32))}
         for c in FORWARD_COLUMNS:
             cols[c] = pa.array(rep(c).astype(str) if c == "kind" else rep(c).astype(np.int32))
         cols["layer"] = pa.array(np.tile(np.asarray(self.shape.moe_layers, np.int16), F))
@@ -173,9 +219,14 @@ class Trace:
         lens = np.repeat(self.forwards["choice_tokens"].to_numpy(np.int64) * k, L)
         offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
         cols["choices"] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(self.choices.astype(np.int16)))
-        if self.counters is not None:
+        if self.counters is not None:  # per forward: on its first member's rows, null on the others'
+            first = np.zeros(F, dtype=bool)
+            first[[m[0] for m in self._members]] = True
+            at = np.repeat(np.cumsum(first) - 1, L) * L + np.tile(np.arange(L), F)
+            valid = np.repeat(first, L)
             for c in COUNTERS:
-                cols[c] = pa.array(self.counters[c].reshape(-1).astype(np.int64))
+                v = self.counters[c].reshape(-1).astype(np.int64)[at]
+                cols[c] = pa.array(v, mask=~valid if self.batched else None)
         table = pa.table(cols)
         return table.replace_schema_metadata({META_KEY: json.dumps(self.meta()).encode()})
 
@@ -227,8 +278,9 @@ def trace_from_table(table: pa.Table, where: str = "trace") -> Trace:
     meta = need_dict(meta, f"{where}: tide.trace metadata")
     if meta.get("format") != FORMAT:
         raise _fail(where, f"format is {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("version") != VERSION:
-        raise _fail(where, f"trace format version {meta.get('version')!r} is not supported (this TIDE reads {VERSION})")
+    version = meta.get("version")
+    if isinstance(version, bool) or version not in READS:
+        raise _fail(where, f"trace format version {version!r} is not supported (this TIDE reads {', '.join(map(str, READS))})")
     for key in ("model", "dtype", "decoding", "requests"):
         if key not in meta:
             raise _fail(where, f"metadata lacks {key!r}")
@@ -240,6 +292,9 @@ def trace_from_table(table: pa.Table, where: str = "trace") -> Trace:
     need_str(meta["dtype"], f"{where}: metadata dtype", tuple(DTYPE_BYTES))
     decoding = Decoding.from_json(meta["decoding"], f"{where}: metadata decoding")
     requests = read_requests(meta["requests"], f"{where}: metadata requests")
+    batch_size = 1
+    if version >= 2 or meta.get("batch_size") is not None:
+        batch_size = need_int(get(meta, "batch_size", f"{where}: metadata"), f"{where}: metadata batch_size", lo=1)
     for key in ("source", "policy"):
         if meta.get(key) is not None:
             need_dict(meta[key], f"{where}: metadata {key}")
@@ -274,9 +329,20 @@ def trace_from_table(table: pa.Table, where: str = "trace") -> Trace:
     if F == 0:
         raise _fail(where, "no forwards: a trace records at least one forward")
     col = lambda c: table.column(c).to_numpy()  # noqa: E731
-    fwd = col("forward")
-    if not np.array_equal(fwd, np.repeat(np.arange(F), L)):
+    fwd = col("forward").reshape(F, L)
+    if not (fwd == fwd[:, :1]).all():
+        raise _fail(where, "rows are not grouped by forward member, one per MoE layer")
+    fwd = fwd[:, 0].astype(np.int64)
+    if version == 1 and not np.array_equal(fwd, np.arange(F)):
         raise _fail(where, "rows are not ordered by forward 0..F-1, one per MoE layer")
+    if fwd[0] != 0 or not np.isin(np.diff(fwd), (0, 1)).all():
+        raise _fail(where, "rows are not ordered by forward: the forward column must count 0, 1, 2, ... "
+                           "with each forward's members in consecutive rows")
+    first = np.diff(fwd, prepend=-1) == 1  # each forward's first member
+    seats = np.diff(np.append(np.flatnonzero(first), F))
+    if seats.max() > batch_size:
+        f = int(np.argmax(seats > batch_size))
+        raise _fail(where, f"forward {f} has {seats[f]} members, more than the batch size {batch_size}")
     if not np.array_equal(col("layer"), np.tile(shape.moe_layers, F)):
         raise _fail(where, f"layer column does not list the MoE layers {shape.moe_layers[0]}..{shape.moe_layers[-1]} for every forward")
     forwards = {}
@@ -296,6 +362,10 @@ def trace_from_table(table: pa.Table, where: str = "trace") -> Trace:
             raise _fail(where, f"negative {c} at forward {int(np.argmax(fdf[c] < 0))}")
     if (fdf["choice_tokens"] > fdf["tokens_run"]).any():
         raise _fail(where, "choice_tokens exceeds tokens_run")
+    twice = pd.DataFrame({"f": fwd, "r": fdf["request"].to_numpy()}).duplicated()
+    if twice.any():
+        i = int(np.argmax(twice.to_numpy()))
+        raise _fail(where, f"forward {fwd[i]} runs request {fdf.at[i, 'request']} twice")
     known = {r["request"] for r in requests}
     unknown = set(fdf["request"].unique().tolist()) - known
     if unknown:
@@ -333,14 +403,20 @@ def trace_from_table(table: pa.Table, where: str = "trace") -> Trace:
     counters = None
     if present:
         counters = {}
+        valid = np.repeat(first, L)
         for c in COUNTERS:
-            v = col(c).astype(np.int64)
+            arr = table.column(c)
+            if not np.array_equal(~arr.is_null().to_numpy(zero_copy_only=False), valid):
+                raise _fail(where, f"counter {c} must be set on each forward's first member's rows "
+                                   "and null on the others'")
+            v = arr.drop_null().to_numpy().astype(np.int64)
             if (v < 0).any():
                 raise _fail(where, f"negative counter {c}")
-            counters[c] = v.reshape(F, L)
+            counters[c] = v.reshape(-1, L)
+    fdf.insert(0, "forward", fwd)
     trace = Trace(shape=shape, dtype=meta["dtype"], decoding=decoding, requests=requests, forwards=fdf,
                   counts=counts.astype(np.int32), choices=choices, counters=counters, policy=meta.get("policy"),
-                  source=meta.get("source") or {})
+                  source=meta.get("source") or {}, batch_size=batch_size)
     _check_choices_match_counts(trace, where)
     return trace
 
