@@ -9,14 +9,17 @@ router); each request's tokens under ``tide`` must agree with ``all``'s in the s
 run, by the lossless rule (:mod:`runtime.lossless`: exactly on the CPU, differences only
 from a near-tie on a GPU), and on the CPU also with the request's own batch-1 run. Prints
 tokens/s, forwards/s and ms per forward per batch size and policy, the speedup over the
-smallest batch, and fails with one line if a run's tokens disagree. Needs only ``runtime``
+smallest batch, and fails with one line if a run's tokens disagree or if the trace recorded
+of a ``tide`` batch (format v2) differs from the engine's counts. Needs only ``runtime``
 and ``traces`` (the GPU box's own Python); ``experiments/device_check.sh`` runs it.
 """
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from traces.cli import ArgumentParser, atomic_write, check_out_path, comma_list, integer, run_cli
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         check_out_path(a.out)
     import torch
 
+    from runtime.capture import TraceRecorder
     from runtime.checkpoint import load_model
     from runtime.decoding import Generator, warm_up
     from runtime.device import check_device, timed
@@ -65,10 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         ref = None
         for name, policy in (("all", Policy.make("all", L, E)),
                              ("tide", Policy.make("tide", L, E, budget=max(1, E // 4), tau=4))):
-            with OffloadEngine(model, policy, device) as eng:
-                gen = Generator(model, dec, engine=eng, margins=True)
+            rec = TraceRecorder(model, dec, "bfloat16" if device.type == "cuda" else "float32") \
+                if name == "tide" else None
+            with OffloadEngine(model, policy, device) as eng, rec or nullcontext():
+                gen = Generator(model, dec, engine=eng, margins=True, recorder=rec)
                 warm_up(model, dec, prompts[0], engine=eng)
                 res, sec = timed(device, lambda: gen.generate_batch(prompts[:b], [a.gen_length] * b, b))
+            if rec is not None:  # the batched trace (format v2) holds what the engine routed, forward by forward
+                trace = rec.trace()
+                if not np.array_equal(trace.forward_counts(), np.stack(eng.forward_counts)):
+                    failures.append(f"batch {b}: the recorded trace's counts differ from the engine's")
             if name == "all":
                 ref = res
                 if b == min(sizes):

@@ -310,3 +310,32 @@ def test_each_requests_rows_of_an_expert_are_computed_as_alone():
                 run_experts(tok[rows], alone, np.array([0, len(rows)]), np.array([0]), w, np.array([e]))
                 assert torch.equal(out[rows], alone) == (e in experts) or not len(rows)
     assert choose_kernel(torch.device("cpu"), torch.float32, 64, 32)[0] == "loop"
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_stopping_a_batch_midway_leaves_no_trace(tiny_ckpt, tmp_path, monkeypatch, how):
+    """Ctrl-C or SIGTERM in the middle of a batched run: exit 130 / 143, one line, no trace
+    (not even a temporary)."""
+    import os
+    import signal
+
+    from runtime.model import LLaDA2
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt_ids": p}) for p in PROMPTS) + "\n")
+    out = tmp_path / "t.parquet"
+    real, calls = LLaDA2.forward_batch, []
+
+    def forward_batch(self, segments):
+        calls.append(len(segments))
+        if len(calls) == 12:  # well inside the batched run (warm-up is the first call)
+            assert len(segments) > 1
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, segments)
+    monkeypatch.setattr(LLaDA2, "forward_batch", forward_batch)
+    p = run_module("runtime.generate", "--checkpoint", str(tiny_ckpt), "--prompts", str(prompts), "--gen-length", "64",
+                   "--batch-size", "3", "--threshold", "0.5", "--trace-out", str(out))
+    assert p.returncode == (130 if how == "ctrl-c" else 143)
+    assert p.stderr.strip() == ("error: interrupted" if how == "ctrl-c" else "error: terminated")
+    assert list(tmp_path.iterdir()) == [prompts]
