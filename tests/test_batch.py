@@ -261,9 +261,10 @@ def test_a_prompt_too_long_for_the_positions_names_its_line(tiny_ckpt, tmp_path)
                                   "--gen-length", "200", "--batch-size", "2"), "p.jsonl:2", "max_position_embeddings")
 
 
-def test_record_and_replay_a_batch_on_the_command_line(tiny_ckpt, tmp_path):
+def test_record_and_replay_a_batch_on_the_command_line(tiny_ckpt, tiny_profile, tmp_path):
     """--trace-out of a batched run writes a version-2 trace; --replay-trace runs its recorded
-    forwards, or with --batch-size its requests composed anew; the simulator refuses it clearly."""
+    forwards, or with --batch-size its requests composed anew; the simulator replays the
+    recorded forwards with exactly the runtime's counters."""
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt_ids": p}) for p in PROMPTS[:3]) + "\n")
     t = tmp_path / "t.parquet"
@@ -281,10 +282,14 @@ def test_record_and_replay_a_batch_on_the_command_line(tiny_ckpt, tmp_path):
     assert [r["batch_forwards"] for r in out["requests"]] == [r["batch_forwards"] for r in live["requests"]]
     three = json.loads(run_module(*base, "--replay-trace", str(t), "--batch-size", "3").stdout)
     assert three["batch_size"] == 3 and three["forwards"] == compose_trace(trace, 3).n_batched < trace.n_batched
-    assert_clean_error(run_module("sim.replay", "--trace", str(t), "--profile", "h200", "--policy", "all"),
-                       str(t), "batch size 2", "--batch-size 1")
     stats = run_module("traces.stats", str(t), "--json")
     assert stats.returncode == 0, stats.stderr
+    sim = run_module("sim.replay", "--trace", str(t), "--profile", str(tiny_profile), "--policy", "tide",
+                     "--gpu-experts", "6", "--tau", "2", "--json")
+    assert sim.returncode == 0, sim.stderr
+    s = json.loads(sim.stdout)
+    assert s["forwards"] == trace.n_batched and s["requests"] == 3 and s["max_batch"] == 2
+    assert all(s[k] == int(v.sum()) for k, v in trace.counters.items())
 
 
 def test_each_requests_rows_of_an_expert_are_computed_as_alone():

@@ -113,7 +113,7 @@ class CostModel:
         host = self.profile.host
         if not np.isin(self._cpu_knots, w.knots).all():
             raise TideError(f"{self.profile.where}: work was counted on CPU-table knots that miss this profile's")
-        per_fwd = np.array([self.non_expert_s("moe_layer", t, c) for t, c in zip(w.tokens, w.context)])
+        per_fwd = self.batched_s("moe_layer", w.tokens, w.context, w.member_fwd)
         waves = (w.wave_experts > 0).sum(axis=0)
         decide = np.where(w.swap, host("swap_s") + host("swap_wave_s") * waves,
                           np.where(w.refreshed, host("refresh_s"), host("decide_s")))
@@ -171,10 +171,42 @@ class CostModel:
         return np.where(serial_copies, np.maximum(costs["gpu_s"] + costs["copy_s"], cpu_path),
                         np.maximum.reduce([costs["gpu_s"], cpu_path, costs["h2d_s"], costs["d2h_s"]]))
 
-    def fixed_s(self, tokens: int, context: int) -> float:
-        """Per-forward work outside the MoE layers: dense layers and the head."""
-        return (self.shape.first_k_dense * self.non_expert_s("dense_layer", tokens, context)
-                + self.non_expert_s("head", tokens) + self.profile.host("forward_s"))
+    @property
+    def row_exact(self) -> bool:
+        """Whether the runtime computes a batch's requests apart outside the experts: in fp32
+        with the CPU as the fast device (``runtime.model.row_exact``, the reference mode)."""
+        return self.profile.shares_cores and self.dtype == "float32"
+
+    def batched_s(self, part: str, tokens: np.ndarray, context: np.ndarray,
+                  member_fwd: np.ndarray | None = None) -> np.ndarray:
+        """Seconds of the non-expert ``part`` of forwards whose members (requests) run
+        ``tokens`` at ``context`` each; ``member_fwd`` says each member's forward (default:
+        one forward). A forward of one member is the table itself. A batched one runs, as
+        the runtime does, its members' rows together through every projection, the router
+        and the head, and attention per request: priced as one sequence of all its tokens at
+        the context that gives the same attention work (``sum(t c) / sum(t)``), plus
+        ``member_s`` for each further member (the profile's; 0 where it was not measured).
+        Row-exact (:attr:`row_exact`), each member is computed apart: the members' sum."""
+        t = np.atleast_1d(np.asarray(tokens, dtype=np.float64))
+        c = np.atleast_1d(np.asarray(context, dtype=np.float64))
+        m = np.zeros(len(t), np.int64) if member_fwd is None else np.asarray(member_fwd)
+        n = int(m[-1]) + 1 if len(m) else 0
+        members = np.bincount(m, minlength=n)
+        look = (lambda tt, cc: self.profile.non_expert_s(self.shape.model_key, part, tt, cc)) if part != "head" \
+            else (lambda tt, cc: self.profile.non_expert_s(self.shape.model_key, part, tt))
+        if self.row_exact or (members == 1).all():
+            return np.bincount(m, weights=np.asarray(look(t, c), dtype=np.float64), minlength=n)
+        T = np.bincount(m, weights=t, minlength=n)
+        C = np.bincount(m, weights=t * c, minlength=n) / np.maximum(T, 1)
+        extra = (members - 1) * self.profile.member_s(self.shape.model_key, part)
+        return np.asarray(look(T, C), dtype=np.float64) + extra
+
+    def fixed_s(self, tokens: int | np.ndarray, context: int | np.ndarray) -> float:
+        """Per-forward work outside the MoE layers: dense layers and the head (:meth:`batched_s`
+        for a batched forward's members), and the decoding loop's host work, per request."""
+        t = np.atleast_1d(tokens)
+        return float(self.shape.first_k_dense * self.batched_s("dense_layer", t, context)[0]
+                     + self.batched_s("head", t, context)[0] + len(t) * self.profile.host("forward_s"))
 
 
 def check_fits(shape: ModelShape, profile: Profile, dtype: str = "bfloat16") -> None:

@@ -24,9 +24,11 @@ if TYPE_CHECKING:
 DEVICE_HEADROOM = 0.9
 
 
-def kv_tokens(traces: Sequence["Trace"]) -> int:
-    """KV-cache tokens a run of these traces holds: the longest context of any KV-cache trace."""
-    return max((int(t.forwards["context"].max()) for t in traces if t.decoding.kv_cache), default=0)
+def kv_tokens(traces: Sequence["Trace"], batch_size: int | None = None) -> int:
+    """KV-cache tokens a run of these traces holds: the longest context of any KV-cache trace,
+    times the requests held at once (``batch_size``, default each trace's own, at most its requests)."""
+    return max((int(t.forwards["context"].max()) * min(batch_size or t.batch_size, len(t.requests))
+                for t in traces if t.decoding.kv_cache), default=0)
 
 
 def kv_tokens_for(lengths: Sequence[tuple[int, int]], block_length: int, kv_cache: bool = True,
@@ -49,8 +51,8 @@ class MemoryBudget:
     kv_tokens: int = 0
 
     @classmethod
-    def for_traces(cls, traces: Sequence["Trace"], limit_bytes: float) -> "MemoryBudget":
-        return cls(traces[0].shape, traces[0].dtype, float(limit_bytes), kv_tokens(traces))
+    def for_traces(cls, traces: Sequence["Trace"], limit_bytes: float, batch_size: int | None = None) -> "MemoryBudget":
+        return cls(traces[0].shape, traces[0].dtype, float(limit_bytes), kv_tokens(traces, batch_size))
 
     @property
     def expert_bytes(self) -> int:

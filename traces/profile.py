@@ -33,7 +33,9 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
 * ``non_expert``: per model key (:attr:`traces.shapes.ModelShape.model_key`), the time of
   a MoE layer's non-expert work (norms, attention, router, shared expert) and of a dense
   layer against ``tokens`` and ``context``, and of the ``head`` (final norm, lm_head and
-  choosing the tokens from the logits) against ``tokens``.
+  choosing the tokens from the logits) against ``tokens``; optional ``member_s`` per part:
+  what each further request of a batched forward adds beyond its tokens (its own attention
+  call, its sampling; absent: zero), see :meth:`traces.costs.CostModel.forward_s`.
 
 * ``measured`` (optional, written by ``runtime.profile``): when and where the profile was
   taken (``created``, ``host``, ``threads``, ``cores``, ``load_avg_1m``), so a validation can
@@ -273,12 +275,15 @@ class Profile:
                 xs = _axis(where, t, "tokens")
                 self._cpu[(shape, dt)] = Table1(xs, _values(where, t, "seconds", (len(xs),)))
         self._non: dict[tuple[str, str], Table1 | Table2] = {}
+        self._member: dict[tuple[str, str], float] = {}
         for key, per in self._section("non_expert").items():
             for part in ("moe_layer", "dense_layer", "head"):
                 where = f"{w}: non_expert.{key}.{part}"
                 if part not in per:
                     raise _fail(where, "missing")
                 t = need_dict(per[part], where)
+                if t.get("member_s") is not None:
+                    self._member[(key, part)] = need_float(t["member_s"], f"{where}.member_s", lo=0.0)
                 xs = _axis(where, t, "tokens")
                 if part == "head":
                     self._non[(key, part)] = Table1(xs, _values(where, t, "seconds", (len(xs),)))
@@ -355,6 +360,10 @@ class Profile:
         if part == "head":
             return t(tokens)
         return t(tokens, context)
+
+    def member_s(self, model_key: str, part: str) -> float:
+        """What each further request of a batched forward adds to ``part`` (0 when not measured)."""
+        return self._member.get((model_key, part), 0.0)
 
     def has_model(self, model_key: str) -> bool:
         return (model_key, "moe_layer") in self._non

@@ -34,6 +34,8 @@ class Forward:
     decision: Decision
     counters: dict[str, np.ndarray]  # each [rows] (the decision's rows: layers x group)
     rows: np.ndarray  # its members: rows of ``trace.forwards`` (one in a batch-1 trace)
+    member_tokens: np.ndarray  # [members] tokens each runs
+    member_context: np.ndarray  # [members] each one's context
 
 
 def replay(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None, with_act: bool = True,
@@ -69,7 +71,8 @@ def replay(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None,
             ch = np.concatenate([trace.choices_of(int(i))[:, sel] for i in rows]) if len(rows) > 1 \
                 else trace.choices_of(r)[:, sel]
         c = forward_counters(decision, counts, exp_bytes, act, ch, run)
-        yield Forward(f, str(kinds[r]), int(steps[r]), run, context, counts, decision, c, np.asarray(rows))
+        rows = np.asarray(rows)
+        yield Forward(f, str(kinds[r]), int(steps[r]), run, context, counts, decision, c, rows, runs[rows], ctx[rows])
 
 
 @dataclass
@@ -104,13 +107,11 @@ class PolicyReplay:
 def replay_policy(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None,
                   with_act: bool = True, cost: "CostModel | None" = None) -> PolicyReplay:
     """:func:`replay` collected into ``[F, L]`` counters (``F``: the forwards run); with a
-    ``cost`` model each forward and layer is also priced (``PolicyReplay.times``; one request
-    per forward for now)."""
+    ``cost`` model each forward and layer is also priced (``PolicyReplay.times``)."""
     F, L = trace.n_batched, trace.shape.n_moe_layers
     out = {k: np.zeros((F, L), dtype=np.int64) for k in COUNTERS}
     times = None
     if cost is not None:
-        trace.require_one_request_per_forward("pricing")
         from traces.costs import RESOURCES
         times = {k: np.zeros((F, L)) for k in (*RESOURCES, "layer_s", "bound_s")}
         times["fixed_s"] = np.zeros(F)
@@ -118,11 +119,11 @@ def replay_policy(trace: "Trace", policy: Policy, popularity: np.ndarray | None 
         for k in COUNTERS:
             out[k][fw.f] = fw.counters[k]
         if times is not None:
-            parts = cost.layer_parts(fw.decision, fw.counts, fw.counters, fw.tokens_run, fw.context)
+            parts = cost.layer_parts(fw.decision, fw.counts, fw.counters, fw.member_tokens, fw.member_context)
             lc = cost.layer_costs(parts)
             times["layer_s"][fw.f] = cost.layer_seconds(parts)
             for k, v in lc.items():
                 times[k][fw.f] = v
             times["bound_s"][fw.f] = cost.layer_bound(lc, serial_copies=parts["swap"])
-            times["fixed_s"][fw.f] = cost.fixed_s(fw.tokens_run, fw.context)
+            times["fixed_s"][fw.f] = cost.fixed_s(fw.member_tokens, fw.member_context)
     return PolicyReplay(policy=policy, counters=out, times=times)

@@ -44,9 +44,10 @@ class Work:
     """Rows' work in one or more forwards (``fwd`` says which), each field ``[V]`` but the
     CPU weights ``[V, K]`` and the waves ``[W, V]`` (zero where a row has fewer waves)."""
 
-    fwd: np.ndarray  # [V] index into tokens / context
-    tokens: np.ndarray  # [F] tokens each forward runs
-    context: np.ndarray  # [F] its context (KV cache) length
+    fwd: np.ndarray  # [V] each row's forward
+    tokens: np.ndarray  # [M] tokens each member (a request's part of a forward) runs
+    context: np.ndarray  # [M] its context (KV cache) length
+    member_fwd: np.ndarray  # [M] each member's forward (one member per forward in a batch-1 run)
     refreshed: np.ndarray  # tide rows whose placement was re-decided
     swap: np.ndarray  # rows running swap's waves (their hits and copies are in the waves)
     setup_n: np.ndarray  # copies filling the slots at the run's first forward
@@ -69,6 +70,10 @@ class Work:
     def n_rows(self) -> int:
         return len(self.fwd)
 
+    @property
+    def n_forwards(self) -> int:
+        return int(self.member_fwd[-1]) + 1 if len(self.member_fwd) else 0
+
     @classmethod
     def concat(cls, parts: list["Work"]) -> "Work":
         """Several forwards' work as one (rows one after another, waves padded)."""
@@ -78,9 +83,9 @@ class Work:
             k = f.name
             if k == "knots":
                 out[k] = parts[0].knots
-            elif k == "fwd":
-                offs = np.cumsum([0] + [len(p.tokens) for p in parts[:-1]])
-                out[k] = np.concatenate([p.fwd + o for p, o in zip(parts, offs)])
+            elif k in ("fwd", "member_fwd"):
+                offs = np.cumsum([0] + [p.n_forwards for p in parts[:-1]])
+                out[k] = np.concatenate([getattr(p, k) + o for p, o in zip(parts, offs)])
             elif k.startswith("wave_"):
                 out[k] = np.concatenate([np.pad(getattr(p, k), ((0, W - p.wave_copies.shape[0]), (0, 0)))
                                          for p in parts], axis=1)
@@ -93,7 +98,7 @@ class Work:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v if f.name in ("tokens", "context", "knots") else v[:, rows] if f.name.startswith("wave_") else v[rows]
+            out[f.name] = v if f.name in ("tokens", "context", "member_fwd", "knots") else v[:, rows] if f.name.startswith("wave_") else v[rows]
         used = np.flatnonzero(out["wave_experts"].any(axis=1) | out["wave_copies"].any(axis=1))
         W = int(used[-1]) + 1 if len(used) else 0
         for k in ("wave_copies", "wave_experts", "wave_tokens"):
@@ -102,9 +107,10 @@ class Work:
 
 
 def layer_work(decision: Decision, counts: np.ndarray, counters: dict[str, np.ndarray], act_bytes: float,
-               knots: np.ndarray, tokens: int, context: int) -> Work:
+               knots: np.ndarray, tokens: int | np.ndarray, context: int | np.ndarray) -> Work:
     """One forward's work per row from its decision (``L`` rows, or ``L x G`` candidate rows
-    all seeing ``counts`` ``[L, E]``), its counters and the activation bytes of a token."""
+    all seeing ``counts`` ``[L, E]``), its counters and the activation bytes of a token;
+    ``tokens`` and ``context``: its members' (one each, or arrays for a batched forward)."""
     counts = np.asarray(counts)
     L, E = counts.shape
     V = decision.n_rows
@@ -139,7 +145,9 @@ def layer_work(decision: Decision, counts: np.ndarray, counters: dict[str, np.nd
             m = wo == w
             wave_experts[w, rows] = m.sum(axis=1)
             wave_tokens[w, rows] = (m * layer_counts).sum(axis=1)
-    return Work(fwd=np.zeros(V, np.int64), tokens=np.array([tokens]), context=np.array([context]),
+    tokens, context = np.atleast_1d(tokens), np.atleast_1d(context)
+    return Work(fwd=np.zeros(V, np.int64), tokens=tokens, context=context,
+                member_fwd=np.zeros(len(tokens), np.int64),
                 refreshed=np.zeros(V, bool) if decision.refreshed is None else decision.refreshed.copy(),
                 swap=swap.copy(), setup_n=counters["setup_migrations"], copy_n=counters["migrations"] - in_waves,
                 act_tokens=counters["bytes_act"] / act_bytes / 2, ready_n=ready_n, ready_tok=ready_tok,

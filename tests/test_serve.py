@@ -1,0 +1,131 @@
+"""The serving simulator: requests arrive, queue and share forwards; offline it equals the
+closed form; streams and their bad input."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import assert_clean_error, run_module
+from sim.replay import simulate
+from traces.admission import compose_trace
+from traces.arrivals import closed_loop, poisson
+from traces.costs import CostModel
+from traces.policies import Policy
+from traces.profile import Profile
+from traces.replay import replay_policy
+from traces.shapes import ModelShape
+from traces.synth import synthesize
+
+
+@pytest.fixture(scope="module")
+def mini():
+    shape = ModelShape.named("llada2-mini")
+    return synthesize(shape, gen_length=40, prompt_length=40, seed=5, requests=6), Profile.load("h200")
+
+
+def _policies(shape):
+    L, E = shape.n_moe_layers, shape.experts
+    return [Policy.make("all", L, E), Policy.make("tide", L, E, budget=64, tau=4), Policy.make("swap", L, E, budget=64)]
+
+
+def test_offline_serving_equals_the_closed_form(mini):
+    """All requests at 0, batch N: the event simulation's seconds are the closed form's over
+    the composed batched forwards (one interpreter of a forward's work)."""
+    trace, prof = mini
+    for pol in _policies(trace.shape):
+        for b in (1, 3, 8):
+            res = simulate(trace, prof, pol, batch_size=b)
+            closed = replay_policy(compose_trace(trace, b), pol, cost=CostModel(prof, trace.shape, trace.dtype))
+            assert res.seconds == pytest.approx(closed.seconds(), rel=1e-9), (pol.name, b)
+            assert len(res.per_forward) == compose_trace(trace, b).n_batched
+            assert all(np.array_equal(res.counters[k], closed.counters[k]) for k in closed.counters)
+        assert simulate(trace, prof, pol).seconds == pytest.approx(simulate(trace, prof, pol, batch_size=1).seconds)
+
+
+def test_batching_raises_throughput_with_every_expert_resident(mini):
+    trace, prof = mini
+    pol = _policies(trace.shape)[0]
+    tps = [simulate(trace, prof, pol, batch_size=b).summary()["tokens_per_s"] for b in (1, 2, 6)]
+    assert tps[0] < tps[1] < tps[2]
+    s = simulate(trace, prof, pol, batch_size=64).summary()  # above the requests: all at once
+    assert s["max_batch"] == len(trace.requests) and s["queue_s_p99"] == 0.0
+
+
+def test_a_stream_queues_and_reports_latencies(mini):
+    trace, prof = mini
+    pol = _policies(trace.shape)[1]
+    alone = simulate(trace, prof, pol, batch_size=1).requests.set_index("request")
+    sparse = simulate(trace, prof, pol, batch_size=4, arrivals=poisson(1e-3, len(trace.requests), seed=2))
+    rq = sparse.requests
+    assert (sparse.per_forward["members"] == 1).all()  # far apart: each request runs alone, on arrival
+    assert (rq["queue_s"].abs() < 1e-9).all() and (rq["start_s"] >= rq["arrival_s"]).all()
+    # a request alone costs what it costs at batch 1 give or take the placement it inherits
+    assert np.allclose(rq.set_index("request")["latency_s"], alone["end_s"] - alone["start_s"], rtol=0.25)
+    busy = simulate(trace, prof, pol, batch_size=2, arrivals=poisson(50.0, len(trace.requests), seed=2))
+    s = busy.summary()
+    assert s["queue_s_p99"] > 0 and s["max_batch"] == 2
+    assert s["latency_s_p50"] <= s["latency_s_p90"] <= s["latency_s_p99"]
+    assert (busy.requests["first_block_s"] <= busy.requests["latency_s"]).all()
+    assert 0 < s["gpu_busy_fraction"] <= 1
+    again = simulate(trace, prof, pol, batch_size=2, arrivals=poisson(50.0, len(trace.requests), seed=2))
+    assert again.summary()["latency_s_p99"] == s["latency_s_p99"]  # seeded: deterministic
+
+
+def test_a_closed_loop_keeps_its_clients_in_flight(mini):
+    trace, prof = mini
+    res = simulate(trace, prof, _policies(trace.shape)[0], batch_size=8, arrivals=closed_loop(2))
+    assert res.per_forward["members"].max() == 2
+    assert len(res.requests) == len(trace.requests)
+    # a client's next request arrives when its previous one ends
+    ends = sorted(res.requests["end_s"])[:len(trace.requests) - 2]
+    assert sorted(res.requests["arrival_s"])[2:] == pytest.approx(ends)
+
+
+def test_serving_on_the_command_line(tmp_path, mini):
+    trace, _ = mini
+    t = trace.write(tmp_path / "t.parquet")
+    arrivals = tmp_path / "arrivals.txt"
+    arrivals.write_text("# offsets from a log\n0\n0.5\n0.5\n1.25\n3\n4\n9\n")
+    out = tmp_path / "r.parquet"
+    p = run_module("sim.replay", "--trace", str(t), "--profile", "h200", "--policy", "tide", "--gpu-experts", "64",
+                   "--tau", "4", "--batch-size", "4", "--arrivals", str(arrivals), "--requests-out", str(out), "--json")
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert s["requests"] == 6 and s["batch_size"] == 4 and "latency_s_p99" in s and "steady_tokens_per_s" in s
+    rq = pd.read_parquet(out)
+    assert len(rq) == 6 and list(rq["arrival_s"]) == [0, 0.5, 0.5, 1.25, 3, 4]
+    text = run_module("sim.replay", "--trace", str(t), "--profile", "h200", "--policy", "all", "--batch-size", "3",
+                      "--arrival-rate", "0.5", "--seed", "1")
+    assert text.returncode == 0 and "latency p50" in text.stdout
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--arrival-rate", "0"], "--arrival-rate must be a finite number"),
+    (["--arrival-rate", "-1"], "--arrival-rate must be a finite number"),
+    (["--arrival-rate", "nan"], "--arrival-rate"),
+    (["--arrival-rate", "inf"], "--arrival-rate"),
+    (["--clients", "0"], "--clients must be an integer of at least 1"),
+    (["--clients", "-3"], "--clients"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--clients", "2", "--arrival-rate", "1"], "at most one of"),
+    (["--arrivals", "ARR:bad"], "is not a number"),
+    (["--arrivals", "ARR:unsorted"], "must be sorted"),
+    (["--arrivals", "ARR:negative"], "at least 0"),
+    (["--arrivals", "ARR:short"], "2 arrival offsets for 6 requests"),
+    (["--arrivals", "ARR:missing"], "file not found"),
+])
+def test_bad_streams_are_refused(tmp_path, mini, flags, fragment):
+    trace, _ = mini
+    t = trace.write(tmp_path / "t.parquet")
+    files = {"bad": "0\nsoon\n", "unsorted": "0\n2\n1\n3\n4\n5\n", "negative": "-1\n0\n1\n2\n3\n4\n", "short": "0\n1\n"}
+    if flags[-1].startswith("ARR:"):
+        kind = flags[-1][4:]
+        path = tmp_path / f"{kind}.txt"
+        if kind in files:
+            path.write_text(files[kind])
+        flags = [*flags[:-1], str(path)]
+    out = tmp_path / "r.parquet"
+    assert_clean_error(run_module("sim.replay", "--trace", str(t), "--profile", "h200", "--policy", "all",
+                                  "--requests-out", str(out), *flags), fragment)
+    assert not out.exists()
