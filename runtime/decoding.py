@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,7 @@ class Result:
     batch_forwards: list[int] = field(default_factory=list)
     start_s: float = 0.0
     end_s: float = 0.0
+    arrival_s: float = 0.0  # when it was let in (``arrivals``; 0 otherwise)
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ class _Request:
     next: Planned | None = None
     start_s: float = 0.0
     end_s: float = 0.0
+    arrival_s: float = 0.0
     batch_forwards: list[int] = field(default_factory=list)  # the batched forwards it took part in
 
     def advance(self) -> bool:
@@ -196,6 +199,7 @@ class Generator:
         res.tokens = q.x[q.P:q.P + q.G].tolist()
         res.seconds = q.end_s - q.start_s
         res.start_s, res.end_s, res.batch_forwards = q.start_s, q.end_s, q.batch_forwards
+        res.arrival_s = q.arrival_s
         return res
 
     def check_prompts(self, prompts: list[list[int]], gen_lengths: list[int], where: list[str] | None = None) -> None:
@@ -236,13 +240,13 @@ class Generator:
 
     @torch.no_grad()
     def generate_batch(self, prompts: list[list[int]], gen_lengths: list[int], batch_size: int,
-                       requests: list[int] | None = None) -> list[Result]:
+                       requests: list[int] | None = None, arrivals: Sequence[float] | None = None) -> list[Result]:
         """Every prompt, up to ``batch_size`` in each forward; results in prompt order, each
         ending at its first ``eos`` (kept) or at its generation length."""
         requests = list(range(len(prompts))) if requests is None else requests
         self.check_prompts(prompts, gen_lengths)
         reqs = [self._live(p, g, r) for p, g, r in zip(prompts, gen_lengths, requests)]
-        out = self._run(reqs, batch_size)
+        out = self._run(reqs, batch_size, arrivals=arrivals)
         eos = self.model.cfg.eos_id
         for res in out:
             if eos in res.tokens:  # the answer ends at the first eos (kept)
@@ -259,7 +263,8 @@ class Generator:
         return self.replay_batch(trace, [request], 1)[0]
 
     @torch.no_grad()
-    def replay_batch(self, trace: Trace, requests: list[int], batch_size: int | None = None) -> list[Result]:
+    def replay_batch(self, trace: Trace, requests: list[int], batch_size: int | None = None,
+                     arrivals: Sequence[float] | None = None) -> list[Result]:
         """Requests of a KV-cache trace, each replayed as :meth:`replay` does: in the forwards
         the trace recorded (``batch_size`` None), or composed anew, up to ``batch_size`` in
         each forward (the batched forwards the same prompts make at that batch size: routing
@@ -275,9 +280,10 @@ class Generator:
             x = self._canvas(replay_prompt(P, cfg.shape.vocab, (cfg.mask_id, cfg.eos_id)), G, trace.decoding.block_length)
             cache = KVCache(cfg, len(x), x.device, self.model.dtype)
             reqs.append(_Request(request, x, P, G, trace.decoding, self._trace_schedule(trace, request), cache, None))
-        seats = recorded(trace, requests) if batch_size is None else batch_size
+        seats = recorded(trace, requests) if batch_size is None and arrivals is None \
+            else batch_size or trace.batch_size
         with ChoiceReplay(trace, self.model) as chooser:
-            return self._run(reqs, seats, chooser)
+            return self._run(reqs, seats, chooser, arrivals)
 
     # ---- the forward schedule: live (decided as the tokens commit) or read from a trace ----------
     def _canvas(self, prompt: list[int], gen_length: int, block_length: int | None = None) -> torch.Tensor:
@@ -339,19 +345,33 @@ class Generator:
         return Segment(q.x[:e], 0, None, block_causal_mask(e, bl, dev), s0, rows), s0
 
     def _run(self, reqs: list[_Request], batch_size: int | Recorded,
-             chooser: ChoiceReplay | None = None) -> list[Result]:
+             chooser: ChoiceReplay | None = None, arrivals: Sequence[float] | None = None) -> list[Result]:
         """Run the requests' forwards, up to ``batch_size`` requests in each (one loop for
         live and replayed decoding, any batch size): seats go in arrival order
         (:class:`traces.admission.Admission`); a request leaves after its last forward and the
         next joins at the very next one. Or seats as a trace recorded them (``Recorded``).
-        Results in the order of ``reqs``."""
+        ``arrivals``: each request's offset from the start (seconds, sorted); a request is held
+        until its offset has passed (the serving simulator's stream, run for real). Results in
+        the order of ``reqs``."""
         by_id = {q.request: q for q in reqs}
-        seats = Admission.of([q.request for q in reqs], batch_size) if isinstance(batch_size, int) else batch_size
+        due = deque(zip(arrivals, [q.request for q in reqs])) if arrivals is not None else deque()
+        if arrivals is not None:
+            seats = Admission(batch_size)  # requests join as their offsets pass
+        else:
+            seats = Admission.of([q.request for q in reqs], batch_size) if isinstance(batch_size, int) else batch_size
         if self.recorder is not None:
             self.recorder.batch_size = max(self.recorder.batch_size, seats.batch_size)
         t0 = time.perf_counter()
         n_forward = 0
-        while not seats.done:
+        while due or not seats.done:
+            now = time.perf_counter() - t0
+            while due and due[0][0] <= now:
+                at, r = due.popleft()
+                by_id[r].arrival_s = at
+                seats.arrive(r)
+            if seats.done:  # nothing in flight or waiting: hold until the next arrival
+                time.sleep(max(due[0][0] - now, 0.0))
+                continue
             members = []
             for r in seats.seat():
                 q = by_id[r]

@@ -28,6 +28,7 @@ from runtime.model import KERNELS, LLaDA2
 from runtime.offload import OffloadEngine
 from runtime.replay import check_replayable, replay_prompt
 from runtime.tokenizer import load_tokenizer
+from traces.arrivals import read_arrivals
 from traces.cli import ArgumentParser, check_out_path, integer, number, print_json, run_cli
 from traces.errors import TideError
 from traces.memory import DEVICE_HEADROOM, kv_tokens_for
@@ -128,6 +129,8 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--plan", default=None, help="plan JSON (per-layer kind, budget and tau) for --policy plan")
     ap.add_argument("--popularity", default=None, help="trace whose total counts fill the slots at setup")
     ap.add_argument("--replay-trace", default=None, help="run a KV-cache trace's schedule and expert choices")
+    ap.add_argument("--arrivals", default=None, help="file of arrival offsets (seconds, one per line, one per "
+                    "request): each request is held until its offset from the run's start")
     ap.add_argument("--expert-kernel", default="auto", choices=("auto", *KERNELS),
                     help="the fast device's expert kernel: one matmul chain per expert (loop), or grouped matmuls "
                          "(torch._grouped_mm); auto measures which is faster, once per process and shape")
@@ -190,6 +193,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         Generator(model, decoding).check_prompts(prompts, lengths, [w for _, _, w in given])
     # the seats per forward: the flag, else the replayed trace's recorded forwards, else one
     batch_size = args.batch_size or (replay.batch_size if replay is not None else 1)
+    arrivals = read_arrivals(args.arrivals, len(prompts)).offsets if args.arrivals else None
     bl = decoding.block_length
     kv_tokens = kv_tokens_for([(len(p), g) for p, g in zip(prompts, lengths)], bl, decoding.kv_cache, batch_size)
     dtype = dtype_name(model.dtype)
@@ -201,9 +205,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gen = Generator(model, decoding, sampling, rec, engine)
         if replay is not None:
             results, seconds = timed(device, lambda: gen.replay_batch(
-                replay, [r["request"] for r in replay.requests], args.batch_size))
+                replay, [r["request"] for r in replay.requests], args.batch_size, arrivals))
         else:
-            results, seconds = timed(device, lambda: gen.generate_batch(prompts, lengths, batch_size))
+            results, seconds = timed(device, lambda: gen.generate_batch(prompts, lengths, batch_size,
+                                                                        arrivals=arrivals))
     policy_meta = {**engine.policy.to_json(), "popularity": args.popularity} if engine is not None else None
     if rec is not None:
         rec.trace(source={"generator": "runtime.generate", "checkpoint": str(args.checkpoint),
@@ -221,7 +226,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "forwards_per_s": forwards / seconds if seconds > 0 else 0.0,
         "batch_size": batch_size,
         "requests": [{"request": i, "tokens": r.tokens, "forwards": r.forwards, "batch_forwards": r.batch_forwards,
-                      "start_s": r.start_s, "end_s": r.end_s} for i, r in enumerate(results)],
+                      "arrival_s": r.arrival_s, "start_s": r.start_s, "end_s": r.end_s,
+                      "latency_s": r.end_s - r.arrival_s} for i, r in enumerate(results)],
         "device": str(device), "dtype": dtype, "kv_cache": decoding.kv_cache,
     }
     if engine is not None:

@@ -129,3 +129,24 @@ def test_bad_streams_are_refused(tmp_path, mini, flags, fragment):
     assert_clean_error(run_module("sim.replay", "--trace", str(t), "--profile", "h200", "--policy", "all",
                                   "--requests-out", str(out), *flags), fragment)
     assert not out.exists()
+
+
+def test_the_runtime_holds_each_request_until_its_arrival(tiny_ckpt, tmp_path):
+    """runtime.generate --arrivals: a request starts no earlier than its offset, and a late one
+    runs alone once the others have left; the tokens are those of the offline batch."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt_ids": list(range(1 + i, 30 + i))}) for i in range(3)) + "\n")
+    arrivals = tmp_path / "a.txt"
+    arrivals.write_text("0\n0\n1.5\n")
+    base = ["runtime.generate", "--checkpoint", str(tiny_ckpt), "--prompts", str(prompts), "--gen-length", "32",
+            "--threshold", "0.5", "--batch-size", "2", "--json"]
+    p = run_module(*base, "--arrivals", str(arrivals))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    late = out["requests"][2]
+    assert late["arrival_s"] == 1.5 and late["start_s"] >= 1.5
+    assert late["latency_s"] == pytest.approx(late["end_s"] - 1.5)
+    offline = json.loads(run_module(*base).stdout)
+    assert [r["tokens"] for r in out["requests"]] == [r["tokens"] for r in offline["requests"]]
+    arrivals.write_text("0\n")
+    assert_clean_error(run_module(*base, "--arrivals", str(arrivals)), "1 arrival offsets for 3 requests")
