@@ -150,3 +150,18 @@ def test_the_runtime_holds_each_request_until_its_arrival(tiny_ckpt, tmp_path):
     assert [r["tokens"] for r in out["requests"]] == [r["tokens"] for r in offline["requests"]]
     arrivals.write_text("0\n")
     assert_clean_error(run_module(*base, "--arrivals", str(arrivals)), "1 arrival offsets for 3 requests")
+
+
+def test_synth_draws_each_requests_lengths(tmp_path):
+    from traces.trace import read_trace
+    out = tmp_path / "w.parquet"
+    p = run_module("traces.synth", "--model", "llada2-mini", "--requests", "5", "--gen-length", "32,64",
+                   "--prompt-length", "10:70", "--seed", "3", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    t = read_trace(out)
+    gens = [r["gen_length"] for r in t.requests]
+    prompts = [r["prompt_length"] for r in t.requests]
+    assert set(gens) <= {32, 64} and all(10 <= q <= 70 for q in prompts) and len(set(prompts)) > 1
+    for bad, frag in (("64:32", "runs backwards"), ("a,b", "expected an integer"), ("0", "--gen-length")):
+        assert_clean_error(run_module("traces.synth", "--model", "llada2-mini", "--gen-length", bad,
+                                      "--out", str(tmp_path / "x.parquet")), frag)

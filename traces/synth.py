@@ -25,6 +25,7 @@ import functools
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -170,16 +171,44 @@ class _Layerwise:
         return group_limited_topk(self.pop[None] + self.ctx[None] + u, s.top_k, s.n_group, s.topk_group).astype(np.int16)
 
 
-def synthesize(shape: ModelShape, gen_length: int, prompt_length: int, seed: int, kv_cache: bool = True,
-               decoding: Decoding | None = None, requests: int = 1, params: WorkloadParams | None = None,
-               dtype: str = "bfloat16", progress: bool = False) -> Trace:
-    """Generate a trace of ``requests`` prompts run one after another."""
+def request_lengths(spec: str, n: int, seed: int, flag: str) -> list[int]:
+    """Per-request lengths from a flag: one number (every request), a list ``a,b,c`` (each
+    request draws one), or a range ``lo:hi`` (uniform integers, both ends included); seeded."""
+    rng = np.random.default_rng([seed, 7 if flag == "--gen-length" else 11])
+    text = str(spec).strip()
+    try:
+        if ":" in text:
+            lo, hi = (int(v) for v in text.split(":"))
+            vals = rng.integers(lo, hi + 1, size=n).tolist() if lo <= hi else None
+        elif "," in text:
+            choices = [int(v) for v in text.split(",") if v.strip()]
+            vals = [choices[i] for i in rng.integers(0, len(choices), size=n)]
+        else:
+            vals = [int(text)] * n
+    except ValueError:
+        raise TideError(f"{flag}: expected an integer, a list a,b,c or a range lo:hi, got {spec!r}") from None
+    if vals is None:
+        raise TideError(f"{flag}: range {text} runs backwards")
+    return [need_int(v, flag, lo=1, hi=1 << 20) for v in vals]
+
+
+def synthesize(shape: ModelShape, gen_length: int | Sequence[int], prompt_length: int | Sequence[int], seed: int,
+               kv_cache: bool = True, decoding: Decoding | None = None, requests: int = 1,
+               params: WorkloadParams | None = None, dtype: str = "bfloat16", progress: bool = False) -> Trace:
+    """Generate a trace of ``requests`` prompts run one after another; ``gen_length`` and
+    ``prompt_length`` are one value for all, or one per request."""
     decoding = decoding or Decoding(kv_cache=kv_cache)
     if decoding.kv_cache != kv_cache:
         decoding = Decoding(decoding.block_length, decoding.steps, decoding.threshold, kv_cache)
-    need_int(gen_length, "--gen-length", lo=1, hi=1 << 20)
-    need_int(prompt_length, "--prompt-length", lo=1, hi=1 << 20)
     need_int(requests, "--requests", lo=1, hi=1 << 16)
+    gens = [gen_length] * requests if isinstance(gen_length, (int, np.integer)) else list(gen_length)
+    prompts = [prompt_length] * requests if isinstance(prompt_length, (int, np.integer)) else list(prompt_length)
+    if len(gens) != requests or len(prompts) != requests:
+        raise TideError(f"--requests {requests}: give one generation and prompt length each")
+    for g in gens:
+        need_int(g, "--gen-length", lo=1, hi=1 << 20)
+    for q in prompts:
+        need_int(q, "--prompt-length", lo=1, hi=1 << 20)
     need_int(seed, "--seed", lo=0)
     need_int(decoding.block_length, "--block-length", lo=1, hi=1 << 16)
     need_int(decoding.steps, "--steps", lo=1)
@@ -190,8 +219,6 @@ def synthesize(shape: ModelShape, gen_length: int, prompt_length: int, seed: int
     rng = np.random.default_rng(seed)
     lw = _Layerwise(shape, p, rng)
     L, E, bl = shape.n_moe_layers, shape.experts, decoding.block_length
-    steps = min(decoding.steps, gen_length)  # as the published generate() caps them
-    extra = _poisson_extra(p.tokens_per_step, bl, steps)
     rows: list[dict] = []
     counts_list: list[np.ndarray] = []
     choices_list: list[np.ndarray] = []
@@ -206,9 +233,12 @@ def synthesize(shape: ModelShape, gen_length: int, prompt_length: int, seed: int
         counts_list.append(c.astype(np.int32))
         choices_list.append(ch.transpose(1, 0, 2).reshape(-1))
 
-    total_blocks = sum(math.ceil((prompt_length + gen_length) / bl) - prompt_length // bl for _ in range(requests))
+    total_blocks = sum(math.ceil((q + g) / bl) - q // bl for q, g in zip(prompts, gens))
     bar = tqdm(total=total_blocks, desc=f"synth {shape.name}", unit="block", disable=not progress)
     for r in range(requests):
+        prompt_length, gen_length = prompts[r], gens[r]
+        steps = min(decoding.steps, gen_length)  # as the published generate() caps them
+        extra = _poisson_extra(p.tokens_per_step, bl, steps)
         lw.new_request()
         n_blocks = math.ceil((prompt_length + gen_length) / bl)  # every block is whole, as published
         first = prompt_length // bl
@@ -253,7 +283,7 @@ def synthesize(shape: ModelShape, gen_length: int, prompt_length: int, seed: int
     bar.close()
     forwards = pd.DataFrame(rows)
     source = {"generator": "traces.synth", "seed": seed, "params": asdict(p), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    req = [{"request": r, "prompt_length": prompt_length, "gen_length": gen_length} for r in range(requests)]
+    req = [{"request": r, "prompt_length": prompts[r], "gen_length": gens[r]} for r in range(requests)]
     return Trace(shape=shape, dtype=dtype, decoding=decoding, requests=req, forwards=forwards,
                  counts=np.stack(counts_list), choices=np.concatenate(choices_list).astype(np.int16), source=source)
 
@@ -261,10 +291,12 @@ def synthesize(shape: ModelShape, gen_length: int, prompt_length: int, seed: int
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m traces.synth", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="llada2-mini, llada2-flash, or a config.json / checkpoint folder")
-    ap.add_argument("--gen-length", type=integer, default=1024)
-    ap.add_argument("--prompt-length", type=integer, default=64)
+    ap.add_argument("--gen-length", default="1024", help="one length, a list a,b,c or a range lo:hi "
+                    "(each request draws its own, seeded)")
+    ap.add_argument("--prompt-length", default="64", help="as --gen-length")
     ap.add_argument("--seed", type=integer, default=0)
-    ap.add_argument("--requests", type=integer, default=1, help="prompts run one after another")
+    ap.add_argument("--requests", type=integer, default=1, help="prompts (a batch-1 trace: the simulator "
+                    "composes them at any batch size)")
     ap.add_argument("--block-length", type=integer, default=32)
     ap.add_argument("--steps", type=integer, default=32)
     ap.add_argument("--threshold", type=number, default=0.95)
@@ -276,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     shape = ModelShape.load(a.model)
     dec = Decoding(a.block_length, a.steps, a.threshold, not a.no_kv_cache)
     t0 = time.perf_counter()
-    trace = synthesize(shape, a.gen_length, a.prompt_length, a.seed, kv_cache=not a.no_kv_cache, decoding=dec,
+    need_int(a.requests, "--requests", lo=1, hi=1 << 16)
+    gens = request_lengths(a.gen_length, a.requests, a.seed, "--gen-length")
+    prompts = request_lengths(a.prompt_length, a.requests, a.seed, "--prompt-length")
+    trace = synthesize(shape, gens, prompts, a.seed, kv_cache=not a.no_kv_cache, decoding=dec,
                        requests=a.requests, dtype=a.dtype, progress=True)
     trace.write(a.out)
     print(f"wrote {a.out}: {trace.n_forwards} forwards, {shape.n_moe_layers} MoE layers, "
