@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     dec = Decoding(a.block_length, a.steps, a.threshold, not a.no_kv_cache)
     t0 = time.perf_counter()
     need_int(a.requests, "--requests", lo=1, hi=1 << 16)
+    need_int(a.seed, "--seed", lo=0)
     gens = request_lengths(a.gen_length, a.requests, a.seed, "--gen-length")
     prompts = request_lengths(a.prompt_length, a.requests, a.seed, "--prompt-length")
     trace = synthesize(shape, gens, prompts, a.seed, kv_cache=not a.no_kv_cache, decoding=dec,
