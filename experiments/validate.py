@@ -101,7 +101,7 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     from runtime.device import check_device, speed_reference_s, timed
     from runtime.lossless import agree
     from runtime.offload import OffloadEngine
-    from runtime.profile import profile_box
+    from runtime.profile import in_run_text, profile_box
     from traces.costs import CostModel
     from traces.replay import replay_policy
 
@@ -144,8 +144,7 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
             measured = run(policy, False)[0]
             per_round.append({"round": rnd, "policy": name, "predicted_s": predicted, "measured_s": measured,
                               "error": predicted / measured - 1, "reference_s": ref_now,
-                              "in_run": ", ".join(f"{k} x{v:.2f}" for k, v in (prof.data.get("in_run") or {}).items()
-                                                  if k != "note")})
+                              "in_run": in_run_text(prof)})
     rounds_df = pd.DataFrame(per_round)
     rows = []
     for name, policy in policies.items():

@@ -19,7 +19,7 @@ import platform
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from traces.cli import ArgumentParser, check_out_path, run_cli
 from traces.policies import Policy
 from traces.profile import FORMAT, VERSION, Profile
 from traces.shapes import ModelShape
+
+if TYPE_CHECKING:
+    from traces.trace import Trace
 
 
 def _timer(device: torch.device, min_s: float = 0.0) -> Callable[[Callable[[], Any], int], float]:
@@ -366,6 +369,7 @@ class Profiler:
         else:
             policy = Policy.make("static", s.n_moe_layers, s.experts, budget=max(1, s.experts // 8))
         work = synthesize(model.cfg.shape, 96, 32, seed=0, dtype=dtype_name(self.dtype))
+        batch = synthesize(model.cfg.shape, 64, [32, 48, 70, 96], seed=1, requests=4, dtype=dtype_name(self.dtype))
         spent: dict[str, float] = {}
 
         def clocked(part: str, fn):
@@ -399,6 +403,16 @@ class Profiler:
                         samples.append({**dict.fromkeys(("dense", "moe", "head"), 0.0), **spent, **eng.timers,
                                         "total": secs, "forwards": res.forwards})
                 med[name] = {k: float(np.median([x[k] for x in samples])) for k in samples[0]}
+            samples = []  # four requests at once: what a batch adds per request (member_s)
+            for rep in range(self.reps + 1 if real and self.device.type == "cpu" else 0):
+                with OffloadEngine(model, policy, self.device) as eng:
+                    gen = Generator(model, batch.decoding, engine=eng)
+                    spent.clear()
+                    res, secs = timed(self.device, lambda: gen.replay_batch(batch, [0, 1, 2, 3], 4))
+                if rep:
+                    samples.append({**dict.fromkeys(("dense", "moe", "head"), 0.0), **spent, "total": secs})
+            if samples:
+                med["batch"] = {k: float(np.median([x[k] for x in samples])) for k in samples[0]}
         finally:
             decoding.sample = sample_fn
             for m, name, fn in saved:
@@ -452,10 +466,53 @@ class Profiler:
             if part == "copies":  # on the CPU a copy is the host's own memory traffic
                 for entry in data["h2d"].values():
                     entry["gbps"] = (np.asarray(entry["gbps"], dtype=float) / k).tolist()
+        member = self._member_costs(data, med["batch"], batch, policy, forward_s) if "batch" in med else {}
         note = (f"measured over priced in replays of a synthetic {len(tc)}-forward trace "
                 f"({', '.join(f'{n} B={int(p.budget[0])}' for n, p in policies.items())}); the tables and "
-                "host costs each part prices are scaled by it")
-        return forward_s, {**factors, "note": note}
+                "host costs each part prices are scaled by it; member_s: what each further request of a "
+                "batched forward adds, from 4 requests replayed at batch 4")
+        return forward_s, {**factors, **({"member_s": member} if member else {}), "note": note}
+
+    def _member_costs(self, data: dict[str, Any], ran: dict[str, float], batch: "Trace", policy: Policy,
+                      forward_s: float) -> dict[str, float]:
+        """``member_s`` of each non-expert part: a batched run's time per part beyond what the
+        (levelled) tables price for its forwards, per further request of a forward. The MoE
+        layers' includes the experts' (a row-exact batch computes each request's rows of an
+        expert apart); the decoding loop's per-request work beyond ``forward_s`` goes with the
+        head (sampling and committing, per request). Written into the profile's tables."""
+        from traces.admission import compose_trace
+        from traces.costs import CostModel
+        from traces.replay import replay
+        s = self.cfg.shape
+        data["host"]["forward_s"] = _m(forward_s)
+        cost = CostModel(Profile(data, where="profile being measured"), s, dtype_name(self.dtype))
+        priced = dict.fromkeys(("dense", "moe", "head", "loop"), 0.0)
+        extra = 0
+        for f in replay(compose_trace(batch, 4), policy, with_act=False):
+            mt, mc = f.member_tokens, f.member_context
+            extra += len(mt) - 1
+            priced["dense"] += s.first_k_dense * float(cost.batched_s("dense_layer", mt, mc)[0])
+            priced["head"] += float(cost.batched_s("head", mt, mc)[0])
+            priced["loop"] += len(mt) * forward_s
+            parts = cost.layer_parts(f.decision, f.counts, f.counters, mt, mc, f.segments)
+            priced["moe"] += float(cost.layer_seconds(parts).sum())
+        if not extra:
+            return {}
+        loop = ran["total"] - ran["dense"] - ran["moe"] - ran["head"]
+        per = {"dense_layer": (ran["dense"] - priced["dense"]) / max(s.first_k_dense, 1),
+               "moe_layer": (ran["moe"] - priced["moe"]) / s.n_moe_layers,
+               "head": ran["head"] - priced["head"]}
+        out = {}
+        tables = data["non_expert"][s.model_key]
+        for part, gap in per.items():
+            if part == "dense_layer" and not s.first_k_dense:
+                continue
+            out[part] = gap / extra
+            tables[part]["member_s"] = out[part]
+        out["loop"] = max(forward_s + (loop - priced["loop"]) / extra, 0.0)
+        data["host"]["member_s"] = {**_m(out["loop"]), "note": "the decoding loop's host work per further "
+                                    "request of a batched forward"}
+        return out
 
     def overheads(self) -> dict[str, Any]:
         x = torch.zeros(16, device=self.device)
@@ -513,11 +570,20 @@ class Profiler:
         return data
 
 
+def in_run_text(prof: Profile) -> str:
+    """A profile's in-run factors (``dense x1.38, ...``) and batch member costs, or ''."""
+    f = prof.data.get("in_run") or {}
+    parts = ", ".join(f"{k} x{v:.2f}" for k, v in f.items() if k not in ("note", "member_s"))
+    member = f.get("member_s") or {}
+    more = ("; each further request of a batched forward adds " + ", ".join(
+        f"{k} {1e3 * v:.2f} ms" for k, v in member.items())) if member else ""
+    return parts + more
+
+
 def in_run_line(prof: Profile) -> str:
     """The in-run factors of a profile, as one line (what its tables were scaled by)."""
-    f = prof.data.get("in_run") or {}
-    parts = ", ".join(f"{k} x{v:.2f}" for k, v in f.items() if k != "note")
-    return f"in-run level (tables scaled by measured over priced in a replay): {parts}" if parts else \
+    text = in_run_text(prof)
+    return f"in-run level (tables scaled by measured over priced in a replay): {text}" if text else \
         "in-run level: none applied (a GPU's work is timed on the device)"
 
 

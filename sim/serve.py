@@ -111,10 +111,11 @@ def serve(env: simpy.Environment, box: Box, trace: Trace, policy: Policy, cost: 
             members = [int(req_col[i]) for i in fw.rows]
             for r in members:
                 stream.start.setdefault(r, t0)
-            parts = cost.layer_parts(fw.decision, fw.counts, fw.counters, fw.member_tokens, fw.member_context)
+            parts = cost.layer_parts(fw.decision, fw.counts, fw.counters, fw.member_tokens, fw.member_context,
+                                     fw.segments)
             dense = cost.batched_s("dense_layer", fw.member_tokens, fw.member_context)[0] if shape.first_k_dense else 0.0
             head = cost.batched_s("head", fw.member_tokens, fw.member_context)[0]
-            loop = len(members) * cost.profile.host("forward_s")
+            loop = cost.loop_s(len(members))
             yield from forward(box, fw.f, shape.moe_layers, shape.first_k_dense, dense, head, loop, parts)
             stream.forwards.append((t0, env.now, len(members), fw.rows))
             for r, row in zip(members, fw.rows.tolist()):

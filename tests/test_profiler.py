@@ -28,7 +28,11 @@ def test_quick_profile_of_this_box_validates_and_prices_the_model(tmp_path, tiny
     # the tables' level inside a forward, measured on the checkpoint itself and recorded beside them
     level = d["in_run"]
     assert {"dense", "moe", "head", "experts", "decide", "copies"} <= set(level) and "note" in level
-    assert all(0.2 < level[k] < 5 for k in level if k != "note")
+    assert all(0.2 < level[k] < 5 for k in level if k not in ("note", "member_s"))
+    # what each further request of a batched forward adds, from a batch replayed on the checkpoint
+    member = level["member_s"]
+    assert {"moe_layer", "head", "loop"} <= set(member) and prof.host("member_s") == member["loop"] >= 0
+    assert prof.member_s(shape.model_key, "moe_layer") == member["moe_layer"]
     assert d["gpu_experts"][shape.expert_shape_key]["float32"]["in_run"] == level["experts"]
     assert d["gpu_experts"][shape.expert_shape_key]["float32"]["group_s"] >= 0
     assert d["measured"]["reference_s"] > 0  # recorded for drift reports; no cell is rescaled by it

@@ -94,11 +94,12 @@ class CostModel:
 
     # ---- one forward --------------------------------------------------------------------
     def layer_parts(self, decision: Decision, counts: np.ndarray, counters: dict[str, np.ndarray],
-                    tokens: int, context: int) -> dict[str, object]:
+                    tokens: int | np.ndarray, context: int | np.ndarray,
+                    segments: np.ndarray | None = None) -> dict[str, object]:
         """One forward's MoE-layer work priced, seconds per row (:meth:`price` of its
         :func:`traces.work.layer_work`). ``counts`` is ``[L, E]``; the decision has ``L``
         rows, or ``L x G`` when it decides ``G`` candidate rows per layer (the planner's table)."""
-        return self.price(layer_work(decision, counts, counters, self.act_bytes, self.knots, tokens, context))
+        return self.price(layer_work(decision, counts, counters, self.act_bytes, self.knots, tokens, context, segments))
 
     def price(self, w: Work) -> dict[str, object]:
         """Rows' work (one forward's, or many forwards' at once) in seconds, as
@@ -123,6 +124,13 @@ class CostModel:
             cpu = w.miss_w @ self.profile.cpu_expert_s(self._key, self.cpu_dtype, w.knots)
         launch = host("copy_call_s") * w.wave_copies + host("expert_call_s") * w.wave_experts
         hits = np.where(w.wave_experts > 0, self.grouped_s(w.wave_experts, w.wave_tokens, w.slots), 0.0)
+        ready = self.grouped_s(w.ready_n, w.ready_tok, w.slots)
+        if self.row_exact:  # each request's rows of an expert in a call of their own: the further calls
+            active = w.ready_n + w.fresh_n + w.miss_n + w.wave_experts.sum(axis=0)
+            tokens = w.ready_tok + w.fresh_tok + w.miss_tok + w.wave_tokens.sum(axis=0)
+            more = np.maximum(w.segments - active, 0)
+            per = np.where(w.segments > 0, tokens / np.maximum(w.segments, 1), 0.0)
+            ready = ready + np.where(more > 0, self.grouped_s(more, more * per), 0.0)
         copy = np.where(w.wave_copies > 0, self.copies_s(w.wave_copies), 0.0)
         return {
             "non_expert": per_fwd[w.fwd],
@@ -132,7 +140,7 @@ class CostModel:
             "copy": self.copies_s(w.copy_n),
             "d2h_act": self.act_s(w.act_tokens, "d2h"),
             "h2d_act": self.act_s(w.act_tokens, "h2d"),
-            "hits_ready": self.grouped_s(w.ready_n, w.ready_tok, w.slots),
+            "hits_ready": ready,
             "hits_fresh": self.grouped_s(w.fresh_n, w.fresh_tok, w.slots),
             "cpu": cpu,
             "issue": host("issue_s") + host("copy_call_s") * (w.setup_n + w.copy_n) + host("miss_call_s") * w.miss_n,
@@ -185,8 +193,10 @@ class CostModel:
         the runtime does, its members' rows together through every projection, the router
         and the head, and attention per request: priced as one sequence of all its tokens at
         the context that gives the same attention work (``sum(t c) / sum(t)``), plus
-        ``member_s`` for each further member (the profile's; 0 where it was not measured).
-        Row-exact (:attr:`row_exact`), each member is computed apart: the members' sum."""
+        ``member_s`` for each further member (the profile's, measured by ``runtime.profile``;
+        0 where it was not measured; negative where a batch shares more than the rule
+        assumes). Row-exact (:attr:`row_exact`), each member is computed apart: the members'
+        sum, plus ``member_s`` likewise. Never below the largest member priced alone."""
         t = np.atleast_1d(np.asarray(tokens, dtype=np.float64))
         c = np.atleast_1d(np.asarray(context, dtype=np.float64))
         m = np.zeros(len(t), np.int64) if member_fwd is None else np.asarray(member_fwd)
@@ -194,19 +204,33 @@ class CostModel:
         members = np.bincount(m, minlength=n)
         look = (lambda tt, cc: self.profile.non_expert_s(self.shape.model_key, part, tt, cc)) if part != "head" \
             else (lambda tt, cc: self.profile.non_expert_s(self.shape.model_key, part, tt))
-        if self.row_exact or (members == 1).all():
-            return np.bincount(m, weights=np.asarray(look(t, c), dtype=np.float64), minlength=n)
-        T = np.bincount(m, weights=t, minlength=n)
-        C = np.bincount(m, weights=t * c, minlength=n) / np.maximum(T, 1)
         extra = (members - 1) * self.profile.member_s(self.shape.model_key, part)
-        return np.asarray(look(T, C), dtype=np.float64) + extra
+        own = np.asarray(look(t, c), dtype=np.float64)
+        if (members == 1).all():
+            return np.bincount(m, weights=own, minlength=n)
+        if self.row_exact:
+            rule = np.bincount(m, weights=own, minlength=n)
+        else:
+            T = np.bincount(m, weights=t, minlength=n)
+            C = np.bincount(m, weights=t * c, minlength=n) / np.maximum(T, 1)
+            rule = np.asarray(look(T, C), dtype=np.float64)
+        largest = np.zeros(n)
+        np.maximum.at(largest, m, own)
+        return np.maximum(rule + extra, largest)  # never below its largest member alone
+
+    def loop_s(self, members: int) -> float:
+        """The decoding loop's host work for a forward of ``members`` requests: ``forward_s``,
+        and ``member_s`` for each further one (``forward_s`` again where not measured)."""
+        p = self.profile
+        more = p.host("member_s") if p.has_host("member_s") else p.host("forward_s")
+        return p.host("forward_s") + (members - 1) * more
 
     def fixed_s(self, tokens: int | np.ndarray, context: int | np.ndarray) -> float:
         """Per-forward work outside the MoE layers: dense layers and the head (:meth:`batched_s`
-        for a batched forward's members), and the decoding loop's host work, per request."""
+        for a batched forward's members), and the decoding loop's host work (:meth:`loop_s`)."""
         t = np.atleast_1d(tokens)
         return float(self.shape.first_k_dense * self.batched_s("dense_layer", t, context)[0]
-                     + self.batched_s("head", t, context)[0] + len(t) * self.profile.host("forward_s"))
+                     + self.batched_s("head", t, context)[0] + self.loop_s(len(t)))
 
 
 def check_fits(shape: ModelShape, profile: Profile, dtype: str = "bfloat16") -> None:

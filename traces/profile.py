@@ -44,7 +44,8 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
 * ``in_run`` (optional, written by ``runtime.profile`` when the fast device is the CPU): what
   each part costs inside a forward over what its table priced (``dense``, ``moe``, ``head``,
   ``experts``, ``decide``, ``copies``), measured by replaying a synthetic trace through the
-  engine; the tables and host costs were scaled by these factors (kept so a reader sees how).
+  engine; the tables and host costs were scaled by these factors (kept so a reader sees how);
+  ``member_s``: the per-request costs of a batched forward found so (also in the tables).
 
 Lookups interpolate linearly between measured points; below the first point the first
 value holds; above the last the last segment's slope continues.
@@ -70,8 +71,8 @@ SOURCES = ("measured", "derived")
 CAPACITIES = ("gpu_mem_bytes", "host_mem_bytes", "cpu_cores", "host_mem_bw_gbps", "gpu_mem_bw_gbps")
 OVERHEADS = ("launch_s", "sync_s", "cpu_task_s")
 HOST = ("forward_s", "decide_s", "refresh_s", "swap_s", "issue_s", "copy_call_s", "expert_call_s", "miss_call_s",
-        "swap_wave_s")
-HOST_OPTIONAL = ("swap_wave_s",)  # absent: zero (profiles measured before it was)
+        "swap_wave_s", "member_s")
+HOST_OPTIONAL = ("swap_wave_s", "member_s")  # absent: zero (profiles measured before they were); member_s: forward_s
 _POSITIVE = ("gpu_mem_bytes", "host_mem_bytes", "host_mem_bw_gbps", "gpu_mem_bw_gbps")  # they divide or bound
 BUNDLED = {
     "h200": "h200.json",
@@ -214,6 +215,10 @@ class Profile:
     def overhead(self, key: str) -> float:
         return float(self.data["overheads"][key]["value"])
 
+    def has_host(self, key: str) -> bool:
+        sec = self.data.get("host")
+        return sec is not None and key in sec
+
     def host(self, key: str) -> float:
         """A host-thread cost (``HOST``); zero in a version-1 profile, which had none, and for an
         optional cost the profile does not hold."""
@@ -237,6 +242,9 @@ class Profile:
             for k, v in need_dict(d["in_run"], f"{w}: in_run").items():
                 if k == "note":
                     need_str(v, f"{w}: in_run.note")
+                elif k == "member_s":  # what each further request of a batched forward added, per part
+                    for part, x in need_dict(v, f"{w}: in_run.member_s").items():
+                        need_float(x, f"{w}: in_run.member_s.{part}")
                 else:
                     need_float(v, f"{w}: in_run.{k}", positive=True)
         if d.get("fast_device") not in ("cuda", "cpu"):
@@ -282,8 +290,8 @@ class Profile:
                 if part not in per:
                     raise _fail(where, "missing")
                 t = need_dict(per[part], where)
-                if t.get("member_s") is not None:
-                    self._member[(key, part)] = need_float(t["member_s"], f"{where}.member_s", lo=0.0)
+                if t.get("member_s") is not None:  # may be negative: a batch shares more than the rule assumes
+                    self._member[(key, part)] = need_float(t["member_s"], f"{where}.member_s")
                 xs = _axis(where, t, "tokens")
                 if part == "head":
                     self._non[(key, part)] = Table1(xs, _values(where, t, "seconds", (len(xs),)))

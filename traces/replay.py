@@ -36,6 +36,7 @@ class Forward:
     rows: np.ndarray  # its members: rows of ``trace.forwards`` (one in a batch-1 trace)
     member_tokens: np.ndarray  # [members] tokens each runs
     member_context: np.ndarray  # [members] each one's context
+    segments: np.ndarray | None = None  # [L] (member, expert) pairs with tokens, when batched
 
 
 def replay(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None, with_act: bool = True,
@@ -59,10 +60,12 @@ def replay(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None,
     sel = slice(None) if layers is None else np.asarray(layers)
     for f, rows in enumerate(trace.schedule() if schedule is None else schedule):
         r = int(rows[0])
+        segments = None
         if len(rows) == 1:  # the common case, kept cheap
             counts, more, run, context = trace.counts[r][sel], (), int(runs[r]), int(ctx[r])
         else:
-            counts = trace.counts[rows][:, sel].sum(axis=0)
+            own = trace.counts[rows][:, sel]
+            counts, segments = own.sum(axis=0), (own > 0).sum(axis=(0, 2))
             more = [(kinds[i], int(steps[i])) for i in rows[1:]]
             run, context = int(runs[rows].sum()), int(ctx[rows].max())
         decision = runner.step(counts, kinds[r], int(steps[r]), more)
@@ -72,7 +75,8 @@ def replay(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None,
                 else trace.choices_of(r)[:, sel]
         c = forward_counters(decision, counts, exp_bytes, act, ch, run)
         rows = np.asarray(rows)
-        yield Forward(f, str(kinds[r]), int(steps[r]), run, context, counts, decision, c, rows, runs[rows], ctx[rows])
+        yield Forward(f, str(kinds[r]), int(steps[r]), run, context, counts, decision, c, rows, runs[rows], ctx[rows],
+                      segments)
 
 
 @dataclass
@@ -119,7 +123,8 @@ def replay_policy(trace: "Trace", policy: Policy, popularity: np.ndarray | None 
         for k in COUNTERS:
             out[k][fw.f] = fw.counters[k]
         if times is not None:
-            parts = cost.layer_parts(fw.decision, fw.counts, fw.counters, fw.member_tokens, fw.member_context)
+            parts = cost.layer_parts(fw.decision, fw.counts, fw.counters, fw.member_tokens, fw.member_context,
+                                     fw.segments)
             lc = cost.layer_costs(parts)
             times["layer_s"][fw.f] = cost.layer_seconds(parts)
             for k, v in lc.items():

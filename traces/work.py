@@ -65,6 +65,7 @@ class Work:
     wave_experts: np.ndarray  # [W, V]
     wave_tokens: np.ndarray  # [W, V]
     slots: np.ndarray  # [V] experts resident: the stack a grouped call on the fast device walks
+    segments: np.ndarray  # [V] (request, expert) pairs with tokens: a row-exact batch's expert calls
 
     @property
     def n_rows(self) -> int:
@@ -107,10 +108,12 @@ class Work:
 
 
 def layer_work(decision: Decision, counts: np.ndarray, counters: dict[str, np.ndarray], act_bytes: float,
-               knots: np.ndarray, tokens: int | np.ndarray, context: int | np.ndarray) -> Work:
+               knots: np.ndarray, tokens: int | np.ndarray, context: int | np.ndarray,
+               segments: np.ndarray | None = None) -> Work:
     """One forward's work per row from its decision (``L`` rows, or ``L x G`` candidate rows
     all seeing ``counts`` ``[L, E]``), its counters and the activation bytes of a token;
-    ``tokens`` and ``context``: its members' (one each, or arrays for a batched forward)."""
+    ``tokens`` and ``context``: its members' (one each, or arrays for a batched forward);
+    ``segments`` (``[L]``, batched forwards): each layer's (member, expert) pairs with tokens."""
     counts = np.asarray(counts)
     L, E = counts.shape
     V = decision.n_rows
@@ -153,4 +156,5 @@ def layer_work(decision: Decision, counts: np.ndarray, counters: dict[str, np.nd
                 act_tokens=counters["bytes_act"] / act_bytes / 2, ready_n=ready_n, ready_tok=ready_tok,
                 fresh_n=fresh_n, fresh_tok=fresh_tok, miss_n=miss_n, miss_tok=miss_tok, miss_w=miss_w, knots=knots,
                 wave_copies=wave_copies, wave_experts=wave_experts, wave_tokens=wave_tokens,
-                slots=decision.resident.sum(axis=1))
+                slots=decision.resident.sum(axis=1),
+                segments=np.repeat((counts > 0).sum(axis=1) if segments is None else np.asarray(segments), G))
