@@ -41,6 +41,17 @@ RUNS: list[tuple[str, float | None, int | None]] = [
 ]
 
 
+#: Batched settings: (policy, budget fraction, tau, batch size, traffic). ``replay``: the
+#: synthetic trace's requests composed at that batch size (calibrated traffic); ``own``: the
+#: model's own router on fixed prompts; ``arrivals``: replayed traffic arriving spread in time.
+BATCHED: list[tuple[str, float | None, int | None, int, str]] = [
+    ("all", None, None, 4, "replay"), ("tide", 0.25, 4, 4, "replay"), ("all", None, None, 8, "replay"),
+    ("swap", 0.25, None, 8, "replay"), ("all", None, None, 4, "own"), ("tide", 0.25, 4, 4, "own"),
+    ("all", None, None, 8, "own"), ("static", 0.25, None, 8, "own"), ("tide", 0.25, 4, 4, "arrivals"),
+]
+BATCH_REQUESTS = 8  # requests of a batched setting
+
+
 #: Checkpoints made when none is given: the tiny model, and LLaDA2.0-mini's layer shapes
 #: (one dense and two MoE layers, 256 experts of 2048x512, fp32) with a 1024-token
 #: vocabulary, so that expert math, not the head, is most of a forward.
@@ -60,7 +71,7 @@ def make_preset(folder: Path, preset: str) -> None:
 
 
 def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int, prompt_length: int,
-            rounds: int = 5, preset: str = "tiny") -> None:
+            rounds: int = 5, preset: str = "tiny", batches: bool = True) -> None:
     """The runtime half. Rounds of: profile the box, then run every setting once. A shared box
     changes speed from minute to minute, so each round's runs are kept with the profile taken
     just before them (``profile-roundK.json``) and with the speed reference around each run;
@@ -89,11 +100,36 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     with OffloadEngine(model, Policy.make("cpu", L, E), device) as warm:  # the experts live in host memory
         Generator(model, work.decoding, engine=warm).replay(work, 0)  # warm-up: a whole run, not timed
     settings = []
-    for name, frac, tau in RUNS:
+    for name, frac, tau, batch, traffic in [(*r, 1, "replay") for r in RUNS] + (BATCHED if batches else []):
         budget = None if frac is None else max(1, int(E * frac))
         policy = every_kind(L, E, max(1, E // 4), max(1, E // 2), 2) if name == "mixed" else \
             Policy.make(name, L, E, budget=budget, tau=tau)
-        settings.append((name, budget, tau, policy))
+        settings.append((name, budget, tau, policy, batch, traffic))
+    # the batched settings' workload: requests of several prompt lengths, half the generation length
+    many = synthesize(shape, max(32, gen_length // 2), [prompt_length // 2 + 16 * (i % 4) for i in range(BATCH_REQUESTS)],
+                      seed=1, requests=BATCH_REQUESTS, dtype=dtype)
+    vocab = shape.vocab - 3
+    prompts = [[1 + (i * 997 + j) % vocab for j in range(prompt_length // 2 + 16 * (i % 4))] for i in range(BATCH_REQUESTS)]
+    offsets: list[float] | None = None  # the arrivals run's stream, set from the first round's batch-1 speed
+    latencies: dict[int, list[float]] = {}
+
+    def run_setting(i: int, gen: Generator) -> float:
+        nonlocal offsets
+        name, budget, tau, policy, batch, traffic = settings[i]
+        ids = list(range(BATCH_REQUESTS))
+        if batch == 1:
+            return timed(device, lambda: gen.replay(work, 0))[1]
+        if traffic == "own":
+            return timed(device, lambda: gen.generate_batch(prompts, [many.requests[0]["gen_length"]] * len(prompts),
+                                                            batch))[1]
+        if traffic == "replay":
+            return timed(device, lambda: gen.replay_batch(many, ids, batch))[1]
+        if offsets is None:  # a request every quarter of what one takes alone (``all``, batch 1, first round)
+            gap = times[0][0] * many.requests[0]["gen_length"] / work.requests[0]["gen_length"] / 4
+            offsets = [round(k * gap, 4) for k in range(BATCH_REQUESTS)]
+        res, secs = timed(device, lambda: gen.replay_batch(many, ids, batch, arrivals=offsets))
+        latencies.setdefault(i, []).append(float(np.median([r.end_s - r.arrival_s for r in res])))
+        return secs
     profiles, times, refs = [], [[] for _ in settings], [[] for _ in settings]
     bar = tqdm(total=rounds * (len(settings) + 1), desc="rounds of profile + runs", unit="step")
     for rnd in range(rounds):
@@ -101,11 +137,10 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
         profiles[-1].write(out / f"profile-round{rnd}.json")
         ref = speed_reference_s()  # the box's speed during this round's runs: reported as drift, never folded in
         bar.update()
-        for i, (name, budget, tau, policy) in enumerate(settings):
+        for i, (name, budget, tau, policy, batch, traffic) in enumerate(settings):
             with TraceRecorder(model, work.decoding, dtype) as rec, OffloadEngine(model, policy, device) as eng:
                 gen = Generator(model, work.decoding, recorder=rec, engine=eng)
-                _, secs = timed(device, lambda: gen.replay(work, 0))
-                times[i].append(secs)
+                times[i].append(run_setting(i, gen))
                 refs[i].append(ref)
             if rnd == rounds - 1:
                 rec.trace(policy=policy.to_json()).write(out / f"run{i}.parquet")
@@ -115,9 +150,11 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     typical.data["measured"]["rounds"] = rounds
     typical.write(out / "profile.json")
     runs = [{"run": i, "policy": name, "budget": budget, "tau": tau, "trace": f"run{i}.parquet",
+             "batch_size": batch, "traffic": traffic,
+             **({"arrivals": offsets, "rounds_latency_p50_s": latencies[i]} if traffic == "arrivals" else {}),
              "measured_s": float(np.median(times[i])), "spread": max(times[i]) / min(times[i]) - 1,
              "rounds_s": times[i], "rounds_reference_s": refs[i], "device": str(device)}
-            for i, (name, budget, tau, _) in enumerate(settings)]
+            for i, (name, budget, tau, _, batch, traffic) in enumerate(settings)]
     write_json(out / "runs.json", {"checkpoint": checkpoint, "rounds": rounds, "runs": runs})
 
 
@@ -136,7 +173,14 @@ def read_runs(out: Path) -> list[dict]:
         trace = need_str(get(r, "trace", wi), f"{wi}.trace")
         if Path(trace).name != trace:
             raise TideError(f"{wi}.trace must be a file name in {out}, got {trace!r}")
-        out_runs.append({"run": need_int(get(r, "run", wi), f"{wi}.run", lo=0),
+        arrivals = r.get("arrivals")
+        out_runs.append({"batch_size": need_int(r.get("batch_size", 1), f"{wi}.batch_size", lo=1),
+                         "traffic": need_str(r.get("traffic", "replay"), f"{wi}.traffic", ("replay", "own", "arrivals")),
+                         "arrivals": None if arrivals is None else [need_float(v, f"{wi}.arrivals", lo=0.0)
+                                                                    for v in need_list(arrivals, f"{wi}.arrivals")],
+                         "rounds_latency_p50_s": [need_float(v, f"{wi}.rounds_latency_p50_s", positive=True) for v in
+                                                  need_list(r.get("rounds_latency_p50_s", []), f"{wi}.rounds_latency_p50_s")],
+                         "run": need_int(get(r, "run", wi), f"{wi}.run", lo=0),
                          "policy": need_str(get(r, "policy", wi), f"{wi}.policy"), "budget": opt("budget"),
                          "tau": opt("tau"), "trace": trace,
                          "measured_s": need_float(get(r, "measured_s", wi), f"{wi}.measured_s", positive=True),
@@ -153,6 +197,7 @@ def read_runs(out: Path) -> list[dict]:
 def replay(out: Path) -> pd.DataFrame:
     """The simulator half: predict every captured run on the measured profile."""
     from sim.replay import simulate
+    from traces.arrivals import Arrivals
     from traces.profile import Profile
     from traces.trace import read_trace
 
@@ -174,7 +219,9 @@ def replay(out: Path) -> pd.DataFrame:
             policy = Policy.from_json(trace.policy, trace.shape.n_moe_layers, trace.shape.experts)
         except TideError as exc:
             raise TideError(f"{out / r['trace']}: recorded policy: {exc}") from None
-        sims = [simulate(trace, p, policy) for p in profiles]
+        stream = Arrivals(offsets=tuple(r["arrivals"]), label="spread") if r["arrivals"] else None
+        sims = [simulate(trace, p, policy, batch_size=r["batch_size"] if stream else None, arrivals=stream)
+                for p in profiles]
         p_r = np.array([res.seconds for res in sims])
         m_r = np.array(r["rounds_s"]) if paired else np.array([r["measured_s"]])
         drift = float("nan")
@@ -182,19 +229,27 @@ def replay(out: Path) -> pd.DataFrame:
             drift = float(np.median(np.array(ref_p) / np.array(r["rounds_reference_s"]) - 1))
         pred.append(p_r)
         meas.append(m_r)
-        agree = all((sims[0].counters[k] == trace.counters[k]).all() for k in sims[0].counters)
-        rows.append({**{k: r[k] for k in ("run", "policy", "budget", "tau", "device")},
+        agree = all(sims[0].counters[k].shape == trace.counters[k].shape and (sims[0].counters[k] == trace.counters[k]).all()
+                    for k in sims[0].counters)  # a stream's forwards follow its own timing: they may differ
+        lat = np.nan
+        if stream and r["rounds_latency_p50_s"]:  # the stream's p50 latency, predicted against measured
+            pl = np.array([res.summary()["latency_s_p50"] for res in sims])
+            ml = np.array(r["rounds_latency_p50_s"])
+            lat = float(np.median(pl / (ml if len(ml) == len(pl) else np.median(ml)) - 1))
+        rows.append({**{k: r[k] for k in ("run", "policy", "budget", "tau", "batch_size", "traffic", "device")},
                      "measured_s": float(np.median(m_r)), "predicted_s": float(np.median(p_r)),
                      "error": float(np.median(p_r / m_r - 1)), "spread": r["spread"], "drift": drift,
-                     "counters_agree": agree})
+                     "latency_p50_error": lat, "counters_agree": agree})
         for k, (pk, mk) in enumerate(zip(p_r, m_r)):
             per_round.append({"round": k, "run": r["run"], "predicted_s": float(pk), "measured_s": float(mk),
                               "error": float(pk / mk - 1)})
     df = pd.DataFrame(rows)
-    base = np.flatnonzero(df["policy"].to_numpy() == "all")
-    if len(base):  # each policy's speedup over all, predicted against measured, round by round
-        b = int(base[0])
-        df["speedup_error"] = [float(np.median((pred[b] / p) / (meas[b] / m) - 1)) for p, m in zip(pred, meas)]
+    # each policy's speedup over all at the same batch size and traffic, predicted against measured
+    key = list(zip(df["batch_size"], df["traffic"]))
+    base = {k: i for i, (k, pol) in enumerate(zip(key, df["policy"])) if pol == "all"}
+    if base:
+        df["speedup_error"] = [float(np.median((pred[base[k]] / p) / (meas[base[k]] / m) - 1)) if k in base else np.nan
+                               for k, p, m in zip(key, pred, meas)]
     atomic_write(out / "accuracy.parquet", lambda tmp: df.to_parquet(tmp, index=False))
     rounds = pd.DataFrame(per_round)
     atomic_write(out / "accuracy-rounds.parquet", lambda tmp: rounds.to_parquet(tmp, index=False))
@@ -212,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-length", type=integer, default=64)
     ap.add_argument("--rounds", "--repeats", dest="rounds", type=integer, default=5,
                     help="rounds of profile + every setting; errors are medians over the rounds")
+    ap.add_argument("--no-batches", action="store_true", help="only the batch-1 settings")
     ap.add_argument("--preset", default="tiny", choices=PRESETS,
                     help="checkpoint made when --checkpoint is not given (mini-moe: LLaDA2.0-mini's layers, ~7 GB)")
     a = ap.parse_args(argv)
@@ -230,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.replay_only:
         import torch
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        capture(out, device, a.checkpoint, a.gen_length, a.prompt_length, a.rounds, a.preset)
+        capture(out, device, a.checkpoint, a.gen_length, a.prompt_length, a.rounds, a.preset, not a.no_batches)
         if a.capture_only:
             print(f"captured {out}; replay anywhere with python -m experiments.accuracy --replay-only {out}")
             return 0
@@ -240,11 +296,18 @@ def main(argv: list[str] | None = None) -> int:
     with pd.option_context("display.width", 200):
         print(round_table(rounds, "run", {int(r): f"{r}:{p}" for r, p in zip(df["run"], df["policy"])}))
     show = df.assign(error=pct("error"), spread=pct("spread"), drift=pct("drift"),
+                     latency_p50_error=df["latency_p50_error"].map(lambda v: "" if pd.isna(v) else f"{100 * v:+.1f}%"),
                      **({"speedup_error": pct("speedup_error")} if "speedup_error" in df else {}))
     with pd.option_context("display.width", 160):
         print(show.round(4).to_string(index=False))
     err = df["error"].abs()
     sp = f", speedup over all within {100 * df['speedup_error'].abs().max():.1f}%" if "speedup_error" in df else ""
+    for label, part in (("batch 1", df[df["batch_size"] == 1]), ("batched", df[df["batch_size"] > 1])):
+        if len(part) and len(part) < len(df):
+            print(f"{label}: median |error| {100 * part['error'].abs().median():.1f}%, "
+                  f"worst {100 * part['error'].abs().max():.1f}% over {len(part)} runs")
+    if df["latency_p50_error"].notna().any():
+        print(f"p50 latency of the run with arrivals: {100 * df['latency_p50_error'].dropna().iloc[0]:+.1f}%")
     print(f"\nmedian |error| {100 * err.median():.1f}%, worst {100 * err.max():.1f}% over {len(df)} runs{sp}; "
           f"counters agree in {int(df['counters_agree'].sum())}/{len(df)}; box noise: runs varied by "
           f"{100 * df['spread'].median():.0f}% (median) between their fastest and slowest round")

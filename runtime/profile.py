@@ -404,13 +404,15 @@ class Profiler:
                                         "total": secs, "forwards": res.forwards})
                 med[name] = {k: float(np.median([x[k] for x in samples])) for k in samples[0]}
             samples = []  # four requests at once: what a batch adds per request (member_s)
+            every = Policy.make("all", s.n_moe_layers, s.experts)
             for rep in range(self.reps + 1 if real and self.device.type == "cpu" else 0):
-                with OffloadEngine(model, policy, self.device) as eng:
+                with OffloadEngine(model, every, self.device) as eng:
                     gen = Generator(model, batch.decoding, engine=eng)
                     spent.clear()
                     res, secs = timed(self.device, lambda: gen.replay_batch(batch, [0, 1, 2, 3], 4))
                 if rep:
-                    samples.append({**dict.fromkeys(("dense", "moe", "head"), 0.0), **spent, "total": secs})
+                    samples.append({**dict.fromkeys(("dense", "moe", "head"), 0.0), **spent, "total": secs,
+                                    "layer_s": eng.timers["layer_s"]})
             if samples:
                 med["batch"] = {k: float(np.median([x[k] for x in samples])) for k in samples[0]}
         finally:
@@ -466,20 +468,21 @@ class Profiler:
             if part == "copies":  # on the CPU a copy is the host's own memory traffic
                 for entry in data["h2d"].values():
                     entry["gbps"] = (np.asarray(entry["gbps"], dtype=float) / k).tolist()
-        member = self._member_costs(data, med["batch"], batch, policy, forward_s) if "batch" in med else {}
+        member = self._member_costs(data, med["batch"], batch, forward_s) if "batch" in med else {}
         note = (f"measured over priced in replays of a synthetic {len(tc)}-forward trace "
                 f"({', '.join(f'{n} B={int(p.budget[0])}' for n, p in policies.items())}); the tables and "
                 "host costs each part prices are scaled by it; member_s: what each further request of a "
                 "batched forward adds, from 4 requests replayed at batch 4")
         return forward_s, {**factors, **({"member_s": member} if member else {}), "note": note}
 
-    def _member_costs(self, data: dict[str, Any], ran: dict[str, float], batch: "Trace", policy: Policy,
+    def _member_costs(self, data: dict[str, Any], ran: dict[str, float], batch: "Trace",
                       forward_s: float) -> dict[str, float]:
-        """``member_s`` of each non-expert part: a batched run's time per part beyond what the
-        (levelled) tables price for its forwards, per further request of a forward. The MoE
-        layers' includes the experts' (a row-exact batch computes each request's rows of an
-        expert apart); the decoding loop's per-request work beyond ``forward_s`` goes with the
-        head (sampling and committing, per request). Written into the profile's tables."""
+        """``member_s`` of each non-expert part: a batched run's time per part (every expert
+        resident; the MoE layers' outside the engine's expert work) beyond what the levelled
+        tables price for its forwards, per further request of a forward; negative where a
+        batch shares more than the pricing rule assumes (a layer's weights stay in cache from
+        one request to the next). The decoding loop's per further request is the host's
+        ``member_s``. Written into the profile's tables."""
         from traces.admission import compose_trace
         from traces.costs import CostModel
         from traces.replay import replay
@@ -488,19 +491,18 @@ class Profiler:
         cost = CostModel(Profile(data, where="profile being measured"), s, dtype_name(self.dtype))
         priced = dict.fromkeys(("dense", "moe", "head", "loop"), 0.0)
         extra = 0
-        for f in replay(compose_trace(batch, 4), policy, with_act=False):
+        for f in replay(compose_trace(batch, 4), Policy.make("all", s.n_moe_layers, s.experts), with_act=False):
             mt, mc = f.member_tokens, f.member_context
             extra += len(mt) - 1
             priced["dense"] += s.first_k_dense * float(cost.batched_s("dense_layer", mt, mc)[0])
             priced["head"] += float(cost.batched_s("head", mt, mc)[0])
             priced["loop"] += len(mt) * forward_s
-            parts = cost.layer_parts(f.decision, f.counts, f.counters, mt, mc, f.segments)
-            priced["moe"] += float(cost.layer_seconds(parts).sum())
+            priced["moe"] += s.n_moe_layers * float(cost.batched_s("moe_layer", mt, mc)[0])
         if not extra:
             return {}
         loop = ran["total"] - ran["dense"] - ran["moe"] - ran["head"]
         per = {"dense_layer": (ran["dense"] - priced["dense"]) / max(s.first_k_dense, 1),
-               "moe_layer": (ran["moe"] - priced["moe"]) / s.n_moe_layers,
+               "moe_layer": (ran["moe"] - ran["layer_s"] - priced["moe"]) / s.n_moe_layers,
                "head": ran["head"] - priced["head"]}
         out = {}
         tables = data["non_expert"][s.model_key]

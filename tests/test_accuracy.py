@@ -12,8 +12,16 @@ def test_capture_then_replay_elsewhere(tmp_path):
     rep = run_module("experiments.accuracy", "--replay-only", str(d))
     assert rep.returncode == 0, rep.stderr
     df = pd.read_parquet(d / "accuracy.parquet")
-    assert len(df) == 10 and df["counters_agree"].all()  # nine uniform settings and a plan mixing kinds
+    one = df[df["batch_size"] == 1]
+    assert len(one) == 10 and one["counters_agree"].all()  # nine uniform settings and a plan mixing kinds
     assert "mixed" in set(df["policy"])
+    # batched settings: batch 4 and 8, own router and replayed traffic, and a stream spread in time
+    batched = df[df["batch_size"] > 1]
+    assert set(batched["batch_size"]) == {4, 8} and set(batched["traffic"]) == {"replay", "own", "arrivals"}
+    steady = batched[batched["traffic"] != "arrivals"]
+    assert steady["counters_agree"].all()  # the recorded batched forwards replay exactly
+    assert batched.loc[batched["traffic"] == "arrivals", "latency_p50_error"].notna().all()
+    assert "batched: median |error|" in rep.stdout and "p50 latency of the run with arrivals" in rep.stdout
     assert (df["predicted_s"] > 0).all() and (df["measured_s"] > 0).all()
     assert (df["spread"] >= 0).all() and df.loc[df["policy"] == "all", "speedup_error"].abs().max() < 1e-12
     assert "median |error|" in rep.stdout and "error per round" in rep.stdout
