@@ -15,7 +15,8 @@
 #    tide, each request's tokens checked against all in the same batched run.
 # Each step has its own time limit and writes under OUT; a failing step does not stop the rest.
 # STEPS="batches gpu_check" runs only those steps; BATCH_PRESET (default mini) picks the
-# batched step's checkpoint (tests run it on the CPU with tiny).
+# batched step's checkpoint, BATCH_SIZES (default 1,8,32) and BATCH_GEN (default 64) its
+# batch sizes and generation length (tests run it on the CPU with tiny, 1,8 and 32).
 set -uo pipefail
 OUT=${1:-${OUT:-out/device}}
 DEVICE=${2:-cuda}
@@ -50,5 +51,6 @@ step gpu_check 240 python -m experiments.gpu_check --quick --out "$OUT/gpu_check
 step accuracy_capture 240 python -m experiments.accuracy --capture-only "$OUT/accuracy" --device "$DEVICE" --rounds 3
 step bench_engine 120 python -m experiments.bench_engine --device "$DEVICE" --json
 step batches 180 python -m experiments.batch_check --preset "$BATCH_PRESET" --device "$DEVICE" \
-    --batch-sizes 1,8,32 --checkpoint-dir "$OUT/checkpoints" --out "$OUT/batches.json"
+    --batch-sizes "${BATCH_SIZES:-1,8,32}" --gen-length "${BATCH_GEN:-64}" --checkpoint-dir "$OUT/checkpoints" \
+    --out "$OUT/batches.json"
 cat "$OUT/status.txt"
