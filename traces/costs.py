@@ -126,11 +126,14 @@ class CostModel:
         hits = np.where(w.wave_experts > 0, self.grouped_s(w.wave_experts, w.wave_tokens, w.slots), 0.0)
         ready = self.grouped_s(w.ready_n, w.ready_tok, w.slots)
         if self.row_exact:  # each request's rows of an expert in a call of their own: the further calls
-            active = w.ready_n + w.fresh_n + w.miss_n + w.wave_experts.sum(axis=0)
-            tokens = w.ready_tok + w.fresh_tok + w.miss_tok + w.wave_tokens.sum(axis=0)
-            more = np.maximum(w.segments - active, 0)
-            per = np.where(w.segments > 0, tokens / np.maximum(w.segments, 1), 0.0)
-            ready = ready + np.where(more > 0, self.grouped_s(more, more * per), 0.0)
+            def further(segments, experts, tokens):
+                more = np.maximum(segments - experts, 0)
+                per = tokens / np.maximum(segments, 1)
+                return np.where(more > 0, self.grouped_s(more, more * per), 0.0)
+            hit_seg = w.segments - w.miss_segments
+            ready = ready + further(hit_seg, w.ready_n + w.fresh_n + w.wave_experts.sum(axis=0),
+                                    w.ready_tok + w.fresh_tok + w.wave_tokens.sum(axis=0))
+            cpu = cpu + further(w.miss_segments, w.miss_n, w.miss_tok)
         copy = np.where(w.wave_copies > 0, self.copies_s(w.wave_copies), 0.0)
         return {
             "non_expert": per_fwd[w.fwd],

@@ -36,7 +36,7 @@ class Forward:
     rows: np.ndarray  # its members: rows of ``trace.forwards`` (one in a batch-1 trace)
     member_tokens: np.ndarray  # [members] tokens each runs
     member_context: np.ndarray  # [members] each one's context
-    segments: np.ndarray | None = None  # [L] (member, expert) pairs with tokens, when batched
+    segments: np.ndarray | None = None  # [L, E] members with tokens on each expert, when batched
 
 
 def replay(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None, with_act: bool = True,
@@ -65,7 +65,7 @@ def replay(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None,
             counts, more, run, context = trace.counts[r][sel], (), int(runs[r]), int(ctx[r])
         else:
             own = trace.counts[rows][:, sel]
-            counts, segments = own.sum(axis=0), (own > 0).sum(axis=(0, 2))
+            counts, segments = own.sum(axis=0), (own > 0).sum(axis=0)
             more = [(kinds[i], int(steps[i])) for i in rows[1:]]
             run, context = int(runs[rows].sum()), int(ctx[rows].max())
         decision = runner.step(counts, kinds[r], int(steps[r]), more)

@@ -66,6 +66,7 @@ class Work:
     wave_tokens: np.ndarray  # [W, V]
     slots: np.ndarray  # [V] experts resident: the stack a grouped call on the fast device walks
     segments: np.ndarray  # [V] (request, expert) pairs with tokens: a row-exact batch's expert calls
+    miss_segments: np.ndarray  # [V] those of missed experts
 
     @property
     def n_rows(self) -> int:
@@ -113,7 +114,7 @@ def layer_work(decision: Decision, counts: np.ndarray, counters: dict[str, np.nd
     """One forward's work per row from its decision (``L`` rows, or ``L x G`` candidate rows
     all seeing ``counts`` ``[L, E]``), its counters and the activation bytes of a token;
     ``tokens`` and ``context``: its members' (one each, or arrays for a batched forward);
-    ``segments`` (``[L]``, batched forwards): each layer's (member, expert) pairs with tokens."""
+    ``segments`` (``[L, E]``, batched forwards): how many members have tokens on each expert."""
     counts = np.asarray(counts)
     L, E = counts.shape
     V = decision.n_rows
@@ -149,6 +150,7 @@ def layer_work(decision: Decision, counts: np.ndarray, counters: dict[str, np.nd
             wave_experts[w, rows] = m.sum(axis=1)
             wave_tokens[w, rows] = (m * layer_counts).sum(axis=1)
     tokens, context = np.atleast_1d(tokens), np.atleast_1d(context)
+    seg = (counts > 0).astype(np.int64) if segments is None else np.asarray(segments, dtype=np.int64)
     return Work(fwd=np.zeros(V, np.int64), tokens=tokens, context=context,
                 member_fwd=np.zeros(len(tokens), np.int64),
                 refreshed=np.zeros(V, bool) if decision.refreshed is None else decision.refreshed.copy(),
@@ -157,4 +159,4 @@ def layer_work(decision: Decision, counts: np.ndarray, counters: dict[str, np.nd
                 fresh_n=fresh_n, fresh_tok=fresh_tok, miss_n=miss_n, miss_tok=miss_tok, miss_w=miss_w, knots=knots,
                 wave_copies=wave_copies, wave_experts=wave_experts, wave_tokens=wave_tokens,
                 slots=decision.resident.sum(axis=1),
-                segments=np.repeat((counts > 0).sum(axis=1) if segments is None else np.asarray(segments), G))
+                segments=np.repeat(seg.sum(axis=1), G), miss_segments=(missed * seg[:, None, :]).sum(axis=-1).reshape(V))
