@@ -63,3 +63,10 @@ def test_validation_with_its_default_input(tmp_path):
     """``RESULT = None`` reads the tiny loop's result in this checkout, running the loop if it is missing."""
     nb = run_notebook("validation.ipynb", "RESULT = None", tmp_path)
     assert "out/loop/validation.json" in _text(nb) and "tokens agree for every policy: True" in _text(nb)
+
+
+def test_serving(tmp_path):
+    nb = run_notebook("serving.ipynb", 'PROFILE = "a100-40gb"\nMODEL = "llada2-mini"\nREQUESTS = 4\n'
+                      'GEN_LENGTHS = "32"\nPROMPT_LENGTHS = "32:64"\nGPU_EXPERTS = 64\nTAU = 4\n'
+                      'BATCH_SIZES = [1, 4]\nRATE_BATCH = 4\nRATES = [0.5, 4.0]\nSEED = 0', tmp_path)
+    assert _images(nb) >= 2 and "tide B=64 tau=4" in _text(nb)
