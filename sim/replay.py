@@ -19,6 +19,7 @@ object and whose DataFrames hold the per-forward times and the per-layer counter
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,7 @@ class SimResult:
     requests: pd.DataFrame | None = None  # one row per request: arrival, start, first block, end, latencies
     batch_size: int | None = None
     arrivals: str = "offline"
+    extrapolated: list[str] | None = None  # where prices went past the profile's measured range
 
     @property
     def seconds(self) -> float:
@@ -95,7 +97,7 @@ class SimResult:
             "host_busy_s": self.busy["host"], "gpu_busy_s": self.busy["gpu"], "cpu_busy_s": self.busy["cpu"],
             "h2d_busy_s": self.busy["h2d"], "d2h_busy_s": self.busy["d2h"], "pcie_busy_s": self.busy["h2d"] + self.busy["d2h"],
             **{f"{k}_busy_fraction": (v / s if s > 0 else 0.0) for k, v in self.busy.items()},
-            "events": self.events, "sim_wall_s": self.wall_s,
+            "events": self.events, "sim_wall_s": self.wall_s, "extrapolated": self.extrapolated or [],
         }
 
 
@@ -117,8 +119,12 @@ def simulate(trace: Trace, profile: Profile, policy: Policy, popularity: np.ndar
         policy.budget, f"on {profile.name}'s GPU, the {policy.name} policy's budget")
     L = shape.n_moe_layers
     counters: list[dict[str, np.ndarray]] = []
-    stream, process = serve(env, box, trace, policy, cost, popularity, batch_size, arrivals,
-                            on_forward=lambda fw: counters.append(fw.counters))
+    most = np.zeros(3)  # tokens per expert, tokens per forward, context: the largest priced
+
+    def seen(fw) -> None:
+        counters.append(fw.counters)
+        np.maximum(most, [fw.counts.max(initial=0), fw.tokens_run, fw.context], out=most)
+    stream, process = serve(env, box, trace, policy, cost, popularity, batch_size, arrivals, on_forward=seen)
     env.process(process)
     env.run()
     F = len(stream.forwards)
@@ -141,7 +147,8 @@ def simulate(trace: Trace, profile: Profile, policy: Policy, popularity: np.ndar
     return SimResult(trace=trace, policy=policy, profile=profile.name, per_forward=per_forward, counters=counters_out,
                      busy=dict(box.busy), events=box.events, wall_s=time.perf_counter() - t_wall,
                      timeline=box.timeline() if timeline else None, requests=request_table(trace, stream),
-                     batch_size=seats, arrivals=(arrivals.label if arrivals is not None else "offline"))
+                     batch_size=seats, arrivals=(arrivals.label if arrivals is not None else "offline"),
+                     extrapolated=cost.extrapolated(*most))
 
 
 def request_table(trace: Trace, stream: Stream) -> pd.DataFrame:
@@ -219,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
               f"mean {s['mean_batch']:.1f} per forward): {s['requests_per_s']:.3f} requests/s; latency p50 "
               f"{s['latency_s_p50']:.2f} s, p99 {s['latency_s_p99']:.2f} s; first block p50 {s['first_block_s_p50']:.2f} s; "
               f"queueing p50 {s['queue_s_p50']:.2f} s")
+    if s["extrapolated"]:
+        print(f"note: priced past {profile.name}'s measured range (its tables' last slope extended): "
+              + "; ".join(s["extrapolated"]), file=sys.stderr)
     return 0
 
 

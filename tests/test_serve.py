@@ -165,3 +165,16 @@ def test_synth_draws_each_requests_lengths(tmp_path):
     for bad, frag in (("64:32", "runs backwards"), ("a,b", "expected an integer"), ("0", "--gen-length")):
         assert_clean_error(run_module("traces.synth", "--model", "llada2-mini", "--gen-length", bad,
                                       "--out", str(tmp_path / "x.parquet")), frag)
+
+
+def test_prices_past_the_profiles_range_are_named(mini):
+    trace, prof = mini
+    cm = CostModel(prof, trace.shape, trace.dtype)
+    assert cm.extrapolated(10, 64, 128) == []
+    said = cm.extrapolated(1000, 64, 128)
+    assert len(said) == 1 and "fast device" in said[0] and "measured up to 256" in said[0]  # the CPU table goes to 1024
+    res = simulate(trace, prof, _policies(trace.shape)[0], batch_size=6)
+    assert res.summary()["extrapolated"] == cm.extrapolated(*[float(v) for v in (
+        max(int(c.max()) for c in compose_trace(trace, 6).forward_counts()),
+        compose_trace(trace, 6).forwards.groupby("forward")["tokens_run"].sum().max(),
+        trace.forwards["context"].max())])

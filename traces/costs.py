@@ -182,6 +182,17 @@ class CostModel:
         return np.where(serial_copies, np.maximum(costs["gpu_s"] + costs["copy_s"], cpu_path),
                         np.maximum.reduce([costs["gpu_s"], cpu_path, costs["h2d_s"], costs["d2h_s"]]))
 
+    def extrapolated(self, tokens_per_expert: float, forward_tokens: float, context: float) -> list[str]:
+        """Where a run's largest figures go past what the profile measured (then priced by
+        extending each table's last segment): one phrase each, for the output to say so."""
+        r = self.profile.measured_range(self._key, self._gpu_dtype, self.shape.model_key, self.cpu_dtype)
+        seen = {"gpu_tokens_per_expert": tokens_per_expert, "cpu_tokens_per_expert": tokens_per_expert,
+                "forward_tokens": forward_tokens, "context": context}
+        words = {"gpu_tokens_per_expert": "tokens per expert on the fast device",
+                 "cpu_tokens_per_expert": "tokens per expert on the CPU",
+                 "forward_tokens": "tokens per forward (non-expert work)", "context": "context"}
+        return [f"{words[k]} up to {seen[k]:g} (measured up to {r[k]:g})" for k in words if seen[k] > r[k]]
+
     @property
     def row_exact(self) -> bool:
         """Whether the runtime computes a batch's requests apart outside the experts: in fp32

@@ -352,6 +352,18 @@ class Profile:
         tokens = np.asarray(tokens, dtype=np.float64)
         return np.where(tokens > 0, t(np.maximum(tokens, 1)), 0.0)
 
+    def measured_range(self, shape_key: str, dtype: str, model_key: str, cpu_dtype: str | None = None) -> dict[str, float]:
+        """How far the tables go: tokens per expert on the fast device and on the CPU, and a
+        forward's tokens and context; past them a lookup extrapolates (the last segment's slope)."""
+        gpu, cpu = self._lookup(self._gpu, "gpu_experts", shape_key, dtype), None
+        if (shape_key, cpu_dtype or dtype) in self._cpu:
+            cpu = self._cpu[(shape_key, cpu_dtype or dtype)]
+        non = self._non.get((model_key, "moe_layer"))
+        return {"gpu_tokens_per_expert": float(gpu.ys[-1]),
+                "cpu_tokens_per_expert": float(cpu.xs[-1]) if cpu is not None else float("inf"),
+                "forward_tokens": float(non.xs[-1]) if non is not None else float("inf"),
+                "context": float(non.ys[-1]) if non is not None else float("inf")}
+
     def cpu_expert_knots(self, shape_key: str, dtype: str) -> np.ndarray:
         """The token counts at which the CPU expert table is given (its interpolation knots)."""
         return self._lookup(self._cpu, "cpu_expert_ffn", shape_key, dtype).xs
