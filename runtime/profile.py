@@ -154,7 +154,7 @@ class Profiler:
         run = KERNELS[kernel]
         experts = [1, 8, 32] if self.quick else [1, 8, 32, 64, 128, 256]
         experts = [e for e in experts if e <= s.experts]
-        tpe = [1, 4, 16] if self.quick else [1, 4, 16, 64]
+        tpe = [1, 4, 16, 64] if self.quick else [1, 4, 16, 64, 256]  # a batch puts many tokens on an expert
         table = []
         for e in experts:
             w = self._rotation(e, self.dtype, self.device)  # a stack of just these experts
@@ -369,7 +369,7 @@ class Profiler:
         else:
             policy = Policy.make("static", s.n_moe_layers, s.experts, budget=max(1, s.experts // 8))
         work = synthesize(model.cfg.shape, 96, 32, seed=0, dtype=dtype_name(self.dtype))
-        batch = synthesize(model.cfg.shape, 64, [32, 48, 70, 96], seed=1, requests=4, dtype=dtype_name(self.dtype))
+        batch = synthesize(model.cfg.shape, 32, [32, 48, 70, 96], seed=1, requests=4, dtype=dtype_name(self.dtype))
         spent: dict[str, float] = {}
 
         def clocked(part: str, fn):
@@ -405,7 +405,7 @@ class Profiler:
                 med[name] = {k: float(np.median([x[k] for x in samples])) for k in samples[0]}
             samples = []  # four requests at once: what a batch adds per request (member_s)
             every = Policy.make("all", s.n_moe_layers, s.experts)
-            for rep in range(self.reps + 1 if real and self.device.type == "cpu" else 0):
+            for rep in range(min(self.reps, 2) + 1 if real and self.device.type == "cpu" else 0):
                 with OffloadEngine(model, every, self.device) as eng:
                     gen = Generator(model, batch.decoding, engine=eng)
                     spent.clear()

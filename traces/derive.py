@@ -31,7 +31,7 @@ GiB = 1 << 30
 TRANSFER_SIZES = (4096, 65536, 1 << 20, 6291456, 25165824, 1 << 30)
 TOKENS = (1, 4, 16, 64, 256, 1024)
 GROUP_EXPERTS = (1, 8, 32, 64, 128, 256)
-GROUP_TOKENS = (1, 4, 16, 64, 256)
+GROUP_TOKENS = (1, 4, 16, 64, 256, 1024)  # a batch puts many tokens on an expert
 NON_EXPERT_TOKENS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048)
 NON_EXPERT_CONTEXT = (32, 128, 512, 1024, 2048, 4096, 8192)
 #: Eager PyTorch kernel launches (derived by counting the ops of one layer).
