@@ -71,7 +71,7 @@ def make_preset(folder: Path, preset: str) -> None:
 
 
 def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int, prompt_length: int,
-            rounds: int = 5, preset: str = "tiny", batches: bool = True) -> None:
+            rounds: int = 5, preset: str = "tiny", batches: bool = True, batch_requests: int = BATCH_REQUESTS) -> None:
     """The runtime half. Rounds of: profile the box, then run every setting once. A shared box
     changes speed from minute to minute, so each round's runs are kept with the profile taken
     just before them (``profile-roundK.json``) and with the speed reference around each run;
@@ -106,17 +106,17 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
             Policy.make(name, L, E, budget=budget, tau=tau)
         settings.append((name, budget, tau, policy, batch, traffic))
     # the batched settings' workload: requests of several prompt lengths, half the generation length
-    many = synthesize(shape, max(32, gen_length // 2), [prompt_length // 2 + 16 * (i % 4) for i in range(BATCH_REQUESTS)],
-                      seed=1, requests=BATCH_REQUESTS, dtype=dtype)
+    many = synthesize(shape, max(32, gen_length // 2), [prompt_length // 2 + 16 * (i % 4) for i in range(batch_requests)],
+                      seed=1, requests=batch_requests, dtype=dtype)
     vocab = shape.vocab - 3
-    prompts = [[1 + (i * 997 + j) % vocab for j in range(prompt_length // 2 + 16 * (i % 4))] for i in range(BATCH_REQUESTS)]
+    prompts = [[1 + (i * 997 + j) % vocab for j in range(prompt_length // 2 + 16 * (i % 4))] for i in range(batch_requests)]
     offsets: list[float] | None = None  # the arrivals run's stream, set from the first round's batch-1 speed
     latencies: dict[int, list[float]] = {}
 
     def run_setting(i: int, gen: Generator) -> float:
         nonlocal offsets
         name, budget, tau, policy, batch, traffic = settings[i]
-        ids = list(range(BATCH_REQUESTS))
+        ids = list(range(batch_requests))
         if batch == 1:
             return timed(device, lambda: gen.replay(work, 0))[1]
         if traffic == "own":
@@ -126,14 +126,14 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
             return timed(device, lambda: gen.replay_batch(many, ids, batch))[1]
         if offsets is None:  # a request every quarter of what one takes alone (``all``, batch 1, first round)
             gap = times[0][0] * many.requests[0]["gen_length"] / work.requests[0]["gen_length"] / 4
-            offsets = [round(k * gap, 4) for k in range(BATCH_REQUESTS)]
+            offsets = [round(k * gap, 4) for k in range(batch_requests)]
         res, secs = timed(device, lambda: gen.replay_batch(many, ids, batch, arrivals=offsets))
         latencies.setdefault(i, []).append(float(np.median([r.end_s - r.arrival_s for r in res])))
         return secs
     profiles, times, refs = [], [[] for _ in settings], [[] for _ in settings]
     bar = tqdm(total=rounds * (len(settings) + 1), desc="rounds of profile + runs", unit="step")
     for rnd in range(rounds):
-        profiles.append(profile_box(cfg, device, dtype, quick=True, progress=False, model=model))
+        profiles.append(profile_box(cfg, device, dtype, quick=True, progress=False, model=model, batches=batches))
         profiles[-1].write(out / f"profile-round{rnd}.json")
         ref = speed_reference_s()  # the box's speed during this round's runs: reported as drift, never folded in
         bar.update()
@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", "--repeats", dest="rounds", type=integer, default=5,
                     help="rounds of profile + every setting; errors are medians over the rounds")
     ap.add_argument("--no-batches", action="store_true", help="only the batch-1 settings")
+    ap.add_argument("--batch-requests", type=integer, default=BATCH_REQUESTS,
+                    help="requests of each batched setting (a batch above them runs them all)")
     ap.add_argument("--preset", default="tiny", choices=PRESETS,
                     help="checkpoint made when --checkpoint is not given (mini-moe: LLaDA2.0-mini's layers, ~7 GB)")
     a = ap.parse_args(argv)
@@ -286,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     if not a.replay_only:
         import torch
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        capture(out, device, a.checkpoint, a.gen_length, a.prompt_length, a.rounds, a.preset, not a.no_batches)
+        need_int(a.batch_requests, "--batch-requests", lo=1, hi=1024)
+        capture(out, device, a.checkpoint, a.gen_length, a.prompt_length, a.rounds, a.preset, not a.no_batches,
+                a.batch_requests)
         if a.capture_only:
             print(f"captured {out}; replay anywhere with python -m experiments.accuracy --replay-only {out}")
             return 0

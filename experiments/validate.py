@@ -136,7 +136,8 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     ref_then = origin.get("reference_s") if isinstance(origin.get("reference_s"), (int, float)) else None
     per_round = []
     for rnd in tqdm(range(rounds), desc="rounds of profile + every policy", unit="round", disable=not progress):
-        prof = profile_box(model.cfg, device, dtype_name(model.dtype), quick=True, progress=False, model=model)
+        prof = profile_box(model.cfg, device, dtype_name(model.dtype), quick=True, progress=False, model=model,
+                           batches=False)  # a plan's runs are one request per forward
         ref_now = speed_reference_s()
         for name, policy in policies.items():  # every policy once per round: a shared box's load hits all alike
             predicted = sum(replay_policy(tr, policy, cost=CostModel(prof, tr.shape, tr.dtype)).seconds()

@@ -85,8 +85,9 @@ def measured_where() -> dict[str, Any]:
 
 class Profiler:
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, quick: bool, progress: bool = True,
-                 model: LLaDA2 | None = None):
+                 model: LLaDA2 | None = None, batches: bool = True):
         self.cfg, self.device, self.dtype, self.quick, self.model = cfg, device, dtype, quick, model
+        self.batches = batches  # measure what a batch adds per request (member_s)
         self.reps = 3 if quick else 7
         # Every cell is timed for tens of milliseconds (its median), never rescaled: the speed
         # reference is only recorded, so that a validation can report how the box moved since.
@@ -405,7 +406,7 @@ class Profiler:
                 med[name] = {k: float(np.median([x[k] for x in samples])) for k in samples[0]}
             samples = []  # four requests at once: what a batch adds per request (member_s)
             every = Policy.make("all", s.n_moe_layers, s.experts)
-            for rep in range(min(self.reps, 2) + 1 if real and self.device.type == "cpu" else 0):
+            for rep in range(min(self.reps, 2) + 1 if real and self.batches and self.device.type == "cpu" else 0):
                 with OffloadEngine(model, every, self.device) as eng:
                     gen = Generator(model, batch.decoding, engine=eng)
                     spent.clear()
@@ -590,10 +591,11 @@ def in_run_line(prof: Profile) -> str:
 
 
 def profile_box(cfg: ModelConfig, device: torch.device, dtype: str, quick: bool, progress: bool = True,
-                model: LLaDA2 | None = None) -> Profile:
+                model: LLaDA2 | None = None, batches: bool = True) -> Profile:
     """Measure this box for ``cfg``'s shapes; with ``model`` (loaded, experts in host memory)
-    the decoding loop's host cost is measured on that model itself."""
-    data = Profiler(cfg, device, torch_dtype(dtype), quick, progress, model).run()
+    the decoding loop's host cost is measured on that model itself, and with ``batches`` what
+    a batched forward adds per request."""
+    data = Profiler(cfg, device, torch_dtype(dtype), quick, progress, model, batches).run()
     return Profile(data, where="measured profile")
 
 

@@ -5,7 +5,8 @@ from conftest import assert_clean_error, run_module
 
 def test_capture_then_replay_elsewhere(tmp_path):
     d = tmp_path / "acc"
-    cap = run_module("experiments.accuracy", "--capture-only", str(d), "--device", "cpu", "--gen-length", "32", "--prompt-length", "32",
+    cap = run_module("experiments.accuracy", "--capture-only", str(d), "--device", "cpu", "--gen-length", "32",
+                     "--prompt-length", "32", "--batch-requests", "5",
                      "--rounds", "1")
     assert cap.returncode == 0, cap.stderr
     assert (d / "runs.json").is_file() and (d / "profile.json").is_file()
