@@ -370,7 +370,6 @@ class Profiler:
         else:
             policy = Policy.make("static", s.n_moe_layers, s.experts, budget=max(1, s.experts // 8))
         work = synthesize(model.cfg.shape, 96, 32, seed=0, dtype=dtype_name(self.dtype))
-        batch = synthesize(model.cfg.shape, 32, [32, 48, 70, 96], seed=1, requests=4, dtype=dtype_name(self.dtype))
         spent: dict[str, float] = {}
 
         def clocked(part: str, fn):
@@ -406,7 +405,10 @@ class Profiler:
                 med[name] = {k: float(np.median([x[k] for x in samples])) for k in samples[0]}
             samples = []  # four requests at once: what a batch adds per request (member_s)
             every = Policy.make("all", s.n_moe_layers, s.experts)
-            for rep in range(min(self.reps, 2) + 1 if real and self.batches and self.device.type == "cpu" else 0):
+            measure = real and self.batches and self.device.type == "cpu"
+            batch = synthesize(model.cfg.shape, 32, [32, 48, 70, 96], seed=1, requests=4,
+                               dtype=dtype_name(self.dtype)) if measure else None
+            for rep in range(min(self.reps, 2) + 1 if measure else 0):
                 with OffloadEngine(model, every, self.device) as eng:
                     gen = Generator(model, batch.decoding, engine=eng)
                     spent.clear()
@@ -488,16 +490,16 @@ class Profiler:
         from traces.costs import CostModel
         from traces.replay import replay
         s = self.cfg.shape
-        data["host"]["forward_s"] = _m(forward_s)
-        cost = CostModel(Profile(data, where="profile being measured"), s, dtype_name(self.dtype))
+        cost = CostModel(Profile(data, where="profile being measured"), s, dtype_name(self.dtype))  # forward_s set
         priced = dict.fromkeys(("dense", "moe", "head", "loop"), 0.0)
         extra = 0
         for f in replay(compose_trace(batch, 4), Policy.make("all", s.n_moe_layers, s.experts), with_act=False):
             mt, mc = f.member_tokens, f.member_context
             extra += len(mt) - 1
-            priced["dense"] += s.first_k_dense * float(cost.batched_s("dense_layer", mt, mc)[0])
-            priced["head"] += float(cost.batched_s("head", mt, mc)[0])
-            priced["loop"] += len(mt) * forward_s
+            dense, head, loop = cost.fixed_parts(mt, mc)  # no member_s yet: the loop at forward_s per request
+            priced["dense"] += s.first_k_dense * dense
+            priced["head"] += head
+            priced["loop"] += loop
             priced["moe"] += s.n_moe_layers * float(cost.batched_s("moe_layer", mt, mc)[0])
         if not extra:
             return {}

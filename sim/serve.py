@@ -113,9 +113,7 @@ def serve(env: simpy.Environment, box: Box, trace: Trace, policy: Policy, cost: 
                 stream.start.setdefault(r, t0)
             parts = cost.layer_parts(fw.decision, fw.counts, fw.counters, fw.member_tokens, fw.member_context,
                                      fw.segments)
-            dense = cost.batched_s("dense_layer", fw.member_tokens, fw.member_context)[0] if shape.first_k_dense else 0.0
-            head = cost.batched_s("head", fw.member_tokens, fw.member_context)[0]
-            loop = cost.loop_s(len(members))
+            dense, head, loop = cost.fixed_parts(fw.member_tokens, fw.member_context)
             yield from forward(box, fw.f, shape.moe_layers, shape.first_k_dense, dense, head, loop, parts)
             stream.forwards.append((t0, env.now, len(members), fw.rows))
             for r, row in zip(members, fw.rows.tolist()):

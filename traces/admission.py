@@ -123,8 +123,6 @@ def compose_trace(trace: Trace, batch_size: int) -> Trace:
     rows = np.array([own[r][i] for b in batches for r, i in b], dtype=np.int64)
     forwards = fw.iloc[rows].reset_index(drop=True)
     forwards["forward"] = np.repeat(np.arange(len(batches)), [len(b) for b in batches])
-    off = trace._choice_offsets
-    choices = np.concatenate([trace.choices[off[r]:off[r + 1]] for r in rows]) if len(rows) else trace.choices[:0]
     return Trace(shape=trace.shape, dtype=trace.dtype, decoding=trace.decoding, requests=trace.requests,
-                 forwards=forwards, counts=trace.counts[rows], choices=choices, counters=None, policy=None,
+                 forwards=forwards, counts=trace.counts[rows], choices=trace.row_choices(rows), counters=None, policy=None,
                  source={**trace.source, "composed_at_batch_size": batch_size}, batch_size=batch_size)

@@ -216,8 +216,7 @@ class CostModel:
         m = np.zeros(len(t), np.int64) if member_fwd is None else np.asarray(member_fwd)
         n = int(m[-1]) + 1 if len(m) else 0
         members = np.bincount(m, minlength=n)
-        look = (lambda tt, cc: self.profile.non_expert_s(self.shape.model_key, part, tt, cc)) if part != "head" \
-            else (lambda tt, cc: self.profile.non_expert_s(self.shape.model_key, part, tt))
+        look = lambda tt, cc: self.profile.non_expert_s(self.shape.model_key, part, tt, cc)  # noqa: E731 (head: no context)
         extra = (members - 1) * self.profile.member_s(self.shape.model_key, part)
         own = np.asarray(look(t, c), dtype=np.float64)
         if (members == 1).all():
@@ -239,12 +238,18 @@ class CostModel:
         more = p.host("member_s") if p.has_host("member_s") else p.host("forward_s")
         return p.host("forward_s") + (members - 1) * more
 
-    def fixed_s(self, tokens: int | np.ndarray, context: int | np.ndarray) -> float:
-        """Per-forward work outside the MoE layers: dense layers and the head (:meth:`batched_s`
-        for a batched forward's members), and the decoding loop's host work (:meth:`loop_s`)."""
+    def fixed_parts(self, tokens: int | np.ndarray, context: int | np.ndarray) -> tuple[float, float, float]:
+        """A forward's work outside the MoE layers, apart: one dense layer, the head
+        (:meth:`batched_s` for a batched forward's members) and the decoding loop's host work
+        (:meth:`loop_s`); the simulator runs them on their lanes, :meth:`fixed_s` adds them."""
         t = np.atleast_1d(tokens)
-        return float(self.shape.first_k_dense * self.batched_s("dense_layer", t, context)[0]
-                     + self.batched_s("head", t, context)[0] + self.loop_s(len(t)))
+        dense = float(self.batched_s("dense_layer", t, context)[0]) if self.shape.first_k_dense else 0.0
+        return dense, float(self.batched_s("head", t, context)[0]), self.loop_s(len(t))
+
+    def fixed_s(self, tokens: int | np.ndarray, context: int | np.ndarray) -> float:
+        """Per-forward work outside the MoE layers: every dense layer, the head and the loop."""
+        dense, head, loop = self.fixed_parts(tokens, context)
+        return self.shape.first_k_dense * dense + head + loop
 
 
 def check_fits(shape: ModelShape, profile: Profile, dtype: str = "bfloat16") -> None:

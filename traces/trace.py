@@ -159,7 +159,7 @@ class Trace:
         if self.batched:
             most = max(map(len, self._members))
             raise TideError(f"{what}: this trace's forwards run up to {most} requests each (recorded at batch size "
-                            f"{self.batch_size}); the simulator and planner price one request per forward for now: "
+                            f"{self.batch_size}); the planner and the plan validation price one request per forward for now: "
                             "give a trace recorded at --batch-size 1 (runtime.generate --replay-trace T --batch-size N "
                             "replays its requests batched on a real box)")
 
@@ -187,6 +187,11 @@ class Trace:
         a, b = self._choice_offsets[f], self._choice_offsets[f + 1]
         n = int(self.forwards.at[f, "choice_tokens"])
         return self.choices[a:b].reshape(self.shape.n_moe_layers, n, self.shape.top_k).transpose(1, 0, 2)
+
+    def row_choices(self, rows: np.ndarray) -> np.ndarray:
+        """The flat choices of ``rows`` of ``forwards``, in that order (as ``choices`` lays them out)."""
+        off = self._choice_offsets
+        return np.concatenate([self.choices[off[r]:off[r + 1]] for r in rows]) if len(rows) else self.choices[:0]
 
     def choice_counts(self) -> np.ndarray:
         """``[F, L, E]`` counts over the tokens with recorded choices (the current block's)."""
