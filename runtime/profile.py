@@ -34,6 +34,7 @@ from traces.cli import ArgumentParser, check_out_path, run_cli
 from traces.policies import Policy
 from traces.profile import FORMAT, VERSION, Profile
 from traces.shapes import ModelShape
+from traces.work import layer_work
 
 if TYPE_CHECKING:
     from traces.trace import Trace
@@ -403,21 +404,24 @@ class Profiler:
                         samples.append({**dict.fromkeys(("dense", "moe", "head"), 0.0), **spent, **eng.timers,
                                         "total": secs, "forwards": res.forwards})
                 med[name] = {k: float(np.median([x[k] for x in samples])) for k in samples[0]}
-            samples = []  # four requests at once: what a batch adds per request (member_s)
-            every = Policy.make("all", s.n_moe_layers, s.experts)
+            # four requests at once: what a batch adds per request (member_s), every expert
+            # resident and, in row-exact mode, with misses too (the expert calls' waves)
             measure = real and self.batches and self.device.type == "cpu"
             batch = synthesize(model.cfg.shape, 32, [32, 48, 70, 96], seed=1, requests=4,
                                dtype=dtype_name(self.dtype)) if measure else None
-            for rep in range(min(self.reps, 2) + 1 if measure else 0):
-                with OffloadEngine(model, every, self.device) as eng:
-                    gen = Generator(model, batch.decoding, engine=eng)
-                    spent.clear()
-                    res, secs = timed(self.device, lambda: gen.replay_batch(batch, [0, 1, 2, 3], 4))
-                if rep:
-                    samples.append({**dict.fromkeys(("dense", "moe", "head"), 0.0), **spent, "total": secs,
-                                    "layer_s": eng.timers["layer_s"]})
-            if samples:
-                med["batch"] = {k: float(np.median([x[k] for x in samples])) for k in samples[0]}
+            batch_policies = {"all": Policy.make("all", s.n_moe_layers, s.experts), "static": policy}
+            for name in (batch_policies if measure and model.row_exact else
+                         ["all"] if measure else []):
+                samples = []
+                for rep in range(min(self.reps, 2) + 1):
+                    with OffloadEngine(model, batch_policies[name], self.device) as eng:
+                        gen = Generator(model, batch.decoding, engine=eng)
+                        spent.clear()
+                        res, secs = timed(self.device, lambda: gen.replay_batch(batch, [0, 1, 2, 3], 4))
+                    if rep:
+                        samples.append({**dict.fromkeys(("dense", "moe", "head"), 0.0), **spent, **eng.timers,
+                                        "total": secs})
+                med[f"batch {name}"] = {k: float(np.median([x[k] for x in samples])) for k in samples[0]}
         finally:
             decoding.sample = sample_fn
             for m, name, fn in saved:
@@ -471,21 +475,24 @@ class Profiler:
             if part == "copies":  # on the CPU a copy is the host's own memory traffic
                 for entry in data["h2d"].values():
                     entry["gbps"] = (np.asarray(entry["gbps"], dtype=float) / k).tolist()
-        member = self._member_costs(data, med["batch"], batch, forward_s) if "batch" in med else {}
+        member = self._member_costs(data, med, batch_policies, batch, forward_s) if "batch all" in med else {}
         note = (f"measured over priced in replays of a synthetic {len(tc)}-forward trace "
                 f"({', '.join(f'{n} B={int(p.budget[0])}' for n, p in policies.items())}); the tables and "
                 "host costs each part prices are scaled by it; member_s: what each further request of a "
                 "batched forward adds, from 4 requests replayed at batch 4")
         return forward_s, {**factors, **({"member_s": member} if member else {}), "note": note}
 
-    def _member_costs(self, data: dict[str, Any], ran: dict[str, float], batch: "Trace",
-                      forward_s: float) -> dict[str, float]:
-        """``member_s`` of each non-expert part: a batched run's time per part (every expert
-        resident; the MoE layers' outside the engine's expert work) beyond what the levelled
-        tables price for its forwards, per further request of a forward; negative where a
-        batch shares more than the pricing rule assumes (a layer's weights stay in cache from
-        one request to the next). The decoding loop's per further request is the host's
-        ``member_s``. Written into the profile's tables."""
+    def _member_costs(self, data: dict[str, Any], med: dict[str, dict[str, float]], policies: dict[str, Policy],
+                      batch: "Trace", forward_s: float) -> dict[str, float]:
+        """What a batched forward costs beyond the levelled tables' price for its members,
+        from ``batch all`` (and ``batch static``, row-exact) in ``med``: runs of 4 requests at
+        batch 4. Per non-expert part, ``member_s`` per further request of a forward (the run
+        with every expert resident; negative where a batch shares more than the pricing rule
+        assumes: a layer's weights stay in cache from one request to the next); the decoding
+        loop's is the host's ``member_s``. Row-exact, the engine's expert work in both runs
+        beyond its price gives the host's ``batch_segment_s`` (each further (request, expert)
+        call) and ``batch_calls_s`` (each call running in waves: gathers, scatters, a colder
+        cache), the two-unknown fit of the two runs, none below zero. Written into the profile."""
         from traces.admission import compose_trace
         from traces.costs import CostModel
         from traces.replay import replay
@@ -493,16 +500,32 @@ class Profiler:
         cost = CostModel(Profile(data, where="profile being measured"), s, dtype_name(self.dtype))  # forward_s set
         priced = dict.fromkeys(("dense", "moe", "head", "loop"), 0.0)
         extra = 0
-        for f in replay(compose_trace(batch, 4), Policy.make("all", s.n_moe_layers, s.experts), with_act=False):
-            mt, mc = f.member_tokens, f.member_context
-            extra += len(mt) - 1
-            dense, head, loop = cost.fixed_parts(mt, mc)  # no member_s yet: the loop at forward_s per request
-            priced["dense"] += s.first_k_dense * dense
-            priced["head"] += head
-            priced["loop"] += loop
-            priced["moe"] += s.n_moe_layers * float(cost.batched_s("moe_layer", mt, mc)[0])
+        composed = compose_trace(batch, 4)
+        fits: list[tuple[float, float, float]] = []  # (further segments, waved calls, unpriced seconds) per run
+        for name, pol in policies.items():
+            if f"batch {name}" not in med:
+                continue
+            ran = med[f"batch {name}"]
+            segs = calls = engine = 0.0
+            for f in replay(composed, pol, with_act=False):
+                mt, mc = f.member_tokens, f.member_context
+                if name == "all":
+                    extra += len(mt) - 1
+                    dense, head, loop = cost.fixed_parts(mt, mc)  # no member_s yet: the loop at forward_s per request
+                    priced["dense"] += s.first_k_dense * dense
+                    priced["head"] += head
+                    priced["loop"] += loop
+                    priced["moe"] += s.n_moe_layers * float(cost.batched_s("moe_layer", mt, mc)[0])
+                if cost.row_exact:
+                    p = cost.layer_parts(f.decision, f.counts, f.counters, mt, mc, f.segments)
+                    engine += float(sum(p[k].sum() for k in ("hits_ready", "hits_fresh", "cpu", "issue", "launch")))
+                    w = layer_work(f.decision, f.counts, f.counters, cost.act_bytes, cost.knots, mt, mc, f.segments)
+                    segs += float((w.segments - w.ready_n - w.fresh_n - w.miss_n - w.wave_experts.sum(axis=0)).sum())
+                    calls += float((w.hit_sets + w.miss_sets).sum())
+            fits.append((segs, calls, ran["layer_s"] - ran["decide_s"] - ran["copy_s"] - ran["wait_s"] - engine))
         if not extra:
             return {}
+        ran = med["batch all"]
         loop = ran["total"] - ran["dense"] - ran["moe"] - ran["head"]
         per = {"dense_layer": (ran["dense"] - priced["dense"]) / max(s.first_k_dense, 1),
                "moe_layer": (ran["moe"] - ran["layer_s"] - priced["moe"]) / s.n_moe_layers,
@@ -517,6 +540,12 @@ class Profiler:
         out["loop"] = max(forward_s + (loop - priced["loop"]) / extra, 0.0)
         data["host"]["member_s"] = {**_m(out["loop"]), "note": "the decoding loop's host work per further "
                                     "request of a batched forward"}
+        if len(fits) == 2 and cost.row_exact:
+            seg_s, call_s = _two_unknowns(fits)
+            note = "a row-exact batch's expert calls beyond their tables' price, fitted on 4 requests at batch 4 "
+            data["host"]["batch_segment_s"] = {**_m(seg_s), "note": note + "(all, static): per further call"}
+            data["host"]["batch_calls_s"] = {**_m(call_s), "note": note + "(all, static): per call run in waves"}
+            out.update(batch_segment=seg_s, batch_calls=call_s)
         return out
 
     def overheads(self) -> dict[str, Any]:
@@ -590,6 +619,21 @@ def in_run_line(prof: Profile) -> str:
     text = in_run_text(prof)
     return f"in-run level (tables scaled by measured over priced in a replay): {text}" if text else \
         "in-run level: none applied (a GPU's work is timed on the device)"
+
+
+def _two_unknowns(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """``a, b >= 0`` with ``a x + b y = z`` for two rows ``(x, y, z)``: solved exactly, or, where
+    that gives a negative, the one unknown fitted alone (least squares) and the other zero."""
+    (x1, y1, z1), (x2, y2, z2) = rows
+    det = x1 * y2 - x2 * y1
+    if abs(det) > 1e-12:
+        a, b = (z1 * y2 - z2 * y1) / det, (x1 * z2 - x2 * z1) / det
+        if a >= 0 and b >= 0:
+            return a, b
+    fit = lambda u1, u2: max(0.0, (u1 * z1 + u2 * z2) / max(u1 * u1 + u2 * u2, 1e-30))  # noqa: E731
+    a, b = fit(x1, x2), fit(y1, y2)
+    err = lambda a_, b_: (a_ * x1 + b_ * y1 - z1) ** 2 + (a_ * x2 + b_ * y2 - z2) ** 2  # noqa: E731
+    return (a, 0.0) if err(a, 0.0) <= err(0.0, b) else (0.0, b)
 
 
 def profile_box(cfg: ModelConfig, device: torch.device, dtype: str, quick: bool, progress: bool = True,

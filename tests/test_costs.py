@@ -111,3 +111,50 @@ def test_a_grouped_call_pays_for_its_idle_stack_entries():
     data["gpu_experts"][key]["bfloat16"]["group_s"] = -1.0
     with pytest.raises(TideError, match="group_s"):
         Profile(data)
+
+
+def test_a_row_exact_batch_prices_its_waved_expert_calls():
+    """fp32 with the CPU as the fast device computes each request's rows of an expert in a
+    call of its own, in waves: each further (request, expert) call and each call run in
+    waves costs the profile's batch_segment_s / batch_calls_s on top of its table price, on
+    the hits' side and the misses' side apart; a batch where no expert holds two requests'
+    rows runs one call, as batch 1 does (no waves)."""
+    from traces.policies import Decision
+    data = copy.deepcopy(Profile.load("h200").data)
+    data["fast_device"] = "cpu"
+    for table in ("gpu_experts", "cpu_expert_ffn"):  # the reference mode is fp32: the bf16 tables stand in
+        for entry in data[table].values():
+            entry["float32"] = entry["bfloat16"]
+    shape = ModelShape.named("llada2-mini")
+    L, E = shape.n_moe_layers, shape.experts
+    counts = np.zeros((L, E), np.int64)
+    counts[:, :4] = 6  # experts 0-3: 3 tokens from each of two requests ...
+    counts[:, 4] = 2  # ... expert 4: one request only
+    segments = (counts > 0).astype(np.int64) * 2
+    segments[:, 4] = 1
+    resident = np.zeros((L, E), bool)
+    resident[:, [0, 1]] = True  # hits 0, 1; misses 2, 3, 4
+    dec = Decision(resident=resident, setup_table=np.zeros((0, 4), np.int64), copy_table=np.zeros((0, 4), np.int64))
+    zero = {k: np.zeros(L, np.int64) for k in ("migrations", "setup_migrations", "bytes_act")}
+
+    def priced(seg_s, calls_s, segs):
+        d = copy.deepcopy(data)
+        d["host"]["batch_segment_s"] = {"value": seg_s, "source": "measured"}
+        d["host"]["batch_calls_s"] = {"value": calls_s, "source": "measured"}
+        cm = CostModel(Profile(d), shape, dtype="float32")
+        assert cm.row_exact
+        return cm.layer_parts(dec, counts, zero, np.array([8, 8]), np.array([40, 60]), segs)
+    base, more = priced(0.0, 0.0, segments), priced(1e-3, 1e-2, segments)
+    np.testing.assert_allclose(more["hits_ready"] - base["hits_ready"], 2 * 1e-3 + 1e-2)  # 2 further calls, 1 waved call
+    np.testing.assert_allclose(more["cpu"] - base["cpu"], 2 * 1e-3 + 1e-2)  # experts 2, 3 twice, 4 once
+    alone = segments.copy()
+    alone[:, :4] = 1  # no expert shared: one call each side, no waves
+    np.testing.assert_allclose(priced(1e-3, 1e-2, alone)["cpu"], priced(0.0, 0.0, alone)["cpu"])
+
+
+def test_the_two_unknown_fit_of_a_batchs_expert_calls():
+    from runtime.profile import _two_unknowns
+    assert _two_unknowns([(10.0, 2.0, 10 * 0.5 + 2 * 3.0), (10.0, 4.0, 10 * 0.5 + 4 * 3.0)]) == pytest.approx((0.5, 3.0))
+    a, b = _two_unknowns([(10.0, 2.0, 6.0), (10.0, 4.0, 4.0)])  # exact solution has b < 0: one unknown alone
+    assert b == 0.0 and a == pytest.approx(0.5)
+    assert min(_two_unknowns([(1.0, 1.0, -1.0), (2.0, 1.0, -2.0)])) == 0.0  # nothing below zero

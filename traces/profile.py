@@ -20,7 +20,11 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
   ``copy_call_s`` (issuing one expert's copy, beyond moving its bytes), ``expert_call_s``
   (issuing one resident expert's kernels: 0 when the fast device is the CPU, whose grouped
   table is already host time) and ``miss_call_s`` (sending one missed expert's tokens to the
-  CPU path). A version-1 profile (no ``host``) still loads: its ``sync_s`` included the
+  CPU path); optional, per further request of a batched forward: ``member_s`` (the loop's;
+  absent: ``forward_s``), and, for a row-exact batch (fp32, the CPU as the fast device: each
+  request's rows of an expert in a call of its own, in waves), ``batch_segment_s`` per further
+  (request, expert) call and ``batch_calls_s`` per call run in waves (absent: zero).
+  A version-1 profile (no ``host``) still loads: its ``sync_s`` included the
   decision and the issue, and the rest is priced at zero.
 * ``h2d`` / ``d2h``: per ``pinned`` / ``pageable``, bandwidth against transfer size
   (``bytes``, ``gbps``), interpolated in log size.
@@ -71,8 +75,9 @@ SOURCES = ("measured", "derived")
 CAPACITIES = ("gpu_mem_bytes", "host_mem_bytes", "cpu_cores", "host_mem_bw_gbps", "gpu_mem_bw_gbps")
 OVERHEADS = ("launch_s", "sync_s", "cpu_task_s")
 HOST = ("forward_s", "decide_s", "refresh_s", "swap_s", "issue_s", "copy_call_s", "expert_call_s", "miss_call_s",
-        "swap_wave_s", "member_s")
-HOST_OPTIONAL = ("swap_wave_s", "member_s")  # absent: zero (profiles measured before they were); member_s: forward_s
+        "swap_wave_s", "member_s", "batch_segment_s", "batch_calls_s")
+#: absent: zero (profiles measured before they were); member_s: forward_s
+HOST_OPTIONAL = ("swap_wave_s", "member_s", "batch_segment_s", "batch_calls_s")
 _POSITIVE = ("gpu_mem_bytes", "host_mem_bytes", "host_mem_bw_gbps", "gpu_mem_bw_gbps")  # they divide or bound
 BUNDLED = {
     "h200": "h200.json",

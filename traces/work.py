@@ -67,6 +67,8 @@ class Work:
     slots: np.ndarray  # [V] experts resident: the stack a grouped call on the fast device walks
     segments: np.ndarray  # [V] (request, expert) pairs with tokens: a row-exact batch's expert calls
     miss_segments: np.ndarray  # [V] those of missed experts
+    hit_sets: np.ndarray  # [V] a row-exact batch's calls of resident experts that run in waves (ready, fresh, each swap wave)
+    miss_sets: np.ndarray  # [V] its call of missed experts, when that runs in waves (0 or 1)
 
     @property
     def n_rows(self) -> int:
@@ -151,6 +153,15 @@ def layer_work(decision: Decision, counts: np.ndarray, counters: dict[str, np.nd
             wave_tokens[w, rows] = (m * layer_counts).sum(axis=1)
     tokens, context = np.atleast_1d(tokens), np.atleast_1d(context)
     seg = (counts > 0).astype(np.int64) if segments is None else np.asarray(segments, dtype=np.int64)
+
+    def waved(mask: np.ndarray) -> np.ndarray:  # [L, G, E] -> [V]: a call whose experts hold rows of two requests
+        return ((mask * seg[:, None, :]).max(axis=-1, initial=0) > 1).reshape(V).astype(np.int64)
+    hit_sets = waved(ready) + waved(new)
+    if W:
+        for w in range(W):
+            m = np.zeros((V, E), bool)
+            m[rows] = decision.wave_of == w
+            hit_sets = hit_sets + waved(m.reshape(L, G, E) & active)
     return Work(fwd=np.zeros(V, np.int64), tokens=tokens, context=context,
                 member_fwd=np.zeros(len(tokens), np.int64),
                 refreshed=np.zeros(V, bool) if decision.refreshed is None else decision.refreshed.copy(),
@@ -159,4 +170,5 @@ def layer_work(decision: Decision, counts: np.ndarray, counters: dict[str, np.nd
                 fresh_n=fresh_n, fresh_tok=fresh_tok, miss_n=miss_n, miss_tok=miss_tok, miss_w=miss_w, knots=knots,
                 wave_copies=wave_copies, wave_experts=wave_experts, wave_tokens=wave_tokens,
                 slots=decision.resident.sum(axis=1),
-                segments=np.repeat(seg.sum(axis=1), G), miss_segments=(missed * seg[:, None, :]).sum(axis=-1).reshape(V))
+                segments=np.repeat(seg.sum(axis=1), G), miss_segments=(missed * seg[:, None, :]).sum(axis=-1).reshape(V),
+                hit_sets=hit_sets, miss_sets=waved(missed))
