@@ -1,7 +1,7 @@
 """Does the plan deliver on this box? Predicted against measured, and the tokens checked.
 
 ``python -m experiments.validate --checkpoint DIR --plan PLAN.json [--trace FILE ...]
-[--device cpu|cuda] [--rounds 5] [--out FILE]``
+[--device cpu|cuda] [--rounds 5] [--batch-size N] [--out FILE]``
 
 Replays the traces the plan was made from (``--trace`` to give others; KV-cache traces:
 their schedules and expert choices, so the work is the work the planner priced) through the
@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from traces.admission import compose_trace
 from traces.cli import ArgumentParser, atomic_write, check_out_path, file_sha256, integer, run_cli, span
 from traces.errors import TideError
 from traces.memory import DEVICE_HEADROOM, MemoryBudget
@@ -38,12 +39,12 @@ from traces.plan import Plan
 from traces.policies import Policy, baselines, kinds_label, tau_label
 from traces.shapes import ModelShape
 from traces.trace import Trace, read_trace
-from traces.values import get, need_dict, need_float, need_list, need_str
+from traces.values import get, need_dict, need_float, need_int, need_list, need_str
 
 
 def plan_traces(plan: Plan, given: list[str] | None) -> list[tuple[str, Trace]]:
     """The traces to replay: ``--trace`` files, or those the plan names (checked by hash);
-    one request per forward (the predictions price no batches yet)."""
+    one request per forward (a batch is composed from their requests: ``--batch-size``)."""
     out = [(p, read_trace(p)) for p in given] if given else _named_traces(plan)
     for p, t in out:
         t.require_one_request_per_forward(p)
@@ -68,23 +69,31 @@ def _named_traces(plan: Plan) -> list[tuple[str, Trace]]:
     return out
 
 
-def runs_to_make(plan: Plan, traces: list[Trace], shape: ModelShape, all_fits: bool) -> dict[str, Policy]:
+def runs_to_make(plan: Plan, traces: list[Trace], shape: ModelShape, all_fits: bool,
+                 batch_size: int = 1) -> dict[str, Policy]:
     """The plan, its baselines at the budget the planner gave them (the largest uniform one
-    that fits the plan's memory limit with these traces), and ``all`` when it fits."""
+    that fits the plan's memory limit with these traces' KV cache at ``batch_size``), and
+    ``all`` when it fits."""
     runs: dict[str, Policy] = {}
     if all_fits:
         runs["all"] = Policy.make("all", shape.n_moe_layers, shape.experts)
     runs["plan"] = plan.policy(shape)
     if plan.gpu_mem_bytes is not None:
-        b = MemoryBudget.for_traces(traces, plan.gpu_mem_bytes).largest_uniform()
+        b = MemoryBudget.for_traces(traces, plan.gpu_mem_bytes, batch_size).largest_uniform()
         runs.update(baselines(shape.n_moe_layers, shape.experts, b))
     return runs
 
 
 def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], device_name: str = "cpu",
-             rounds: int = 5, progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+             rounds: int = 5, progress: bool = False, batch_size: int = 1) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """Run every policy on every trace, in rounds; the table (medians over rounds), the
     rounds' own figures, and the lossless failures (empty: all agree).
+
+    ``batch_size`` above 1 runs each trace's requests up to that many per forward
+    (continuous batching, :mod:`traces.admission`), predicted over the same composition
+    (:func:`traces.admission.compose_trace`), each request's tokens checked against the
+    reference's at the same batch size; the plan's own prediction is for its own batch size,
+    so ``planned_s`` and ``drift`` are left empty at another.
 
     Each round re-times this box's profile in this process, warm, next to the runs (the quick
     profiler of :mod:`runtime.profile`, on this checkpoint), then runs every policy once; the
@@ -114,17 +123,22 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
             raise TideError(f"--trace {name}: recorded in {tr.dtype}, the plan runs {dtype_name(model.dtype)}")
     recorded = [t for _, t in traces]
     all_fits = device.type == "cpu" or MemoryBudget.for_traces(
-        recorded, torch.cuda.get_device_properties(device).total_memory * DEVICE_HEADROOM).fits(shape.experts)
+        recorded, torch.cuda.get_device_properties(device).total_memory * DEVICE_HEADROOM, batch_size).fits(shape.experts)
     exact = device.type == "cpu"
     failures, reference = [], None
-    policies = runs_to_make(plan, recorded, shape, all_fits)
+    policies = runs_to_make(plan, recorded, shape, all_fits, batch_size)
+    priced = [(tr if batch_size == 1 else compose_trace(tr, batch_size)) for tr in recorded]  # the forwards that run
 
     def run(policy: Policy, check: bool) -> tuple[float, dict[str, int], list]:
         total, counters, results = 0.0, dict.fromkeys(("gpu_tokens", "cpu_tokens", "migrations"), 0), []
         for _, tr in traces:  # each trace from an empty placement, as the planner priced it
             with OffloadEngine(model, policy, device) as engine:
                 gen = Generator(model, tr.decoding, engine=engine, margins=check)
-                for r in tr.requests:
+                if batch_size > 1:
+                    res, s = timed(device, lambda: gen.replay_batch(tr, [r["request"] for r in tr.requests], batch_size))
+                    total += s
+                    results.extend(res)
+                for r in tr.requests if batch_size == 1 else ():
                     res, s = timed(device, lambda: gen.replay(tr, r["request"]))
                     total += s
                     results.append(res)
@@ -137,11 +151,11 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     per_round = []
     for rnd in tqdm(range(rounds), desc="rounds of profile + every policy", unit="round", disable=not progress):
         prof = profile_box(model.cfg, device, dtype_name(model.dtype), quick=True, progress=False, model=model,
-                           batches=False)  # a plan's runs are one request per forward
+                           batches=batch_size > 1)  # what a batch adds is measured where one runs
         ref_now = speed_reference_s()
         for name, policy in policies.items():  # every policy once per round: a shared box's load hits all alike
             predicted = sum(replay_policy(tr, policy, cost=CostModel(prof, tr.shape, tr.dtype)).seconds()
-                            for _, tr in traces)
+                            for tr in priced)
             measured = run(policy, False)[0]
             per_round.append({"round": rnd, "policy": name, "predicted_s": predicted, "measured_s": measured,
                               "error": predicted / measured - 1, "reference_s": ref_now,
@@ -164,7 +178,7 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
                      "error": float(mine["error"].median()),
                      "error_min": float(mine["error"].min()), "error_max": float(mine["error"].max()),
                      "spread": float(measured.max() / measured.min() - 1),
-                     "planned_s": _predicted(plan, name),
+                     "planned_s": _predicted(plan, name) if batch_size == plan.batch_size else float("nan"),
                      "tokens_identical": all(c.identical for c in checks), "tokens_ok": not bad,
                      "note": next((c.detail for c in checks if c.detail), ""),
                      **{k: counters[k] for k in ("gpu_tokens", "cpu_tokens", "migrations")}})
@@ -299,7 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", "--repeats", dest="rounds", type=integer, default=5,
                     help="rounds of (profile re-timed, every policy once); errors are medians over rounds")
     ap.add_argument("--out", default=None, help="write the table here (.parquet or .json)")
+    ap.add_argument("--batch-size", type=integer, default=None,
+                    help="requests per forward (continuous batching; default: the plan's); above a trace's "
+                         "requests runs them all")
     a = ap.parse_args(argv)
+    if a.batch_size is not None:
+        need_int(a.batch_size, "--batch-size", lo=1)
     if a.rounds < 1:
         raise TideError(f"--rounds must be at least 1, got {a.rounds}")
     if a.out:
@@ -317,7 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
-    df, rounds, failures = validate(a.checkpoint, plan, traces, a.device, a.rounds, progress=True)
+    batch = a.batch_size or plan.batch_size
+    most = max(len(t.requests) for _, t in traces)
+    if batch > most:
+        print(f"note: batch size {batch} is above the traces' requests ({most}): each runs them all at once",
+              file=sys.stderr)
+    df, rounds, failures = validate(a.checkpoint, plan, traces, a.device, a.rounds, progress=True, batch_size=batch)
     if a.out:
         write(a.out, df, rounds, {**provenance(a.checkpoint, a.plan, plan, traces, a.device), "box_check": lines,
                                   "warnings": warnings})

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -80,6 +81,14 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def checkpoint_dtype(folder: str | Path) -> str:
+    """The dtype a checkpoint loads in without ``--dtype``, by its config's ``torch_dtype``
+    (bfloat16 where it names none we know), for sizing memory before anything loads."""
+    cfg = read_json(Path(folder) / "config.json", "config")
+    name = cfg.get("torch_dtype") if isinstance(cfg, dict) else None
+    return name if name in DTYPES else "bfloat16"
+
+
 def checkpoint_files(folder: Path) -> dict[Path, list[str] | None]:
     """The safetensors files of a checkpoint, each with the names the index puts there."""
     single = folder / "model.safetensors"
@@ -131,8 +140,10 @@ def _assign(model: LLaDA2, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
-               experts_device: str | torch.device = "cpu", pin: bool | None = None, bias_fp32: bool = False) -> LLaDA2:
-    """Load a checkpoint; any missing shard, missing tensor, wrong shape or dtype is a TideError."""
+               experts_device: str | torch.device = "cpu", pin: bool | None = None, bias_fp32: bool = False,
+               on_device: dict[int, Sequence[int]] | None = None) -> LLaDA2:
+    """Load a checkpoint; any missing shard, missing tensor, wrong shape or dtype is a TideError.
+    ``on_device`` (model layer id -> expert ids): see :func:`build_model`."""
     from runtime.device import keep_freed_memory
     keep_freed_memory()  # a run's large temporaries reused, not faulted in again every forward
     folder = Path(folder)
@@ -154,16 +165,23 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: st
                 for name in keys:
                     yield name, f.get_tensor(name), str(path)
 
-    return build_model(cfg, stream(), device, dtype, experts_device, pin, where=str(folder), bias_fp32=bias_fp32)
+    return build_model(cfg, stream(), device, dtype, experts_device, pin, where=str(folder), bias_fp32=bias_fp32,
+                       on_device=on_device)
 
 
 def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str]], device: str | torch.device = "cpu",
                 dtype: str | None = None, experts_device: str | torch.device = "cpu", pin: bool | None = None,
-                where: str = "checkpoint", bias_fp32: bool = False) -> LLaDA2:
+                where: str = "checkpoint", bias_fp32: bool = False,
+                on_device: dict[int, Sequence[int]] | None = None) -> LLaDA2:
     """Build the model from ``(name, tensor, source)`` items, one tensor in memory at a time.
 
     Routed experts go into per-layer stacked tensors on ``experts_device`` (pinned host
-    memory when a GPU is present); everything else to ``device``.
+    memory when a GPU is present); everything else to ``device``. ``on_device`` names, per
+    MoE layer (model layer id), experts that go straight to ``device`` instead, in a stack of
+    their own in increasing id order (``MoE.resident``, ``MoE.resident_ids``), with no host
+    copy: that layer's host stack then holds only the others (``MoE.host_row`` maps an
+    expert to its row, -1 where it has none). Only the offload engine runs such a model
+    (static layers whose residents these are, or layers wholly on the device).
     """
     expected = expected_tensors(cfg)
     device, experts_device = torch.device(device), torch.device(experts_device)
@@ -173,7 +191,19 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str
     with torch.device("meta"), _no_init():
         model = LLaDA2(cfg)
     s = cfg.shape
+    rows: dict[int, np.ndarray] = {}  # per layer with experts on the device: each expert's row (device: -2 - position)
+    for l, ids in (on_device or {}).items():
+        ids = sorted({int(e) for e in ids})
+        if l not in s.moe_layers or any(not 0 <= e < s.experts for e in ids):
+            raise TideError(f"{where}: experts to load onto the device name layer {l} or experts outside the model")
+        row = np.zeros(s.experts, np.int64)
+        on = np.zeros(s.experts, bool)
+        on[ids] = True
+        row[~on] = np.arange(int((~on).sum()))
+        row[on] = -2 - np.arange(len(ids))
+        rows[l] = row
     stacks: dict[int, dict[str, torch.Tensor]] = {}
+    resident: dict[int, dict[str, torch.Tensor]] = {}
     seen: set[str] = set()
     biases: dict[str, torch.Tensor] = {}
     for name, t, path in tensors:
@@ -192,10 +222,18 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str
         if m:
             l, e, proj = int(m.group(1)), int(m.group(2)), m.group(3)
             layer = stacks.setdefault(l, {})
+            row = rows[l][e] if l in rows else e
             if proj not in layer:
-                buf = torch.empty((s.experts, *expected[name]), dtype=target or t.dtype, device=experts_device)
+                n_host = int((rows[l] >= 0).sum()) if l in rows else s.experts
+                buf = torch.empty((n_host, *expected[name]), dtype=target or t.dtype, device=experts_device)
                 layer[proj] = buf.pin_memory() if pin and experts_device.type == "cpu" else buf
-            layer[proj][e].copy_(t)
+                if l in rows:
+                    resident.setdefault(l, {})[proj] = torch.empty((s.experts - n_host, *expected[name]),
+                                                                   dtype=target or t.dtype, device=device)
+            if row >= 0:
+                layer[proj][row].copy_(t)
+            else:  # straight to the fast device: no host copy
+                resident[l][proj][-2 - row].copy_(t)
         elif name.endswith("expert_bias"):
             biases[name] = t  # assigned once the model's dtype is known
         else:
@@ -212,6 +250,11 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str
         if l >= s.first_k_dense:
             st = stacks[l]
             layer.mlp.experts = ExpertWeights(gate=st["gate_proj"], up=st["up_proj"], down=st["down_proj"])
+            if l in rows:
+                r = resident[l]
+                layer.mlp.resident = ExpertWeights(gate=r["gate_proj"], up=r["up_proj"], down=r["down_proj"])
+                layer.mlp.resident_ids = np.flatnonzero(rows[l] < 0)
+                layer.mlp.host_row = np.where(rows[l] >= 0, rows[l], -1)
             if not cfg.use_expert_bias:
                 _assign(model, f"model.layers.{l}.mlp.gate.expert_bias", torch.zeros(s.experts, device=device))
     leftover = [n for n, p in model.named_parameters() if p.is_meta]

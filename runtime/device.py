@@ -3,7 +3,9 @@ work is asynchronous (gpt-fast's single device-sync helper), so every timing wai
 same way."""
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
@@ -88,3 +90,14 @@ def speed_reference_s(reps: int = 3) -> float:
             torch.nn.functional.linear(x, x).add_(1.0)
         out.append(time.perf_counter() - t0)
     return sorted(out)[len(out) // 2]
+
+
+def host_memory_bytes() -> float:
+    """This machine's physical memory (what experts kept in host memory must fit in)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

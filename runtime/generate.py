@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from runtime.capture import TraceRecorder
+import numpy as np
 import torch
 
-from runtime.checkpoint import dtype_name, load_model
+from runtime.capture import TraceRecorder
+
+from runtime.checkpoint import checkpoint_dtype, dtype_name, load_model
+from runtime.config import ModelConfig
 from runtime.decoding import Decoding, Generator, Sampling, warm_up
-from runtime.device import check_device, timed
+from runtime.device import check_device, host_memory_bytes, timed
 from runtime.model import KERNELS, LLaDA2
 from runtime.offload import OffloadEngine
 from runtime.replay import check_replayable, replay_prompt
@@ -31,8 +35,10 @@ from runtime.tokenizer import load_tokenizer
 from traces.arrivals import read_arrivals
 from traces.cli import ArgumentParser, check_out_path, integer, number, print_json, run_cli
 from traces.errors import TideError
-from traces.memory import DEVICE_HEADROOM, kv_tokens_for
-from traces.policies import POLICIES
+from traces.memory import DEVICE_HEADROOM, MemoryBudget, kv_tokens_for
+from traces.plan import Plan
+from traces.policies import POLICIES, Policy, device_only
+from traces.shapes import ModelShape
 from traces.settings import parse_budget, resolve_policy
 from traces.trace import load_popularity, read_trace
 from traces.values import need_float, need_int, need_ints
@@ -104,8 +110,8 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prompts", help="JSONL file, one {\"prompt\": ...} or {\"prompt_ids\": [...]} per line "
                     "(optionally with its own \"gen_length\")")
     ap.add_argument("--batch-size", type=integer, default=None,
-                    help="requests sharing each forward (continuous batching; default 1: one after another; "
-                         "with --replay-trace, the trace's recorded forwards)")
+                    help="requests sharing each forward (continuous batching; default: the plan's with --policy "
+                         "plan, else 1: one after another; with --replay-trace, the trace's recorded forwards)")
     ap.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     ap.add_argument("--gen-length", type=integer, default=None,
                     help="tokens to generate per prompt (not with --replay-trace: the trace's)")
@@ -136,8 +142,12 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
                          "(torch._grouped_mm); auto measures which is faster, once per process and shape")
 
 
-def make_engine(args: argparse.Namespace, model: LLaDA2, device: torch.device, kv_tokens: int) -> OffloadEngine | None:
-    """The offload engine the flags ask for (None without ``--policy``); budget checks included."""
+def placement(args: argparse.Namespace, shape: ModelShape, dtype: str, device: torch.device,
+              kv_tokens: int) -> tuple[Policy, np.ndarray | None, dict[int, list[int]]] | None:
+    """The policy the flags ask for (None without ``--policy``), its popularity counts, and
+    the experts to load straight onto the fast device (model layer id -> ids: those that
+    never leave it, :func:`traces.policies.device_only`); the GPU budget and the host
+    memory the rest needs are checked here, before anything loads."""
     if args.policy is None:
         if args.expert_kernel != "auto":
             raise TideError("--expert-kernel needs --policy (it is the offload engine's)")
@@ -145,20 +155,22 @@ def make_engine(args: argparse.Namespace, model: LLaDA2, device: torch.device, k
             if getattr(args, flag) is not None:
                 raise TideError(f"--{flag.replace('_', '-')} needs --policy")
         return None
-    shape = model.cfg.shape
     limit = torch.cuda.get_device_properties(device).total_memory * DEVICE_HEADROOM if device.type == "cuda" else None
-    policy = resolve_policy(args.policy, shape, dtype_name(model.dtype), tau=args.tau,
-                            gpu_experts=parse_budget(args.gpu_experts), gpu_mem_gb=args.gpu_mem_gb, plan=args.plan,
-                            kv_tokens=kv_tokens, mem_limit_bytes=limit)
+    policy = resolve_policy(args.policy, shape, dtype, tau=args.tau, gpu_experts=parse_budget(args.gpu_experts),
+                            gpu_mem_gb=args.gpu_mem_gb, plan=args.plan, kv_tokens=kv_tokens, mem_limit_bytes=limit)
     popularity = load_popularity(args.popularity, shape) if args.popularity else None
-    return OffloadEngine(model, policy, device, setup_counts=popularity, kernel=args.expert_kernel)
+    MemoryBudget(shape, dtype, float("inf"), host_limit_bytes=host_memory_bytes()).check_host(
+        policy.kinds, policy.budget, f"--policy {args.policy}")
+    on = device_only(policy, shape.experts, popularity)
+    return policy, popularity, {shape.moe_layers[l]: ids for l, ids in on.items()}
 
 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load, warm up, generate every prompt, and report (the JSON fields)."""
-    Sampling(args.temperature, args.top_k, args.top_p, args.seed).check(2**62)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).check(
+        ModelConfig.load(args.checkpoint).shape.vocab)  # checked once, before any loading
     if args.gen_length is not None:
         need_int(args.gen_length, "--gen-length", lo=1)
     elif args.replay_trace is None:
@@ -175,8 +187,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = check_device(args.device)
     replay = read_trace(args.replay_trace) if args.replay_trace else None
     offload = args.policy is not None
+    cfg = ModelConfig.load(args.checkpoint)
+    planned = placement(args, cfg.shape, args.dtype or checkpoint_dtype(args.checkpoint), device, 0)  # checked again below with the KV cache
     model = load_model(args.checkpoint, device=device, dtype=args.dtype,
-                       experts_device="cpu" if offload or device.type == "cpu" else device)
+                       experts_device="cpu" if offload or device.type == "cpu" else device,
+                       on_device=planned[2] if planned else None)
     tokenizer = load_tokenizer(args.checkpoint)
     if replay is not None:
         if any(a is not None for a in (args.prompt, args.prompt_ids, args.prompts)):
@@ -191,21 +206,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prompts, lengths = [p for p, _, _ in given], [g for _, g, _ in given]
         decoding = Decoding(args.block_length, args.steps, args.threshold, not args.no_kv_cache)
         Generator(model, decoding).check_prompts(prompts, lengths, [w for _, _, w in given])
-    # the seats per forward: the flag, else the replayed trace's recorded forwards, else one
-    batch_size = args.batch_size or (replay.batch_size if replay is not None else 1)
+    # the seats per forward: the flag, else the plan's, else the replayed trace's recorded forwards, else one
+    plan_batch = Plan.read(args.plan).batch_size if args.plan is not None and args.policy == "plan" else None
+    seats = args.batch_size or plan_batch
+    batch_size = seats or (replay.batch_size if replay is not None else 1)
+    if seats is not None and seats > len(prompts) > 0 and seats > 1:
+        print(f"note: batch size {seats} is above the {len(prompts)} prompts: all run at once", file=sys.stderr)
     arrivals = read_arrivals(args.arrivals, len(prompts)).offsets if args.arrivals else None
     bl = decoding.block_length
     kv_tokens = kv_tokens_for([(len(p), g) for p, g in zip(prompts, lengths)], bl, decoding.kv_cache, batch_size)
     dtype = dtype_name(model.dtype)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).check(model.cfg.shape.vocab)
-    engine = make_engine(args, model, device, kv_tokens)
+    engine = None
+    if planned is not None:
+        policy, popularity, _ = placement(args, model.cfg.shape, dtype, device, kv_tokens)
+        engine = OffloadEngine(model, policy, device, setup_counts=popularity, kernel=args.expert_kernel)
     warm_up(model, decoding, prompts[0], sampling, engine)
     rec = TraceRecorder(model, decoding, dtype) if args.trace_out else None
     with engine or nullcontext(), rec or nullcontext():
         gen = Generator(model, decoding, sampling, rec, engine)
         if replay is not None:
             results, seconds = timed(device, lambda: gen.replay_batch(
-                replay, [r["request"] for r in replay.requests], args.batch_size, arrivals))
+                replay, [r["request"] for r in replay.requests], seats, arrivals))
         else:
             results, seconds = timed(device, lambda: gen.generate_batch(prompts, lengths, batch_size,
                                                                         arrivals=arrivals))

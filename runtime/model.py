@@ -28,6 +28,7 @@ from torch import nn
 
 from runtime.config import ModelConfig
 from runtime.device import timed, to_device
+from traces.errors import TideError
 
 
 class RMSNorm(nn.Module):
@@ -344,6 +345,11 @@ class MoE(nn.Module):
         self.gate = Router(cfg)
         self.shared_experts = MLP(s.hidden, s.moe_intermediate * s.shared_experts) if s.shared_experts else None
         self.experts: ExpertWeights | None = None  # filled by the loader; not module parameters
+        # loaded straight onto the fast device (runtime.checkpoint.build_model's on_device): those
+        # experts' stack and ids; the host stack then holds the others, host_row maps expert -> row
+        self.resident: ExpertWeights | None = None
+        self.resident_ids: np.ndarray | None = None
+        self.host_row: np.ndarray | None = None
         self.executor: ExpertExecutor = local_experts
         self.override: Callable[[int], torch.Tensor] | None = None  # replayed choices instead of the router's
         self.observer: Callable[[int, torch.Tensor], None] | None = None
@@ -367,12 +373,18 @@ class MoE(nn.Module):
         if self.observer is not None:
             self.observer(self.layer, idx)
         rows = [len(t) for t in xs]
+        self._check_executor()
         y = self.executor(self.layer, x, idx, w, self.experts) if one else \
             self.executor(self.layer, x, idx, w, self.experts, rows)
         ys = [y] if one else list(y.split(rows))
         if self.shared_experts is not None:
             ys = [yi + self.shared_experts(xi) for yi, xi in zip(ys, xs)]
         return ys
+
+    def _check_executor(self) -> None:
+        if self.host_row is not None and self.executor is local_experts:
+            raise TideError(f"layer {self.layer}: some experts were loaded straight onto the fast device; "
+                            "only the offload engine runs such a model (give a --policy)")
 
     def forward_rows(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """Merged: several requests' rows (one after another) routed, computed by the executor
@@ -382,6 +394,7 @@ class MoE(nn.Module):
         w = self.gate.weights(scores, idx)
         if self.observer is not None:
             self.observer(self.layer, idx)
+        self._check_executor()
         y = self.executor(self.layer, x, idx, w, self.experts, rows)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

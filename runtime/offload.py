@@ -43,6 +43,12 @@ class _Layer:
     host: ExpertWeights
     slots: ExpertWeights | None
     slot_of: np.ndarray  # [E] which slot holds each expert (-1: none), as the copies made it
+    host_row: np.ndarray | None = None  # [E] each expert's row of ``host`` (-1: none), when it holds only some
+    preloaded: np.ndarray | None = None  # the experts loaded straight into ``slots`` (never copied, never evicted)
+
+    def rows(self, experts: np.ndarray) -> np.ndarray:
+        """Rows of ``host`` holding ``experts``."""
+        return np.asarray(experts) if self.host_row is None else self.host_row[experts]
 
 
 @dataclass
@@ -79,6 +85,18 @@ class OffloadEngine:
                 raise TideError("the offload engine needs the routed experts in host memory (load with experts_device='cpu')")
             b = int(self.policy.budget[i])
             slots = None
+            if blk.resident is not None:  # loaded straight onto the fast device: those are the slots
+                ids = blk.resident_ids
+                kind = self.policy.kinds[i]
+                if b != len(ids) or not (kind == "static" or b == s.experts):
+                    raise TideError(f"layer {blk.layer}: {len(ids)} of its experts were loaded onto the fast device "
+                                    f"for a static layer (or one wholly there); the policy runs it {kind} at budget {b}. "
+                                    "Run the plan the model was loaded for")
+                layer = _Layer(host, blk.resident, np.full(s.experts, -1, dtype=np.int64), blk.host_row, ids)
+                layer.slot_of[ids] = np.arange(len(ids))
+                self.layers.append(layer)
+                blk.executor = self._execute
+                continue
             if b:
                 # zeroed now, not at the first copy: on a CPU fast device the first touch of fresh
                 # memory faults page by page, a cost of making the engine, not of running it
@@ -97,7 +115,8 @@ class OffloadEngine:
         """Forget placement, counters and timers (after a warm-up): the next forward sets up anew."""
         self.runner = PolicyRunner(self.policy, self.model.cfg.shape.experts, setup_counts=self.setup_counts)
         for layer in self.layers:
-            layer.slot_of[:] = -1
+            if layer.preloaded is None:
+                layer.slot_of[:] = -1
         self._counters, self._pending, self.forward_counts = [], [], []
         self.timers = dict.fromkeys(TIMERS, 0.0)
 
@@ -151,6 +170,12 @@ class OffloadEngine:
         """Copy experts into slots (on a GPU: on the copy stream, after every earlier use of the slots)."""
         if not len(copies):
             return
+        if layer.preloaded is not None:  # already there since loading: the setup's copies are done
+            missing = [int(e) for e in copies[:, 0] if layer.slot_of[e] < 0]
+            if missing:
+                raise TideError(f"expert {missing[0]} is to be copied to the fast device, but its layer's experts were "
+                                "loaded there for another set of residents (no host copy to copy from)")
+            return
         t0 = time.perf_counter()
         stream = self.copy_stream
         if stream is not None:
@@ -200,7 +225,8 @@ class OffloadEngine:
         req = request_of(order, k, rows, x)  # on the CPU: each request's rows of an expert in calls of their own
         if waves is None:
             self._copy(layer, copies)
-            layer.slot_of[:] = self.runner.state.slot_of[i]  # evictions
+            if layer.preloaded is None:
+                layer.slot_of[:] = self.runner.state.slot_of[i]  # evictions
             active = np.flatnonzero(counts)
             on_fast = layer.slot_of[active] >= 0
             fresh = np.isin(active, copies[:, 0]) if len(copies) else np.zeros(len(active), dtype=bool)
@@ -215,7 +241,8 @@ class OffloadEngine:
                 self._copy(layer, wave.copies)
                 self._wait_copies()
                 self._fast(layer, tokens, out, bounds, wave.gpu_experts, req)
-            layer.slot_of[:] = self.runner.state.slot_of[i]
+            if layer.preloaded is None:
+                layer.slot_of[:] = self.runner.state.slot_of[i]
         return combine(out, order, w, x.dtype)
 
     def _wait_copies(self) -> None:
@@ -264,7 +291,7 @@ class OffloadEngine:
         self.timers["wait_s"] += t1 - t0
         res = torch.empty(host_tokens.shape, dtype=host_tokens.dtype, pin_memory=done is not None)
         run_by_request(self._run_cpu, host_tokens, res, np.concatenate([[0], np.cumsum(sizes)]), np.arange(len(experts)),
-                       layer.host, experts, req)
+                       layer.host, layer.rows(experts), req)
         self.timers["cpu_s"] += time.perf_counter() - t1
         if done is None:
             out[rows] = res

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from runtime.checkpoint import dtype_name, torch_dtype
 from runtime.config import ModelConfig
 from runtime.decoding import Sampling, sample
-from runtime.device import check_device, speed_reference_s, synchronize, timed
+from runtime.device import check_device, host_memory_bytes, speed_reference_s, synchronize, timed
 from runtime.model import KERNELS, LLaDA2, DecoderLayer, ExpertWeights, KVCache, choose_kernel, expert_ffn, rope, run_experts
 from traces.cli import ArgumentParser, check_out_path, run_cli
 from traces.policies import Policy
@@ -52,16 +52,6 @@ def _timer(device: torch.device, min_s: float = 0.0) -> Callable[[Callable[[], A
             out.append(timed(device, fn)[1])
         return float(np.median(out))
     return median_s
-
-
-def _host_memory_bytes() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def _m(value: float) -> dict[str, Any]:
@@ -569,7 +559,7 @@ class Profiler:
         non_expert = self.non_expert()
         over = self.overheads()
         cuda = self.device.type == "cuda"
-        host_mem = _host_memory_bytes()
+        host_mem = host_memory_bytes()
         gpu_mem = torch.cuda.get_device_properties(self.device).total_memory if cuda else host_mem
         host_bw = self.memory_bandwidth(torch.device("cpu"))
         gpu_bw = self.memory_bandwidth(self.device) if cuda else host_bw

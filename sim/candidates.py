@@ -149,8 +149,9 @@ def price_candidates(trace: Trace, profiles: Sequence[Profile], cands: Candidate
                      layers: Sequence[int] | None = None, cpu_dtype: str | None = None,
                      progress: bool = False) -> Priced:
     """Replay ``cands`` on ``layers`` (MoE layer indices, default all) of ``trace`` once, from an
-    empty placement, and price the work on every profile; setup copies included."""
-    trace.require_one_request_per_forward("sim.plan")
+    empty placement, and price the work on every profile; setup copies included. A batched
+    trace (e.g. :func:`traces.admission.compose_trace`'s) is priced forward by forward as its
+    members run together."""
     shape = trace.shape
     layers = np.arange(shape.n_moe_layers) if layers is None else np.asarray(layers)
     L, C = len(layers), len(cands)
@@ -176,16 +177,17 @@ def price_candidates(trace: Trace, profiles: Sequence[Profile], cands: Candidate
 
     walk = replay(trace, cands.policy(L, shape.experts), layers=layers, group=C)
     works: list[Work] = []
-    for fw in tqdm(walk, total=trace.n_forwards, desc=f"pricing {L * C} candidates", unit="forward",
+    fixed = np.zeros(len(costs))
+    for fw in tqdm(walk, total=trace.n_batched, desc=f"pricing {L * C} candidates", unit="forward",
                    disable=not progress, leave=False):
         for k in COUNTERS:
             counters[k] += fw.counters[k]
-        works.append(layer_work(fw.decision, fw.counts, fw.counters, costs[0].act_bytes, knots, fw.tokens_run, fw.context))
+        works.append(layer_work(fw.decision, fw.counts, fw.counters, costs[0].act_bytes, knots, fw.member_tokens,
+                                fw.member_context, fw.segments))
+        fixed += [c.fixed_s(fw.member_tokens, fw.member_context) for c in costs]
         if len(works) == CHUNK:
             flush(works)
     flush(works)
-    fw = trace.forwards
-    fixed = np.array([sum(c.fixed_s(int(t), int(x)) for t, x in zip(fw["tokens_run"], fw["context"])) for c in costs])
     return Priced(cands, seconds.reshape(len(costs), L, C), {k: v.reshape(L, C) for k, v in counters.items()}, fixed)
 
 

@@ -2,15 +2,20 @@
 
 ``python -m sim.plan --trace FILE [--trace FILE ...] --profile NAME|FILE --gpu-mem-gb G
 [--kinds cpu,static,swap,tide | --layer-kinds KIND,KIND,...] [--uniform] [--budget-step 8]
-[--jobs N] --out PLAN.json [--json]``
+[--batch-sizes 1,2,4,8 [--latency-p99-s S | --arrival-rate R [--seed N]]] [--jobs N]
+--out PLAN.json [--json]``
 
 Prices every candidate, solves the program, simulates the plan, the best uniform setting
 and the baselines (:mod:`sim.planner`), writes the plan and prints its kind, tau and B per
-layer and a table.
+layer and a table. With several ``--batch-sizes`` (or a latency bound or an arrival rate)
+it plans at each batch size and chooses one with the plan (:mod:`sim.frontier`), printing
+the frontier.
 """
 from __future__ import annotations
 
-from sim.planner import make_plan
+import sys
+
+from sim.frontier import check_batch_sizes, plan_frontier
 from traces.cli import ArgumentParser, check_out_path, integer, number, print_json, run_cli
 from traces.errors import TideError
 from traces.policies import KINDS, check_kinds
@@ -31,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated kind of each MoE layer, in order (a mix chosen by hand; budgets and taus planned)")
     ap.add_argument("--budget-step", type=integer, default=8, help="candidate budgets: multiples of this")
     ap.add_argument("--jobs", type=integer, default=None, help="processes pricing candidates (default: every core)")
+    ap.add_argument("--batch-sizes", default="1",
+                    help="comma-separated requests per forward to plan at; the plan takes the best (default 1)")
+    ap.add_argument("--latency-p99-s", type=number, default=None,
+                    help="offline: the most tokens/s whose p99 latency (a request's end) is at most this")
+    ap.add_argument("--arrival-rate", type=number, default=None,
+                    help="requests/s arriving (Poisson): the batch size and plan with the lowest p99 latency")
+    ap.add_argument("--seed", type=integer, default=0, help="seed of the Poisson arrivals")
     ap.add_argument("--out", required=True, help="plan JSON to write")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     a = ap.parse_args(argv)
@@ -40,20 +52,36 @@ def main(argv: list[str] | None = None) -> int:
     if a.budget_step < 1:
         raise TideError(f"--budget-step must be at least 1, got {a.budget_step}")
     kinds, layer_kinds = (_kinds(v, f) for v, f in ((a.kinds, "--kinds"), (a.layer_kinds, "--layer-kinds")))
+    sizes = check_batch_sizes(_integers(a.batch_sizes, "--batch-sizes"))
+    if a.latency_p99_s is not None and a.arrival_rate is not None:
+        raise TideError("give --latency-p99-s (offline) or --arrival-rate, not both")
     traces = [read_trace(p) for p in a.trace]
     for p, t in zip(a.trace, traces):
         t.require_one_request_per_forward(p)
     profile = Profile.load(a.profile)
-    plan, frame = make_plan(traces, profile, a.gpu_mem_gb, a.uniform, a.budget_step, a.jobs, names=a.trace,
-                            kinds=kinds, layer_kinds=layer_kinds)
+    most = max(len(t.requests) for t in traces)
+    if sizes[-1] > most:
+        print(f"note: batch sizes above the traces' requests ({most}) run them all at once", file=sys.stderr)
+    front = plan_frontier(traces, profile, a.gpu_mem_gb, sizes, a.latency_p99_s, a.arrival_rate, a.seed,
+                          names=a.trace, uniform=a.uniform, budget_step=a.budget_step, jobs=a.jobs, kinds=kinds,
+                          layer_kinds=layer_kinds)
+    plan, frame = front.plan, front.frames[front.plan.batch_size]
     plan.write(a.out)
     if a.json:
         print_json(plan.to_json())
         return 0
     p, s = plan.predicted, plan.provenance["solver"]
-    print(f"{traces[0].shape.name} on {profile.name}, {a.gpu_mem_gb:g} GB, {p['tokens']} tokens in "
-          f"{len(traces)} trace(s): {plan.provenance['mode']} plan; "
-          f"solved in {s['solve_s']:.2f} s ({s['binaries']} binaries)")
+    if len(sizes) > 1 or a.latency_p99_s is not None or a.arrival_rate is not None:
+        served = f"arriving at {a.arrival_rate:g}/s" if a.arrival_rate is not None else "offline"
+        print(f"frontier ({served}; latency: a request's arrival to its end):")
+        t = front.table.assign(chosen=front.table["chosen"].map({True: "<-", False: ""}))
+        print(t.drop(columns=[c for c in ("sustains",) if t[c].isna().all()]).to_string(
+            index=False, formatters={"tokens_per_s": "{:.1f}".format, "requests_per_s": "{:.3f}".format,
+                                     "latency_p50_s": "{:.2f}".format, "latency_p99_s": "{:.2f}".format,
+                                     "gpu_gb": "{:.1f}".format, "host_gb": "{:.1f}".format}))
+    print(f"{traces[0].shape.name} on {profile.name}, {a.gpu_mem_gb:g} GB, batch {plan.batch_size}, {p['tokens']} "
+          f"tokens in {len(traces)} trace(s): {plan.provenance['mode']} plan; "
+          f"solved in {s['solve_s']:.2f} s ({s['binaries']} binaries); GPU {p['gpu_gb']:.1f} GB, host {p['host_gb']:.1f} GB")
     print("kind per layer:   " + " ".join(plan.kinds))
     print("tau per layer:    " + " ".join(str(t) if k == "tide" else "-" for k, t in zip(plan.kinds, plan.tau)))
     print("budget per layer: " + " ".join(map(str, plan.budget)))
@@ -61,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
                                                    "plan_speedup": "{:.2f}x".format}))
     print(f"wrote {a.out}")
     return 0
+
+
+def _integers(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise TideError(f"{flag}: comma-separated integers, got {text!r}") from None
 
 
 def _kinds(text: str | None, flag: str) -> list[str] | None:

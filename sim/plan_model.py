@@ -8,18 +8,19 @@ it), then solved by HiGHS through Pyomo:
     minimise    sum_l sum_c seconds[l,c] x[l,c]
     subject to  sum_c x[l,c] = 1                                          for every layer l
                 fixed_bytes + expert_bytes sum_{l,c} budget[c] x[l,c] <= mem_limit       (GPU)
-                host_fixed + sum_{l,c} host_bytes[c] x[l,c] <= host_limit                (host)
+                expert_bytes sum_{l,c} host_experts[c] x[l,c] <= host_limit              (host)
                 x binary
     uniform: every layer takes the same candidate, x[l,c] = y[c], substituted: binaries
              y[c] only, each priced at sum_l seconds[l,c] (by default over tide's
              candidates: the paper's one-tau program)
 
-Layers run one after another, so their times add. Every kind keeps its layer's experts in
-host memory (the engine's host copy), so the host row holds the same bytes whatever the
-choice: it can only say that no plan fits. Memory depends on the budget alone, so for the
-per-layer program only each layer's Pareto candidates can be optimal: the fastest of each
-budget, and only if it is faster than every smaller budget's. The program holds those
-binaries only (an exact reduction; tens per layer instead of hundreds). Turning a trace and
+Layers run one after another, so their times add. The host holds only the experts a layer
+can miss (:func:`traces.memory.host_experts`: none at a budget of every expert, a static
+layer's non-resident ones, every expert for tide, swap and cpu), so a large model fits a
+box whose GPU and host hold it between them. Memory depends on the budget and the host
+experts alone, so for the per-layer program only each layer's Pareto candidates can be
+optimal: those no candidate beats with no more slots and no more host experts. The program
+holds those binaries only (an exact reduction; tens per layer instead of hundreds). Turning a trace and
 a profile into the table (by replaying the policy functions) is the planner's other half.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ import pyomo.environ as pyo
 from sim.candidates import Candidates
 from traces.cli import span
 from traces.errors import TideError
-from traces.memory import MemoryBudget
+from traces.memory import MemoryBudget, host_experts
 from traces.policies import KINDS, Policy, check_kinds
 
 _SOLVING = threading.Lock()
@@ -49,16 +50,21 @@ class CandidateTable:
     expert_bytes: float  # bytes of one expert slot
     fixed_bytes: float  # non-expert weights and KV cache on the GPU
     mem_limit: float  # bytes of GPU memory the plan may use
-    host_bytes: float = 0.0  # host memory every plan holds (all routed experts)
-    host_limit: float = float("inf")
+    host_experts: np.ndarray | None = None  # [C] experts a layer keeps in host memory under each candidate
+    host_limit: float = float("inf")  # bytes of host memory for experts
 
     @classmethod
-    def of(cls, layers: list[int], cands: Candidates, seconds: np.ndarray, mem: MemoryBudget,
-           host_limit: float = float("inf")) -> "CandidateTable":
+    def of(cls, layers: list[int], cands: Candidates, seconds: np.ndarray, mem: MemoryBudget) -> "CandidateTable":
         """The program's data from priced candidates and the run's memory budget."""
         return cls(layers=layers, cands=cands, seconds=seconds, expert_bytes=mem.expert_bytes,
                    fixed_bytes=mem.fixed_bytes, mem_limit=mem.limit_bytes,
-                   host_bytes=float(mem.shape.routed_expert_bytes(mem.dtype)), host_limit=host_limit)
+                   host_experts=host_experts(mem.shape, [KINDS[k] for k in cands.kind], cands.budget),
+                   host_limit=mem.host_limit_bytes)
+
+    @property
+    def host(self) -> np.ndarray:
+        """``[C]`` experts kept in host memory per candidate (none given: none)."""
+        return np.zeros(len(self.cands), np.int64) if self.host_experts is None else np.asarray(self.host_experts)
 
     def check(self, allowed: np.ndarray) -> None:
         """``allowed`` ``[L, C]``: what each layer may take."""
@@ -69,13 +75,17 @@ class CandidateTable:
             raise TideError("candidate table holds non-finite times")
         if not allowed.any(axis=1).all():
             raise TideError("--kinds: no candidate of these kinds")
-        if self.host_bytes > self.host_limit:
-            raise TideError(f"no plan fits: the routed experts ({self.host_bytes / 1e9:.1f} GB) exceed the host "
-                            f"memory ({self.host_limit / 1e9:.1f} GB)")
-        least = np.where(allowed, self.cands.budget[None, :], np.iinfo(np.int64).max).min(axis=1)
+        big = np.iinfo(np.int64).max
+        least = np.where(allowed, self.cands.budget[None, :], big).min(axis=1)
         if self.fixed_bytes + least.sum() * self.expert_bytes > self.mem_limit:
             raise TideError(f"no plan fits: every layer at its smallest candidate budget ({span(least.tolist())}) "
                             f"needs more than {self.mem_limit / 1e9:.2f} GB")
+        host = np.where(allowed, self.host[None, :], big).min(axis=1)
+        if host.sum() * self.expert_bytes > self.host_limit:
+            raise TideError(f"no plan fits in host memory: every layer keeping its fewest experts there "
+                            f"({span(host.tolist())}) needs {host.sum() * self.expert_bytes / 1e9:.1f} GB, "
+                            f"{self.host_limit / 1e9:.1f} GB available (only static layers and layers wholly "
+                            "on the GPU keep fewer than every expert there)")
 
 
 @dataclass(frozen=True)
@@ -128,17 +138,19 @@ def allowed_per_layer(table: CandidateTable, kinds: Sequence[str] | None, unifor
 
 
 def pareto(table: CandidateTable, allowed: np.ndarray) -> list[tuple[int, int]]:
-    """(layer, candidate) of each layer's Pareto candidates among ``allowed`` ``[L, C]`` (see module doc)."""
-    s = table.seconds
+    """(layer, candidate) of each layer's Pareto candidates among ``allowed`` ``[L, C]``: a
+    candidate is dropped when another is faster with no more slots and no more host experts,
+    or as fast, no larger on both, and first in (budget, host, candidate) order."""
+    s, b, h = table.seconds, table.cands.budget, table.host
     keep = []
     for l in range(s.shape[0]):
         idx = np.flatnonzero(allowed[l])
-        order = idx[np.lexsort((idx, table.cands.budget[idx]))]  # by budget, then candidate order
-        best = np.inf
-        for c in order:
-            if s[l, c] < best:
-                best = s[l, c]
-                keep.append((l, int(c)))
+        order = idx[np.lexsort((idx, h[idx], b[idx]))]  # by budget, host experts, candidate order
+        sl, bl, hl = s[l, order], b[order], h[order]
+        rank = np.arange(len(order))
+        no_more = (bl[:, None] <= bl[None, :]) & (hl[:, None] <= hl[None, :])  # [d, c]: d needs no more than c
+        beats = no_more & ((sl[:, None] < sl[None, :]) | ((sl[:, None] == sl[None, :]) & (rank[:, None] < rank[None, :])))
+        keep += [(l, int(c)) for c, dominated in zip(order, beats.any(axis=0)) if not dominated]
     return keep
 
 
@@ -160,14 +172,17 @@ def add_choice(m: pyo.ConcreteModel, table: CandidateTable, allowed: np.ndarray,
 
 
 def add_memory(m: pyo.ConcreteModel, table: CandidateTable, uniform: bool) -> None:
-    """Non-expert weights, KV cache and every layer's expert slots fit in the GPU limit (the
-    host's row is constant: every kind keeps the host copy, checked in :meth:`CandidateTable.check`)."""
-    b = table.cands.budget
-    if uniform:
-        slots = len(table.layers) * sum(int(b[c]) * m.y[c] for c in m.C)
-    else:
-        slots = sum(int(b[c]) * m.x[l, c] for l, c in m.X)
-    m.memory = pyo.Constraint(expr=table.fixed_bytes + table.expert_bytes * slots <= table.mem_limit)
+    """Non-expert weights, KV cache and every layer's expert slots fit in the GPU limit, and
+    the experts layers keep in host memory fit the host's."""
+    b, h = table.cands.budget, table.host
+
+    def total(per: np.ndarray):
+        if uniform:
+            return len(table.layers) * sum(int(per[c]) * m.y[c] for c in m.C)
+        return sum(int(per[c]) * m.x[l, c] for l, c in m.X)
+    m.memory = pyo.Constraint(expr=table.fixed_bytes + table.expert_bytes * total(b) <= table.mem_limit)
+    if np.isfinite(table.host_limit) and h.any():
+        m.host_memory = pyo.Constraint(expr=table.expert_bytes * total(h) <= table.host_limit)
 
 
 def add_objective(m: pyo.ConcreteModel, table: CandidateTable, uniform: bool) -> None:
@@ -199,10 +214,13 @@ def solve(table: CandidateTable, uniform: bool = False, kinds: Sequence[str] | N
     m = build(table, uniform, kinds, layer_kinds)
     t1 = time.perf_counter()
     with _SOLVING:  # Pyomo's solver plumbing is not thread-safe (threaded Dask workers)
-        res = pyo.SolverFactory("appsi_highs").solve(m)
+        res = pyo.SolverFactory("appsi_highs").solve(m, load_solutions=False)
+        if res.solver.termination_condition == pyo.TerminationCondition.optimal:
+            m.solutions.load_from(res)
     t2 = time.perf_counter()
     if res.solver.termination_condition != pyo.TerminationCondition.optimal:
-        raise TideError(f"the planner found no feasible plan ({res.solver.termination_condition})")
+        raise TideError(f"the planner found no plan that fits both the GPU and the host memory "
+                        f"({res.solver.termination_condition})")
     L = len(table.layers)
     if uniform:
         picks = [next(c for c in m.C if pyo.value(m.y[c]) > 0.5)] * L

@@ -27,14 +27,15 @@ from sim.candidates import Candidates, Priced, budget_grid, distinct_taus, price
 from sim.plan_model import CandidateTable, Solution, check_plan_kinds, solve
 from sim.replay import simulate
 from traces.cli import data_sha256, file_sha256, span
-from traces.costs import check_fits
 from traces.errors import TideError
-from traces.memory import MemoryBudget
+from traces.admission import compose_trace
+from traces.memory import MemoryBudget, kv_tokens
 from traces.plan import Plan
 from traces.policies import KINDS, Policy, baselines, kinds_label, tau_label
 from traces.profile import Profile
 from traces.trace import Trace
-from traces.values import need_float
+from traces.replay import replay
+from traces.values import need_float, need_int
 
 def check_traces(traces: Sequence[Trace], names: Sequence[str]) -> None:
     """All traces must be of one model and dtype."""
@@ -47,17 +48,15 @@ def check_traces(traces: Sequence[Trace], names: Sequence[str]) -> None:
             raise TideError(f"--trace {name}: dtype {tr.dtype}, the first trace's is {first.dtype}")
 
 
-def memory(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float) -> MemoryBudget:
-    """The GPU memory the plan may use, after one clear error if the limit is impossible
-    (above the box's memory, or short of weights, KV cache and one expert per layer)."""
-    shape, dtype = traces[0].shape, traces[0].dtype
-    check_fits(shape, profile, dtype)
+def memory(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, batch_size: int = 1) -> MemoryBudget:
+    """The memory the plan may use: ``gpu_mem_gb`` of the GPU (the batch's KV cache counted)
+    and the box's host memory, after one clear error if the limit is impossible (above the
+    box's memory, or short of weights, KV cache and one expert per layer)."""
     need_float(gpu_mem_gb, "--gpu-mem-gb", positive=True)
-    have = profile.capacity("gpu_mem_bytes")
-    if gpu_mem_gb * 1e9 > have:
-        raise TideError(f"--gpu-mem-gb {gpu_mem_gb:g}: more than {profile.name}'s GPU memory ({have / 1e9:.1f} GB)")
-    mem = MemoryBudget.for_traces(traces, gpu_mem_gb * 1e9)
-    mem.check_one_each(f"--gpu-mem-gb {gpu_mem_gb:g}")
+    mem = MemoryBudget.on_device(traces[0].shape, traces[0].dtype, gpu_mem_gb, profile.capacity("gpu_mem_bytes"),
+                                 kv_tokens(traces, batch_size), profile.capacity("host_mem_bytes"),
+                                 device=f"{profile.name}'s GPU")
+    mem.check_one_each(f"--gpu-mem-gb {gpu_mem_gb:g}" + (f" at batch {batch_size}" if batch_size > 1 else ""))
     return mem
 
 
@@ -73,8 +72,7 @@ def table_at(priced: Priced, box: int, mem: MemoryBudget, profile: Profile, budg
     """The program's table for one box (``priced``'s ``box``-th profile, ``profile``) and memory
     limit, from candidates priced for more budgets: those of ``budgets`` only."""
     keep = np.isin(priced.cands.budget, list(budgets))
-    return CandidateTable.of(mem.shape.moe_layers, priced.cands.take(keep), priced.seconds[box][:, keep], mem,
-                             host_limit=profile.capacity("host_mem_bytes"))
+    return CandidateTable.of(mem.shape.moe_layers, priced.cands.take(keep), priced.seconds[box][:, keep], mem)
 
 
 def candidate_table(traces: Sequence[Trace], profile: Profile, mem: MemoryBudget, budget_step: int = 8,
@@ -99,26 +97,38 @@ def _blocks(traces: Sequence[Trace]) -> int:
 def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, uniform: bool = False,
               budget_step: int = 8, jobs: int | None = 1, names: Sequence[str] | None = None,
               progress: bool = True, kinds: Sequence[str] | None = None,
-              layer_kinds: Sequence[str] | None = None) -> tuple[Plan, pd.DataFrame]:
+              layer_kinds: Sequence[str] | None = None, batch_size: int = 1) -> tuple[Plan, pd.DataFrame]:
     """Plan, simulate the plan, the best uniform setting of any kind and the baselines, and
     fill the plan's predictions and provenance.
+
+    ``batch_size`` above 1 plans for the traces' requests run that many per forward: the
+    batched forwards :func:`traces.admission.compose_trace` makes (what the runtime runs),
+    with the batch's KV cache on the GPU. A static layer's residents are fixed in the plan
+    (those of its setup on the first trace, as priced), so the runtime can load them
+    straight onto the GPU.
 
     ``jobs``: processes pricing candidates; the default 1 works from any script, ``None``
     takes every core (spawned workers: the calling script needs an ``if __name__ ==
     "__main__":`` guard, as multiprocessing requires)."""
     names = list(names) if names is not None else [f"trace {i}" for i in range(len(traces))]
     check_traces(traces, names)
+    for name, tr in zip(names, traces):
+        tr.require_one_request_per_forward(name)
+    need_int(batch_size, "--batch-sizes", lo=1)
     shape, dtype = traces[0].shape, traces[0].dtype
     L, E = shape.n_moe_layers, shape.experts
     check_plan_kinds(L, uniform, kinds, layer_kinds)
-    mem = memory(traces, profile, gpu_mem_gb)
+    mem = memory(traces, profile, gpu_mem_gb, batch_size)
+    traces = [compose_trace(t, batch_size) if batch_size > 1 else t for t in traces]  # the forwards that run
     t0 = time.perf_counter()
     table, priced = candidate_table(traces, profile, mem, budget_step, jobs, progress)
     table_s = time.perf_counter() - t0
     fixed_s = float(priced.fixed_s[0])
     best_uniform = solve(table, uniform=True, kinds=KINDS)  # the best uniform setting of any kind
     sol: Solution = solve(table, uniform, kinds, layer_kinds)
-    plan_s = simulated_seconds(traces, profile, sol.policy(E))
+    resident = static_residents(traces[0], sol.policy(E))
+    plan_policy = Policy.make("plan", L, E, budget=sol.budget, tau=sol.tau, kind=sol.kind, resident=resident or None)
+    plan_s = simulated_seconds(traces, profile, plan_policy)
     # the per-layer optimum over every kind holds the best uniform setting: never slower (tested;
     # a hand-chosen mix of kinds, --layer-kinds, may be)
     uni_s = simulated_seconds(traces, profile, best_uniform.policy(E))
@@ -128,7 +138,8 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
              "budget": span(sol.budget), "seconds": plan_s},
             {"policy": "uniform best", "kinds": u_kind, "tau": tau_label(best_uniform.kind, best_uniform.tau),
              "budget": str(best_uniform.budget[0]), "seconds": uni_s}]
-    base_policies = baselines(L, E, mem.largest_uniform())
+    base_policies = {n: p for n, p in baselines(L, E, mem.largest_uniform()).items()
+                     if mem.host_need_bytes(p.kinds, p.budget) <= mem.host_limit_bytes}  # those the host can hold
     for name, pol in base_policies.items():
         rows.append({"policy": name, "kinds": pol.kinds[0], "tau": "1" if name == "tide_tau1" else "-",
                      "budget": str(int(pol.budget[0])), "seconds": simulated_seconds(traces, profile, pol)})
@@ -159,9 +170,21 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
                        "budgets": sorted(set(table.cands.budget.tolist())), "per_layer": len(table.cands),
                        "pricing_s": table_s},
     }
+    predicted["host_gb"] = mem.host_need_bytes(sol.kind, sol.budget) / 1e9
+    predicted["gpu_gb"] = mem.need_bytes(sol.budget) / 1e9
     plan = Plan.for_shape(shape, sol.tau, sol.budget, kind=sol.kind, dtype=dtype, gpu_mem_bytes=mem.limit_bytes,
-                          predicted=predicted, provenance=provenance)
+                          batch_size=batch_size, resident=resident, predicted=predicted, provenance=provenance)
     return plan, frame
+
+
+def static_residents(trace: Trace, policy: Policy) -> dict[int, list[int]]:
+    """Each static layer's resident experts (``0 < B < E``) as its setup fills them on
+    ``trace`` (the first forward's counts, as the planner priced them)."""
+    static = [l for l, (k, b) in enumerate(zip(policy.kinds, policy.budget)) if k == "static" and 0 < b < trace.shape.experts]
+    if not static:
+        return {}
+    first = next(replay(trace, policy, with_act=False))
+    return {l: np.flatnonzero(first.decision.resident[l]).tolist() for l in static}
 
 
 def _is_file(name: str) -> bool:

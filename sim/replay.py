@@ -34,7 +34,7 @@ from traces.arrivals import Arrivals, check_clients, check_rate, closed_loop, po
 from traces.errors import TideError
 from traces.values import need_int
 from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, number, print_json, run_cli
-from traces.costs import CostModel, check_fits
+from traces.costs import CostModel
 from traces.counters import COUNTERS
 from traces.memory import MemoryBudget, kv_tokens
 from traces.policies import Policy
@@ -110,13 +110,14 @@ def simulate(trace: Trace, profile: Profile, policy: Policy, popularity: np.ndar
     requests served at ``batch_size`` (default: the trace's) as they arrive (:mod:`sim.serve`)."""
     t_wall = time.perf_counter()
     shape = trace.shape
-    check_fits(shape, profile, trace.dtype)
     cost = CostModel(profile, shape, trace.dtype, cpu_dtype)
     env = simpy.Environment()
     box = Box(env, profile, record=timeline)
     seats = batch_size or (trace.batch_size if arrivals is not None else None)
-    MemoryBudget.for_traces([trace], profile.capacity("gpu_mem_bytes"), seats or trace.batch_size).check(
-        policy.budget, f"on {profile.name}'s GPU, the {policy.name} policy's budget")
+    mem = MemoryBudget.for_traces([trace], profile.capacity("gpu_mem_bytes"), seats or trace.batch_size,
+                                  profile.capacity("host_mem_bytes"))
+    mem.check(policy.budget, f"on {profile.name}'s GPU, the {policy.name} policy's budget")
+    mem.check_host(policy.kinds, policy.budget, f"on {profile.name}, the {policy.name} policy")
     L = shape.n_moe_layers
     counters: list[dict[str, np.ndarray]] = []
     most = np.zeros(3)  # tokens per expert, tokens per forward, context: the largest priced

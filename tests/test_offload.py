@@ -246,3 +246,39 @@ def test_an_engine_refuses_a_policy_for_another_number_of_layers(tiny_ckpt):
     s = model.cfg.shape
     with pytest.raises(TideError, match="MoE layers"):
         OffloadEngine(model, Policy.make("static", s.n_moe_layers + 1, s.experts, budget=4), torch.device("cpu"))
+
+
+def test_experts_that_never_leave_the_fast_device_load_there_with_no_host_copy(tmp_path, tiny_ckpt):
+    """A plan's static layer lists its residents: the runtime loads them straight onto the
+    fast device and keeps only the others in host memory; a layer wholly on the device keeps
+    none there. Tokens and counters are those of the same plan on a model loaded whole (and
+    of ``all``); the model refuses to run without the engine, and an engine whose policy
+    would need a missing host copy is refused."""
+    from traces.policies import device_only
+    whole = load_model(tiny_ckpt)
+    shape = whole.cfg.shape
+    L, E = shape.n_moe_layers, shape.experts
+    resident = {0: [1, 4, 9, 30], 2: list(range(0, 32, 4))}
+    policy = Policy.make("plan", L, E, budget=[4, E, 8], tau=[0, 2, 0], kind=["static", "tide", "static"],
+                         resident=resident)
+    on = {shape.moe_layers[l]: ids for l, ids in device_only(policy, E).items()}
+    assert on == {shape.moe_layers[0]: resident[0], shape.moe_layers[1]: list(range(E)),
+                  shape.moe_layers[2]: resident[2]}
+    split = load_model(tiny_ckpt, on_device=on)
+    blocks = split.moe_blocks
+    assert [b.experts.gate.shape[0] for b in blocks] == [E - 4, 0, E - 8]  # no host copy of the residents
+    assert blocks[0].resident_ids.tolist() == resident[0]
+    assert torch.equal(blocks[0].resident.up[1], whole.moe_blocks[0].experts.up[4])
+    ref, _ = _run(whole, Policy.make("all", L, E), True, PROMPTS[1])
+    same, eng_whole = _run(whole, policy, True, PROMPTS[1])
+    got, eng = _run(split, policy, True, PROMPTS[1])
+    assert got.tokens == same.tokens == ref.tokens
+    assert eng.totals() == eng_whole.totals() and eng.totals()["cpu_tokens"] > 0
+    with pytest.raises(Exception, match="only the offload engine runs such a model"):
+        Generator(split, Decoding(32, 32, 0.3, True)).generate(PROMPTS[0], 32)
+    with pytest.raises(Exception, match="Run the plan the model was loaded for"):
+        OffloadEngine(split, Policy.make("tide", L, E, budget=4, tau=1), torch.device("cpu"))
+    moved = Policy.make("plan", L, E, budget=[4, E, 8], tau=[0, 2, 0], kind=["static", "tide", "static"],
+                        resident={0: [2, 4, 9, 30], 2: resident[2]})
+    with pytest.raises(Exception, match="loaded there for another set of residents"):
+        _run(split, moved, True, PROMPTS[0])

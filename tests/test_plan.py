@@ -30,7 +30,11 @@ def test_round_trip_and_policy(tmp_path):
     (lambda d: d["layers"][0].pop("kind"), r"layers\[0\]: lacks 'kind'|kind"),
     (lambda d: d["layers"][0].update(kind="swap", budget=0), "swap layer needs a budget"),
     (lambda d: d["layers"][0].update(kind="cpu"), "cpu layer has budget 0"),
-    (lambda d: d.update(version=3), "plan version 3 is not supported"),
+    (lambda d: d.update(version=4), "plan version 4 is not supported"),
+    (lambda d: d.update(batch_size=0), "batch_size must be at least 1"),
+    (lambda d: d["layers"][0].update(resident=[1, 2]), "only a static layer lists its residents"),
+    (lambda d: d["layers"][0].update(kind="static", resident=[1, 2]), "lists 2 residents; a static layer lists exactly"),
+    (lambda d: d["layers"][0].update(kind="static", resident=[300] * 64), "lists 64 residents"),
 ])
 def test_bad_plans(tmp_path, edit, fragment):
     d = Plan.for_shape(ModelShape.named("llada2-mini"), 2, 64).to_json()
@@ -54,10 +58,36 @@ def test_mixed_kinds_round_trip_and_version_1_still_loads(tmp_path):
     back = Plan.read(plan.write(tmp_path / "mixed.json"))
     assert back.kinds == kinds and back.tau[:4] == [0, 0, 0, 4]
     d = json.loads((tmp_path / "mixed.json").read_text())
-    assert d["version"] == 2 and "tau" not in d["layers"][2] and d["layers"][3]["tau"] == 4
+    assert d["version"] == 3 and "tau" not in d["layers"][2] and d["layers"][3]["tau"] == 4
+    assert d["batch_size"] == 1 and back.batch_size == 1
     pol = back.policy(s)
     assert pol.kinds == kinds and pol.swap_rows.tolist()[:3] == [False, False, True]
     old = {**d, "version": 1, "layers": [{"layer": r["layer"], "tau": 2, "budget": 64} for r in d["layers"]]}
     (tmp_path / "v1.json").write_text(json.dumps(old))
     v1 = Plan.read(tmp_path / "v1.json")
     assert v1.kinds == ["tide"] * 19 and v1.policy(s).tau.tolist() == [2] * 19
+    v2 = {**d, "version": 2, "batch_size": 9}  # version 2 had no batch size: 1
+    (tmp_path / "v2.json").write_text(json.dumps(v2))
+    assert Plan.read(tmp_path / "v2.json").batch_size == 1
+
+
+def test_a_plan_holds_its_batch_size_and_static_residents(tmp_path):
+    """Version 3: the batch size the plan was made for, and each static layer's residents,
+    which the policy fixes in place of its setup counts' top B."""
+    import numpy as np
+    from traces.policies import PolicyRunner
+    s = ModelShape.named("llada2-mini")
+    kinds = ["static"] + ["tide"] * 18
+    plan = Plan.for_shape(s, tau=[0] + [2] * 18, budget=[3] + [64] * 18, kind=kinds, batch_size=8,
+                          resident={0: [5, 17, 200]})
+    back = Plan.read(plan.write(tmp_path / "p.json"))
+    assert back.batch_size == 8 and back.resident == {0: [5, 17, 200]}
+    pol = back.policy(s)
+    counts = np.zeros((19, 256), np.int64)
+    counts[:, :10] = 5  # the setup counts would pick experts 0-2; the plan's residents win
+    runner = PolicyRunner(pol, 256)
+    runner.begin("prefill", 0)
+    runner.layer(0, counts[0])
+    assert np.flatnonzero(runner.state.resident[0]).tolist() == [5, 17, 200]
+    assert pol.to_json()["resident"] == {"0": [5, 17, 200]}
+

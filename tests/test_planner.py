@@ -17,6 +17,7 @@ from traces.profile import Profile
 from traces.shapes import ModelShape
 from traces.synth import synthesize
 
+MANY_GB = 2.5  # the two-MoE-layer mini: about 1.2 GB of non-expert weights, so some 100 experts per layer fit
 MEM_GB = 3.3  # the reduced mini: 1.3 GB of non-expert weights, 768 experts of 6.3 MB: about half fit
 
 
@@ -128,3 +129,82 @@ def test_bad_input_fails_cleanly(tmp_path, trace):
     other = tmp_path / "o.parquet"
     synthesize(ModelShape.named("llada2-mini").replace(num_hidden_layers=5), 32, 16, seed=0).write(other)
     assert_clean_error(run_module(*base, "--trace", str(other), "--gpu-mem-gb", "3"), str(other), "a trace of")
+
+
+def test_flash_plans_and_replays_on_the_h200_box():
+    """LLaDA2.0-flash's experts (200 GB in bf16) exceed the h200 box's host memory (134 GB),
+    but the box holds the model between its GPU and its host: the plan keeps some layers
+    static (or wholly on the GPU), whose residents need no host copy, and fits both; the
+    simulator replays it; baselines whose layers keep every expert on the host are left out."""
+    from traces.memory import MemoryBudget
+    tr = synthesize(ModelShape.named("llada2-flash"), 32, 32, seed=0)
+    prof = Profile.load("h200")
+    assert tr.shape.routed_expert_bytes(tr.dtype) > prof.capacity("host_mem_bytes")
+    plan, frame = make_plan([tr], prof, 130, budget_step=64, progress=False)
+    mem = MemoryBudget.for_traces([tr], 130e9, host_limit_bytes=prof.capacity("host_mem_bytes"))
+    assert mem.need_bytes(plan.budget) <= 130e9
+    assert mem.host_need_bytes(plan.kinds, plan.budget) <= prof.capacity("host_mem_bytes")
+    assert plan.predicted["host_gb"] == pytest.approx(mem.host_need_bytes(plan.kinds, plan.budget) / 1e9)
+    static = [i for i, (k, b) in enumerate(zip(plan.kinds, plan.budget)) if k == "static" and b < tr.shape.experts]
+    assert set(plan.resident) == set(static)  # a static layer's residents are in the plan (format v3)
+    res = simulate(tr, prof, plan.policy(tr.shape))
+    assert res.seconds == pytest.approx(plan.predicted["seconds"])
+    assert "cpu" not in set(frame["policy"]) and "swap" not in set(frame["policy"])
+    with pytest.raises(TideError, match="does not fit in host memory"):
+        simulate(tr, prof, Policy.make("tide", tr.shape.n_moe_layers, tr.shape.experts, budget=64, tau=2))
+
+
+@pytest.fixture(scope="module")
+def many():
+    """Six requests of a reduced mini (two MoE layers) of several prompt lengths."""
+    shape = ModelShape.named("llada2-mini").replace(num_hidden_layers=3)
+    return synthesize(shape, 32, [24, 40, 56, 72, 32, 48], seed=4, requests=6)
+
+
+def test_the_planner_chooses_the_batch_size_with_the_plan(many, tmp_path):
+    """Plans at each batch size (on the batched forwards the runtime runs), each served:
+    offline the most tokens/s is chosen; under a latency bound the most tokens/s that meets
+    it; with an arrival rate the lowest p99 latency among the batch sizes that sustain it.
+    The plan records its batch size and the frontier, and the runtime's batched pricing
+    of the chosen plan equals the serving simulator's."""
+    from sim.frontier import choose, plans_by_batch, serve_figures
+    prof = Profile.load("a100-40gb")
+    plans = plans_by_batch([many], prof, MANY_GB, [8, 1, 2, 4, 2], budget_step=32, progress=False)
+    assert sorted(plans) == [1, 2, 4, 8] and all(p.batch_size == b for b, (p, _) in plans.items())
+    front = choose(plans, [many], prof)
+    t = front.table.set_index("batch_size")
+    assert list(t.index) == [1, 2, 4, 8] and t["chosen"].sum() == 1
+    assert front.plan.batch_size == t["tokens_per_s"].idxmax()
+    fig = serve_figures([many], prof, front.plan, front.plan.batch_size)
+    assert fig["tokens_per_s"] == pytest.approx(t.loc[front.plan.batch_size, "tokens_per_s"])
+    assert [r["batch_size"] for r in front.plan.predicted["frontier"]] == [1, 2, 4, 8]
+    bound = float(t["latency_p99_s"].sort_values().iloc[1]) * 1.0001  # two batch sizes meet it
+    meets = t[t["latency_p99_s"] <= bound]
+    assert choose(plans, [many], prof, latency_p99_s=bound).plan.batch_size == meets["tokens_per_s"].idxmax()
+    with pytest.raises(TideError, match="no batch size meets it; the closest is batch"):
+        choose(plans, [many], prof, latency_p99_s=float(t["latency_p99_s"].min()) / 2)
+    rate = float(t["requests_per_s"].min()) / 2
+    at = choose(plans, [many], prof, arrival_rate=rate, seed=3)
+    assert at.table["sustains"].all() and at.plan.batch_size == at.table.set_index("batch_size")["latency_p99_s"].idxmin()
+    with pytest.raises(TideError, match="cannot sustain it at any batch size"):
+        choose(plans, [many], prof, arrival_rate=float(t["requests_per_s"].max()) * 3)
+    path = tmp_path / "p.json"
+    front.plan.write(path)
+    assert Plan.read(path).batch_size == front.plan.batch_size
+
+
+def test_plan_command_over_batch_sizes_and_its_bad_input(many, tmp_path):
+    tr = tmp_path / "many.parquet"
+    many.write(tr)
+    out = tmp_path / "plan.json"
+    base = ("sim.plan", "--trace", str(tr), "--profile", "a100-40gb", "--gpu-mem-gb", str(MANY_GB), "--jobs", "1",
+            "--budget-step", "32")
+    p = run_module(*base, "--batch-sizes", "1,4,16", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "frontier (offline" in p.stdout and "<-" in p.stdout and "run them all at once" in p.stderr
+    assert json.loads(out.read_text())["version"] == 3
+    for flags, fragment in ((["--batch-sizes", "0,2"], "--batch-sizes must be"), (["--batch-sizes", "2,x"], "--batch-sizes: comma"),
+                            (["--arrival-rate", "-1"], "--arrival-rate must be"),
+                            (["--latency-p99-s", "1", "--arrival-rate", "1"], "not both")):
+        assert_clean_error(run_module(*base, *flags, "--out", str(tmp_path / "bad.json")), fragment)
+        assert not (tmp_path / "bad.json").exists()

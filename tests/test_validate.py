@@ -45,24 +45,31 @@ def test_error_is_predicted_over_measured_per_round_with_drift_beside(validated)
     assert "error per round" in validated["stdout"] and "median |error|" in validated["stdout"]
 
 
-def test_a_mixed_plan_runs_for_real_with_the_tokens_of_all(validated, tiny_ckpt, tmp_path):
+def test_a_mixed_plan_runs_for_real_batched_with_the_tokens_of_all(validated, tiny_ckpt, tmp_path):
     """A plan mixing kinds (a swap, a cpu and a tide layer, chosen by hand; budgets and taus
-    planned) through the real engine: tokens exactly those of ``all``, predicted and measured
-    printed for every run."""
+    planned) through the real engine, three requests two at a time (``--batch-size 2``):
+    each request's tokens exactly those of ``all`` at that batch, predicted (over the same
+    batched forwards) and measured printed for every run; the plan's own batch-1 prediction
+    is not compared."""
+    from runtime.config import ModelConfig
+    from traces.synth import synthesize
     d = validated["result"].parent
     plan = tmp_path / "mixed.json"
     p = run_module("sim.plan", "--trace", str(d / "t.parquet"), "--profile", str(d / "box.json"), "--gpu-mem-gb",
                    "0.0012", "--layer-kinds", "swap,cpu,tide", "--jobs", "1", "--out", str(plan))
     assert p.returncode == 0, p.stderr
     assert "kind per layer:   swap cpu tide" in p.stdout
+    three = tmp_path / "three.parquet"
+    synthesize(ModelConfig.load(tiny_ckpt).shape, 32, [24, 40, 56], seed=1, requests=3, dtype="float32").write(three)
     out = tmp_path / "v.json"
     p = run_module("experiments.validate", "--checkpoint", str(tiny_ckpt), "--plan", str(plan), "--rounds", "1",
-                   "--out", str(out))
+                   "--trace", str(three), "--batch-size", "2", "--out", str(out))
     assert p.returncode == 0, p.stderr
     assert "tokens agree with the reference (all)" in p.stdout and "swap x1" in p.stdout
     runs = {r["policy"]: r for r in json.loads(out.read_text())["runs"]}
     assert runs["plan"]["tokens_identical"] and runs["plan"]["kinds"] == "cpu x1, swap x1, tide x1"
     assert runs["plan"]["predicted_s"] > 0 and runs["plan"]["measured_s"] > 0
+    assert runs["plan"]["planned_s"] is None  # NaN: the plan priced one request per forward
     assert runs["plan"]["cpu_tokens"] > 0 and runs["plan"]["gpu_tokens"] > 0  # both paths ran
 
 

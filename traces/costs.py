@@ -252,11 +252,3 @@ class CostModel:
         dense, head, loop = self.fixed_parts(tokens, context)
         return self.shape.first_k_dense * dense + head + loop
 
-
-def check_fits(shape: ModelShape, profile: Profile, dtype: str = "bfloat16") -> None:
-    """All experts must fit in host memory; a TideError otherwise."""
-    need = shape.routed_expert_bytes(dtype)
-    have = profile.capacity("host_mem_bytes")
-    if need > have:
-        raise TideError(f"{shape.name}'s routed experts ({need / 1e9:.1f} GB in {dtype}) do not fit in "
-                        f"{profile.name}'s host memory ({have / 1e9:.1f} GB)")

@@ -1,9 +1,14 @@
-"""GPU memory: what a run holds on the fast device, and whether a placement fits. Asked by
-every part (runtime flags, simulator, planner, sweeps, validation), so all count it one way.
+"""Memory: what a run holds on the fast device and in host memory, and whether a placement
+fits. Asked by every part (runtime flags, simulator, planner, sweeps, validation), so all
+count it one way.
 
-A run holds the non-expert weights (plus the fp32 ``expert_bias``), the KV cache of its
-longest request (KV-cache runs only: tokens up to the last whole block) and ``B`` expert
-slots per MoE layer. A uniform budget ``B`` fits iff ``B <= largest_uniform()``.
+The fast device holds the non-expert weights (plus the fp32 ``expert_bias``), the KV cache
+of the batch (KV-cache runs only: its requests' caches at once, each up to the last whole
+block of the longest) and ``B`` expert slots per MoE layer. The host holds only the experts
+that can be missing from the fast device: a layer whose budget is every expert needs no
+host copy, a ``static`` layer needs its non-resident experts only, and ``tide``, ``swap``
+and ``cpu`` layers need every expert there. A uniform budget ``B`` fits the device iff
+``B <= largest_uniform()``.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import numpy as np
 
 from traces.errors import TideError
 from traces.shapes import ModelShape
+from traces.values import need_float
 
 if TYPE_CHECKING:
     from traces.trace import Trace
@@ -40,19 +46,57 @@ def kv_tokens_for(lengths: Sequence[tuple[int, int]], block_length: int, kv_cach
     return min(batch_size, len(lengths)) * max(math.ceil((p + g) / block_length) * block_length for p, g in lengths)
 
 
+def host_experts(shape: ModelShape, kinds: Sequence[str], budget: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Experts each MoE layer keeps in host memory (see module doc): none at a budget of every
+    expert, a static layer's non-resident ones, every expert otherwise."""
+    b = np.broadcast_to(np.asarray(budget, dtype=np.int64), (len(kinds),))
+    E = shape.experts
+    static = np.array([k == "static" for k in kinds], dtype=bool)
+    return np.where(b >= E, 0, np.where(static, E - b, E))
+
+
 @dataclass(frozen=True)
 class MemoryBudget:
-    """The fast device's memory as one run uses it: ``limit_bytes`` in all, ``fixed_bytes``
-    for weights and KV cache, the rest for expert slots."""
+    """Memory as one run uses it: on the fast device ``limit_bytes`` in all, ``fixed_bytes``
+    for weights and KV cache, the rest for expert slots; in host memory ``host_limit_bytes``
+    for the experts that can be missing from the device (:func:`host_experts`)."""
 
     shape: ModelShape
     dtype: str
     limit_bytes: float
     kv_tokens: int = 0
+    host_limit_bytes: float = float("inf")
 
     @classmethod
-    def for_traces(cls, traces: Sequence["Trace"], limit_bytes: float, batch_size: int | None = None) -> "MemoryBudget":
-        return cls(traces[0].shape, traces[0].dtype, float(limit_bytes), kv_tokens(traces, batch_size))
+    def for_traces(cls, traces: Sequence["Trace"], limit_bytes: float, batch_size: int | None = None,
+                   host_limit_bytes: float = float("inf")) -> "MemoryBudget":
+        return cls(traces[0].shape, traces[0].dtype, float(limit_bytes), kv_tokens(traces, batch_size),
+                   float(host_limit_bytes))
+
+    @classmethod
+    def on_device(cls, shape: ModelShape, dtype: str, gpu_mem_gb: float | None, device_bytes: float | None,
+                  kv_tokens: int = 0, host_limit_bytes: float = float("inf"), device: str = "the device") -> "MemoryBudget":
+        """The budget a run may use: ``--gpu-mem-gb`` (default: the whole ``device_bytes``,
+        unbounded where that is unknown), refused with one line when it is more than the
+        device's memory (``device`` names it) or not a positive number."""
+        if gpu_mem_gb is not None:
+            need_float(gpu_mem_gb, "--gpu-mem-gb", positive=True)
+            if device_bytes is not None and gpu_mem_gb * 1e9 > device_bytes:
+                raise TideError(f"--gpu-mem-gb {gpu_mem_gb:g}: more than the memory of {device} ({device_bytes / 1e9:.1f} GB)")
+        limit = gpu_mem_gb * 1e9 if gpu_mem_gb is not None else device_bytes
+        return cls(shape, dtype, float("inf") if limit is None else float(limit), int(kv_tokens), float(host_limit_bytes))
+
+    def host_need_bytes(self, kinds: Sequence[str], budget: Sequence[int] | np.ndarray) -> int:
+        """Host memory the experts of a placement (a kind and budget per MoE layer) take."""
+        return int(host_experts(self.shape, kinds, budget).sum()) * self.expert_bytes
+
+    def check_host(self, kinds: Sequence[str], budget: Sequence[int] | np.ndarray, what: str = "the placement") -> None:
+        """A TideError unless the experts the host must hold fit in its memory."""
+        need = self.host_need_bytes(kinds, budget)
+        if need > self.host_limit_bytes:
+            raise TideError(f"{what} does not fit in host memory: its layers need {need / 1e9:.1f} GB of experts there "
+                            f"(tide, swap and cpu layers every expert, static layers their non-resident ones), "
+                            f"{self.host_limit_bytes / 1e9:.1f} GB available")
 
     @property
     def expert_bytes(self) -> int:

@@ -1,21 +1,25 @@
 """Plans: per MoE layer a policy kind, its GPU expert budget ``B`` and (tide) its refresh
 interval ``tau``, with provenance.
 
-JSON, format ``tide-plan`` version 2::
+JSON, format ``tide-plan`` version 3::
 
-    {"format": "tide-plan", "version": 2,
+    {"format": "tide-plan", "version": 3,
      "model": {"name": "llada2-mini", "model_key": "...", "experts": 256},
-     "dtype": "bfloat16", "gpu_mem_bytes": 24e9,
+     "dtype": "bfloat16", "gpu_mem_bytes": 24e9, "batch_size": 8,
      "layers": [{"layer": 1, "kind": "tide", "tau": 4, "budget": 96},   # every MoE layer, in order
                 {"layer": 2, "kind": "swap", "budget": 64},
-                {"layer": 3, "kind": "cpu", "budget": 0}, ...],
+                {"layer": 3, "kind": "static", "budget": 2, "resident": [7, 40]},
+                {"layer": 4, "kind": "cpu", "budget": 0}, ...],
      "predicted": {"seconds": ..., "tokens_per_s": ..., "speedup": {"cpu": ..., "static": ...}},
      "provenance": {"created": ..., "trace": ..., "profile": ..., "solver": ...}}
 
 Kinds are ``cpu`` (budget 0: every routed token on the CPU), ``static``, ``swap`` and
-``tide`` (:data:`traces.policies.KINDS`); only tide layers have a ``tau``. Version-1 plans
-(no kinds: every layer tide) still load. The planner writes plans; the runtime and the
-simulator run them as the ``plan`` policy.
+``tide`` (:data:`traces.policies.KINDS`); only tide layers have a ``tau``; a static layer
+may list its ``resident`` experts (as many as its budget: the runtime loads them straight
+onto the fast device and keeps only the others in host memory). ``batch_size`` is the
+requests per forward the plan was made for (absent: 1). Version-1 plans (no kinds: every
+layer tide) and version-2 plans (no batch size, no residents) still load. The planner
+writes plans; the runtime and the simulator run them as the ``plan`` policy.
 """
 from __future__ import annotations
 
@@ -32,8 +36,8 @@ from traces.shapes import DTYPE_BYTES, ModelShape
 from traces.values import get, need_dict, need_float, need_int, need_list, need_str
 
 FORMAT = "tide-plan"
-VERSION = 2
-READS = (1, 2)  # versions this TIDE reads
+VERSION = 3
+READS = (1, 2, 3)  # versions this TIDE reads
 
 
 @dataclass
@@ -45,6 +49,8 @@ class Plan:
     kind: list[str] = field(default_factory=list)  # empty: every layer tide (version 1)
     dtype: str = "bfloat16"
     gpu_mem_bytes: float | None = None
+    batch_size: int = 1  # requests per forward the plan was made for
+    resident: dict[int, list[int]] = field(default_factory=dict)  # static layers' residents, by MoE layer index
     predicted: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -66,11 +72,13 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         rows = []
-        for l, k, t, b in zip(self.layers, self.kinds, self.tau, self.budget):
+        for i, (l, k, t, b) in enumerate(zip(self.layers, self.kinds, self.tau, self.budget)):
             rows.append({"layer": l, "kind": k, "tau": t, "budget": b} if k == "tide" else {"layer": l, "kind": k, "budget": b})
+            if i in self.resident:
+                rows[-1]["resident"] = [int(e) for e in self.resident[i]]
         return {
             "format": FORMAT, "version": VERSION, "model": self.model, "dtype": self.dtype,
-            "gpu_mem_bytes": self.gpu_mem_bytes, "layers": rows,
+            "gpu_mem_bytes": self.gpu_mem_bytes, "batch_size": self.batch_size, "layers": rows,
             "predicted": self.predicted, "provenance": self.provenance,
         }
 
@@ -91,7 +99,7 @@ class Plan:
         model = need_dict(d.get("model"), f"{where}: model")
         need_int(get(model, "experts", f"{where}: model"), f"{where}: model.experts", lo=1)
         rows = need_list(d.get("layers"), f"{where}: layers", nonempty=True)
-        layers, kind, tau, budget = [], [], [], []
+        layers, kind, tau, budget, resident = [], [], [], [], {}
         for i, r in enumerate(rows):
             w = f"{where}: layers[{i}]"
             r = need_dict(r, w)
@@ -104,14 +112,18 @@ class Plan:
                     need_int(r["tau"], f"{w}.tau", lo=1)
                 tau.append(0)
             budget.append(need_int(get(r, "budget", w), f"{w}.budget", lo=0))
+            if r.get("resident") is not None and version >= 3:
+                resident[i] = [need_int(e, f"{w}.resident", lo=0) for e in need_list(r["resident"], f"{w}.resident")]
         dtype = need_str(d.get("dtype", "bfloat16"), f"{where}: dtype", tuple(DTYPE_BYTES))
         gpu_mem = d.get("gpu_mem_bytes")
         if gpu_mem is not None:
             gpu_mem = need_float(gpu_mem, f"{where}: gpu_mem_bytes", positive=True)
         predicted = need_dict(d.get("predicted") or {}, f"{where}: predicted")
         provenance = need_dict(d.get("provenance") or {}, f"{where}: provenance")
+        batch = need_int(d.get("batch_size", 1), f"{where}: batch_size", lo=1) if version >= 3 else 1
         plan = cls(model=model, layers=layers, tau=tau, budget=budget, kind=kind, dtype=dtype,
-                   gpu_mem_bytes=gpu_mem, predicted=predicted, provenance=provenance)
+                   gpu_mem_bytes=gpu_mem, batch_size=batch, resident=resident, predicted=predicted,
+                   provenance=provenance)
         plan.validate(where)
         return plan
 
@@ -139,6 +151,15 @@ class Plan:
                 raise TideError(f"{where}: a swap layer needs a budget of at least 1 (layer {l})")
             if k == "cpu" and b != 0:
                 raise TideError(f"{where}: a cpu layer has budget 0 (layer {l})")
+        for i, ids in self.resident.items():
+            l = self.layers[i] if 0 <= i < len(self.layers) else i
+            if not 0 <= i < len(self.layers) or kinds[i] != "static":
+                raise TideError(f"{where}: only a static layer lists its residents (layer {l})")
+            if len(set(ids)) != len(ids) or len(ids) != self.budget[i] or any(not 0 <= e < E for e in ids):
+                raise TideError(f"{where}: layer {l} lists {len(ids)} residents; a static layer lists exactly its "
+                                f"budget ({self.budget[i]}) of distinct experts in 0..{E - 1}")
+        if not isinstance(self.batch_size, (int, np.integer)) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise TideError(f"{where}: batch_size must be an integer of at least 1, got {self.batch_size!r}")
 
     def check_model(self, shape: ModelShape, where: str = "plan") -> None:
         """The plan must be for this model's MoE layers and experts."""
@@ -149,7 +170,8 @@ class Plan:
 
     def policy(self, shape: ModelShape) -> Policy:
         self.check_model(shape)
-        return Policy.make("plan", shape.n_moe_layers, shape.experts, budget=self.budget, tau=self.tau, kind=self.kinds)
+        return Policy.make("plan", shape.n_moe_layers, shape.experts, budget=self.budget, tau=self.tau, kind=self.kinds,
+                           resident=self.resident or None)
 
     def expert_bytes_on_gpu(self, shape: ModelShape) -> int:
         return int(sum(self.budget)) * shape.expert_bytes(self.dtype)

@@ -8,8 +8,9 @@ the new state and what to copy where and what runs where.
 
 Rules (ranking is always by count, ties by lower expert id):
 
-* setup fills each MoE layer's ``B`` slots with the top ``B`` experts by setup count;
-  those copies are ``setup_migrations``. Every later copy is a ``migration``.
+* setup fills each MoE layer's ``B`` slots with the top ``B`` experts by setup count (a
+  plan may fix a static layer's residents in advance instead); those copies are
+  ``setup_migrations``. Every later copy is a ``migration``.
 * ``all``: ``B = experts``; ``cpu``: ``B = 0``, every routed token on the CPU.
 * ``static`` (Fiddler): the setup placement never changes; misses on the CPU.
 * ``swap`` (Mixtral-Offload): every chosen expert not resident is copied in before it
@@ -91,14 +92,19 @@ class Policy:
     budget: np.ndarray  # [L] int: expert slots per MoE layer on the fast device
     tau: np.ndarray | None = None  # [L] int: tide and plan only (0 on a plan's layers that are not tide)
     kind: np.ndarray | None = None  # [L] int8 index into KINDS (set by make)
+    resident: np.ndarray | None = None  # [L, E] bool: a static layer's residents fixed in advance (a plan's)
 
     @classmethod
     def make(cls, name: str, n_layers: int, experts: int, budget: int | Sequence[int] | None = None,
-             tau: int | Sequence[int] | None = None, kind: str | Sequence[str] | None = None) -> "Policy":
+             tau: int | Sequence[int] | None = None, kind: str | Sequence[str] | None = None,
+             resident: dict[int, Sequence[int]] | None = None) -> "Policy":
         """Validate and build; a bad value is a :class:`PolicyError` naming the parameter
-        (``policy``, ``budget``, ``tau``, ``kind``), which each command maps to its own flag.
-        ``kind`` (names, one or one per layer) is for ``plan`` only; a plan without kinds is
-        all ``tide`` (the version-1 plans)."""
+        (``policy``, ``budget``, ``tau``, ``kind``, ``resident``), which each command maps to
+        its own flag. ``kind`` (names, one or one per layer) is for ``plan`` only; a plan
+        without kinds is all ``tide`` (the version-1 plans). ``resident`` (plans only: MoE
+        layer index -> expert ids) fixes a static layer's resident experts in advance, in
+        place of its setup counts' top ``B`` (so the runtime can load them straight onto the
+        fast device)."""
         if name not in POLICIES:
             raise PolicyError("policy", f"unknown policy {name!r} (expected one of {', '.join(POLICIES)})")
         if name == "plan":
@@ -131,7 +137,27 @@ class Policy:
             if (t[k == TIDE] < 1).any():
                 raise PolicyError("tau", f"tau must be at least 1, got {t[k == TIDE].min()}")
             t = np.where(k == TIDE, t, 0)
-        return cls(name=name, budget=b.astype(np.int64), tau=t, kind=k)
+        fixed = None
+        if resident:
+            if name != "plan":
+                raise PolicyError("resident", f"only a plan fixes residents in advance, not {name}")
+            fixed = np.zeros((n_layers, experts), dtype=bool)
+            for l, ids in resident.items():
+                ids = np.asarray(list(ids))
+                if not isinstance(l, (int, np.integer)) or not 0 <= l < n_layers or k[l] != STATIC:
+                    raise PolicyError("resident", f"layer {l}: residents are fixed for static layers only")
+                if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= experts):
+                    raise PolicyError("resident", f"layer {l}: expert ids must be integers in 0..{experts - 1}")
+                if len(set(ids.tolist())) != len(ids) or len(ids) != b[l]:
+                    raise PolicyError("resident", f"layer {l}: expected {b[l]} distinct experts (its budget), got {len(ids)}")
+                fixed[l, ids] = True
+        return cls(name=name, budget=b.astype(np.int64), tau=t, kind=k, resident=fixed)
+
+    def residents(self) -> dict[int, list[int]]:
+        """The fixed residents by MoE layer index (empty: none fixed)."""
+        if self.resident is None:
+            return {}
+        return {int(l): np.flatnonzero(self.resident[l]).tolist() for l in range(self.n_layers) if self.resident[l].any()}
 
     @property
     def n_layers(self) -> int:
@@ -161,6 +187,8 @@ class Policy:
         d = {"name": self.name, "budget": self.budget.tolist(), "tau": self.tau.tolist() if self.tau is not None else None}
         if self.name == "plan":
             d["kind"] = self.kinds
+            if self.resident is not None:
+                d["resident"] = {str(l): ids for l, ids in self.residents().items()}
         return d
 
     @classmethod
@@ -168,7 +196,11 @@ class Policy:
         """What :meth:`to_json` wrote, checked as :meth:`make` checks."""
         if not isinstance(d, dict) or not isinstance(d.get("name"), str):
             raise PolicyError("policy", f"a recorded policy is an object with a name, got {d!r}")
-        return cls.make(d["name"], n_layers, experts, budget=d.get("budget"), tau=d.get("tau"), kind=d.get("kind"))
+        res = d.get("resident")
+        if res is not None and not (isinstance(res, dict) and all(str(k).isdigit() for k in res)):
+            raise PolicyError("resident", f"a recorded policy's residents map layer indices to expert ids, got {res!r}")
+        return cls.make(d["name"], n_layers, experts, budget=d.get("budget"), tau=d.get("tau"), kind=d.get("kind"),
+                        resident={int(k): v for k, v in res.items()} if res else None)
 
     def refresh_mask(self, kind: str, step: int) -> np.ndarray:
         """Which layers refresh at this forward: tide layers at prefills, at a block's first
@@ -369,6 +401,22 @@ def _rank_keys(counts: np.ndarray, resident: np.ndarray | None = None) -> np.nda
     key = np.multiply(counts, -2 * E, dtype=np.int64)
     key += _ids(E) if resident is None else np.where(resident, _ids(E), _ids(E) + E)
     return key
+
+
+def device_only(policy: Policy, experts: int, setup_counts: np.ndarray | None = None) -> dict[int, list[int]]:
+    """Experts of each MoE layer (index) known before the run to stay on the fast device for
+    the whole run, so they need no host copy: every expert of a layer whose budget is every
+    expert, and a static layer's residents when fixed in advance (a plan's) or set by
+    ``setup_counts`` (a popularity trace: its top ``B``, as setup ranks them)."""
+    out: dict[int, list[int]] = {}
+    for l, (k, b) in enumerate(zip(policy.kind, policy.budget)):
+        if b >= experts:
+            out[l] = list(range(experts))
+        elif k == STATIC and b > 0 and policy.resident is not None and policy.resident[l].any():
+            out[l] = np.flatnonzero(policy.resident[l]).tolist()
+        elif k == STATIC and b > 0 and setup_counts is not None:
+            out[l] = sorted(rank(np.asarray(setup_counts)[l])[:b].tolist())
+    return out
 
 
 def rank(counts: np.ndarray, resident: np.ndarray | None = None) -> np.ndarray:
@@ -690,6 +738,9 @@ class PolicyRunner:
         if self._first:
             rows = layer_rows(layers, self.group)
             src = counts if self.setup_counts is None else np.asarray(self.setup_counts)[layers]
+            if self.policy.resident is not None and self.group == 1:  # a static layer's residents fixed in advance: they fill its slots
+                fixed = self.policy.resident[layers]
+                src = np.where(fixed.any(axis=1, keepdims=True), fixed.astype(np.int64), src)
             setup = _setup(self.state, rows, np.repeat(np.asarray(src), self.group, axis=0), self.policy.budget[rows])
         copies, swap_rows, wave_of = step_layers(self.policy, self.state, layers, counts, self._refresh)
         self._setup.append(setup)

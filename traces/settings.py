@@ -9,7 +9,6 @@ from traces.plan import Plan
 from traces.memory import MemoryBudget
 from traces.policies import POLICIES, Policy, PolicyError
 from traces.shapes import ModelShape
-from traces.values import need_float
 
 
 def parse_budget(text: str | None) -> int | list[int] | None:
@@ -43,12 +42,8 @@ def resolve_policy(name: str, shape: ModelShape, dtype: str, *, tau: int | None 
         raise TideError(f"--tau must be at least 1, got {tau}")
     if gpu_experts is not None and gpu_mem_gb is not None:
         raise TideError("give --gpu-experts or --gpu-mem-gb, not both")
-    if gpu_mem_gb is not None:
-        need_float(gpu_mem_gb, "--gpu-mem-gb", positive=True)
-        if mem_limit_bytes is not None and gpu_mem_gb * 1e9 > mem_limit_bytes:
-            raise TideError(f"--gpu-mem-gb {gpu_mem_gb:g}: more than the device's memory ({mem_limit_bytes / 1e9:.1f} GB)")
-    limit = gpu_mem_gb * 1e9 if gpu_mem_gb is not None else mem_limit_bytes
-    mem = MemoryBudget(shape, dtype, limit if limit is not None else float("inf"), kv_tokens)
+    mem = MemoryBudget.on_device(shape, dtype, gpu_mem_gb, mem_limit_bytes, kv_tokens)
+    limit = None if mem.limit_bytes == float("inf") else mem.limit_bytes
     if limit is not None and mem.fixed_bytes > limit:
         kv = kv_tokens * shape.kv_bytes_per_token(dtype)
         raise TideError(f"--gpu-mem-gb {limit / 1e9:g}: the non-expert weights ({shape.non_expert_bytes(dtype) / 1e9:.4f} GB) "
