@@ -45,7 +45,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from experiments.sweep_points import POLICY_SET, Group, Point, plan_group, point_rows, price_group, save, share_key
+from experiments.sweep_points import (POLICY_SET, Group, Point, plan_group, point_rows, price_group, save,
+                                      served_at_rates, share_key)
 from sim.candidates import Priced
 
 #: How long to wait for a Dask scheduler to answer before saying it does not.
@@ -73,8 +74,13 @@ class Study:
     policies: list[str] = field(default_factory=lambda: list(POLICY_SET))
     taus: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     budgets: list[int | str] = field(default_factory=lambda: ["fit"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    arrival_rates: list[float] = field(default_factory=list)
+    requests: int = 1
     prompt_length: int = 64
     seed: int = 0
+    budget_step: int = 8
+    plan_taus: str = "all"
 
     def check(self, where: Callable[[str], str]) -> "Study":
         """Every axis of its type and range, before anything is made: ``where(field)`` names
@@ -85,6 +91,12 @@ class Study:
         self.profiles, self.models, self.policies = strs("profiles"), strs("models"), strs("policies")
         self.gen_lengths = need_ints(self.gen_lengths, where("gen_lengths"), lo=1, hi=1 << 20)
         self.taus = need_ints(self.taus, where("taus"), lo=1)
+        self.batch_sizes = need_ints(self.batch_sizes, where("batch_sizes"), lo=1, hi=1 << 12)
+        self.arrival_rates = [need_float(v, f"{where('arrival_rates')}[{i}]", positive=True)
+                              for i, v in enumerate(need_list(self.arrival_rates, where("arrival_rates")))]
+        self.requests = need_int(self.requests, where("requests"), lo=1, hi=1 << 12)
+        self.budget_step = need_int(self.budget_step, where("budget_step"), lo=1)
+        self.plan_taus = need_str(self.plan_taus, where("plan_taus"), ("all", "listed"))
         self.pcie = need_numbers(self.pcie, where("pcie"), positive=True)
         self.cpu_cores = need_numbers(self.cpu_cores, where("cpu_cores"), positive=True)
         for k in ("gpu_mem_gb", "host_mem_gb"):
@@ -115,18 +127,26 @@ class Study:
     def points(self) -> list[Point]:
         return [Point(study=self.name, profile=p, model=m, gen_length=g, prompt_length=self.prompt_length,
                       seed=self.seed, pcie=x, cpu_cores=c, gpu_mem_gb=gm, host_mem_gb=hm,
-                      policies=tuple(self.policies), taus=tuple(self.taus), budgets=tuple(self.budgets))
-                for p, m, g, x, c, gm, hm in itertools.product(self.profiles, self.models, self.gen_lengths, self.pcie,
-                                                                self.cpu_cores, self.gpu_mem_gb, self.host_mem_gb)]
+                      policies=tuple(self.policies), taus=tuple(self.taus), budgets=tuple(self.budgets),
+                      budget_step=self.budget_step, requests=self.requests, batch_size=b,
+                      arrival_rates=tuple(self.arrival_rates), plan_taus=self.plan_taus)
+                for p, m, g, x, c, gm, hm, b in itertools.product(
+                    self.profiles, self.models, self.gen_lengths, self.pcie, self.cpu_cores, self.gpu_mem_gb,
+                    self.host_mem_gb, self.batch_sizes)]
 
 
 DEFAULT = [
     Study("memory", gpu_mem_gb=[8, 16, 24, 32, 40]),
     Study("link_cores", gpu_mem_gb=[16], pcie=[0.5, 1.0, 2.0], cpu_cores=[0.25, 0.5, 1.0, 2.0]),
     Study("boxes", profiles=["h200", "a100-40gb", "rtx4090"]),
+    # batches: 8 requests of 32 tokens (one block each), 1 to 8 at a time; the plan's tide candidates at the
+    # listed taus and budgets in steps of 32 (a smaller program, so the study stays quick)
+    Study("batch", gpu_mem_gb=[16], gen_lengths=[32], requests=8, batch_sizes=[1, 2, 4, 8], taus=[1, 4],
+          budget_step=32, plan_taus="listed", arrival_rates=[0.05, 0.1, 0.2, 0.4]),
 ]
 QUICK = [Study("quick", models=["llada2-mini"], gen_lengths=[64], gpu_mem_gb=[8, 16], pcie=[1.0, 2.0], taus=[1, 4])]
-_LIST_FIELDS = [f.name for f in fields(Study) if f.name not in ("name", "prompt_length", "seed")]
+_LIST_FIELDS = [f.name for f in fields(Study) if f.name not in ("name", "prompt_length", "seed", "requests",
+                                                                  "budget_step", "plan_taus")]
 
 
 def studies_from_toml(path: str) -> list[Study]:
@@ -244,8 +264,11 @@ def run_points(points: Iterable[Point], out: Path, executor: str = "local", jobs
                     made.append(group)
             if not made:
                 return stats
-            split = -(-2 * workers // len(made))  # enough pricing tasks to keep every worker busy
-            tasks = [(g, grp, cache, c) for g, grp in enumerate(made) for c in _layer_chunks(grp, split)]
+            # enough pricing tasks to keep every worker busy, each group split by its work
+            # (forwards x candidates x layers) so that the largest does not run alone at the end
+            work = [_pricing_work(grp, cache) for grp in made]
+            tasks = [(g, grp, cache, c) for g, grp in enumerate(made)
+                     for c in _layer_chunks(grp, max(1, round(4 * workers * work[g] / sum(work))))]
             with _executor(client, 1 if jobs == 1 else min(workers, len(todo))) as run:
                 parts: dict[int, list[tuple[np.ndarray, Priced]]] = {g: [] for g in range(len(made))}
                 for g, layers, priced in run(_price, tasks):
@@ -259,6 +282,12 @@ def run_points(points: Iterable[Point], out: Path, executor: str = "local", jobs
         if cluster is not None:
             cluster.close()
     return stats
+
+
+def _pricing_work(group: Group, cache: str) -> float:
+    from experiments.sweep_points import _point_trace
+    trace = _point_trace(group.points[0], cache)
+    return float(trace.n_batched * len(group.cands) * trace.shape.n_moe_layers * len(group.boxes))
 
 
 def _layer_chunks(group: Group, n: int) -> list[np.ndarray]:
@@ -291,7 +320,8 @@ def sweep(studies: list[Study], out: Path, executor: str = "local", jobs: int | 
     t0 = time.perf_counter()
     stats = run_points(points, out, executor, jobs, scheduler, progress)
     stats["wall_s"] = time.perf_counter() - t0
-    df = collect(points, out)
+    df = planned_batch(collect(points, out))
+    df = serve_planned(df, points, out, progress)
     atomic_write(out / "sweep.parquet", lambda tmp: df.to_parquet(tmp, index=False))
     if figures:
         from experiments.sweep_figures import draw_all
@@ -299,18 +329,53 @@ def sweep(studies: list[Study], out: Path, executor: str = "local", jobs: int | 
     return df, stats
 
 
+#: What a point is, less its batch size: points equal in these differ only in how they batch.
+SETTING = ("study", "profile", "pcie", "cpu_cores", "gpu_mem_gb", "host_mem_gb", "model", "gen_length", "requests")
+
+
+def planned_batch(df: pd.DataFrame) -> pd.DataFrame:
+    """``planned_batch_size``: per setting (:data:`SETTING`), the batch size whose plan has the
+    most tokens/s offline (what ``sim.plan --batch-sizes`` chooses without a latency bound)."""
+    plan = df[(df["policy"] == "plan") & df["tokens_per_s"].notna()] if "tokens_per_s" in df else df.iloc[:0]
+    if plan.empty:
+        return df.assign(planned_batch_size=np.nan)
+    keys = [k for k in SETTING if k in df]
+    best = plan.loc[plan.groupby(keys, dropna=False)["tokens_per_s"].idxmax(), [*keys, "batch_size"]]
+    return df.merge(best.rename(columns={"batch_size": "planned_batch_size"}), on=keys, how="left")
+
+
+def serve_planned(df: pd.DataFrame, points: list[Point], out: Path, progress: bool = True) -> pd.DataFrame:
+    """For each point with arrival rates at its setting's planned batch size, its plan served
+    to streams at those rates (rows with ``arrival_rate``, :func:`served_at_rates`), added
+    to the table."""
+    todo = []
+    for p in points:
+        if not p.arrival_rates:
+            continue
+        mine = df[(df["key"] == p.key()) & (df["policy"] == "plan") & df["tokens_per_s"].notna()] \
+            if "tokens_per_s" in df else df.iloc[:0]
+        if len(mine) and mine["batch_size"].iloc[0] == mine["planned_batch_size"].iloc[0]:
+            todo.append((p, mine.iloc[0]))
+    if not todo:
+        return df
+    extra = [served_at_rates(p, row, str(out / "traces")) for p, row in tqdm(
+        todo, desc="serving the planned batch size", unit="point", disable=not progress)]
+    return pd.concat([df, *extra], ignore_index=True)
+
+
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per study and model: points, the plan's tokens/s range, its median speedup over each
     baseline, the least ``plan_vs_best`` (at least 1: no uniform setting beat the plan) and
     the most that mixing kinds gained over a tide-only plan."""
-    ok = df[df["policy"] == "plan"]
+    ok = df[(df["policy"] == "plan") & df["tokens_per_s"].notna()] if "tokens_per_s" in df else df.iloc[:0]
     if ok.empty:
         return pd.DataFrame()
     g = ok.groupby(["study", "model"], sort=False)
     table = g.agg(points=("key", "nunique"), plan_tok_s_min=("tokens_per_s", "min"),
                   plan_tok_s_max=("tokens_per_s", "max"),
                   **{f"x_{b}": (f"speedup_vs_{b}", "median") for b in BASELINES},
-                  vs_best_min=("plan_vs_best", "min"), mixing_max=("mixing_gain", "max"))
+                  vs_best_min=("plan_vs_best", "min"), mixing_max=("mixing_gain", "max"),
+                  planned_batch=("planned_batch_size", "max"))
     skipped = df[df["policy"] == "-"].groupby(["study", "model"], sort=False)["key"].nunique()
     table["unfit"] = skipped.reindex(table.index).fillna(0).astype(int)
     return table.reset_index()
@@ -325,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
                         ("gen-lengths", "tokens generated per trace"), ("pcie", "PCIe bandwidth scalings"),
                         ("cpu-cores", "CPU core scalings"), ("gpu-mem-gb", "GPU memory limits"),
                         ("host-mem-gb", "host memory sizes"), ("policies", "cpu, static, swap, tide, plan, all"),
-                        ("taus", "tide refresh intervals"), ("budgets", "GPU experts per layer, or fit")):
+                        ("taus", "tide refresh intervals"), ("budgets", "GPU experts per layer, or fit"),
+                        ("batch-sizes", "requests per forward"), ("arrival-rates", "requests/s arriving (the plan served)")):
         ap.add_argument(f"--{name}", default=None, help=f"comma-separated {help_}")
+    ap.add_argument("--requests", type=integer, default=None, help="requests of each workload (default 1)")
     ap.add_argument("--executor", default="local", help="local (worker processes) or dask")
     ap.add_argument("--scheduler", default=None, help="Dask scheduler address (default: a local Dask cluster)")
     ap.add_argument("--jobs", type=integer, default=None, help="worker processes (default: every core)")
@@ -337,8 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.scheduler and a.executor != "dask":
         raise TideError("--scheduler needs --executor dask")
     kinds = {"profiles": str, "models": str, "gen_lengths": integer, "pcie": number, "cpu_cores": number,
-             "gpu_mem_gb": number, "host_mem_gb": number, "policies": str, "taus": integer, "budgets": integer}
+             "gpu_mem_gb": number, "host_mem_gb": number, "policies": str, "taus": integer, "budgets": integer,
+             "batch_sizes": integer, "arrival_rates": number}
     given = {k: _list(getattr(a, k), f"--{k.replace('_', '-')}", t) for k, t in kinds.items() if getattr(a, k) is not None}
+    if a.requests is not None:
+        given["requests"] = a.requests
     if a.grid and (given or a.quick):
         raise TideError("--grid holds the whole grid: drop --quick and the grid options")
     if a.grid:

@@ -6,7 +6,11 @@
   bandwidth and CPU cores, a row of panels per model, one colour scale and bar for all;
 * ``best_tau.png``: the tide refresh interval with the most tokens/s against PCIe bandwidth;
 * ``plan_kinds.png``: the kind the plan gave each MoE layer (cpu, static, swap, tide), a row
-  per point, a panel per model.
+  per point, a panel per model;
+* ``tokens_vs_batch.png``: tokens/s against the batch size, a line per policy and the plan,
+  a panel per model;
+* ``latency_vs_rate.png``: the plan's p50 and p99 latency against the request rate at its
+  planned batch size, a panel per model, the rates it cannot serve shaded.
 
 A figure (or a panel) with nothing to show is skipped with a note saying why; a figure
 that fails to draw is reported and skipped too: drawing never costs the run its table.
@@ -25,9 +29,9 @@ import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from traces.cli import atomic_write  # noqa: E402
-from traces.policies import BASELINES, KINDS  # noqa: E402
+from traces.policies import BASELINES, KINDS, display_name  # noqa: E402
 
-LABELS = {"cpu": "cpu", "static": "static", "swap": "swap", "tide_tau1": "tide tau=1"}
+LABELS = {b: display_name(b) for b in BASELINES}
 
 
 class Skip(Exception):
@@ -61,7 +65,7 @@ def tokens_vs_memory(df: pd.DataFrame, out: Path) -> str:
     parts = [p for p in parts if not p.empty]
     if not parts:
         raise Skip("tokens_vs_memory.png: no study varies GPU memory")
-    data = pd.concat(parts)
+    data = pd.concat(parts).assign(policy=lambda d: d["policy"].map(display_name))
     g = sns.relplot(data=data, x="gpu_mem_gb", y="tokens_per_s", hue="policy", style="policy", col="model",
                     kind="line", markers=True, facet_kws={"sharey": False}, height=3.6, aspect=1.2)
     g.set_axis_labels("GPU memory (GB)", "predicted tokens/s")
@@ -153,7 +157,8 @@ def plan_kinds(df: pd.DataFrame, out: Path) -> str:
     for ax, model in zip(axes[:, 0], models):
         g = plan[plan["model"] == model]
         grid = np.array([[KINDS.index(k) for k in r.split()] for r in g["plan_kind"]])
-        labels = [f"{r.study}: {r.box}" for r in g.itertuples()]
+        labels = [f"{r.study}: {r.box}" + (f", batch {r.batch_size}" if getattr(r, "batch_size", 1) > 1 else "")
+                  for r in g.itertuples()]
         sns.heatmap(grid, cmap=cmap, vmin=-0.5, vmax=len(KINDS) - 0.5, cbar=False, ax=ax, linewidths=0.3,
                     yticklabels=labels, xticklabels=5)
         ax.set_title(f"{model}: kind per MoE layer", fontsize=9)
@@ -164,10 +169,55 @@ def plan_kinds(df: pd.DataFrame, out: Path) -> str:
     return _save(fig, out / "plan_kinds.png")
 
 
+def tokens_vs_batch(df: pd.DataFrame, out: Path) -> str:
+    ok = _ok(df)
+    parts = [_vary(g, "batch_size", ("study", "profile", "pcie", "cpu_cores", "gpu_mem_gb", "gen_length", "requests"))
+             for _, g in ok.groupby("model")] if "batch_size" in ok else []
+    parts = [p for p in parts if not p.empty]
+    if not parts:
+        raise Skip("tokens_vs_batch.png: no study varies the batch size")
+    data = pd.concat(parts).assign(policy=lambda d: d["policy"].map(display_name))
+    g = sns.relplot(data=data, x="batch_size", y="tokens_per_s", hue="policy", style="policy", col="model",
+                    kind="line", markers=True, facet_kws={"sharey": False}, height=3.6, aspect=1.2)
+    sizes = sorted(int(b) for b in data["batch_size"].unique())
+    for ax in g.axes.flat:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.minorticks_off()
+    g.set_axis_labels("requests per forward (batch size)", "predicted tokens/s (offline)")
+    g.set_titles("{col_name}")
+    r = data.iloc[0]
+    g.figure.suptitle(f"Tokens/s against the batch size: {r.profile}, {r.gpu_mem_gb:g} GB GPU, "
+                      f"{int(r.requests)} requests of {int(r.gen_length)} tokens", y=1.03)
+    return _save(g.figure, out / "tokens_vs_batch.png")
+
+
+def latency_vs_rate(df: pd.DataFrame, out: Path) -> str:
+    if "arrival_rate" not in df or "planned_batch_size" not in df:
+        raise Skip("latency_vs_rate.png: no study serves the plan to arriving requests")
+    at = df[(df["policy"] == "plan") & df["arrival_rate"].notna() & (df["batch_size"] == df["planned_batch_size"])]
+    if at.empty:
+        raise Skip("latency_vs_rate.png: no study serves the plan to arriving requests")
+    data = at.melt(id_vars=["model", "arrival_rate", "batch_size", "sustains"],
+                   value_vars=["arrival_latency_p50_s", "arrival_latency_p99_s"], var_name="latency", value_name="latency_s")
+    data["latency"] = data["latency"].map({"arrival_latency_p50_s": "p50", "arrival_latency_p99_s": "p99"})
+    g = sns.relplot(data=data, x="arrival_rate", y="latency_s", hue="latency", style="latency", col="model",
+                    kind="line", markers=True, facet_kws={"sharey": False, "sharex": False}, height=3.6, aspect=1.2)
+    for ax, (model, part) in zip(g.axes.flat, data.groupby("model", sort=False)):
+        over = part.loc[~part["sustains"].astype(bool), "arrival_rate"]
+        if len(over):  # past what the plan serves: the queue grows with the stream's length
+            ax.axvspan(over.min(), part["arrival_rate"].max(), color="0.9", zorder=0, label="beyond what it serves")
+        ax.set_title(f"{model} (planned batch {int(part['batch_size'].iloc[0])})")
+    g.set_axis_labels("requests arriving per second (Poisson)", "latency, arrival to end (s)")
+    g.figure.suptitle("Latency against the request rate, the plan at its planned batch size (grey: more than it serves)",
+                      y=1.03)
+    return _save(g.figure, out / "latency_vs_rate.png")
+
+
 def draw_all(df: pd.DataFrame, out: Path) -> tuple[list[str], list[str]]:
     """The figures drawn, and a line for each skipped (nothing to show, or drawing failed)."""
     drawn, skipped = [], []
-    for fn in (tokens_vs_memory, speedup_heatmap, best_tau, plan_kinds):
+    for fn in (tokens_vs_memory, speedup_heatmap, best_tau, plan_kinds, tokens_vs_batch, latency_vs_rate):
         try:
             drawn.append(fn(df, out))
         except Skip as why:

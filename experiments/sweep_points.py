@@ -27,9 +27,13 @@ import pandas as pd
 from sim.candidates import Candidates, Priced, budget_grid, distinct_taus, price_candidates, same_tau
 from sim.planner import memory, plan_budgets, table_at
 from sim.plan_model import solve
+from sim.replay import simulate
+from sim.serve import offline_ends
 from traces.cli import atomic_write, data_sha256, span
 from traces.costs import CostModel
 from traces.replay import replay_policy
+from traces.admission import compose_trace
+from traces.arrivals import poisson
 from traces.errors import TideError
 from traces.memory import MemoryBudget
 from traces.policies import BASELINES, Policy, kinds_label, tau_label
@@ -58,6 +62,10 @@ class Point:
     taus: tuple[int, ...] = (1, 2, 4, 8)
     budgets: tuple[int | str, ...] = ("fit",)  # "fit": the largest uniform budget that fits
     budget_step: int = 8
+    requests: int = 1  # requests of the workload (the same lengths each)
+    batch_size: int = 1  # requests per forward (the runtime's continuous batching)
+    arrival_rates: tuple[float, ...] = ()  # the plan also served to Poisson streams at these rates
+    plan_taus: str = "all"  # the plan's tide candidates: every distinct tau ("all") or ``taus`` ("listed")
 
     def key(self) -> str:
         """A hash of everything the result depends on (the profile's content, not its name)."""
@@ -78,12 +86,14 @@ def _version() -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def workload(model: str, gen_length: int, prompt_length: int, seed: int, cache: str | None = None) -> Trace:
+def workload(model: str, gen_length: int, prompt_length: int, seed: int, cache: str | None = None,
+             requests: int = 1) -> Trace:
     """The synthetic trace of a point, made once per process (and kept in ``cache`` if given)."""
-    path = Path(cache) / f"{model}-g{gen_length}-p{prompt_length}-s{seed}.parquet" if cache else None
+    more = f"-r{requests}" if requests > 1 else ""
+    path = Path(cache) / f"{model}-g{gen_length}-p{prompt_length}-s{seed}{more}.parquet" if cache else None
     if path is not None and path.is_file():
         return read_trace(path)
-    trace = synthesize(ModelShape.named(model), gen_length, prompt_length, seed)
+    trace = synthesize(ModelShape.named(model), gen_length, prompt_length, seed, requests=requests)
     if path is not None and path.parent.is_dir():
         trace.write(path)
     return trace
@@ -94,7 +104,7 @@ def share_key(point: Point) -> tuple:
     """What points must have in common to share one replay of the candidates: the workload
     and the candidate grid (not the box, its knobs or its memory)."""
     return (point.model, point.gen_length, point.prompt_length, point.seed, point.taus, point.budgets,
-            point.budget_step)
+            point.budget_step, point.requests, point.batch_size, point.plan_taus)
 
 
 @dataclass(frozen=True)
@@ -111,7 +121,9 @@ class Group:
 
 
 def _point_trace(point: Point, cache: str | None) -> Trace:
-    return workload(point.model, point.gen_length, point.prompt_length, point.seed, cache)
+    """The forwards the point runs: its workload, its requests composed at its batch size."""
+    trace = workload(point.model, point.gen_length, point.prompt_length, point.seed, cache, point.requests)
+    return compose_trace(trace, point.batch_size) if point.batch_size > 1 else trace
 
 
 def _setting(point: Point, trace: Trace) -> tuple[dict, Profile, float]:
@@ -123,7 +135,7 @@ def _setting(point: Point, trace: Trace) -> tuple[dict, Profile, float]:
             "host_mem_gb": profile.capacity("host_mem_bytes") / 1e9,
             "h2d_gbps": float(profile.data["h2d"]["pinned"]["gbps"][-1]),
             "cores": profile.capacity("cpu_cores"), "model": trace.shape.name, "gen_length": point.gen_length,
-            "tokens": trace.tokens_generated, "tide": _version(), "profile_sha256": data_sha256(profile.data)}
+            "requests": len(trace.requests), "batch_size": point.batch_size, "tokens": trace.tokens_generated, "tide": _version(), "profile_sha256": data_sha256(profile.data)}
     return base, profile, gpu_gb
 
 
@@ -138,7 +150,7 @@ def plan_group(points: list[Point], cache: str | None = None) -> tuple[dict[str,
     for point in points:
         base, profile, gpu_gb = _setting(point, trace)
         try:
-            mem = memory([trace], profile, gpu_gb)
+            mem = memory([trace], profile, gpu_gb, point.batch_size)
         except TideError as exc:
             out[base["key"]] = pd.DataFrame([{**base, "policy": "-", "status": str(exc)}])
             continue
@@ -147,7 +159,7 @@ def plan_group(points: list[Point], cache: str | None = None) -> tuple[dict[str,
         boxes.setdefault(base["profile_sha256"], point)
     if not live:
         return out, None
-    taus = distinct_taus([trace], range(1, trace.decoding.steps + 1))
+    taus = distinct_taus([trace], range(1, trace.decoding.steps + 1) if first.plan_taus == "all" else first.taus)
     cands = Candidates.grid(taus, budget_grid(trace.shape.experts, first.budget_step, own))
     return out, Group(tuple(live), tuple(boxes.values()), tuple(boxes), cands, tuple(taus))
 
@@ -155,7 +167,8 @@ def plan_group(points: list[Point], cache: str | None = None) -> tuple[dict[str,
 def price_group(group: Group, cache: str | None = None, layers: Sequence[int] | None = None) -> Priced:
     """The group's candidates on ``layers`` (MoE layer indices, default all), replayed once and
     priced on each of its boxes."""
-    return price_candidates(_point_trace(group.points[0], cache), [b.box() for b in group.boxes], group.cands, layers)
+    return price_candidates(_point_trace(group.points[0], cache), [b.box() for b in group.boxes], group.cands, layers,
+                            forwards=True)
 
 
 def point_rows(point: Point, group: Group, priced: Priced, cache: str | None = None) -> pd.DataFrame:
@@ -163,7 +176,7 @@ def point_rows(point: Point, group: Group, priced: Priced, cache: str | None = N
     every box of the group)."""
     trace = _point_trace(point, cache)
     base, profile, gpu_gb = _setting(point, trace)
-    mem = memory([trace], profile, gpu_gb)
+    mem = memory([trace], profile, gpu_gb, point.batch_size)
     return _point_rows(point, trace, profile, mem, base, _budgets(point, mem), priced,
                        group.box_keys.index(base["profile_sha256"]), list(group.taus))
 
@@ -200,6 +213,13 @@ def _point_rows(point: Point, trace: Trace, profile: Profile, mem: MemoryBudget,
     shape, cands = trace.shape, priced.cands
     L, E = shape.n_moe_layers, shape.experts
     seconds, fixed = priced.seconds[box], float(priced.fixed_s[box])
+    per_f, fixed_f = priced.forward_s[box], priced.forward_fixed_s[box]  # [F, L, C], [F]
+    n_req = len(trace.requests)
+
+    def served(forward_s: np.ndarray) -> dict[str, float]:  # offline: requests/s, latency p50 and p99
+        ends = offline_ends(trace, forward_s)
+        return {"requests_per_s": n_req / float(np.sum(forward_s)), "latency_p50_s": float(np.percentile(ends, 50)),
+                "latency_p99_s": float(np.percentile(ends, 99))}
     b_fit = mem.largest_uniform()  # a uniform budget B fits iff B <= b_fit
     budgets = sorted({b_fit if b == "fit" else int(b) for b in point.budgets})
     rows = []
@@ -214,15 +234,25 @@ def _point_rows(point: Point, trace: Trace, profile: Profile, mem: MemoryBudget,
     def uniform(policy: str, kind: str, b: int, tau: int = 0, label_tau: str = "-") -> None:
         c = cands.find(kind, b, tau)
         row(policy, label_tau, str(b), float(seconds[:, c].sum()) + fixed,
-            {k: int(v[:, c].sum()) for k, v in priced.counters.items()})
+            {k: int(v[:, c].sum()) for k, v in priced.counters.items()},
+            **served(per_f[:, :, c].sum(axis=1, dtype=np.float64) + fixed_f))
 
-    def unfit(name: str, b: int) -> None:
-        why = f"budget {b} does not fit ({b_fit} experts per layer fit)" if b > b_fit else "swap needs a budget of at least 1"
+    def host_ok(kind: str, b: int) -> bool:
+        return mem.host_need_bytes([kind] * L, [b] * L) <= mem.host_limit_bytes
+
+    def unfit(name: str, b: int, kind: str | None = None) -> None:
+        why = f"budget {b} does not fit ({b_fit} experts per layer fit)" if b > b_fit else \
+            "swap needs a budget of at least 1" if name == "swap" and b < 1 else \
+            f"the experts {kind or name} keeps in host memory ({mem.host_need_bytes([kind or name] * L, [b] * L) / 1e9:.0f} " \
+            f"GB) do not fit its {mem.host_limit_bytes / 1e9:.0f} GB"
         rows.append({**base, "policy": name, "tau": "-", "budget": str(b), "status": why})
 
     for name in point.policies:
         if name == "cpu":
-            uniform("cpu", "cpu", 0)
+            if host_ok("cpu", 0):
+                uniform("cpu", "cpu", 0)
+            else:
+                unfit("cpu", 0)
         elif name == "all":
             if b_fit == E:
                 uniform("all", "static", E)
@@ -230,13 +260,13 @@ def _point_rows(point: Point, trace: Trace, profile: Profile, mem: MemoryBudget,
                 unfit("all", E)
         elif name in ("static", "swap"):
             for b in budgets:
-                if (1 if name == "swap" else 0) <= b <= b_fit:
+                if (1 if name == "swap" else 0) <= b <= b_fit and host_ok(name, b):
                     uniform(name, name, b)
                 else:
                     unfit(name, b)
         elif name == "tide":
             for b in budgets:
-                if b > b_fit:
+                if b > b_fit or not host_ok("tide", b):
                     unfit(name, b)
                     continue
                 for tau in point.taus:
@@ -247,10 +277,12 @@ def _point_rows(point: Point, trace: Trace, profile: Profile, mem: MemoryBudget,
             sol = solve(table)
             tide_only = solve(table, kinds=["tide"])  # the per-layer program before kinds mixed (tide and cpu)
             rep = replay_policy(trace, sol.policy(E), cost=CostModel(profile, shape, trace.dtype))
-            row("plan", tau_label(sol.kind, sol.tau), span(sol.budget), rep.seconds(), rep.totals(),
-                kinds=kinds_label(sol.kind), plan_kind=" ".join(sol.kind), plan_tau=" ".join(map(str, sol.tau)),
-                plan_budget=" ".join(map(str, sol.budget)), program_s=sol.seconds + fixed,
-                tide_only_s=tide_only.seconds + fixed, solve_s=sol.solve_s)
+            plan_cols = dict(kinds=kinds_label(sol.kind), plan_kind=" ".join(sol.kind), plan_tau=" ".join(map(str, sol.tau)),
+                             plan_budget=" ".join(map(str, sol.budget)))
+            row("plan", tau_label(sol.kind, sol.tau), span(sol.budget), rep.seconds(), rep.totals(), **plan_cols,
+                program_s=sol.seconds + fixed, tide_only_s=tide_only.seconds + fixed, solve_s=sol.solve_s,
+                **served(rep.times["layer_s"].sum(axis=1) + rep.times["fixed_s"]))
+
         else:
             raise TideError(f"--policies: unknown policy {name!r} (expected all, cpu, static, swap, tide or plan)")
     cols = dict.fromkeys(k for r in rows for k in r)  # every row's columns (unfit rows have no seconds)
@@ -271,3 +303,23 @@ def _point_rows(point: Point, trace: Trace, profile: Profile, mem: MemoryBudget,
 
 def save(df: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def served_at_rates(point: Point, plan_row: pd.Series, cache: str | None = None) -> pd.DataFrame:
+    """The point's plan (as its row records it: kind, tau and budget per layer) served to a
+    Poisson stream of the workload's requests at each of ``point.arrival_rates``, at the
+    point's batch size: one row each, with the p50 and p99 latency and whether the plan
+    serves that rate at all (its offline requests/s at least the rate)."""
+    trace = _point_trace(point, cache)
+    shape = trace.shape
+    policy = Policy.make("plan", shape.n_moe_layers, shape.experts, budget=[int(v) for v in plan_row["plan_budget"].split()],
+                         tau=[int(v) for v in plan_row["plan_tau"].split()], kind=plan_row["plan_kind"].split())
+    profile, n = point.box(), len(trace.requests)
+    rows = []
+    for rate in point.arrival_rates:
+        res = simulate(trace, profile, policy, batch_size=point.batch_size, arrivals=poisson(rate, n, point.seed))
+        rows.append({**{k: plan_row[k] for k in plan_row.index if not k.startswith(("arrival", "sustains"))},
+                     "arrival_rate": rate, "arrival_latency_p50_s": float(res.requests["latency_s"].quantile(0.5)),
+                     "arrival_latency_p99_s": float(res.requests["latency_s"].quantile(0.99)),
+                     "sustains": bool(rate <= plan_row["requests_per_s"])})
+    return pd.DataFrame(rows)

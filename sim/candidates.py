@@ -127,12 +127,16 @@ def budget_grid(experts: int, step: int = 8, extra: Sequence[int] = ()) -> list[
 @dataclass
 class Priced:
     """Candidates priced over traces: seconds ``[P, L, C]`` on each of ``P`` profiles, the
-    counters ``[L, C]`` (the same on every box) and the work outside the MoE layers ``[P]``."""
+    counters ``[L, C]`` (the same on every box) and the work outside the MoE layers ``[P]``;
+    when asked for (one trace), the same per forward: ``forward_s`` ``[P, F, L, C]`` and
+    ``forward_fixed_s`` ``[P, F]`` (a request's end offline is a running sum of them)."""
 
     cands: Candidates
     seconds: np.ndarray
     counters: dict[str, np.ndarray]
     fixed_s: np.ndarray
+    forward_s: np.ndarray | None = None
+    forward_fixed_s: np.ndarray | None = None
 
     def __add__(self, other: "Priced") -> "Priced":
         return Priced(self.cands, self.seconds + other.seconds,
@@ -141,13 +145,16 @@ class Priced:
     @classmethod
     def concat(cls, parts: Sequence["Priced"]) -> "Priced":
         """Layer chunks' prices (in layer order) as one table."""
+        per_forward = all(p.forward_s is not None for p in parts)
         return cls(parts[0].cands, np.concatenate([p.seconds for p in parts], axis=1),
-                   {k: np.concatenate([p.counters[k] for p in parts]) for k in COUNTERS}, parts[0].fixed_s)
+                   {k: np.concatenate([p.counters[k] for p in parts]) for k in COUNTERS}, parts[0].fixed_s,
+                   np.concatenate([p.forward_s for p in parts], axis=2) if per_forward else None,
+                   parts[0].forward_fixed_s if per_forward else None)
 
 
 def price_candidates(trace: Trace, profiles: Sequence[Profile], cands: Candidates,
                      layers: Sequence[int] | None = None, cpu_dtype: str | None = None,
-                     progress: bool = False) -> Priced:
+                     progress: bool = False, forwards: bool = False) -> Priced:
     """Replay ``cands`` on ``layers`` (MoE layer indices, default all) of ``trace`` once, from an
     empty placement, and price the work on every profile; setup copies included. A batched
     trace (e.g. :func:`traces.admission.compose_trace`'s) is priced forward by forward as its
@@ -158,6 +165,9 @@ def price_candidates(trace: Trace, profiles: Sequence[Profile], cands: Candidate
     costs = [CostModel(p, shape, trace.dtype, cpu_dtype) for p in profiles]
     knots = knots_for(*[c.knots for c in costs])  # every box's CPU table, exactly
     seconds = np.zeros((len(costs), L * C))
+    per_forward = np.zeros((len(costs), trace.n_batched, L * C), np.float32) if forwards else None
+    fixed_f = np.zeros((len(costs), trace.n_batched)) if forwards else None
+    done = [0]  # forwards flushed so far
     counters = {k: np.zeros(L * C, np.int64) for k in COUNTERS}
     swap = np.tile(cands.kind == SWAP, L)
     parts = [np.flatnonzero(~swap), np.flatnonzero(swap)]  # priced apart: only swap rows have waves
@@ -172,7 +182,11 @@ def price_candidates(trace: Trace, profiles: Sequence[Profile], cands: Candidate
                 continue
             sub = w.take((np.arange(n)[:, None] * L * C + rows[None, :]).reshape(-1))
             for p, cost in enumerate(costs):
-                seconds[p, rows] += cost.layer_seconds(cost.price(sub)).reshape(n, len(rows)).sum(axis=0)
+                each = cost.layer_seconds(cost.price(sub)).reshape(n, len(rows))
+                seconds[p, rows] += each.sum(axis=0)
+                if per_forward is not None:
+                    per_forward[p, done[0]:done[0] + n][:, rows] = each  # a view: assigned in place
+        done[0] += n
         works.clear()
 
     walk = replay(trace, cands.policy(L, shape.experts), layers=layers, group=C)
@@ -184,11 +198,15 @@ def price_candidates(trace: Trace, profiles: Sequence[Profile], cands: Candidate
             counters[k] += fw.counters[k]
         works.append(layer_work(fw.decision, fw.counts, fw.counters, costs[0].act_bytes, knots, fw.member_tokens,
                                 fw.member_context, fw.segments))
-        fixed += [c.fixed_s(fw.member_tokens, fw.member_context) for c in costs]
+        one = [c.fixed_s(fw.member_tokens, fw.member_context) for c in costs]
+        fixed += one
+        if fixed_f is not None:
+            fixed_f[:, fw.f] = one
         if len(works) == CHUNK:
             flush(works)
     flush(works)
-    return Priced(cands, seconds.reshape(len(costs), L, C), {k: v.reshape(L, C) for k, v in counters.items()}, fixed)
+    return Priced(cands, seconds.reshape(len(costs), L, C), {k: v.reshape(L, C) for k, v in counters.items()}, fixed,
+                  None if per_forward is None else per_forward.reshape(len(costs), trace.n_batched, L, C), fixed_f)
 
 
 def _some_layers(args: tuple) -> Priced:

@@ -56,7 +56,9 @@ def memory(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, batch_s
     mem = MemoryBudget.on_device(traces[0].shape, traces[0].dtype, gpu_mem_gb, profile.capacity("gpu_mem_bytes"),
                                  kv_tokens(traces, batch_size), profile.capacity("host_mem_bytes"),
                                  device=f"{profile.name}'s GPU")
-    mem.check_one_each(f"--gpu-mem-gb {gpu_mem_gb:g}" + (f" at batch {batch_size}" if batch_size > 1 else ""))
+    what = f"--gpu-mem-gb {gpu_mem_gb:g}" + (f" at batch {batch_size}" if batch_size > 1 else "")
+    mem.check_one_each(what)
+    mem.check_holds(f"{what} on {profile.name}")
     return mem
 
 

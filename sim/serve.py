@@ -126,3 +126,17 @@ def serve(env: simpy.Environment, box: Box, trace: Trace, policy: Policy, cost: 
                     if arrivals.closed and queue:  # the client sends its next request
                         due.append(env.now)
     return stream, run()
+
+
+def offline_ends(trace: Trace, forward_s: np.ndarray) -> np.ndarray:
+    """Each request's end (in the trace's request order) when every request is there at 0 and
+    the forwards run back to back as ``trace`` schedules them, taking ``forward_s`` seconds
+    each: the running sum at the request's last forward. What :func:`serve` gives offline,
+    in closed form (the sweep prices many settings from one candidate table so)."""
+    req = trace.forwards["request"].to_numpy()
+    ends = np.cumsum(np.asarray(forward_s, dtype=np.float64))
+    last: dict[int, int] = {}
+    for f, rows in enumerate(trace.schedule()):
+        for r in req[rows].tolist():
+            last[r] = f
+    return np.array([ends[last[int(r["request"])]] for r in trace.requests])

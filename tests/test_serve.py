@@ -178,3 +178,17 @@ def test_prices_past_the_profiles_range_are_named(mini):
         max(int(c.max()) for c in compose_trace(trace, 6).forward_counts()),
         compose_trace(trace, 6).forwards.groupby("forward")["tokens_run"].sum().max(),
         trace.forwards["context"].max())])
+
+
+def test_offline_ends_in_closed_form_are_the_event_simulations(mini):
+    """A request's end offline, from the forwards' priced seconds, is the serving
+    simulator's: at batch 1 and composed at batch 3."""
+    from sim.serve import offline_ends
+    trace, prof = mini
+    cost = CostModel(prof, trace.shape, trace.dtype)
+    pol = _policies(trace.shape)[1]
+    for b in (1, 3):
+        res = simulate(trace, prof, pol, batch_size=b)
+        closed = replay_policy(compose_trace(trace, b), pol, cost=cost)
+        ends = offline_ends(compose_trace(trace, b), closed.times["layer_s"].sum(axis=1) + closed.times["fixed_s"])
+        assert np.allclose(ends, res.requests.sort_values("request")["end_s"].to_numpy(), rtol=1e-9), b

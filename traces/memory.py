@@ -90,6 +90,18 @@ class MemoryBudget:
         """Host memory the experts of a placement (a kind and budget per MoE layer) take."""
         return int(host_experts(self.shape, kinds, budget).sum()) * self.expert_bytes
 
+    def check_holds(self, what: str) -> None:
+        """A TideError unless the box can hold the model's experts between its two memories
+        (the fast device's room beside weights and KV cache, and the host's): the least any
+        placement keeps in host memory is what the device cannot take, as static layers."""
+        E, L = self.shape.experts, self.shape.n_moe_layers
+        room = max(0.0, self.limit_bytes - self.fixed_bytes) // self.expert_bytes  # slots the device can hold
+        least_host = max(0, L * E - int(min(room, L * E))) * self.expert_bytes
+        if least_host > self.host_limit_bytes:
+            raise TideError(f"{what}: {self.shape.name}'s experts ({L * E * self.expert_bytes / 1e9:.0f} GB) do not fit "
+                            f"between the GPU's room for them ({room * self.expert_bytes / 1e9:.0f} GB) and host memory "
+                            f"({self.host_limit_bytes / 1e9:.0f} GB)")
+
     def check_host(self, kinds: Sequence[str], budget: Sequence[int] | np.ndarray, what: str = "the placement") -> None:
         """A TideError unless the experts the host must hold fit in its memory."""
         need = self.host_need_bytes(kinds, budget)

@@ -213,6 +213,12 @@ class Policy:
         return tide & (step % np.maximum(self.tau, 1) == 0)
 
 
+def display_name(label: str) -> str:
+    """How a person reads a policy's label: ``tide tau=1`` for the baseline ``tide_tau1``
+    (its key in plans, tables' columns and code), every other label as it is."""
+    return "tide tau=1" if label == "tide_tau1" else label
+
+
 def kinds_label(kinds: Sequence[str]) -> str:
     """``tide x16, swap x3``: how many layers of each kind, most first."""
     n = {k: list(kinds).count(k) for k in KINDS if k in kinds}

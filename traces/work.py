@@ -155,9 +155,11 @@ def layer_work(decision: Decision, counts: np.ndarray, counters: dict[str, np.nd
     seg = (counts > 0).astype(np.int64) if segments is None else np.asarray(segments, dtype=np.int64)
 
     def waved(mask: np.ndarray) -> np.ndarray:  # [L, G, E] -> [V]: a call whose experts hold rows of two requests
+        if segments is None:  # one request per forward: never
+            return np.zeros(V, np.int64)
         return ((mask * seg[:, None, :]).max(axis=-1, initial=0) > 1).reshape(V).astype(np.int64)
     hit_sets = waved(ready) + waved(new)
-    if W:
+    if W and segments is not None:
         for w in range(W):
             m = np.zeros((V, E), bool)
             m[rows] = decision.wave_of == w
