@@ -351,9 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     show = df[cols].assign(error=pct(df["error"]), drift=pct(df["drift"]))
     print(show.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     err = df["error"].abs()
+    drift = df["drift"].abs()
+    moved = "n/a (the plan priced another batch size)" if drift.isna().all() else \
+        pct(df["drift"]).iloc[int(drift.fillna(-1).to_numpy().argmax())]
     print(f"median |error| {100 * err.median():.1f}%, worst {100 * err.max():.1f}% (each run's median over "
           f"{a.rounds} rounds; error = predicted / measured - 1); drift since the plan's profile "
-          f"{pct(df['drift']).iloc[df['drift'].abs().argmax()]} at most, speed reference "
+          f"{moved} at most, speed reference "
           f"{pct(df['reference_drift']).iloc[0]}; in-run level of the round profiles: {rounds['in_run'].iloc[-1]}")
     for w in warnings:
         print(f"warning: {w}")

@@ -609,10 +609,10 @@ def test_figures_with_nothing_to_show_are_skipped_with_a_note(tmp_path):
     assert any("tokens_vs_memory.png" in s for s in skipped) and any("best_tau.png" in s for s in skipped)
     empty = df[df["policy"] == "nothing"]
     drawn, skipped = draw_all(empty, tmp_path / "e")
-    assert drawn == [] and len(skipped) == 4
+    assert drawn == [] and len(skipped) == 6
     broken = df.assign(tokens_per_s="fast")  # drawing fails: reported, not raised
     drawn, skipped = draw_all(broken, tmp_path / "b")
-    assert len(drawn) + len(skipped) == 4
+    assert len(drawn) + len(skipped) == 6
 
 
 # ---- predictions from a profile taken under another load --------------------------------------
