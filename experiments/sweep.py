@@ -53,7 +53,7 @@ from sim.candidates import Priced
 DASK_CONNECT_TIMEOUT = "10s"
 from traces.cli import ArgumentParser, atomic_write, check_out_path, comma_list, integer, number, run_cli
 from traces.errors import TideError
-from traces.policies import BASELINES, POLICIES
+from traces.policies import BASELINES, POLICIES, display_name
 from traces.pool import worker_pool
 from traces.shapes import ModelShape
 from traces.values import need_float, need_int, need_ints, need_list, need_numbers, need_str
@@ -373,7 +373,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     g = ok.groupby(["study", "model"], sort=False)
     table = g.agg(points=("key", "nunique"), plan_tok_s_min=("tokens_per_s", "min"),
                   plan_tok_s_max=("tokens_per_s", "max"),
-                  **{f"x_{b}": (f"speedup_vs_{b}", "median") for b in BASELINES},
+                  **{f"x_{display_name(b)}": (f"speedup_vs_{b}", "median") for b in BASELINES},
                   vs_best_min=("plan_vs_best", "min"), mixing_max=("mixing_gain", "max"),
                   planned_batch=("planned_batch_size", "max"))
     skipped = df[df["policy"] == "-"].groupby(["study", "model"], sort=False)["key"].nunique()

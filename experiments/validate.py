@@ -36,7 +36,7 @@ from traces.cli import ArgumentParser, atomic_write, check_out_path, file_sha256
 from traces.errors import TideError
 from traces.memory import DEVICE_HEADROOM, MemoryBudget
 from traces.plan import Plan
-from traces.policies import Policy, baselines, kinds_label, tau_label
+from traces.policies import Policy, baselines, display_name, kinds_label, tau_label
 from traces.shapes import ModelShape
 from traces.trace import Trace, read_trace
 from traces.values import get, need_dict, need_float, need_int, need_list, need_str
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     print(round_table(rounds))
     cols = ["policy", "kinds", "budget", "tau", "predicted_s", "measured_s", "error", "planned_s", "drift",
             "predicted_tokens_per_s", "measured_tokens_per_s", "predicted_plan_speedup", "measured_plan_speedup", "tokens_ok"]
-    show = df[cols].assign(error=pct(df["error"]), drift=pct(df["drift"]))
+    show = df[cols].assign(error=pct(df["error"]), drift=pct(df["drift"]), policy=df["policy"].map(display_name))
     print(show.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     err = df["error"].abs()
     drift = df["drift"].abs()

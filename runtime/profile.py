@@ -403,7 +403,7 @@ class Profiler:
             for name in (batch_policies if measure and model.row_exact else
                          ["all"] if measure else []):
                 samples = []
-                for rep in range(min(self.reps, 2) + 1):
+                for rep in range((1 if self.quick else 2) + 1):  # a warm-up, then the runs measured
                     with OffloadEngine(model, batch_policies[name], self.device) as eng:
                         gen = Generator(model, batch.decoding, engine=eng)
                         spent.clear()

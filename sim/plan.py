@@ -18,7 +18,7 @@ import sys
 from sim.frontier import check_batch_sizes, plan_frontier
 from traces.cli import ArgumentParser, check_out_path, integer, number, print_json, run_cli
 from traces.errors import TideError
-from traces.policies import KINDS, check_kinds
+from traces.policies import KINDS, check_kinds, display_name
 from traces.profile import Profile
 from traces.trace import read_trace
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     print("kind per layer:   " + " ".join(plan.kinds))
     print("tau per layer:    " + " ".join(str(t) if k == "tide" else "-" for k, t in zip(plan.kinds, plan.tau)))
     print("budget per layer: " + " ".join(map(str, plan.budget)))
-    print(frame.to_string(index=False, formatters={"seconds": "{:.3f}".format, "tokens_per_s": "{:.1f}".format,
+    print(frame.assign(policy=frame["policy"].map(display_name)).to_string(index=False, formatters={"seconds": "{:.3f}".format, "tokens_per_s": "{:.1f}".format,
                                                    "plan_speedup": "{:.2f}x".format}))
     print(f"wrote {a.out}")
     return 0

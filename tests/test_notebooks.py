@@ -34,7 +34,7 @@ def _images(nb: nbformat.NotebookNode) -> int:
 def test_what_if(tmp_path):
     nb = run_notebook("what_if.ipynb", 'PROFILE = "a100-40gb"\nMODEL = "llada2-mini"\nGEN_LENGTH = 32\n'
                       'GPU_MEM_GB = 16\nKNOB = "pcie"\nKNOB_VALUES = [1.0, 2.0]\nTAUS = (1, 4)', tmp_path)
-    assert _images(nb) >= 3 and "tide_tau1" in _text(nb)
+    assert _images(nb) >= 3 and "tide tau=1" in _text(nb)
 
 
 def test_trace_explorer(tmp_path):

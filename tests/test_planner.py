@@ -96,7 +96,7 @@ def test_command_writes_a_plan_the_runtime_reads(tmp_path, trace):
                    str(MEM_GB), "--budget-step", "64", "--jobs", "2", "--out", str(out), real=True)
     wall = time.perf_counter() - t0
     assert p.returncode == 0, p.stderr
-    assert "tau per layer" in p.stdout and "tide_tau1" in p.stdout
+    assert "tau per layer" in p.stdout and "tide tau=1" in p.stdout and "tide_tau1" not in p.stdout
     plan = Plan.read(out)
     pol = plan.policy(trace.shape)
     assert pol.name == "plan" and len(pol.tau) == trace.shape.n_moe_layers

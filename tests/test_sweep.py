@@ -128,7 +128,7 @@ def test_command_quick_and_bad_input(tmp_path):
     p = run_module("experiments.sweep", "--quick", "--out", str(tmp_path / "q"), "--jobs", "2", "--gen-lengths", "32",
                    "--no-figures")
     assert p.returncode == 0, p.stderr
-    assert "4 points (4 evaluated, 0 reused)" in p.stdout and "x_tide_tau1" in p.stdout
+    assert "4 points (4 evaluated, 0 reused)" in p.stdout and "x_tide tau=1" in p.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text("[[study]]\nname = 'x'\nspeed = 3\n")
     assert_clean_error(run_module("experiments.sweep", "--grid", str(bad), "--out", str(tmp_path / "b")),

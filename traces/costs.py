@@ -32,7 +32,8 @@ from traces.shapes import ModelShape, dtype_bytes
 from traces.tasks import finish_s, lanes, layer_tasks
 from traces.work import Work, knots_for, layer_work
 
-RESOURCES = ("gpu_s", "cpu_s", "h2d_s", "d2h_s", "copy_s", "host_s")
+#: The keys of :meth:`CostModel.layer_costs`: seconds per resource (the lanes are :data:`traces.tasks.RESOURCES`)
+RESOURCE_SECONDS = ("gpu_s", "cpu_s", "h2d_s", "d2h_s", "copy_s", "host_s")
 
 
 @dataclass

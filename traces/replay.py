@@ -116,8 +116,8 @@ def replay_policy(trace: "Trace", policy: Policy, popularity: np.ndarray | None 
     out = {k: np.zeros((F, L), dtype=np.int64) for k in COUNTERS}
     times = None
     if cost is not None:
-        from traces.costs import RESOURCES
-        times = {k: np.zeros((F, L)) for k in (*RESOURCES, "layer_s", "bound_s")}
+        from traces.costs import RESOURCE_SECONDS
+        times = {k: np.zeros((F, L)) for k in (*RESOURCE_SECONDS, "layer_s", "bound_s")}
         times["fixed_s"] = np.zeros(F)
     for fw in replay(trace, policy, popularity, with_act):
         for k in COUNTERS:
