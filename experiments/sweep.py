@@ -31,7 +31,6 @@ ADDRESS``; without one, a local Dask cluster of ``--jobs`` workers).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import os

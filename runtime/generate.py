@@ -28,7 +28,7 @@ from runtime.checkpoint import checkpoint_dtype, dtype_name, load_model
 from runtime.config import ModelConfig
 from runtime.decoding import Decoding, Generator, Sampling, warm_up
 from runtime.device import check_device, host_memory_bytes, timed
-from runtime.model import KERNELS, LLaDA2
+from runtime.model import KERNELS
 from runtime.offload import OffloadEngine
 from runtime.replay import check_replayable, replay_prompt
 from runtime.tokenizer import load_tokenizer

@@ -18,7 +18,6 @@ import os
 import platform
 import socket
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np

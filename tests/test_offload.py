@@ -85,7 +85,7 @@ def test_a_plan_mixing_kinds_generates_what_all_does_and_counts_what_the_policy_
 def test_counters_are_exactly_what_the_policy_functions_give(tmp_path, model):
     L, E = model.cfg.shape.n_moe_layers, model.cfg.shape.experts
     dtype = "float32" if model.dtype == torch.float32 else "bfloat16"
-    for kv in (True, False):
+    for kv in (True, False) if dtype == "float32" else (True,):  # the counting is the dtype's own in neither
         for name, b, tau in _cases(model, kv)[0]:
             policy = Policy.make(name, L, E, budget=b, tau=tau)
             with TraceRecorder(model, Decoding(32, 32, 0.3, kv), dtype) as rec, \
