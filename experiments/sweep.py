@@ -367,6 +367,8 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     baseline, the least ``plan_vs_best`` (at least 1: no uniform setting beat the plan) and
     the most that mixing kinds gained over a tide-only plan."""
     ok = df[(df["policy"] == "plan") & df["tokens_per_s"].notna()] if "tokens_per_s" in df else df.iloc[:0]
+    if "arrival_rate" in ok:
+        ok = ok[ok["arrival_rate"].isna()]  # offline rows only
     if ok.empty:
         return pd.DataFrame()
     g = ok.groupby(["study", "model"], sort=False)

@@ -56,7 +56,11 @@ def _vary(df: pd.DataFrame, col: str, fixed: tuple[str, ...]) -> pd.DataFrame:
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    return df[(df["status"] == "ok") & df["tokens_per_s"].notna()] if "tokens_per_s" in df else df.iloc[:0]
+    """Rows priced offline (not a plan's rows served to an arrival rate)."""
+    if "tokens_per_s" not in df:
+        return df.iloc[:0]
+    offline = df["arrival_rate"].isna() if "arrival_rate" in df else True
+    return df[(df["status"] == "ok") & df["tokens_per_s"].notna() & offline]
 
 
 def tokens_vs_memory(df: pd.DataFrame, out: Path) -> str:
