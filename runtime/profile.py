@@ -480,8 +480,9 @@ class Profiler:
         assumes: a layer's weights stay in cache from one request to the next); the decoding
         loop's is the host's ``member_s``. Row-exact, the engine's expert work in both runs
         beyond its price gives the host's ``batch_segment_s`` (each further (request, expert)
-        call) and ``batch_calls_s`` (each call running in waves: gathers, scatters, a colder
-        cache), the two-unknown fit of the two runs, none below zero. Written into the profile."""
+        call; signed: on large experts such calls cost less than the table prices them) and
+        ``batch_calls_s`` (each call running in waves: gathers, scatters, a colder cache; not
+        below zero), the two-unknown fit of the two runs. Written into the profile."""
         from traces.admission import compose_trace
         from traces.costs import CostModel
         from traces.replay import replay
@@ -611,18 +612,16 @@ def in_run_line(prof: Profile) -> str:
 
 
 def _two_unknowns(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
-    """``a, b >= 0`` with ``a x + b y = z`` for two rows ``(x, y, z)``: solved exactly, or, where
-    that gives a negative, the one unknown fitted alone (least squares) and the other zero."""
+    """``a`` (signed) and ``b >= 0`` with ``a x + b y = z`` for two rows ``(x, y, z)``: solved
+    exactly, or, where that gives ``b < 0`` (or the rows do not tell them apart), ``a``
+    fitted alone (least squares) and ``b`` zero."""
     (x1, y1, z1), (x2, y2, z2) = rows
     det = x1 * y2 - x2 * y1
-    if abs(det) > 1e-12:
+    if abs(det) > 1e-12 * max(abs(x1 * y2), abs(x2 * y1), 1e-30):
         a, b = (z1 * y2 - z2 * y1) / det, (x1 * z2 - x2 * z1) / det
-        if a >= 0 and b >= 0:
+        if b >= 0:
             return a, b
-    fit = lambda u1, u2: max(0.0, (u1 * z1 + u2 * z2) / max(u1 * u1 + u2 * u2, 1e-30))  # noqa: E731
-    a, b = fit(x1, x2), fit(y1, y2)
-    err = lambda a_, b_: (a_ * x1 + b_ * y1 - z1) ** 2 + (a_ * x2 + b_ * y2 - z2) ** 2  # noqa: E731
-    return (a, 0.0) if err(a, 0.0) <= err(0.0, b) else (0.0, b)
+    return (x1 * z1 + x2 * z2) / max(x1 * x1 + x2 * x2, 1e-30), 0.0
 
 
 def profile_box(cfg: ModelConfig, device: torch.device, dtype: str, quick: bool, progress: bool = True,

@@ -152,6 +152,8 @@ def test_a_row_exact_batch_prices_its_waved_expert_calls():
 def test_the_two_unknown_fit_of_a_batchs_expert_calls():
     from runtime.profile import _two_unknowns
     assert _two_unknowns([(10.0, 2.0, 10 * 0.5 + 2 * 3.0), (10.0, 4.0, 10 * 0.5 + 4 * 3.0)]) == pytest.approx((0.5, 3.0))
-    a, b = _two_unknowns([(10.0, 2.0, 6.0), (10.0, 4.0, 4.0)])  # exact solution has b < 0: one unknown alone
+    a, b = _two_unknowns([(10.0, 2.0, 6.0), (10.0, 4.0, 4.0)])  # exact solution has b < 0: a alone
     assert b == 0.0 and a == pytest.approx(0.5)
-    assert min(_two_unknowns([(1.0, 1.0, -1.0), (2.0, 1.0, -2.0)])) == 0.0  # nothing below zero
+    a, b = _two_unknowns([(10.0, 2.0, -10 * 0.2 + 2 * 1.0), (10.0, 4.0, -10 * 0.2 + 4 * 1.0)])
+    assert (a, b) == pytest.approx((-0.2, 1.0))  # a further call may cost less than its table says
+    assert _two_unknowns([(1.0, 2.0, 3.0), (2.0, 4.0, 6.0)])[1] == 0.0  # rows that do not tell them apart

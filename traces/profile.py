@@ -23,7 +23,8 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
   CPU path); optional, per further request of a batched forward: ``member_s`` (the loop's;
   absent: ``forward_s``), and, for a row-exact batch (fp32, the CPU as the fast device: each
   request's rows of an expert in a call of its own, in waves), ``batch_segment_s`` per further
-  (request, expert) call and ``batch_calls_s`` per call run in waves (absent: zero).
+  (request, expert) call beyond its table price (signed: negative where such calls cost less
+  than the table says) and ``batch_calls_s`` per call run in waves (absent: zero).
   A version-1 profile (no ``host``) still loads: its ``sync_s`` included the
   decision and the issue, and the rest is priced at zero.
 * ``h2d`` / ``d2h``: per ``pinned`` / ``pageable``, bandwidth against transfer size
@@ -78,6 +79,7 @@ HOST = ("forward_s", "decide_s", "refresh_s", "swap_s", "issue_s", "copy_call_s"
         "swap_wave_s", "member_s", "batch_segment_s", "batch_calls_s")
 #: absent: zero (profiles measured before they were); member_s: forward_s
 HOST_OPTIONAL = ("swap_wave_s", "member_s", "batch_segment_s", "batch_calls_s")
+_SIGNED = ("batch_segment_s",)  # a further call may cost less than its table says (see runtime.profile)
 _POSITIVE = ("gpu_mem_bytes", "host_mem_bytes", "host_mem_bw_gbps", "gpu_mem_bw_gbps")  # they divide or bound
 BUNDLED = {
     "h200": "h200.json",
@@ -265,7 +267,7 @@ class Profile:
                     continue
                 if not isinstance(v, dict) or "value" not in v:
                     raise _fail(w, f"{group}.{k} missing (expected {{'value': ..., 'source': ...}})")
-                need_float(v["value"], f"{w}: {group}.{k}", lo=0.0, positive=k in _POSITIVE)
+                need_float(v["value"], f"{w}: {group}.{k}", lo=None if k in _SIGNED else 0.0, positive=k in _POSITIVE)
                 _check_source(f"{w}: {group}.{k}", v.get("source"), ())
         if self.capacity("cpu_cores") < 1:
             raise _fail(w, "capacities.cpu_cores must be at least 1")
