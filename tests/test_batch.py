@@ -228,9 +228,15 @@ def test_generate_batch_size_on_the_command_line(tiny_ckpt, tmp_path):
     one = run_module(*base)
     assert one.returncode == 0, one.stderr
     solo = json.loads(one.stdout)
-    for bs in ("3", "8"):
-        p = run_module(*base, "--batch-size", bs, "--policy", "tide", "--gpu-experts", "6", "--tau", "2")
+    from runtime.config import ModelConfig
+    from traces.plan import Plan
+    plan = Plan.for_shape(ModelConfig.load(tiny_ckpt).shape, 2, 6, kind="tide", batch_size=8).write(tmp_path / "p.json")
+    for bs in ("3", "8"):  # 8: the plan's batch size (no flag), above the 4 prompts: all at once, with a note
+        flags = ["--batch-size", bs, "--policy", "tide", "--gpu-experts", "6", "--tau", "2"] if bs == "3" else \
+            ["--policy", "plan", "--plan", str(plan)]
+        p = run_module(*base, *flags)
         assert p.returncode == 0, p.stderr
+        assert ("above the 4 prompts" in p.stderr) == (bs == "8")
         out = json.loads(p.stdout)
         assert out["batch_size"] == int(bs) and [r["request"] for r in out["requests"]] == [0, 1, 2, 3]
         assert [r["tokens"] for r in out["requests"]] == [r["tokens"] for r in solo["requests"]]
