@@ -169,8 +169,8 @@ def placement(args: argparse.Namespace, shape: ModelShape, dtype: str, device: t
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load, warm up, generate every prompt, and report (the JSON fields)."""
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).check(
-        ModelConfig.load(args.checkpoint).shape.vocab)  # checked once, before any loading
+    cfg = ModelConfig.load(args.checkpoint)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).check(cfg.shape.vocab)  # once, before loading
     if args.gen_length is not None:
         need_int(args.gen_length, "--gen-length", lo=1)
     elif args.replay_trace is None:
@@ -187,38 +187,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = check_device(args.device)
     replay = read_trace(args.replay_trace) if args.replay_trace else None
     offload = args.policy is not None
-    cfg = ModelConfig.load(args.checkpoint)
-    planned = placement(args, cfg.shape, args.dtype or checkpoint_dtype(args.checkpoint), device, 0)  # checked again below with the KV cache
-    model = load_model(args.checkpoint, device=device, dtype=args.dtype,
-                       experts_device="cpu" if offload or device.type == "cpu" else device,
-                       on_device=planned[2] if planned else None)
     tokenizer = load_tokenizer(args.checkpoint)
     if replay is not None:
         if any(a is not None for a in (args.prompt, args.prompt_ids, args.prompts)):
             raise TideError("--replay-trace takes its prompts from the trace; drop --prompt/--prompt-ids/--prompts")
-        check_replayable(replay, model)
-        prompts = [replay_prompt(r["prompt_length"], model.cfg.shape.vocab, (model.cfg.mask_id, model.cfg.eos_id))
-                   for r in replay.requests]
         decoding = replay.decoding
-        lengths = [r["gen_length"] for r in replay.requests]
+        sizes = [(r["prompt_length"], r["gen_length"]) for r in replay.requests]
     else:
         given = read_prompts(args, tokenizer)
-        prompts, lengths = [p for p, _, _ in given], [g for _, g, _ in given]
         decoding = Decoding(args.block_length, args.steps, args.threshold, not args.no_kv_cache)
-        Generator(model, decoding).check_prompts(prompts, lengths, [w for _, _, w in given])
+        sizes = [(len(p), g) for p, g, _ in given]
     # the seats per forward: the flag, else the plan's, else the replayed trace's recorded forwards, else one
     plan_batch = Plan.read(args.plan).batch_size if args.plan is not None and args.policy == "plan" else None
     seats = args.batch_size or plan_batch
     batch_size = seats or (replay.batch_size if replay is not None else 1)
-    if seats is not None and seats > len(prompts) > 0 and seats > 1:
-        print(f"note: batch size {seats} is above the {len(prompts)} prompts: all run at once", file=sys.stderr)
+    if seats is not None and seats > len(sizes) > 0 and seats > 1:
+        print(f"note: batch size {seats} is above the {len(sizes)} prompts: all run at once", file=sys.stderr)
+    kv_tokens = kv_tokens_for(sizes, decoding.block_length, decoding.kv_cache, batch_size)
+    # the policy, checked against the memory with the batch's KV cache, before anything loads
+    planned = placement(args, cfg.shape, args.dtype or checkpoint_dtype(args.checkpoint), device, kv_tokens)
+    model = load_model(args.checkpoint, device=device, dtype=args.dtype,
+                       experts_device="cpu" if offload or device.type == "cpu" else device,
+                       on_device=planned[2] if planned else None)
+    if replay is not None:
+        check_replayable(replay, model)
+        prompts = [replay_prompt(r["prompt_length"], model.cfg.shape.vocab, (model.cfg.mask_id, model.cfg.eos_id))
+                   for r in replay.requests]
+        lengths = [r["gen_length"] for r in replay.requests]
+    else:
+        prompts, lengths = [p for p, _, _ in given], [g for _, g, _ in given]
+        Generator(model, decoding).check_prompts(prompts, lengths, [w for _, _, w in given])
     arrivals = read_arrivals(args.arrivals, len(prompts)).offsets if args.arrivals else None
-    bl = decoding.block_length
-    kv_tokens = kv_tokens_for([(len(p), g) for p, g in zip(prompts, lengths)], bl, decoding.kv_cache, batch_size)
     dtype = dtype_name(model.dtype)
     engine = None
     if planned is not None:
-        policy, popularity, _ = placement(args, model.cfg.shape, dtype, device, kv_tokens)
+        policy, popularity, _ = planned
         engine = OffloadEngine(model, policy, device, setup_counts=popularity, kernel=args.expert_kernel)
     warm_up(model, decoding, prompts[0], sampling, engine)
     rec = TraceRecorder(model, decoding, dtype) if args.trace_out else None
