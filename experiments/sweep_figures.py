@@ -63,17 +63,25 @@ def _ok(df: pd.DataFrame) -> pd.DataFrame:
     return df[(df["status"] == "ok") & df["tokens_per_s"].notna() & offline]
 
 
-def tokens_vs_memory(df: pd.DataFrame, out: Path) -> str:
+def _tokens_against(df: pd.DataFrame, x: str, fixed: tuple[str, ...], skip: str) -> tuple[pd.DataFrame, sns.FacetGrid]:
+    """Tokens/s against ``x``, a line per policy, a panel per model: each model's largest
+    group of offline rows where ``fixed`` holds and ``x`` varies (none: :class:`Skip`)."""
     ok = _ok(df)
-    parts = [_vary(g, "gpu_mem_gb", ("study", "profile", "pcie", "cpu_cores", "gen_length")) for _, g in ok.groupby("model")]
+    parts = [_vary(g, x, fixed) for _, g in ok.groupby("model")] if x in ok else []
     parts = [p for p in parts if not p.empty]
     if not parts:
-        raise Skip("tokens_vs_memory.png: no study varies GPU memory")
+        raise Skip(skip)
     data = pd.concat(parts).assign(policy=lambda d: d["policy"].map(display_name))
-    g = sns.relplot(data=data, x="gpu_mem_gb", y="tokens_per_s", hue="policy", style="policy", col="model",
+    g = sns.relplot(data=data, x=x, y="tokens_per_s", hue="policy", style="policy", col="model",
                     kind="line", markers=True, facet_kws={"sharey": False}, height=3.6, aspect=1.2)
-    g.set_axis_labels("GPU memory (GB)", "predicted tokens/s")
     g.set_titles("{col_name}")
+    return data, g
+
+
+def tokens_vs_memory(df: pd.DataFrame, out: Path) -> str:
+    data, g = _tokens_against(df, "gpu_mem_gb", ("study", "profile", "pcie", "cpu_cores", "gen_length"),
+                              "tokens_vs_memory.png: no study varies GPU memory")
+    g.set_axis_labels("GPU memory (GB)", "predicted tokens/s")
     box = ", ".join(sorted({f"{r.profile} (study {r.study})" for r in data[["profile", "study"]].drop_duplicates().itertuples()}))
     g.figure.suptitle(f"Tokens/s against GPU memory: {box}", y=1.03)
     return _save(g.figure, out / "tokens_vs_memory.png")
@@ -174,22 +182,14 @@ def plan_kinds(df: pd.DataFrame, out: Path) -> str:
 
 
 def tokens_vs_batch(df: pd.DataFrame, out: Path) -> str:
-    ok = _ok(df)
-    parts = [_vary(g, "batch_size", ("study", "profile", "pcie", "cpu_cores", "gpu_mem_gb", "gen_length", "requests"))
-             for _, g in ok.groupby("model")] if "batch_size" in ok else []
-    parts = [p for p in parts if not p.empty]
-    if not parts:
-        raise Skip("tokens_vs_batch.png: no study varies the batch size")
-    data = pd.concat(parts).assign(policy=lambda d: d["policy"].map(display_name))
-    g = sns.relplot(data=data, x="batch_size", y="tokens_per_s", hue="policy", style="policy", col="model",
-                    kind="line", markers=True, facet_kws={"sharey": False}, height=3.6, aspect=1.2)
+    data, g = _tokens_against(df, "batch_size", ("study", "profile", "pcie", "cpu_cores", "gpu_mem_gb", "gen_length",
+                                                 "requests"), "tokens_vs_batch.png: no study varies the batch size")
     sizes = sorted(int(b) for b in data["batch_size"].unique())
     for ax in g.axes.flat:
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(b) for b in sizes])
         ax.minorticks_off()
     g.set_axis_labels("requests per forward (batch size)", "predicted tokens/s (offline)")
-    g.set_titles("{col_name}")
     r = data.iloc[0]
     g.figure.suptitle(f"Tokens/s against the batch size: {r.profile}, {r.gpu_mem_gb:g} GB GPU, "
                       f"{int(r.requests)} requests of {int(r.gen_length)} tokens", y=1.03)

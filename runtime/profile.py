@@ -507,9 +507,9 @@ class Profiler:
                     priced["loop"] += loop
                     priced["moe"] += s.n_moe_layers * float(cost.batched_s("moe_layer", mt, mc)[0])
                 if cost.row_exact:
-                    p = cost.layer_parts(f.decision, f.counts, f.counters, mt, mc, f.segments)
-                    engine += float(sum(p[k].sum() for k in ("hits_ready", "hits_fresh", "cpu", "issue", "launch")))
                     w = layer_work(f.decision, f.counts, f.counters, cost.act_bytes, cost.knots, mt, mc, f.segments)
+                    p = cost.price(w)  # what layer_parts gives, from the work counted once
+                    engine += float(sum(p[k].sum() for k in ("hits_ready", "hits_fresh", "cpu", "issue", "launch")))
                     segs += float((w.segments - w.ready_n - w.fresh_n - w.miss_n - w.wave_experts.sum(axis=0)).sum())
                     calls += float((w.hit_sets + w.miss_sets).sum())
             fits.append((segs, calls, ran["layer_s"] - ran["decide_s"] - ran["copy_s"] - ran["wait_s"] - engine))

@@ -52,6 +52,12 @@ def check_batch_sizes(values: Sequence[int], flag: str = "--batch-sizes") -> lis
     return sorted({need_int(v, flag, lo=1) for v in values})
 
 
+def check_bounds(latency_p99_s: float | None, arrival_rate: float | None) -> tuple[float | None, float | None]:
+    """The latency bound and the arrival rate, each a positive finite number where given."""
+    return (None if latency_p99_s is None else need_float(latency_p99_s, "--latency-p99-s", positive=True),
+            None if arrival_rate is None else check_rate(arrival_rate))
+
+
 def serve_figures(traces: Sequence[Trace], profile: Profile, plan: Plan, batch_size: int,
                   arrival_rate: float | None = None, seed: int = 0) -> dict[str, float]:
     """The plan served on the traces' requests at ``batch_size``: tokens/s and requests/s
@@ -87,10 +93,7 @@ def choose(plans: dict[int, tuple[Plan, pd.DataFrame]], traces: Sequence[Trace],
            latency_p99_s: float | None = None, arrival_rate: float | None = None, seed: int = 0) -> Frontier:
     """Serve each batch size's plan and choose one (module doc); the chosen plan's
     predictions hold the frontier and the rule that chose it."""
-    if latency_p99_s is not None:
-        need_float(latency_p99_s, "--latency-p99-s", positive=True)
-    if arrival_rate is not None:
-        arrival_rate = check_rate(arrival_rate)
+    latency_p99_s, arrival_rate = check_bounds(latency_p99_s, arrival_rate)
     rows = []
     for b, (plan, _) in sorted(plans.items()):
         fig = serve_figures(traces, profile, plan, b, arrival_rate, seed)
@@ -113,10 +116,7 @@ def plan_frontier(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, 
                   latency_p99_s: float | None = None, arrival_rate: float | None = None, seed: int = 0,
                   names: Sequence[str] | None = None, progress: bool = True, **plan_kw) -> Frontier:
     """Plan at every batch size, serve each plan, choose (module doc)."""
-    if latency_p99_s is not None:  # flags checked before the planning
-        need_float(latency_p99_s, "--latency-p99-s", positive=True)
-    if arrival_rate is not None:
-        check_rate(arrival_rate)
+    check_bounds(latency_p99_s, arrival_rate)  # before the planning, not after it
     plans = plans_by_batch(traces, profile, gpu_mem_gb, batch_sizes, names, progress, **plan_kw)
     return choose(plans, traces, profile, latency_p99_s, arrival_rate, seed)
 

@@ -26,15 +26,15 @@ import pandas as pd
 from sim.candidates import Candidates, Priced, budget_grid, distinct_taus, price_table
 from sim.plan_model import CandidateTable, Solution, check_plan_kinds, solve
 from sim.replay import simulate
+from traces.admission import compose_trace
 from traces.cli import data_sha256, file_sha256, span
 from traces.errors import TideError
-from traces.admission import compose_trace
 from traces.memory import MemoryBudget, kv_tokens
 from traces.plan import Plan
 from traces.policies import KINDS, Policy, baselines, kinds_label, tau_label
 from traces.profile import Profile
-from traces.trace import Trace
 from traces.replay import replay
+from traces.trace import Trace
 from traces.values import need_float, need_int
 
 def check_traces(traces: Sequence[Trace], names: Sequence[str]) -> None:

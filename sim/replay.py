@@ -31,16 +31,16 @@ import simpy
 from sim.box import Box
 from sim.serve import Stream, serve
 from traces.arrivals import Arrivals, check_clients, check_rate, closed_loop, poisson, read_arrivals
-from traces.errors import TideError
-from traces.values import need_int
 from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, number, print_json, run_cli
 from traces.costs import CostModel
 from traces.counters import COUNTERS
+from traces.errors import TideError
 from traces.memory import MemoryBudget, kv_tokens
 from traces.policies import Policy
 from traces.profile import Profile
 from traces.settings import parse_budget, resolve_policy
 from traces.trace import Trace, load_popularity, read_trace
+from traces.values import need_int
 
 
 @dataclass
