@@ -603,11 +603,11 @@ def test_figures_with_nothing_to_show_are_skipped_with_a_note(tmp_path):
     import pandas as pd
 
     from experiments.sweep_figures import draw_all
-    from experiments.sweep_points import Point, evaluate
-    rows = [evaluate(Point("s", "a100-40gb", "llada2-mini", gen_length=32, gpu_mem_gb=16, pcie=x, cpu_cores=c,
-                           policies=("cpu", "plan"), taus=(1,)))
-            for x in (1.0, 2.0) for c in (0.5, 1.0)]
-    df = pd.concat(rows, ignore_index=True)
+    from experiments.sweep_points import Point, evaluate_group
+    points = [Point("s", "a100-40gb", "llada2-mini", gen_length=32, gpu_mem_gb=16, pcie=x, cpu_cores=c,
+                    policies=("cpu", "plan"), taus=(1,)) for x in (1.0, 2.0) for c in (0.5, 1.0)]
+    rows = evaluate_group(points)  # one replay of the shared workload for the four boxes
+    df = pd.concat([rows[p.key()] for p in points], ignore_index=True)
     drawn, skipped = draw_all(df, tmp_path)
     assert "speedup_heatmap.png" in drawn  # a panel for cpu only: swap, static and tide were not priced
     assert any("tokens_vs_memory.png" in s for s in skipped) and any("best_tau.png" in s for s in skipped)
