@@ -26,13 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from tqdm.auto import tqdm
 
-from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, read_json, run_cli, write_json
-from traces.errors import TideError
-from traces.policies import Policy, every_kind
-from traces.values import get, need_dict, need_float, need_int, need_list, need_str
+from traces.common.checks import check_batch_size
+from traces.common.cli import ArgumentParser, integer, run_cli
+from traces.common.errors import TideError
+from traces.common.files import atomic_write, check_out_path, read_json, write_json
+from traces.common.values import get, need_dict, need_float, need_int, need_list, need_str
+from traces.policies.labels import every_kind
+from traces.policies.spec import Policy
 
 RUNS: list[tuple[str, float | None, int | None]] = [
     ("all", None, None), ("cpu", None, None), ("static", 0.25, None), ("static", 0.5, None),
@@ -76,15 +78,15 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     changes speed from minute to minute, so each round's runs are kept with the profile taken
     just before them (``profile-roundK.json``) and with the speed reference around each run;
     ``profile.json`` is the rounds' median, and the spread over rounds is the box's noise."""
+    from runtime.capture import TraceRecorder
     from runtime.checkpoint import load_model
     from runtime.config import ModelConfig
     from runtime.decoding import Generator
     from runtime.device import check_device, speed_reference_s, timed
-    from runtime.capture import TraceRecorder
     from runtime.offload import OffloadEngine
     from runtime.profile import profile_box
-    from traces.profile import median_of
-    from traces.synth import synthesize
+    from traces.formats.profile_file import median_of
+    from traces.workloads.synthetic import synthesize
 
     device = check_device(device_name)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +176,7 @@ def read_runs(out: Path) -> list[dict]:
         if Path(trace).name != trace:
             raise TideError(f"{wi}.trace must be a file name in {out}, got {trace!r}")
         arrivals = r.get("arrivals")
-        out_runs.append({"batch_size": need_int(r.get("batch_size", 1), f"{wi}.batch_size", lo=1),
+        out_runs.append({"batch_size": check_batch_size(r.get("batch_size", 1), f"{wi}.batch_size"),
                          "traffic": need_str(r.get("traffic", "replay"), f"{wi}.traffic", ("replay", "own", "arrivals")),
                          "arrivals": None if arrivals is None else [need_float(v, f"{wi}.arrivals", lo=0.0)
                                                                     for v in need_list(arrivals, f"{wi}.arrivals")],
@@ -196,10 +198,10 @@ def read_runs(out: Path) -> list[dict]:
 
 def replay(out: Path) -> pd.DataFrame:
     """The simulator half: predict every captured run on the measured profile."""
-    from sim.replay import simulate
-    from traces.arrivals import Arrivals
-    from traces.profile import Profile
-    from traces.trace import read_trace
+    from sim.simulate import simulate
+    from traces.formats.profile_file import Profile
+    from traces.formats.trace_read import read_trace
+    from traces.serving.arrivals import Arrivals
 
     runs = read_runs(out)
     n = len(runs[0]["rounds_s"])

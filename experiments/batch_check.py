@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from traces.cli import ArgumentParser, atomic_write, check_out_path, comma_list, integer, run_cli
-from traces.errors import TideError
-from traces.values import need_int
+from traces.common.checks import check_batch_size
+from traces.common.cli import ArgumentParser, comma_list, integer, run_cli
+from traces.common.errors import TideError
+from traces.common.files import atomic_write, check_out_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint-dir", default="out/checkpoints")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     a = ap.parse_args(argv)
-    sizes = comma_list(a.batch_sizes, "--batch-sizes", lambda v: need_int(integer(v), "--batch-sizes", lo=1),
+    sizes = comma_list(a.batch_sizes, "--batch-sizes", lambda v: check_batch_size(integer(v), "--batch-sizes"),
                        "integer values")
-    if a.out:
+    if a.out is not None:
         check_out_path(a.out)
     import torch
 
@@ -51,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.device import check_device, timed
     from runtime.lossless import agree
     from runtime.offload import OffloadEngine
-    from traces.policies import Policy
-    from traces.trace import Decoding
+    from traces.formats.trace_file import Decoding
+    from traces.policies.spec import Policy
     device = check_device(a.device)
     path = ensure_checkpoint(Path(a.checkpoint_dir), a.preset, a.layers if a.preset != "tiny" else None)
     model = load_model(path, device=device, dtype="bfloat16" if device.type == "cuda" else "float32",
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     base = df[df["batch_size"] == min(sizes)].set_index("policy")["tokens_per_s"]
     df["speedup_vs_smallest"] = [r.tokens_per_s / base[r.policy] for r in df.itertuples()]
     print(df.round(3).to_string(index=False))
-    if a.out:
+    if a.out is not None:
         meta = {"device": str(device), "torch": torch.__version__, "preset": a.preset, "checkpoint": str(path),
                 "gen_length": a.gen_length, "prompt_length": a.prompt_length}
         text = json.dumps({**meta, "rows": df.to_dict(orient="records")}, indent=1) + "\n"

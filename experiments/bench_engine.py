@@ -24,12 +24,12 @@ from runtime.decoding import Generator, warm_up
 from runtime.device import check_device, timed
 from runtime.make_checkpoint import preset_config, random_model
 from runtime.offload import OffloadEngine
-from traces.cli import ArgumentParser, integer, print_json, run_cli
-from traces.errors import TideError
-from traces.memory import DEVICE_HEADROOM
-from traces.policies import Policy
-from traces.synth import synthesize
-from traces.trace import Decoding
+from traces.common.cli import ArgumentParser, integer, print_json, run_cli
+from traces.common.errors import TideError
+from traces.costs.memory import DEVICE_HEADROOM
+from traces.formats.trace_file import Decoding
+from traces.policies.spec import Policy
+from traces.workloads.synthetic import synthesize
 
 
 def policies(L: int, E: int, budgets: list[int]) -> list[Policy]:

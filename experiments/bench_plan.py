@@ -20,14 +20,17 @@ import time
 import pandas as pd
 
 from sim.candidates import Candidates, budget_grid, distinct_taus, price_table
+from sim.plan_program import solve
 from sim.planner import memory, plan_budgets, simulated_seconds, table_at
-from sim.plan_model import solve
-from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, run_cli, span
-from traces.memory import MemoryBudget
-from traces.policies import KINDS, Policy, kinds_label, tau_label
-from traces.profile import Profile
-from traces.shapes import ModelShape
-from traces.synth import synthesize
+from traces.common.cli import ArgumentParser, integer, run_cli, span
+from traces.common.files import atomic_write, check_out_path
+from traces.costs.memory import MemoryBudget
+from traces.formats.profile_file import Profile
+from traces.formats.shapes import ModelShape
+from traces.formats.vocabulary import KINDS
+from traces.policies.labels import kinds_label, tau_label
+from traces.policies.spec import Policy
+from traces.workloads.synthetic import synthesize
 
 CASES = [("llada2-mini", "h200", (8, 16, 24)), ("llada2-mini", "a100-40gb", (8, 16, 32)),
          ("llada2-mini", "rtx4090", (8, 16, 24)), ("llada2-flash", "a100-40gb", (12, 24, 40))]

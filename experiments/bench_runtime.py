@@ -29,9 +29,10 @@ from runtime.checkpoint import load_model
 from runtime.decoding import Generator, warm_up
 from runtime.device import check_device, timed
 from runtime.make_checkpoint import preset_config, write_checkpoint
-from traces.cli import ArgumentParser, comma_list, integer, print_json, run_cli
-from traces.values import need_int, need_str
-from traces.trace import Decoding
+from traces.common.checks import check_batch_size
+from traces.common.cli import ArgumentParser, comma_list, integer, print_json, run_cli
+from traces.common.values import need_str
+from traces.formats.trace_file import Decoding
 
 
 def ensure_checkpoint(folder: Path, preset: str, layers: int | None, seed: int = 0) -> Path:
@@ -59,8 +60,8 @@ def bench_batches(model, device: torch.device, batch_sizes: list[int], policies:
     from tqdm.auto import tqdm
 
     from runtime.offload import OffloadEngine
-    from traces.policies import Policy
-    from traces.synth import synthesize
+    from traces.policies.spec import Policy
+    from traces.workloads.synthetic import synthesize
     s = model.cfg.shape
     L, E = s.n_moe_layers, s.experts
     top = max(batch_sizes)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     sizes = None
     if a.batch_sizes is not None:
-        sizes = comma_list(a.batch_sizes, "--batch-sizes", lambda v: need_int(integer(v), "--batch-sizes", lo=1),
+        sizes = comma_list(a.batch_sizes, "--batch-sizes", lambda v: check_batch_size(integer(v), "--batch-sizes"),
                            "integer values")
         policies = comma_list(a.policies, "--policies", lambda v: need_str(v, "--policies", ("all", "static", "swap", "tide")))
         traffic = comma_list(a.traffic, "--traffic", lambda v: need_str(v, "--traffic", ("own", "replay")))

@@ -8,16 +8,15 @@ events, wall seconds and events per second of each replay.
 """
 from __future__ import annotations
 
-
 import pandas as pd
 
-from sim.replay import simulate
-from traces.cli import ArgumentParser, integer, run_cli
-from traces.memory import MemoryBudget, kv_tokens
-from traces.profile import Profile
+from sim.simulate import simulate
+from traces.common.cli import ArgumentParser, integer, run_cli
+from traces.costs.memory import MemoryBudget, kv_tokens
+from traces.formats.profile_file import Profile
+from traces.formats.shapes import ModelShape
 from traces.settings import resolve_policy
-from traces.shapes import ModelShape
-from traces.synth import synthesize
+from traces.workloads.synthetic import synthesize
 
 
 def main(argv: list[str] | None = None) -> int:

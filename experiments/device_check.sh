@@ -16,13 +16,15 @@
 # Each step has its own time limit and writes under OUT; a failing step does not stop the rest.
 # STEPS="batches gpu_check" runs only those steps; BATCH_PRESET (default mini) picks the
 # batched step's checkpoint, BATCH_SIZES (default 1,8,32) and BATCH_GEN (default 64) its
-# batch sizes and generation length (tests run it on the CPU with tiny, 1,8 and 32).
+# batch sizes and generation length (tests run it on the CPU with tiny, 1,8 and 32); PYTHON
+# (default python) the interpreter.
 set -uo pipefail
 OUT=${1:-${OUT:-out/device}}
 DEVICE=${2:-cuda}
 mkdir -p "$OUT"
 STEPS=${STEPS:-kernels gpu_check accuracy_capture bench_engine batches}
 BATCH_PRESET=${BATCH_PRESET:-mini}
+PYTHON=${PYTHON:-python}  # the interpreter that runs every step (tests pass their own)
 step() {  # step NAME SECONDS CMD...: run, keep its output, note its exit status
     local name=$1 limit=$2; shift 2
     case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
@@ -33,10 +35,10 @@ step() {  # step NAME SECONDS CMD...: run, keep its output, note its exit status
     echo "$name $rc" >> "$OUT/status.txt"
 }
 : > "$OUT/status.txt"
-step kernels 60 python -c "
+step kernels 60 "$PYTHON" -c "
 import json, torch
 from runtime.model import choose_kernel
-from traces.shapes import ModelShape
+from traces.formats.shapes import ModelShape
 dev = torch.device('$DEVICE'); dt = torch.bfloat16 if dev.type == 'cuda' else torch.float32
 out = {}
 for m in ('llada2-mini', 'llada2-flash'):
@@ -47,10 +49,10 @@ for m in ('llada2-mini', 'llada2-flash'):
         print(m, e, t, out[f'{m} {e}x{t}'], flush=True)
 json.dump(out, open('$OUT/kernels.json', 'w'), indent=1)
 "
-step gpu_check 240 python -m experiments.gpu_check --quick --out "$OUT/gpu_check.json"
-step accuracy_capture 240 python -m experiments.accuracy --capture-only "$OUT/accuracy" --device "$DEVICE" --rounds 3
-step bench_engine 120 python -m experiments.bench_engine --device "$DEVICE" --json
-step batches 180 python -m experiments.batch_check --preset "$BATCH_PRESET" --device "$DEVICE" \
+step gpu_check 240 "$PYTHON" -m experiments.gpu_check --quick --out "$OUT/gpu_check.json"
+step accuracy_capture 240 "$PYTHON" -m experiments.accuracy --capture-only "$OUT/accuracy" --device "$DEVICE" --rounds 3
+step bench_engine 120 "$PYTHON" -m experiments.bench_engine --device "$DEVICE" --json
+step batches 180 "$PYTHON" -m experiments.batch_check --preset "$BATCH_PRESET" --device "$DEVICE" \
     --batch-sizes "${BATCH_SIZES:-1,8,32}" --gen-length "${BATCH_GEN:-64}" --checkpoint-dir "$OUT/checkpoints" \
     --out "$OUT/batches.json"
 cat "$OUT/status.txt"

@@ -42,15 +42,17 @@ from runtime.lossless import agree
 from runtime.make_checkpoint import preset_config, random_model
 from runtime.offload import OffloadEngine
 from runtime.profile import profile_box
-from traces.cli import ArgumentParser, atomic_write, check_out_path, run_cli
-from traces.costs import CostModel
-from traces.replay import replay_policy
-from traces.errors import TideError
-from traces.plan import Plan
-from traces.policies import Policy, every_kind
-from traces.profile import Profile
-from traces.synth import synthesize
-from traces.trace import Decoding, Trace
+from traces.common.cli import ArgumentParser, run_cli
+from traces.common.errors import TideError
+from traces.common.files import atomic_write, check_out_path
+from traces.costs.cost_model import CostModel
+from traces.formats.plan_file import Plan
+from traces.formats.profile_file import Profile
+from traces.formats.trace_file import Decoding, Trace
+from traces.policies.labels import every_kind
+from traces.policies.spec import Policy
+from traces.policies.walk import replay_policy
+from traces.workloads.synthetic import synthesize
 
 #: The reference code's figures on the H200 box (../shared/reference/README.md).
 REFERENCE = {"all_nokv_32_32": 3.5, "tide_b128_tau4_nokv_32_32": 8.7}
@@ -137,7 +139,7 @@ def check(device_name: str | None = None, quick: bool = False, plan_files: list[
     for f in plan_files or []:
         p = Plan.read(f)
         p.check_model(shape, f)
-        plans.append(p.policy(shape))
+        plans.append(Policy.from_plan(p, shape))
     trace = synthesize(shape, 32, 32, seed=0, dtype=dtype)
     rows, reference = [], {}
     todo = cases(shape.n_moe_layers, shape.experts, budgets, long_total, plans, quick)

@@ -22,8 +22,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from traces.cli import ArgumentParser, check_out_path, integer, run_cli
-from traces.errors import TideError
+from traces.common.cli import ArgumentParser, integer, run_cli
+from traces.common.errors import TideError
+from traces.common.files import check_out_path
 
 PROMPT = ",".join(str(i) for i in range(1, 41))
 GPU_MEM_GB = "0.0012"

@@ -44,18 +44,30 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from experiments.sweep_points import (POLICY_SET, Group, Point, plan_group, point_rows, price_group, save,
-                                      served_at_rates, share_key)
+from experiments.sweep_points import (
+    POLICY_SET,
+    Group,
+    Point,
+    plan_group,
+    point_rows,
+    price_group,
+    save,
+    served_at_rates,
+    share_key,
+)
 from sim.candidates import Priced
 
 #: How long to wait for a Dask scheduler to answer before saying it does not.
 DASK_CONNECT_TIMEOUT = "10s"
-from traces.cli import ArgumentParser, atomic_write, check_out_path, comma_list, integer, number, run_cli
-from traces.errors import TideError
-from traces.policies import BASELINES, POLICIES, display_name
-from traces.pool import worker_pool
-from traces.shapes import ModelShape
-from traces.values import need_float, need_int, need_ints, need_list, need_numbers, need_str
+from traces.common.checks import check_batch_size, check_seed
+from traces.common.cli import ArgumentParser, comma_list, integer, number, run_cli
+from traces.common.errors import TideError
+from traces.common.files import atomic_write, check_out_path
+from traces.common.pool import worker_pool
+from traces.common.values import need_float, need_int, need_ints, need_list, need_numbers, need_str
+from traces.formats.shapes import ModelShape
+from traces.policies.labels import BASELINES, display_name
+from traces.policies.spec import check_policy
 
 
 @dataclass
@@ -84,13 +96,13 @@ class Study:
     def check(self, where: Callable[[str], str]) -> "Study":
         """Every axis of its type and range, before anything is made: ``where(field)`` names
         the field as the user wrote it (a flag, or a key of a grid file's study)."""
-        from traces.profile import Profile
+        from traces.formats.profile_file import Profile
         strs = lambda k: [need_str(v, f"{where(k)}[{i}]") for i, v in enumerate(need_list(getattr(self, k), where(k), True))]  # noqa: E731
         need_str(self.name, where("name"))
         self.profiles, self.models, self.policies = strs("profiles"), strs("models"), strs("policies")
         self.gen_lengths = need_ints(self.gen_lengths, where("gen_lengths"), lo=1, hi=1 << 20)
         self.taus = need_ints(self.taus, where("taus"), lo=1)
-        self.batch_sizes = need_ints(self.batch_sizes, where("batch_sizes"), lo=1, hi=1 << 12)
+        self.batch_sizes = [check_batch_size(v, f"{where('batch_sizes')}[{i}]") for i, v in enumerate(need_list(self.batch_sizes, where("batch_sizes"), True))]
         self.arrival_rates = [need_float(v, f"{where('arrival_rates')}[{i}]", positive=True)
                               for i, v in enumerate(need_list(self.arrival_rates, where("arrival_rates")))]
         self.requests = need_int(self.requests, where("requests"), lo=1, hi=1 << 12)
@@ -104,10 +116,9 @@ class Study:
         self.budgets = [v if v == "fit" else need_int(v, f"{where('budgets')}[{i}] (an integer or fit)", lo=0)
                         for i, v in enumerate(need_list(self.budgets, where("budgets"), True))]
         self.prompt_length = need_int(self.prompt_length, where("prompt_length"), lo=1, hi=1 << 20)
-        self.seed = need_int(self.seed, where("seed"), lo=0)
-        bad = [x for x in self.policies if x not in POLICIES]
-        if bad:
-            raise TideError(f"{where('policies')}: unknown policy {bad[0]!r} (expected {', '.join(POLICIES)})")
+        self.seed = check_seed(self.seed, where("seed"))
+        for x in self.policies:
+            check_policy(x, where("policies"))
         for p in self.profiles:
             try:
                 Profile.load(p)

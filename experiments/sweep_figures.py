@@ -28,8 +28,9 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from traces.cli import atomic_write  # noqa: E402
-from traces.policies import BASELINES, KINDS, display_name  # noqa: E402
+from traces.common.files import atomic_write  # noqa: E402
+from traces.formats.vocabulary import KINDS
+from traces.policies.labels import BASELINES, display_name  # noqa: E402
 
 LABELS = {b: display_name(b) for b in BASELINES}
 

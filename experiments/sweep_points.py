@@ -25,23 +25,27 @@ import numpy as np
 import pandas as pd
 
 from sim.candidates import Candidates, Priced, budget_grid, distinct_taus, price_candidates, same_tau
+from sim.plan_program import solve
 from sim.planner import memory, plan_budgets, table_at
-from sim.plan_model import solve
-from sim.replay import simulate
 from sim.serve import offline_ends
-from traces.cli import atomic_write, data_sha256, span
-from traces.costs import CostModel
-from traces.replay import replay_policy
-from traces.admission import compose_trace
-from traces.arrivals import poisson
-from traces.errors import TideError
-from traces.memory import MemoryBudget
-from traces.policies import BASELINES, Policy, kinds_label, tau_label
-from traces.profile import Profile
-from traces.shapes import ModelShape
-from traces.synth import synthesize
-from traces.trace import Trace, read_trace
-from traces.whatif import scale_profile
+from sim.simulate import simulate
+from traces.common.cli import span
+from traces.common.errors import TideError
+from traces.common.files import atomic_write, data_sha256
+from traces.costs.cost_model import CostModel
+from traces.costs.memory import MemoryBudget
+from traces.costs.whatif import scale_profile
+from traces.formats.profile_file import Profile
+from traces.formats.shapes import ModelShape
+from traces.formats.trace_file import Trace
+from traces.formats.trace_read import read_trace
+from traces.policies.labels import BASELINES, kinds_label, tau_label
+from traces.policies.spec import Policy, check_policy
+from traces.policies.walk import replay_policy
+from traces.serving.admission import compose_trace
+from traces.serving.arrivals import poisson
+from traces.serving.figures import latency_figures, sustains
+from traces.workloads.synthetic import synthesize
 
 POLICY_SET = ("cpu", "static", "swap", "tide", "plan")
 
@@ -218,8 +222,7 @@ def _point_rows(point: Point, trace: Trace, profile: Profile, mem: MemoryBudget,
 
     def served(forward_s: np.ndarray) -> dict[str, float]:  # offline: requests/s, latency p50 and p99
         ends = offline_ends(trace, forward_s)
-        return {"requests_per_s": n_req / float(np.sum(forward_s)), "latency_p50_s": float(np.percentile(ends, 50)),
-                "latency_p99_s": float(np.percentile(ends, 99))}
+        return {"requests_per_s": n_req / float(np.sum(forward_s)), **latency_figures(ends)}
     b_fit = mem.largest_uniform()  # a uniform budget B fits iff B <= b_fit
     budgets = sorted({b_fit if b == "fit" else int(b) for b in point.budgets})
     rows = []
@@ -284,7 +287,7 @@ def _point_rows(point: Point, trace: Trace, profile: Profile, mem: MemoryBudget,
                 **served(rep.times["layer_s"].sum(axis=1) + rep.times["fixed_s"]))
 
         else:
-            raise TideError(f"--policies: unknown policy {name!r} (expected all, cpu, static, swap, tide or plan)")
+            check_policy(name, "--policies")
     cols = dict.fromkeys(k for r in rows for k in r)  # every row's columns (unfit rows have no seconds)
     df = pd.DataFrame(rows).reindex(columns=list(dict.fromkeys([*cols, "seconds", "tokens_per_s"])))
     ref = {}
@@ -319,7 +322,6 @@ def served_at_rates(point: Point, plan_row: pd.Series, cache: str | None = None)
     for rate in point.arrival_rates:
         res = simulate(trace, profile, policy, batch_size=point.batch_size, arrivals=poisson(rate, n, point.seed))
         rows.append({**{k: plan_row[k] for k in plan_row.index if not k.startswith(("arrival", "sustains"))},
-                     "arrival_rate": rate, "arrival_latency_p50_s": float(res.requests["latency_s"].quantile(0.5)),
-                     "arrival_latency_p99_s": float(res.requests["latency_s"].quantile(0.99)),
-                     "sustains": bool(rate <= plan_row["requests_per_s"])})
+                     "arrival_rate": rate, **latency_figures(res.requests["latency_s"], "arrival_latency"),
+                     "sustains": sustains(plan_row["requests_per_s"], rate)})
     return pd.DataFrame(rows)

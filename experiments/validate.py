@@ -31,15 +31,19 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from traces.admission import compose_trace
-from traces.cli import ArgumentParser, atomic_write, check_out_path, file_sha256, integer, run_cli, span
-from traces.errors import TideError
-from traces.memory import DEVICE_HEADROOM, MemoryBudget
-from traces.plan import Plan
-from traces.policies import Policy, baselines, display_name, kinds_label, tau_label
-from traces.shapes import ModelShape
-from traces.trace import Trace, read_trace
-from traces.values import get, need_dict, need_float, need_int, need_list, need_str
+from traces.common import checks
+from traces.common.cli import ArgumentParser, integer, run_cli, span
+from traces.common.errors import TideError
+from traces.common.files import atomic_write, check_out_path, file_sha256
+from traces.common.values import get, need_dict, need_float, need_list, need_str
+from traces.costs.memory import DEVICE_HEADROOM, MemoryBudget
+from traces.formats.plan_file import Plan
+from traces.formats.shapes import ModelShape
+from traces.formats.trace_file import Trace
+from traces.formats.trace_read import read_trace
+from traces.policies.labels import baselines, display_name, kinds_label, tau_label
+from traces.policies.spec import Policy
+from traces.serving.admission import compose_trace
 
 
 def plan_traces(plan: Plan, given: list[str] | None) -> list[tuple[str, Trace]]:
@@ -77,7 +81,7 @@ def runs_to_make(plan: Plan, traces: list[Trace], shape: ModelShape, all_fits: b
     runs: dict[str, Policy] = {}
     if all_fits:
         runs["all"] = Policy.make("all", shape.n_moe_layers, shape.experts)
-    runs["plan"] = plan.policy(shape)
+    runs["plan"] = Policy.from_plan(plan, shape)
     if plan.gpu_mem_bytes is not None:
         b = MemoryBudget.for_traces(traces, plan.gpu_mem_bytes, batch_size).largest_uniform()
         runs.update(baselines(shape.n_moe_layers, shape.experts, b))
@@ -90,15 +94,15 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     rounds' own figures, and the lossless failures (empty: all agree).
 
     ``batch_size`` above 1 runs each trace's requests up to that many per forward
-    (continuous batching, :mod:`traces.admission`), predicted over the same composition
-    (:func:`traces.admission.compose_trace`), each request's tokens checked against the
+    (continuous batching, :mod:`traces.serving.admission`), predicted over the same composition
+    (:func:`traces.serving.admission.compose_trace`), each request's tokens checked against the
     reference's at the same batch size; the plan's own prediction is for its own batch size,
     so ``planned_s`` and ``drift`` are left empty at another.
 
     Each round re-times this box's profile in this process, warm, next to the runs (the quick
     profiler of :mod:`runtime.profile`, on this checkpoint), then runs every policy once; the
     round's prediction of each run is the cost model's on that round's profile (the closed
-    form of the simulator's task graphs, :func:`traces.replay.replay_policy`: the same seconds).
+    form of the simulator's task graphs, :func:`traces.policies.walk.replay_policy`: the same seconds).
     A run's error is predicted over measured, minus one, per round; the table keeps the median
     over rounds. The plan's own prediction, on the profile it was planned on, is ``planned_s``;
     how far the box has moved since (``drift``: planned over predicted now, minus one, and the
@@ -111,8 +115,8 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     from runtime.lossless import agree
     from runtime.offload import OffloadEngine
     from runtime.profile import in_run_text, profile_box
-    from traces.costs import CostModel
-    from traces.replay import replay_policy
+    from traces.costs.cost_model import CostModel
+    from traces.policies.walk import replay_policy
 
     device = check_device(device_name)
     model = load_model(checkpoint, device=device, dtype=plan.dtype, experts_device="cpu")
@@ -208,7 +212,7 @@ def box_check(plan: Plan, tolerance: float = 0.25) -> tuple[list[str], list[str]
 
     import torch
 
-    from runtime.profile import memory_bandwidth_gbps
+    from runtime.profile_tables import memory_bandwidth_gbps
     prof, origin = plan_profile(plan)
     name = prof.get("name", "?")
     lines, warn = [], []
@@ -313,12 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", "--repeats", dest="rounds", type=integer, default=5,
                     help="rounds of (profile re-timed, every policy once); errors are medians over rounds")
     ap.add_argument("--out", default=None, help="write the table here (.parquet or .json)")
-    ap.add_argument("--batch-size", type=integer, default=None,
+    ap.add_argument("--batch-size", type=checks.batch_size, default=None,
                     help="requests per forward (continuous batching; default: the plan's); above a trace's "
                          "requests runs them all")
     a = ap.parse_args(argv)
-    if a.batch_size is not None:
-        need_int(a.batch_size, "--batch-size", lo=1)
     if a.rounds < 1:
         raise TideError(f"--rounds must be at least 1, got {a.rounds}")
     if a.out:

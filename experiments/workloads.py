@@ -19,12 +19,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from traces.cli import ArgumentParser, atomic_write, check_out_path, integer, run_cli, write_json
-from traces.errors import TideError
-from traces.shapes import ModelShape
-from traces.stats import summarize
-from traces.synth import calibration_checks, synthesize
-from traces.values import need_int
+from traces.common import checks
+from traces.common.cli import ArgumentParser, integer, run_cli
+from traces.common.errors import TideError
+from traces.common.files import atomic_write, check_out_path, write_json
+from traces.common.values import need_int
+from traces.formats.shapes import ModelShape
+from traces.workloads.statistics import summarize
+from traces.workloads.synthetic import calibration_checks, synthesize
 
 
 def run(out: Path, models: list[str], gen_length: int = 1024, prompt_length: int = 64, seed: int = 0) -> pd.DataFrame:
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="llada2-mini,llada2-flash")
     ap.add_argument("--gen-length", type=integer, default=1024)
     ap.add_argument("--prompt-length", type=integer, default=64)
-    ap.add_argument("--seed", type=integer, default=0)
+    ap.add_argument("--seed", type=checks.seed, default=0)
     a = ap.parse_args(argv)
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     if not models:
@@ -91,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         ModelShape.named(m)
     need_int(a.gen_length, "--gen-length", lo=1, hi=1 << 20)
     need_int(a.prompt_length, "--prompt-length", lo=1, hi=1 << 20)
-    need_int(a.seed, "--seed", lo=0)
     check_out_path(a.out, folder=True)
     t0 = time.perf_counter()
     table = run(Path(a.out), models, a.gen_length, a.prompt_length, a.seed)

@@ -1,4 +1,4 @@
-"""Trace capture: what the runtime did, in the trace format of ``traces.trace``.
+"""Trace capture: what the runtime did, in the trace format of ``traces.formats.trace_file``.
 
 The recorder hangs an observer on every MoE block; each forward's router choices are
 kept (all tokens with the KV cache, the current block's without it) and turned into
@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from runtime.model import LLaDA2
-from traces.trace import Decoding, Trace
+from traces.formats.trace_file import Decoding, Trace
 
 
 class TraceRecorder:

@@ -18,10 +18,11 @@ from safetensors import safe_open
 from torch import nn
 
 from runtime.config import ModelConfig
-from runtime.model import LLaDA2, ExpertWeights
-from traces.cli import read_json
-from traces.errors import TideError
-from traces.values import get, need_dict, need_str
+from runtime.experts import ExpertWeights
+from runtime.model import LLaDA2
+from traces.common.errors import TideError
+from traces.common.files import read_json
+from traces.common.values import get, need_dict, need_str
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

@@ -5,10 +5,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from traces.cli import read_json
-from traces.errors import TideError
-from traces.values import need_bool, need_dict, need_float, need_int, need_list, need_str
-from traces.shapes import ModelShape
+from traces.common.errors import TideError
+from traces.common.files import read_json
+from traces.common.values import need_bool, need_dict, need_float, need_int, need_list, need_str
+from traces.formats.shapes import ModelShape
 
 #: The published mask and end-of-sequence token ids; a config may name others.
 MASK_ID = 156895

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -27,12 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from runtime.capture import TraceRecorder
-from runtime.model import LLaDA2, KVCache, Segment, block_causal_mask
-from runtime.replay import ChoiceReplay, check_replayable, replay_prompt
-from traces.admission import Admission, Recorded, recorded
-from traces.errors import TideError
-from traces.trace import Decoding, Trace
-from traces.values import need_float, need_int
+from runtime.model import KVCache, LLaDA2, Segment, block_causal_mask
+from runtime.trace_replay import ChoiceReplay, check_replayable, replay_prompt
+from traces.common.checks import check_seed
+from traces.common.errors import TideError
+from traces.common.values import need_float, need_int
+from traces.formats.trace_file import Decoding, Trace
+from traces.serving.admission import Admission, Recorded, resolve_batch_size, seating
+from traces.serving.arrivals import Arrivals
+from traces.serving.loop import ServeLoop
 
 if TYPE_CHECKING:
     from runtime.offload import OffloadEngine
@@ -50,7 +52,7 @@ class Sampling:
         need_float(self.temperature, "--temperature", lo=0.0)
         need_int(self.top_k, "--top-k", lo=0, hi=vocab)
         need_float(self.top_p, "--top-p", hi=1.0, positive=True)
-        need_int(self.seed, "--seed", lo=0)
+        check_seed(self.seed)
         return self
 
 
@@ -157,7 +159,7 @@ class _Request:
 @dataclass
 class Generator:
     """Runs prompts on one model, one after another or several at once (``batch_size``:
-    continuous batching at forward granularity, :mod:`traces.admission`); the offload engine
+    continuous batching at forward granularity, :mod:`traces.serving.admission`); the offload engine
     keeps its state across them."""
 
     model: LLaDA2
@@ -167,6 +169,7 @@ class Generator:
     engine: "OffloadEngine | None" = None
     margins: bool = False
     forwards_run: int = field(default=0, init=False)  # batched forwards run so far (every call)
+    _run_forwards: int = field(default=0, init=False, repr=False)  # in the current call
 
     def _accept(self, q: _Request, s0: int, logits: torch.Tensor, n: int, threshold: float | None = None,
                 rows: torch.Tensor | None = None) -> int:
@@ -175,7 +178,8 @@ class Generator:
         position's forward and top-2 logit gap (relative to the largest |logit|)."""
         block = q.x[s0:s0 + (logits.shape[0] if rows is None else q.decoding.block_length)]
         masked = block == self.model.cfg.mask_id if self.margins else None
-        tok, prob = sample(logits, self.sampling, q.sampler)
+        with self.model.clock("head"):
+            tok, prob = sample(logits, self.sampling, q.sampler)
         if rows is not None:  # positions without logits are not masked: they never commit
             tok = block.clone().index_copy_(0, rows, tok)
             prob = torch.zeros(len(block), dtype=prob.dtype, device=prob.device).index_copy_(0, rows, prob)
@@ -246,7 +250,7 @@ class Generator:
         requests = list(range(len(prompts))) if requests is None else requests
         self.check_prompts(prompts, gen_lengths)
         reqs = [self._live(p, g, r) for p, g, r in zip(prompts, gen_lengths, requests)]
-        out = self._run(reqs, batch_size, arrivals=arrivals)
+        out = self._run(reqs, Admission(resolve_batch_size(batch_size)), arrivals=_stream(arrivals))
         eos = self.model.cfg.eos_id
         for res in out:
             if eos in res.tokens:  # the answer ends at the first eos (kept)
@@ -259,7 +263,7 @@ class Generator:
     @torch.no_grad()
     def replay(self, trace: Trace, request: int = 0) -> Result:
         """Run one request of a KV-cache trace: its forwards in order, its commit counts
-        (most confident first), its experts (``runtime.replay``); no early stop at eos."""
+        (most confident first), its experts (``runtime.trace_replay``); no early stop at eos."""
         return self.replay_batch(trace, [request], 1)[0]
 
     @torch.no_grad()
@@ -280,10 +284,8 @@ class Generator:
             x = self._canvas(replay_prompt(P, cfg.shape.vocab, (cfg.mask_id, cfg.eos_id)), G, trace.decoding.block_length)
             cache = KVCache(cfg, len(x), x.device, self.model.dtype)
             reqs.append(_Request(request, x, P, G, trace.decoding, self._trace_schedule(trace, request), cache, None))
-        seats = recorded(trace, requests) if batch_size is None and arrivals is None \
-            else batch_size or trace.batch_size
         with ChoiceReplay(trace, self.model) as chooser:
-            return self._run(reqs, seats, chooser, arrivals)
+            return self._run(reqs, seating(trace, batch_size, arrivals, requests), chooser, _stream(arrivals))
 
     # ---- the forward schedule: live (decided as the tokens commit) or read from a trace ----------
     def _canvas(self, prompt: list[int], gen_length: int, block_length: int | None = None) -> torch.Tensor:
@@ -344,79 +346,85 @@ class Generator:
             return Segment(q.x[s0:e], s0, q.cache, None, 0, rows), 0
         return Segment(q.x[:e], 0, None, block_causal_mask(e, bl, dev), s0, rows), s0
 
-    def _run(self, reqs: list[_Request], batch_size: int | Recorded,
-             chooser: ChoiceReplay | None = None, arrivals: Sequence[float] | None = None) -> list[Result]:
-        """Run the requests' forwards, up to ``batch_size`` requests in each (one loop for
-        live and replayed decoding, any batch size): seats go in arrival order
-        (:class:`traces.admission.Admission`); a request leaves after its last forward and the
-        next joins at the very next one. Or seats as a trace recorded them (``Recorded``).
-        ``arrivals``: each request's offset from the start (seconds, sorted); a request is held
-        until its offset has passed (the serving simulator's stream, run for real). Results in
-        the order of ``reqs``."""
+    def _run(self, reqs: list[_Request], seats: Admission | Recorded, chooser: ChoiceReplay | None = None,
+             arrivals: Arrivals | None = None) -> list[Result]:
+        """Run the requests' forwards: the one serving loop (:class:`traces.serving.loop.ServeLoop`)
+        on the wall clock, one loop for live and replayed decoding at any batch size. ``seats``:
+        :class:`traces.serving.admission.Admission` at a batch size (a request leaves after its
+        last forward and the next joins at the very next one), or the forwards a trace recorded
+        (``Recorded``). ``arrivals``: a request is held until its offset has passed (the serving
+        simulator's stream, run for real). Results in the order of ``reqs``."""
         by_id = {q.request: q for q in reqs}
-        due = deque(zip(arrivals, [q.request for q in reqs])) if arrivals is not None else deque()
-        if arrivals is not None:
-            seats = Admission(batch_size)  # requests join as their offsets pass
-        else:
-            seats = Admission.of([q.request for q in reqs], batch_size) if isinstance(batch_size, int) else batch_size
+        loop = ServeLoop([q.request for q in reqs], seats, arrivals)
         if self.recorder is not None:
             self.recorder.batch_size = max(self.recorder.batch_size, seats.batch_size)
+        self._run_forwards = 0  # this run's batched forwards so far
         t0 = time.perf_counter()
-        n_forward = 0
-        while due or not seats.done:
+        while True:
             now = time.perf_counter() - t0
-            while due and due[0][0] <= now:
-                at, r = due.popleft()
-                by_id[r].arrival_s = at
-                seats.arrive(r)
-            if seats.done:  # nothing in flight or waiting: hold until the next arrival
-                time.sleep(max(due[0][0] - now, 0.0))
+            seated = loop.next(now)
+            if seated is None:
+                break
+            if isinstance(seated, float):  # nothing in flight or waiting: hold until the next arrival
+                time.sleep(max(seated - now, 0.0))
                 continue
-            members = []
-            for r in seats.seat():
-                q = by_id[r]
-                if q.next is None:  # a newcomer: its first forward
-                    if self.recorder is not None:
-                        self.recorder.add_request(q.request, q.P, q.G)
+            members = [q for q in (by_id[r] for r in seated) if q.next is not None or self._join(q, loop, now)]
+            if members:
+                self._forward(members, chooser)
+                now = time.perf_counter() - t0
+                for q in members:
                     if not q.advance():
-                        seats.leave(r)
-                        continue
-                    q.start_s = time.perf_counter() - t0
-                members.append(q)
-            if not members:
-                continue
-            plans = [q.next for q in members]
-            if chooser is not None:
-                chooser.set_forwards([p.forward for p in plans])
-            segs = [self._segment(q, p) for q, p in zip(members, plans)]
-            if self.engine is not None:
-                self.engine.begin(plans[0].kind, plans[0].step, [(p.kind, p.step) for p in plans[1:]])
-            if self.recorder is not None:
-                self.recorder.begin([dict(request=q.request, kind=p.kind, block=p.block, step=p.step,
-                                          tokens_run=sg.ids.shape[0], context=sg.pos0 + sg.ids.shape[0],
-                                          choice_start=sg.pos0 + cf, choice_tokens=sg.ids.shape[0] - cf)
-                                     for q, p, (sg, cf) in zip(members, plans, segs)])
-            logits = self.model.forward_batch([sg for sg, _ in segs])
-            committed = []
-            for q, p, (sg, _), lg in zip(members, plans, segs, logits):
-                n = 0
-                if p.kind == "step":
-                    n = self._accept(q, p.block * q.decoding.block_length, lg, p.commit, p.threshold, sg.logit_rows)
-                    q.res.step_forwards += 1
-                    q.res.committed += n
-                committed.append(n)
-                q.res.forwards += 1
-                q.batch_forwards.append(n_forward)
-            counters = self.engine.end() if self.engine is not None else None
-            if self.recorder is not None:
-                self.recorder.end(committed, counters)
-            n_forward += 1
-            self.forwards_run += 1
-            for q in members:
-                if not q.advance():
-                    q.end_s = time.perf_counter() - t0
-                    seats.leave(q.request)
+                        q.end_s = now
+                        loop.leave(q.request, now)
+        for r, at in loop.arrival.items():
+            by_id[r].arrival_s = at
         return [self._finish(q) for q in reqs]
+
+    def _join(self, q: _Request, loop: ServeLoop, now: float) -> bool:
+        """A newcomer's first forward: recorded, fetched; False (and its seat freed) when it has none."""
+        if self.recorder is not None:
+            self.recorder.add_request(q.request, q.P, q.G)
+        if not q.advance():
+            loop.leave(q.request, now)
+            return False
+        q.start_s = now
+        return True
+
+    def _forward(self, members: list[_Request], chooser: ChoiceReplay | None) -> None:
+        """One batched forward of ``members``: their segments through the model (and the
+        engine, the recorder), then each step's sampling and commits."""
+        plans = [q.next for q in members]
+        if chooser is not None:
+            chooser.set_forwards([p.forward for p in plans])
+        segs = [self._segment(q, p) for q, p in zip(members, plans)]
+        if self.engine is not None:
+            self.engine.begin(plans[0].kind, plans[0].step, [(p.kind, p.step) for p in plans[1:]])
+        if self.recorder is not None:
+            self.recorder.begin([dict(request=q.request, kind=p.kind, block=p.block, step=p.step,
+                                      tokens_run=sg.ids.shape[0], context=sg.pos0 + sg.ids.shape[0],
+                                      choice_start=sg.pos0 + cf, choice_tokens=sg.ids.shape[0] - cf)
+                                 for q, p, (sg, cf) in zip(members, plans, segs)])
+        logits = self.model.forward_batch([sg for sg, _ in segs])
+        committed = []
+        for q, p, (sg, _), lg in zip(members, plans, segs, logits):
+            n = 0
+            if p.kind == "step":
+                n = self._accept(q, p.block * q.decoding.block_length, lg, p.commit, p.threshold, sg.logit_rows)
+                q.res.step_forwards += 1
+                q.res.committed += n
+            committed.append(n)
+            q.res.forwards += 1
+            q.batch_forwards.append(self._run_forwards)
+        counters = self.engine.end() if self.engine is not None else None
+        if self.recorder is not None:
+            self.recorder.end(committed, counters)
+        self.forwards_run += 1
+        self._run_forwards += 1
+
+
+def _stream(offsets: Sequence[float] | None) -> Arrivals | None:
+    """Arrival offsets given as numbers (one per request), as a stream; None: all at 0."""
+    return None if offsets is None else Arrivals(offsets=tuple(offsets), label="arrivals")
 
 
 def warm_up(model: LLaDA2, decoding: Decoding, prompt: list[int], sampling: Sampling | None = None,

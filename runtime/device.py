@@ -10,7 +10,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from traces.errors import TideError
+from traces.common.errors import TideError
 
 T = TypeVar("T")
 

@@ -23,25 +23,28 @@ import numpy as np
 import torch
 
 from runtime.capture import TraceRecorder
-
 from runtime.checkpoint import checkpoint_dtype, dtype_name, load_model
 from runtime.config import ModelConfig
 from runtime.decoding import Decoding, Generator, Sampling, warm_up
 from runtime.device import check_device, host_memory_bytes, timed
-from runtime.model import KERNELS
+from runtime.experts import KERNELS
 from runtime.offload import OffloadEngine
-from runtime.replay import check_replayable, replay_prompt
 from runtime.tokenizer import load_tokenizer
-from traces.arrivals import read_arrivals
-from traces.cli import ArgumentParser, check_out_path, integer, number, print_json, run_cli
-from traces.errors import TideError
-from traces.memory import DEVICE_HEADROOM, MemoryBudget, kv_tokens_for
-from traces.plan import Plan
-from traces.policies import POLICIES, Policy, device_only
-from traces.shapes import ModelShape
+from runtime.trace_replay import check_replayable, replay_prompt
+from traces.common import checks
+from traces.common.cli import ArgumentParser, integer, number, print_json, run_cli
+from traces.common.errors import TideError
+from traces.common.files import check_out_path
+from traces.common.values import need_float, need_int, need_ints
+from traces.costs.memory import DEVICE_HEADROOM, MemoryBudget, kv_tokens_for
+from traces.formats.plan_file import Plan
+from traces.formats.shapes import ModelShape
+from traces.formats.trace_read import load_popularity, read_trace
+from traces.policies.kernels import device_only
+from traces.policies.spec import Policy, check_policy
+from traces.serving.admission import resolve_batch_size
+from traces.serving.arrivals import read_arrivals
 from traces.settings import parse_budget, resolve_policy
-from traces.trace import load_popularity, read_trace
-from traces.values import need_float, need_int, need_ints
 
 
 def read_prompts(args: argparse.Namespace, tokenizer: Any) -> list[tuple[list[int], int, str]]:
@@ -109,7 +112,7 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prompt-ids", help="comma-separated token ids")
     ap.add_argument("--prompts", help="JSONL file, one {\"prompt\": ...} or {\"prompt_ids\": [...]} per line "
                     "(optionally with its own \"gen_length\")")
-    ap.add_argument("--batch-size", type=integer, default=None,
+    ap.add_argument("--batch-size", type=checks.batch_size, default=None,
                     help="requests sharing each forward (continuous batching; default: the plan's with --policy "
                          "plan, else 1: one after another; with --replay-trace, the trace's recorded forwards)")
     ap.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
@@ -121,7 +124,7 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--temperature", type=number, default=0.0)
     ap.add_argument("--top-k", type=integer, default=0)
     ap.add_argument("--top-p", type=number, default=1.0)
-    ap.add_argument("--seed", type=integer, default=0)
+    ap.add_argument("--seed", type=checks.seed, default=0)
     ap.add_argument("--no-kv-cache", action="store_true", help="re-run the whole prefix each step")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: the checkpoint's)")
@@ -146,7 +149,7 @@ def placement(args: argparse.Namespace, shape: ModelShape, dtype: str, device: t
               kv_tokens: int) -> tuple[Policy, np.ndarray | None, dict[int, list[int]]] | None:
     """The policy the flags ask for (None without ``--policy``), its popularity counts, and
     the experts to load straight onto the fast device (model layer id -> ids: those that
-    never leave it, :func:`traces.policies.device_only`); the GPU budget and the host
+    never leave it, :func:`traces.policies.kernels.device_only`); the GPU budget and the host
     memory the rest needs are checked here, before anything loads."""
     if args.policy is None:
         if args.expert_kernel != "auto":
@@ -173,17 +176,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).check(cfg.shape.vocab)  # once, before loading
     if args.gen_length is not None:
         need_int(args.gen_length, "--gen-length", lo=1)
-    elif args.replay_trace is None:
-        raise TideError("--gen-length is required (except with --replay-trace, whose requests say theirs)")
     need_int(args.block_length, "--block-length", lo=1)
     need_int(args.steps, "--steps", lo=1)
     need_float(args.threshold, "--threshold", lo=0.0, hi=1.0)
-    if args.trace_out:
+    if args.trace_out is not None:
         check_out_path(args.trace_out, "--trace-out")
-    if args.policy is not None and args.policy not in POLICIES:
-        raise TideError(f"--policy: unknown policy {args.policy!r} (expected one of {', '.join(POLICIES)})")
-    if args.batch_size is not None:
-        need_int(args.batch_size, "--batch-size", lo=1)
+    if args.policy is not None:
+        check_policy(args.policy)
     device = check_device(args.device)
     replay = read_trace(args.replay_trace) if args.replay_trace else None
     offload = args.policy is not None
@@ -195,14 +194,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sizes = [(r["prompt_length"], r["gen_length"]) for r in replay.requests]
     else:
         given = read_prompts(args, tokenizer)
+        lacking = next((w for _, g, w in given if g is None), None)
+        if lacking is not None:
+            raise TideError(f"--gen-length is required: {lacking} has no gen_length of its own (with --replay-trace, "
+                            "the trace's requests say theirs)")
         decoding = Decoding(args.block_length, args.steps, args.threshold, not args.no_kv_cache)
         sizes = [(len(p), g) for p, g, _ in given]
-    # the seats per forward: the flag, else the plan's, else the replayed trace's recorded forwards, else one
+    # the batch size: the flag, else the plan's (None: a replayed trace's recorded forwards), else the trace's, else 1
     plan_batch = Plan.read(args.plan).batch_size if args.plan is not None and args.policy == "plan" else None
-    seats = args.batch_size or plan_batch
-    batch_size = seats or (replay.batch_size if replay is not None else 1)
-    if seats is not None and seats > len(sizes) > 0 and seats > 1:
-        print(f"note: batch size {seats} is above the {len(sizes)} prompts: all run at once", file=sys.stderr)
+    asked = args.batch_size if args.batch_size is not None else plan_batch
+    batch_size = resolve_batch_size(asked, trace=replay.batch_size if replay is not None else None)
+    if asked is not None and asked > len(sizes) > 0 and asked > 1:
+        print(f"note: batch size {asked} is above the {len(sizes)} prompts: all run at once", file=sys.stderr)
     kv_tokens = kv_tokens_for(sizes, decoding.block_length, decoding.kv_cache, batch_size)
     # the policy, checked against the memory with the batch's KV cache, before anything loads
     planned = placement(args, cfg.shape, args.dtype or checkpoint_dtype(args.checkpoint), device, kv_tokens)
@@ -229,7 +232,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gen = Generator(model, decoding, sampling, rec, engine)
         if replay is not None:
             results, seconds = timed(device, lambda: gen.replay_batch(
-                replay, [r["request"] for r in replay.requests], seats, arrivals))
+                replay, [r["request"] for r in replay.requests], asked, arrivals))
         else:
             results, seconds = timed(device, lambda: gen.generate_batch(prompts, lengths, batch_size,
                                                                         arrivals=arrivals))

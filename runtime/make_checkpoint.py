@@ -26,10 +26,12 @@ from tqdm.auto import tqdm
 
 from runtime.checkpoint import expected_tensors, torch_dtype
 from runtime.config import ModelConfig
-from traces.cli import ArgumentParser, check_out_path, integer, number, remove_stale, run_cli, temp_name
-from traces.errors import TideError
-from traces.shapes import ModelShape
-from traces.values import need_int
+from traces.common import checks
+from traces.common.checks import check_seed
+from traces.common.cli import ArgumentParser, integer, number, run_cli
+from traces.common.errors import TideError
+from traces.common.files import check_out_path, remove_stale, temp_name
+from traces.formats.shapes import ModelShape
 
 TINY: dict[str, Any] = {
     "name": "llada2-tiny", "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
@@ -91,7 +93,7 @@ def write_checkpoint(out: str | Path, config: dict[str, Any], seed: int = 0, dty
     out = check_out_path(out, "--out", folder=True)
     if out.exists() and any(out.iterdir()):
         raise TideError(f"--out {out}: folder exists and is not empty")
-    need_int(seed, "--seed", lo=0)
+    check_seed(seed)
     cfg = ModelConfig.from_dict(config, source="preset")
     tdtype = torch_dtype(dtype)
     config = dict(config, torch_dtype=dtype)
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m runtime.make_checkpoint", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", required=True, help="tiny, mini or flash")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=integer, default=0)
+    ap.add_argument("--seed", type=checks.seed, default=0)
     ap.add_argument("--layers", type=integer, default=None, help="keep only the first N layers")
     ap.add_argument("--router-skew", type=number, default=0.0, help="expert_bias = S x N(0, 1) per MoE layer")
     ap.add_argument("--dtype", default=None, help="bfloat16 (default for mini/flash) or float32 (default for tiny)")

@@ -22,12 +22,23 @@ import torch
 
 from runtime.checkpoint import dtype_name
 from runtime.device import to_device
-from runtime.model import (KERNELS, ExpertWeights, LLaDA2, choose_kernel, combine, request_of, run_by_request,
-                           run_experts, segment_rows)
-from traces.counters import COUNTERS, forward_counters
-from traces.errors import TideError
-from traces.policies import Policy, PolicyRunner
-from traces.shapes import dtype_bytes
+from runtime.experts import (
+    KERNELS,
+    ExpertWeights,
+    choose_kernel,
+    combine,
+    request_of,
+    run_by_request,
+    run_experts,
+    segment_rows,
+)
+from runtime.model import LLaDA2
+from traces.common.errors import TideError
+from traces.formats.shapes import dtype_bytes
+from traces.formats.vocabulary import COUNTERS
+from traces.policies.counters import forward_counters
+from traces.policies.runner import PolicyRunner
+from traces.policies.spec import Policy
 
 #: Host-side seconds issuing fast-device work, computing CPU experts, issuing copies, and
 #: waiting (for routing, copies, activations). On a GPU, device work overlaps these.
@@ -57,7 +68,7 @@ class OffloadEngine:
     policy: Policy
     device: torch.device
     setup_counts: np.ndarray | None = None
-    kernel: str = "auto"  # the fast device's expert kernel (runtime.model.KERNELS); auto: the faster, measured
+    kernel: str = "auto"  # the fast device's expert kernel (runtime.experts.KERNELS); auto: the faster, measured
     timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMERS, 0.0))
 
     def __post_init__(self) -> None:
@@ -122,7 +133,7 @@ class OffloadEngine:
 
     def detach(self) -> None:
         """Give the model back its own expert execution (all experts where the model runs)."""
-        from runtime.model import local_experts
+        from runtime.experts import local_experts
         for blk in self.model.moe_blocks:
             blk.executor = local_experts
 
@@ -142,7 +153,7 @@ class OffloadEngine:
         self._in_forward = True
 
     def end(self) -> Callable[[], dict[str, np.ndarray]]:
-        """Finish the forward. Its counters (``[L]`` each, defined in ``traces.counters``) are
+        """Finish the forward. Its counters (``[L]`` each, defined in ``traces.policies.counters``) are
         counted when first asked for (the returned callable, :attr:`forward_counters`,
         :meth:`totals`), not on the forward's path: no host work or device sync of their own."""
         t0 = time.perf_counter()

@@ -5,7 +5,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from traces.errors import TideError
+from traces.common.errors import TideError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 

@@ -5,7 +5,7 @@ have ended (a CUDA stream, a copy engine and the engine's host thread all behave
 host thread (routing, decisions, issuing work, and the CPU experts, which the engine
 computes on that thread), the GPU's compute stream, and the host-to-device and
 device-to-host copy engines (PCIe is full duplex). When the profile's fast device is the
-CPU itself there is one lane: the cores. What fits in memory is :mod:`traces.memory`'s to
+CPU itself there is one lane: the cores. What fits in memory is :mod:`traces.costs.memory`'s to
 say. Every task is accounted (busy seconds per resource) and, if asked, kept as a timeline
 row; the monitoring stays here, apart from the work.
 """
@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 import simpy
 
-from traces.profile import Profile
-from traces.tasks import RESOURCES, Task, lanes
+from traces.common.errors import TideError
+from traces.costs.tasks import RESOURCES, Task, lanes
+from traces.formats.profile_file import Profile
 
 
 class Lane:
@@ -84,6 +85,9 @@ class Box:
         for t in tasks:
             waits = [done[a] for a in t.after]
             seconds = float(t.seconds[row])
+            if seconds < 0:  # a cost model or profile that prices work below nothing: never a faster box
+                raise TideError(f"{self.profile.where}: the {t.name} task of forward {forward}, layer {layer} is "
+                                f"priced at {seconds:.3g} s (below zero); check the profile's signed costs")
             if seconds > 0:
                 ev = env.event()
                 self.lanes[self.lane_of[t.resource]].submit(t.resource, seconds, waits, ev, forward, layer, t.name)

@@ -2,13 +2,13 @@
 
 A candidate is what one layer may run: ``cpu``; ``static``, ``swap`` or ``tide`` at a budget
 of the grid; ``tide`` at every distinct tau. Its cost is its layer's predicted seconds over
-the whole trace, summed forward by forward with :meth:`traces.costs.CostModel.layer_seconds`
+the whole trace, summed forward by forward with :meth:`traces.costs.cost_model.CostModel.layer_seconds`
 (exactly what the simulator's events add up to, since a layer starts when the previous one
 ends). The placements come from the policy functions of ``traces.policies``, not from an
 assumed drift rate: one ``plan`` policy with a row per candidate (``C`` rows per layer)
 replays the trace once, every row deciding independently on its own layer's counts.
 
-The replay yields each row's work in counts (:mod:`traces.work`), which no box changes, so
+The replay yields each row's work in counts (:mod:`traces.costs.work`), which no box changes, so
 one replay is priced on every profile asked for at once: a sweep's points that differ only
 in the box or its memory share it.
 
@@ -26,15 +26,15 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from traces.costs import CostModel
-from traces.counters import COUNTERS
-from traces.errors import TideError
-from traces.policies import CPU, KINDS, STATIC, SWAP, TIDE, Policy, check_kinds
-from traces.pool import worker_pool
-from traces.profile import Profile
-from traces.replay import replay
-from traces.trace import Trace
-from traces.work import Work, knots_for, layer_work
+from traces.common.errors import TideError
+from traces.common.pool import worker_pool
+from traces.costs.cost_model import CostModel
+from traces.costs.work import Work, knots_for, layer_work
+from traces.formats.profile_file import Profile
+from traces.formats.trace_file import Trace
+from traces.formats.vocabulary import COUNTERS, KINDS
+from traces.policies.spec import CPU, STATIC, SWAP, TIDE, Policy, check_kinds
+from traces.policies.walk import replay
 
 #: Forwards priced at once: fewer numpy calls per forward, bounded memory.
 CHUNK = 16
@@ -43,7 +43,7 @@ CHUNK = 16
 @dataclass(frozen=True)
 class Candidates:
     """What a layer may run, the same list for every layer: kind (index into
-    :data:`~traces.policies.KINDS`), tau (0 unless tide) and budget, ``[C]`` each."""
+    :data:`~traces.formats.vocabulary.KINDS`), tau (0 unless tide) and budget, ``[C]`` each."""
 
     kind: np.ndarray
     tau: np.ndarray
@@ -157,7 +157,7 @@ def price_candidates(trace: Trace, profiles: Sequence[Profile], cands: Candidate
                      progress: bool = False, forwards: bool = False) -> Priced:
     """Replay ``cands`` on ``layers`` (MoE layer indices, default all) of ``trace`` once, from an
     empty placement, and price the work on every profile; setup copies included. A batched
-    trace (e.g. :func:`traces.admission.compose_trace`'s) is priced forward by forward as its
+    trace (e.g. :func:`traces.serving.admission.compose_trace`'s) is priced forward by forward as its
     members run together."""
     shape = trace.shape
     layers = np.arange(shape.n_moe_layers) if layers is None else np.asarray(layers)

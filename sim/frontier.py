@@ -24,15 +24,18 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from sim.planner import make_plan
-from sim.replay import simulate
-from traces.arrivals import check_rate, poisson
-from traces.cli import span
-from traces.errors import TideError
-from traces.plan import Plan
-from traces.policies import kinds_label, tau_label
-from traces.profile import Profile
-from traces.trace import Trace
-from traces.values import need_float, need_int
+from sim.simulate import simulate
+from traces.common.checks import check_batch_sizes, check_rate
+from traces.common.cli import span
+from traces.common.errors import TideError
+from traces.common.values import need_float
+from traces.formats.plan_file import Plan
+from traces.formats.profile_file import Profile
+from traces.formats.trace_file import Trace
+from traces.policies.labels import kinds_label, tau_label
+from traces.policies.spec import Policy
+from traces.serving.arrivals import poisson
+from traces.serving.figures import latency_figures, sustains
 
 
 @dataclass
@@ -43,13 +46,6 @@ class Frontier:
     table: pd.DataFrame
     plan: Plan
     frames: dict[int, pd.DataFrame]  # each batch size's comparison of the plan and baselines
-
-
-def check_batch_sizes(values: Sequence[int], flag: str = "--batch-sizes") -> list[int]:
-    """Distinct integers of at least 1, in increasing order; one clear line otherwise."""
-    if not len(values):
-        raise TideError(f"{flag}: give at least one batch size")
-    return sorted({need_int(v, flag, lo=1) for v in values})
 
 
 def check_bounds(latency_p99_s: float | None, arrival_rate: float | None) -> tuple[float | None, float | None]:
@@ -63,7 +59,7 @@ def serve_figures(traces: Sequence[Trace], profile: Profile, plan: Plan, batch_s
     """The plan served on the traces' requests at ``batch_size``: tokens/s and requests/s
     (offline), and p50/p99 latency offline or, with ``arrival_rate``, arriving so (each
     trace's requests a stream of its own; the percentiles over every request)."""
-    policy = plan.policy(traces[0].shape)
+    policy = Policy.from_plan(plan, traces[0].shape)
     seconds = tokens = requests = 0.0
     latency = []
     for tr in traces:
@@ -73,9 +69,8 @@ def serve_figures(traces: Sequence[Trace], profile: Profile, plan: Plan, batch_s
             res = simulate(tr, profile, policy, batch_size=batch_size,
                            arrivals=poisson(arrival_rate, len(tr.requests), seed))
         latency.append(res.requests["latency_s"].to_numpy())
-    lat = np.concatenate(latency)
     return {"tokens_per_s": tokens / seconds, "requests_per_s": requests / seconds,
-            "latency_p50_s": float(np.percentile(lat, 50)), "latency_p99_s": float(np.percentile(lat, 99))}
+            **latency_figures(np.concatenate(latency))}
 
 
 def plans_by_batch(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, batch_sizes: Sequence[int],
@@ -101,7 +96,7 @@ def choose(plans: dict[int, tuple[Plan, pd.DataFrame]], traces: Sequence[Trace],
                      "budget": span(plan.budget), "gpu_gb": plan.predicted["gpu_gb"],
                      "host_gb": plan.predicted["host_gb"],
                      # offline requests/s is the most the plan serves: below the rate, the queue grows without bound
-                     "sustains": None if arrival_rate is None else bool(fig["requests_per_s"] >= arrival_rate)})
+                     "sustains": None if arrival_rate is None else sustains(fig["requests_per_s"], arrival_rate)})
     table = pd.DataFrame(rows)
     pick = _choose(table, latency_p99_s, arrival_rate)
     table["chosen"] = table["batch_size"] == pick

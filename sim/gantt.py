@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from traces.tasks import RESOURCES
+from traces.costs.tasks import RESOURCES
 
 
 def plot_forward(timeline: pd.DataFrame, forward: int = 0, ax=None):

@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import sys
 
-from sim.frontier import check_batch_sizes, plan_frontier
-from traces.cli import ArgumentParser, check_out_path, integer, number, print_json, run_cli
-from traces.errors import TideError
-from traces.policies import KINDS, check_kinds, display_name
-from traces.profile import Profile
-from traces.trace import read_trace
+from sim.frontier import plan_frontier
+from traces.common import checks
+from traces.common.checks import check_batch_sizes
+from traces.common.cli import ArgumentParser, integer, number, print_json, run_cli
+from traces.common.errors import TideError
+from traces.common.files import check_out_path
+from traces.formats.profile_file import Profile
+from traces.formats.trace_read import read_trace
+from traces.formats.vocabulary import KINDS
+from traces.policies.labels import display_name
+from traces.policies.spec import check_kinds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated requests per forward to plan at; the plan takes the best (default 1)")
     ap.add_argument("--latency-p99-s", type=number, default=None,
                     help="offline: the most tokens/s whose p99 latency (a request's end) is at most this")
-    ap.add_argument("--arrival-rate", type=number, default=None,
+    ap.add_argument("--arrival-rate", type=checks.rate, default=None,
                     help="requests/s arriving (Poisson): the batch size and plan with the lowest p99 latency")
-    ap.add_argument("--seed", type=integer, default=0, help="seed of the Poisson arrivals")
+    ap.add_argument("--seed", type=checks.seed, default=0, help="seed of the Poisson arrivals")
     ap.add_argument("--out", required=True, help="plan JSON to write")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     a = ap.parse_args(argv)

@@ -5,7 +5,7 @@ every MoE layer (the library; ``python -m sim.plan`` is its command line).
    ``static``, ``swap`` and ``tide`` at B in 8, 16, ..., experts plus the largest uniform
    budget that fits; tide at every distinct tau in 1..steps.
 2. Picks one candidate per layer under the memory limits with the Pyomo/HiGHS program of
-   :mod:`sim.plan_model` (``kinds`` restricts the kinds; ``uniform``: one candidate for all
+   :mod:`sim.plan_program` (``kinds`` restricts the kinds; ``uniform``: one candidate for all
    layers, by default tide's: the paper's program).
 3. Simulates the plan, the best uniform setting of any kind and the baselines (``cpu``,
    ``static``, ``swap``, ``tide`` tau=1 at the largest uniform budget that fits).
@@ -24,18 +24,23 @@ import numpy as np
 import pandas as pd
 
 from sim.candidates import Candidates, Priced, budget_grid, distinct_taus, price_table
-from sim.plan_model import CandidateTable, Solution, check_plan_kinds, solve
-from sim.replay import simulate
-from traces.admission import compose_trace
-from traces.cli import data_sha256, file_sha256, span
-from traces.errors import TideError
-from traces.memory import MemoryBudget, kv_tokens
-from traces.plan import Plan
-from traces.policies import KINDS, Policy, baselines, kinds_label, tau_label
-from traces.profile import Profile
-from traces.replay import replay
-from traces.trace import Trace
-from traces.values import need_float, need_int
+from sim.plan_program import CandidateTable, Solution, check_plan_kinds, solve
+from sim.simulate import simulate
+from traces.common.checks import check_batch_size
+from traces.common.cli import span
+from traces.common.errors import TideError
+from traces.common.files import data_sha256, file_sha256
+from traces.common.values import need_float
+from traces.costs.memory import MemoryBudget, kv_tokens
+from traces.formats.plan_file import Plan
+from traces.formats.profile_file import Profile
+from traces.formats.trace_file import Trace
+from traces.formats.vocabulary import KINDS
+from traces.policies.labels import baselines, kinds_label, tau_label
+from traces.policies.spec import Policy
+from traces.policies.walk import replay
+from traces.serving.admission import compose_trace
+
 
 def check_traces(traces: Sequence[Trace], names: Sequence[str]) -> None:
     """All traces must be of one model and dtype."""
@@ -104,7 +109,7 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
     fill the plan's predictions and provenance.
 
     ``batch_size`` above 1 plans for the traces' requests run that many per forward: the
-    batched forwards :func:`traces.admission.compose_trace` makes (what the runtime runs),
+    batched forwards :func:`traces.serving.admission.compose_trace` makes (what the runtime runs),
     with the batch's KV cache on the GPU. A static layer's residents are fixed in the plan
     (those of its setup on the first trace, as priced), so the runtime can load them
     straight onto the GPU.
@@ -116,7 +121,7 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
     check_traces(traces, names)
     for name, tr in zip(names, traces):
         tr.require_one_request_per_forward(name)
-    need_int(batch_size, "--batch-sizes", lo=1)
+    check_batch_size(batch_size, "--batch-sizes")
     shape, dtype = traces[0].shape, traces[0].dtype
     L, E = shape.n_moe_layers, shape.experts
     check_plan_kinds(L, uniform, kinds, layer_kinds)

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from traces.shapes import ModelShape
-from traces.synth import synthesize
+from traces.formats.shapes import ModelShape
+from traces.workloads.synthetic import synthesize
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,7 @@ def small_trace_nokv(small_shape):
 
 def run_module(*args: str, timeout: float = 300, real: bool = False) -> subprocess.CompletedProcess:
     """Run ``python -m MODULE ARGS`` as a user would and capture its output: its ``main``
-    through :func:`traces.cli.run_cli` in this process (what the command line does, less
+    through :func:`traces.common.cli.run_cli` in this process (what the command line does, less
     the interpreter's start-up), or with ``real=True`` in a new process, for the few tests
     where the process itself is under test."""
     if real:
@@ -41,7 +41,7 @@ def run_module(*args: str, timeout: float = 300, real: bool = False) -> subproce
     import io
     import signal
 
-    from traces.cli import run_cli
+    from traces.common.cli import run_cli
     main = importlib.import_module(args[0]).main
     out, err = io.StringIO(), io.StringIO()
     sigterm = signal.getsignal(signal.SIGTERM)
@@ -79,6 +79,7 @@ def tiny_ckpt(tmp_path_factory):
 def tiny_profile(tiny_ckpt, tmp_path_factory):
     """This box measured quickly for the tiny checkpoint's shapes (fast device: the CPU)."""
     import torch
+
     from runtime.config import ModelConfig
     from runtime.profile import profile_box
     prof = profile_box(ModelConfig.load(tiny_ckpt), torch.device("cpu"), "float32", quick=True, progress=False)

@@ -1,5 +1,4 @@
 import pandas as pd
-
 from conftest import assert_clean_error, run_module
 
 

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import assert_clean_error, run_module
-from traces.cli import atomic_write, check_out_path, temp_name
-from traces.errors import TideError
-from traces.plan import Plan
-from traces.profile import Profile
-from traces.shapes import ModelShape
-from traces.trace import META_KEY, read_trace
+
+from traces.common.errors import TideError
+from traces.common.files import atomic_write, check_out_path, temp_name
+from traces.formats.plan_file import Plan
+from traces.formats.profile_file import Profile
+from traces.formats.shapes import ModelShape
+from traces.formats.trace_file import META_KEY
+from traces.formats.trace_read import read_trace
 
 
 def _raises(fn, *fragments: str) -> str:
@@ -560,7 +561,7 @@ def test_killing_a_sweep_ends_its_workers(tmp_path, sig):
 
 # ---- a wrong result that looks right ------------------------------------------------------------
 def test_tokens_counted_are_the_tokens_asked_for(small_shape):
-    from traces.synth import synthesize
+    from traces.workloads.synthetic import synthesize
     t = synthesize(small_shape, gen_length=50, prompt_length=40, seed=0)  # 90 tokens: the last block has 6 extra
     assert int(t.forwards["tokens_committed"].sum()) > 50
     assert t.tokens_generated == 50
@@ -627,8 +628,9 @@ def test_validation_says_when_the_profile_is_from_another_box_or_load(small_shap
     assert any("not measured here" in w for w in warn)
     import socket
 
-    from runtime.profile import memory_bandwidth_gbps
     import torch
+
+    from runtime.profile_tables import memory_bandwidth_gbps
     bw = memory_bandwidth_gbps(torch.device("cpu"))
     plan.provenance["profile"] = {"name": "p", "origin": {"host": "elsewhere", "created": "2026-01-01T00:00:00+00:00",
                                                           "host_mem_bw_gbps": bw * 10}}

@@ -6,18 +6,20 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_clean_error, run_module
+
 from runtime.capture import TraceRecorder
 from runtime.checkpoint import load_model
 from runtime.decoding import Generator
 from runtime.model import KVCache, Segment
 from runtime.offload import OffloadEngine
-from traces.admission import Admission, compose, compose_trace
-from traces.errors import TideError
-from traces.policies import Policy, PolicyRunner
-from traces.replay import replay_policy
-from traces.trace import Decoding, read_trace
+from traces.common.errors import TideError
+from traces.formats.trace_file import Decoding
+from traces.formats.trace_read import read_trace
+from traces.policies.runner import PolicyRunner
+from traces.policies.spec import Policy
+from traces.policies.walk import replay_policy
+from traces.serving.admission import Admission, compose, compose_trace
 
 #: ragged: different prompt and generation lengths, one prompt shorter than a block
 PROMPTS = [list(range(1, 41)), list(range(5, 17)), list(range(100, 170)), [7, 8, 9]]
@@ -229,7 +231,7 @@ def test_generate_batch_size_on_the_command_line(tiny_ckpt, tmp_path):
     assert one.returncode == 0, one.stderr
     solo = json.loads(one.stdout)
     from runtime.config import ModelConfig
-    from traces.plan import Plan
+    from traces.formats.plan_file import Plan
     plan = Plan.for_shape(ModelConfig.load(tiny_ckpt).shape, 2, 6, kind="tide", batch_size=8).write(tmp_path / "p.json")
     for bs in ("3", "8"):  # 8: the plan's batch size (no flag), above the 4 prompts: all at once, with a note
         flags = ["--batch-size", bs, "--policy", "tide", "--gpu-experts", "6", "--tau", "2"] if bs == "3" else \
@@ -303,7 +305,7 @@ def test_each_requests_rows_of_an_expert_are_computed_as_alone():
     lists them by rank): every (expert, request) segment's output is that segment computed
     alone; in fp32 on the CPU the engine's kernel is the matmul chain (the grouped kernel
     rounds a group differently beside others)."""
-    from runtime.model import ExpertWeights, choose_kernel, run_by_request, run_experts
+    from runtime.experts import ExpertWeights, choose_kernel, run_by_request, run_experts
     torch.manual_seed(0)
     E, H, I = 6, 16, 8
     w = ExpertWeights(torch.randn(E, I, H), torch.randn(E, I, H), torch.randn(E, H, I))

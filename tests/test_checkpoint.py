@@ -3,13 +3,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import assert_clean_error, run_module
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_clean_error, run_module
 from runtime.checkpoint import iter_state, load_model
 from runtime.config import EOS_ID, MASK_ID, ModelConfig
 from runtime.make_checkpoint import preset_config, write_checkpoint
-from traces.errors import TideError
+from traces.common.errors import TideError
 
 
 def test_round_trip_single_and_sharded(tmp_path, tiny_ckpt):

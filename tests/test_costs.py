@@ -3,14 +3,15 @@ import copy
 import numpy as np
 import pytest
 
-from traces.costs import CostModel
-from traces.replay import replay_policy
-from traces.errors import TideError
-from traces.policies import Policy, PolicyRunner
-from traces.counters import forward_counters
-from traces.profile import Profile
-from traces.shapes import ModelShape
-from traces.synth import synthesize
+from traces.common.errors import TideError
+from traces.costs.cost_model import CostModel
+from traces.formats.profile_file import Profile
+from traces.formats.shapes import ModelShape
+from traces.policies.counters import forward_counters
+from traces.policies.runner import PolicyRunner
+from traces.policies.spec import Policy
+from traces.policies.walk import replay_policy
+from traces.workloads.synthetic import synthesize
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_a_row_exact_batch_prices_its_waved_expert_calls():
     waves costs the profile's batch_segment_s / batch_calls_s on top of its table price, on
     the hits' side and the misses' side apart; a batch where no expert holds two requests'
     rows runs one call, as batch 1 does (no waves)."""
-    from traces.policies import Decision
+    from traces.policies.decision import Decision
     data = copy.deepcopy(Profile.load("h200").data)
     data["fast_device"] = "cpu"
     for table in ("gpu_experts", "cpu_expert_ffn"):  # the reference mode is fp32: the bf16 tables stand in

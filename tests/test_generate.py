@@ -4,13 +4,14 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_clean_error, run_module
+
 from runtime.capture import TraceRecorder
 from runtime.checkpoint import load_model
 from runtime.decoding import Generator, Sampling, transfer_schedule
 from runtime.make_checkpoint import preset_config, write_checkpoint
-from traces.trace import Decoding, read_trace
+from traces.formats.trace_file import Decoding
+from traces.formats.trace_read import read_trace
 
 PROMPTS = [list(range(1, 11)), list(range(40, 72)), [5] * 45, [7, 300, 12]]
 

@@ -26,8 +26,12 @@ def test_device_check_batched_step_on_cpu(tmp_path):
     here; 1, 8 and 32 on the GPU) under all and tide, each request's tokens checked against all."""
     import os
     import subprocess
-    env = {**os.environ, "STEPS": "batches", "BATCH_PRESET": "tiny", "BATCH_SIZES": "1,8", "BATCH_GEN": "32"}
-    p = subprocess.run(["bash", "experiments/device_check.sh", str(tmp_path / "dev"), "cpu"], capture_output=True,
+    import sys
+    from pathlib import Path
+    env = {**os.environ, "STEPS": "batches", "BATCH_PRESET": "tiny", "BATCH_SIZES": "1,8", "BATCH_GEN": "32",
+           "PYTHON": sys.executable}  # this interpreter, whatever python is first on PATH
+    script = Path(__file__).resolve().parents[1] / "experiments" / "device_check.sh"
+    p = subprocess.run(["bash", str(script), str(tmp_path / "dev"), "cpu"], capture_output=True,
                        text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "dev" / "status.txt").read_text().split() == ["batches", "0"], p.stdout

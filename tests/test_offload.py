@@ -4,17 +4,18 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_clean_error, run_module
+
 from runtime.capture import TraceRecorder
 from runtime.checkpoint import load_model
 from runtime.decoding import Generator
 from runtime.offload import OffloadEngine
-from traces.replay import replay_policy
-from traces.plan import Plan
-from traces.policies import Policy
-from traces.synth import synthesize
-from traces.trace import Decoding, read_trace
+from traces.formats.plan_file import Plan
+from traces.formats.trace_file import Decoding
+from traces.formats.trace_read import read_trace
+from traces.policies.spec import Policy
+from traces.policies.walk import replay_policy
+from traces.workloads.synthetic import synthesize
 
 CASES = [("cpu", None, None), ("static", 0, None), ("static", 1, None), ("static", 8, None), ("swap", 1, None),
          ("swap", 6, None), ("tide", 0, 1), ("tide", 1, 1), ("tide", 8, 3), ("tide", 32, 2),
@@ -213,7 +214,7 @@ def test_bench_engine_splits_the_engines_host_time(tmp_path):
 def test_grouped_kernel_computes_what_the_loop_does_bit_for_bit_on_the_cpu(dtype):
     """Hits may run grouped while misses loop (or the other way): on the CPU the two must be
     the same numbers, or the tokens would leave all's."""
-    from runtime.model import ExpertWeights, grouped_experts, run_experts
+    from runtime.experts import ExpertWeights, grouped_experts, run_experts
     g = torch.Generator().manual_seed(0)
     E, H, I = 16, 64, 32
     w = ExpertWeights(*(torch.randn(E, *s, generator=g).to(dtype) for s in ((I, H), (I, H), (H, I))))
@@ -241,7 +242,7 @@ def test_every_expert_kernel_keeps_the_tokens_of_all(tiny_ckpt, kernel):
 
 
 def test_an_engine_refuses_a_policy_for_another_number_of_layers(tiny_ckpt):
-    from traces.errors import TideError
+    from traces.common.errors import TideError
     model = load_model(tiny_ckpt, dtype="float32")
     s = model.cfg.shape
     with pytest.raises(TideError, match="MoE layers"):
@@ -254,7 +255,7 @@ def test_experts_that_never_leave_the_fast_device_load_there_with_no_host_copy(t
     none there. Tokens and counters are those of the same plan on a model loaded whole (and
     of ``all``); the model refuses to run without the engine, and an engine whose policy
     would need a missing host copy is refused."""
-    from traces.policies import device_only
+    from traces.policies.kernels import device_only
     whole = load_model(tiny_ckpt)
     shape = whole.cfg.shape
     L, E = shape.n_moe_layers, shape.experts

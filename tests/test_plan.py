@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from traces.errors import TideError
-from traces.plan import Plan
-from traces.shapes import ModelShape
+from traces.common.errors import TideError
+from traces.formats.plan_file import Plan
+from traces.formats.shapes import ModelShape
+from traces.policies.spec import Policy
 
 
 def test_round_trip_and_policy(tmp_path):
@@ -14,7 +15,7 @@ def test_round_trip_and_policy(tmp_path):
     path = plan.write(tmp_path / "plan.json")
     back = Plan.read(path)
     assert back.tau == plan.tau and back.budget == plan.budget and back.predicted == {"seconds": 1.5}
-    pol = back.policy(s)
+    pol = Policy.from_plan(back, s)
     assert pol.name == "plan" and pol.budget[0] == 0 and pol.tau[-1] == 4
     assert back.expert_bytes_on_gpu(s) == 18 * 96 * s.expert_bytes()
 
@@ -48,7 +49,7 @@ def test_bad_plans(tmp_path, edit, fragment):
 def test_plan_for_another_model_is_refused():
     plan = Plan.for_shape(ModelShape.named("llada2-mini"), 2, 64)
     with pytest.raises(TideError, match="plan is for llada2-mini"):
-        plan.policy(ModelShape.named("llada2-flash"))
+        Policy.from_plan(plan, ModelShape.named("llada2-flash"))
 
 
 def test_mixed_kinds_round_trip_and_version_1_still_loads(tmp_path):
@@ -60,12 +61,12 @@ def test_mixed_kinds_round_trip_and_version_1_still_loads(tmp_path):
     d = json.loads((tmp_path / "mixed.json").read_text())
     assert d["version"] == 3 and "tau" not in d["layers"][2] and d["layers"][3]["tau"] == 4
     assert d["batch_size"] == 1 and back.batch_size == 1
-    pol = back.policy(s)
+    pol = Policy.from_plan(back, s)
     assert pol.kinds == kinds and pol.swap_rows.tolist()[:3] == [False, False, True]
     old = {**d, "version": 1, "layers": [{"layer": r["layer"], "tau": 2, "budget": 64} for r in d["layers"]]}
     (tmp_path / "v1.json").write_text(json.dumps(old))
     v1 = Plan.read(tmp_path / "v1.json")
-    assert v1.kinds == ["tide"] * 19 and v1.policy(s).tau.tolist() == [2] * 19
+    assert v1.kinds == ["tide"] * 19 and Policy.from_plan(v1, s).tau.tolist() == [2] * 19
     v2 = {**d, "version": 2, "batch_size": 9}  # version 2 had no batch size: 1
     (tmp_path / "v2.json").write_text(json.dumps(v2))
     assert Plan.read(tmp_path / "v2.json").batch_size == 1
@@ -75,14 +76,15 @@ def test_a_plan_holds_its_batch_size_and_static_residents(tmp_path):
     """Version 3: the batch size the plan was made for, and each static layer's residents,
     which the policy fixes in place of its setup counts' top B."""
     import numpy as np
-    from traces.policies import PolicyRunner
+
+    from traces.policies.runner import PolicyRunner
     s = ModelShape.named("llada2-mini")
     kinds = ["static"] + ["tide"] * 18
     plan = Plan.for_shape(s, tau=[0] + [2] * 18, budget=[3] + [64] * 18, kind=kinds, batch_size=8,
                           resident={0: [5, 17, 200]})
     back = Plan.read(plan.write(tmp_path / "p.json"))
     assert back.batch_size == 8 and back.resident == {0: [5, 17, 200]}
-    pol = back.policy(s)
+    pol = Policy.from_plan(back, s)
     counts = np.zeros((19, 256), np.int64)
     counts[:, :10] = 5  # the setup counts would pick experts 0-2; the plan's residents win
     runner = PolicyRunner(pol, 256)

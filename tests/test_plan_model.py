@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 
 from sim.candidates import Candidates
-from sim.plan_model import CandidateTable, allowed_candidates, solve
-from traces.errors import TideError
-from traces.policies import KINDS
+from sim.plan_program import CandidateTable, allowed_candidates, solve
+from traces.common.errors import TideError
+from traces.formats.vocabulary import KINDS
 
 
 def table(seconds, cands=None, limit=1e9, expert=1.0, fixed=0.0, host_limit=float("inf"), experts=16):
-    """A hand-made table; the host keeps what :func:`traces.memory.host_experts` says of
+    """A hand-made table; the host keeps what :func:`traces.costs.memory.host_experts` says of
     each candidate for a model of ``experts`` experts per layer."""
-    from traces.memory import host_experts
-    from traces.shapes import ModelShape
+    from traces.costs.memory import host_experts
+    from traces.formats.shapes import ModelShape
     cands = cands or Candidates.grid([1, 2], [0, 8, 16])  # cpu, static x2, swap x2, tide x4
     seconds = np.asarray(seconds, dtype=float)
     shape = ModelShape.named("llada2-mini").replace(num_experts=experts)

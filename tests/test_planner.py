@@ -5,17 +5,18 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import assert_clean_error, run_module
+
 from sim.candidates import Candidates, distinct_taus, price_candidates
 from sim.planner import make_plan
-from sim.replay import simulate
-from traces.errors import TideError
-from traces.plan import Plan
-from traces.policies import KINDS, Policy
-from traces.profile import Profile
-from traces.shapes import ModelShape
-from traces.synth import synthesize
+from sim.simulate import simulate
+from traces.common.errors import TideError
+from traces.formats.plan_file import Plan
+from traces.formats.profile_file import Profile
+from traces.formats.shapes import ModelShape
+from traces.formats.vocabulary import KINDS
+from traces.policies.spec import Policy
+from traces.workloads.synthetic import synthesize
 
 MANY_GB = 2.5  # the two-MoE-layer mini: about 1.2 GB of non-expert weights, so some 100 experts per layer fit
 MEM_GB = 3.3  # the reduced mini: 1.3 GB of non-expert weights, 768 experts of 6.3 MB: about half fit
@@ -80,7 +81,7 @@ def test_plan_is_no_worse_than_any_uniform_grid_point_in_simulation(trace, profi
     assert uniform.predicted["seconds"] <= best * 1.01
     assert plan.predicted["seconds"] <= best * 1.01
     assert plan.predicted["seconds"] <= uniform.predicted["seconds"] * 1.01
-    sim = simulate(trace, profile, plan.policy(shape)).seconds  # the program's prices against the event simulation
+    sim = simulate(trace, profile, Policy.from_plan(plan, shape)).seconds  # the program's prices against the event simulation
     assert plan.predicted["program_seconds"] == pytest.approx(sim, rel=1e-9)
     assert set(frame["policy"]) == {"plan", "uniform best", "cpu", "static", "swap", "tide_tau1"}
     assert (frame["seconds"] >= plan.predicted["seconds"] * 0.999).all()  # nothing compared beats the plan
@@ -98,7 +99,7 @@ def test_command_writes_a_plan_the_runtime_reads(tmp_path, trace):
     assert p.returncode == 0, p.stderr
     assert "tau per layer" in p.stdout and "tide tau=1" in p.stdout and "tide_tau1" not in p.stdout
     plan = Plan.read(out)
-    pol = plan.policy(trace.shape)
+    pol = Policy.from_plan(plan, trace.shape)
     assert pol.name == "plan" and len(pol.tau) == trace.shape.n_moe_layers
     d = json.loads(out.read_text())
     assert d["predicted"]["tokens"] == 2 * trace.tokens_generated
@@ -136,7 +137,7 @@ def test_flash_plans_and_replays_on_the_h200_box():
     but the box holds the model between its GPU and its host: the plan keeps some layers
     static (or wholly on the GPU), whose residents need no host copy, and fits both; the
     simulator replays it; baselines whose layers keep every expert on the host are left out."""
-    from traces.memory import MemoryBudget
+    from traces.costs.memory import MemoryBudget
     tr = synthesize(ModelShape.named("llada2-flash"), 32, 32, seed=0)
     prof = Profile.load("h200")
     assert tr.shape.routed_expert_bytes(tr.dtype) > prof.capacity("host_mem_bytes")
@@ -147,7 +148,7 @@ def test_flash_plans_and_replays_on_the_h200_box():
     assert plan.predicted["host_gb"] == pytest.approx(mem.host_need_bytes(plan.kinds, plan.budget) / 1e9)
     static = [i for i, (k, b) in enumerate(zip(plan.kinds, plan.budget)) if k == "static" and b < tr.shape.experts]
     assert set(plan.resident) == set(static)  # a static layer's residents are in the plan (format v3)
-    res = simulate(tr, prof, plan.policy(tr.shape))
+    res = simulate(tr, prof, Policy.from_plan(plan, tr.shape))
     assert res.seconds == pytest.approx(plan.predicted["seconds"])
     assert "cpu" not in set(frame["policy"]) and "swap" not in set(frame["policy"])
     with pytest.raises(TideError, match="does not fit in host memory"):

@@ -2,11 +2,11 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import run_module
-from traces.errors import TideError
-from traces.profile import Profile, interp1, list_profiles
-from traces.shapes import ModelShape
+
+from traces.common.errors import TideError
+from traces.formats.profile_file import Profile, interp1, list_profiles
+from traces.formats.shapes import ModelShape
 
 
 def test_bundled_profiles_load_and_cover_both_models():

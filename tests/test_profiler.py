@@ -1,9 +1,10 @@
 import json
 
 from conftest import assert_clean_error, run_module
+
 from runtime.checkpoint import load_model
-from traces.costs import CostModel
-from traces.profile import Profile
+from traces.costs.cost_model import CostModel
+from traces.formats.profile_file import Profile
 
 
 def test_quick_profile_of_this_box_validates_and_prices_the_model(tmp_path, tiny_ckpt):

@@ -44,7 +44,7 @@ def test_weights_are_normalised_then_scaled():
 
 
 def test_router_agrees_with_the_numpy_router_of_synthetic_workloads():
-    from traces.routing import group_limited_topk
+    from traces.workloads.routing import group_limited_topk
     r = router(experts=32, top_k=4, n_group=4, topk_group=2)
     s = torch.rand(50, 32)
     a = r.choose(s).numpy()

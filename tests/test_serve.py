@@ -5,17 +5,17 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import assert_clean_error, run_module
-from sim.replay import simulate
-from traces.admission import compose_trace
-from traces.arrivals import closed_loop, poisson
-from traces.costs import CostModel
-from traces.policies import Policy
-from traces.profile import Profile
-from traces.replay import replay_policy
-from traces.shapes import ModelShape
-from traces.synth import synthesize
+
+from sim.simulate import simulate
+from traces.costs.cost_model import CostModel
+from traces.formats.profile_file import Profile
+from traces.formats.shapes import ModelShape
+from traces.policies.spec import Policy
+from traces.policies.walk import replay_policy
+from traces.serving.admission import compose_trace
+from traces.serving.arrivals import closed_loop, poisson
+from traces.workloads.synthetic import synthesize
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_the_runtime_holds_each_request_until_its_arrival(tiny_ckpt, tmp_path):
 
 
 def test_synth_draws_each_requests_lengths(tmp_path):
-    from traces.trace import read_trace
+    from traces.formats.trace_read import read_trace
     out = tmp_path / "w.parquet"
     p = run_module("traces.synth", "--model", "llada2-mini", "--requests", "5", "--gen-length", "32,64",
                    "--prompt-length", "10:70", "--seed", "3", "--out", str(out))

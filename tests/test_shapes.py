@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from traces.errors import TideError
-from traces.shapes import ModelShape
+from traces.common.errors import TideError
+from traces.formats.shapes import ModelShape
 
 
 def test_mini_facts_match_the_published_model():
@@ -53,7 +53,7 @@ def test_unknown_names_and_missing_fields():
 
 
 def test_memory_budget_accounts_for_weights_and_kv_cache():
-    from traces.memory import MemoryBudget, kv_tokens_for
+    from traces.costs.memory import MemoryBudget, kv_tokens_for
     s = ModelShape.named("mini")
     # 24 GB: non-expert ~1.9 GB, then 19 layers x 6.29 MB per expert
     mem = MemoryBudget(s, "bfloat16", 24e9)

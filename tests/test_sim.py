@@ -5,20 +5,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import assert_clean_error, run_module
+
 from runtime.capture import TraceRecorder
 from runtime.checkpoint import load_model
 from runtime.decoding import Generator
 from runtime.offload import OffloadEngine
-from sim.replay import simulate
-from traces.costs import CostModel
-from traces.replay import replay_policy
-from traces.policies import Policy
-from traces.profile import Profile
-from traces.shapes import ModelShape
-from traces.synth import synthesize
-from traces.trace import Decoding, read_trace
+from sim.simulate import simulate
+from traces.costs.cost_model import CostModel
+from traces.formats.profile_file import Profile
+from traces.formats.shapes import ModelShape
+from traces.formats.trace_file import Decoding
+from traces.formats.trace_read import read_trace
+from traces.policies.spec import Policy
+from traces.policies.walk import replay_policy
+from traces.workloads.synthetic import synthesize
 
 CASES = [("all", None, None), ("cpu", None, None), ("static", 4, None), ("swap", 2, None), ("swap", 8, None),
          ("tide", 0, 1), ("tide", 1, 2), ("tide", 8, 3), ("plan", [0, 5, 12], [1, 4, 2])]

@@ -1,11 +1,11 @@
 import json
 
 import numpy as np
-
 from conftest import assert_clean_error, run_module
-from traces.replay import replay_policy
-from traces.policies import Policy
-from traces.stats import cosine_gap, distinct_experts_per_forward, summarize
+
+from traces.policies.spec import Policy
+from traces.policies.walk import replay_policy
+from traces.workloads.statistics import cosine_gap, distinct_experts_per_forward, summarize
 
 
 def test_stats_command_prints_one_json_object(tmp_path, small_trace):

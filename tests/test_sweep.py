@@ -2,12 +2,12 @@
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import assert_clean_error, run_module
+
 from experiments import sweep_points
 from experiments.sweep import Study, run_points, studies_from_toml, sweep
-from traces.profile import Profile
-from traces.whatif import scale_profile
+from traces.costs.whatif import scale_profile
+from traces.formats.profile_file import Profile
 
 GRID = [Study("t", models=["llada2-mini"], gen_lengths=[32], gpu_mem_gb=[8, 16], taus=[1, 4])]
 VOLATILE = ["solve_s"]  # wall-clock seconds of the solver
@@ -47,8 +47,8 @@ def test_a_point_prices_every_policy_and_the_plan_wins(first):
 def test_a_point_gives_the_same_rows_alone_and_in_a_group_and_uniform_rows_equal_their_replay(first):
     """Points sharing a workload share one replay; each point's rows depend on its own inputs only,
     and a uniform setting read off the shared table is what replaying it gives."""
-    from sim.replay import simulate
-    from traces.policies import Policy
+    from sim.simulate import simulate
+    from traces.policies.spec import Policy
     _, df, _ = first
     points = [p for s in GRID for p in s.points()]
     alone = sweep_points.evaluate(points[1])

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from traces.shapes import ModelShape
-from traces.stats import cosine_gap, distinct_experts_per_forward, tide_hit_ratio
-from traces.synth import CALIBRATION, synthesize
+from traces.formats.shapes import ModelShape
+from traces.workloads.statistics import cosine_gap, distinct_experts_per_forward, tide_hit_ratio
+from traces.workloads.synthetic import CALIBRATION, synthesize
 
 MODELS = ("llada2-mini", "llada2-flash")
 

@@ -1,5 +1,6 @@
 from conftest import assert_clean_error, run_module
-from traces.trace import read_trace
+
+from traces.formats.trace_read import read_trace
 
 
 def test_synth_command_writes_a_valid_trace(tmp_path, small_shape):

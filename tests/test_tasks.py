@@ -6,8 +6,8 @@ import pytest
 import simpy
 
 from sim.box import Box
-from traces.profile import Profile, median_of
-from traces.tasks import Task, finish_s, lanes
+from traces.costs.tasks import Task, finish_s, lanes
+from traces.formats.profile_file import Profile, median_of
 
 
 def _graph(a: float, b: float, c: float, d: float) -> list[Task]:

@@ -2,8 +2,10 @@
 import json
 
 from conftest import assert_clean_error, run_module
+
 from runtime.decoding import Result
 from runtime.lossless import agree
+
 
 def test_capture_profile_plan_validate_end_to_end(validated, tiny_ckpt, tmp_path):
     assert "tokens agree with the reference (all)" in validated["stdout"]
@@ -52,7 +54,7 @@ def test_a_mixed_plan_runs_for_real_batched_with_the_tokens_of_all(validated, ti
     batched forwards) and measured printed for every run; the plan's own batch-1 prediction
     is not compared."""
     from runtime.config import ModelConfig
-    from traces.synth import synthesize
+    from traces.workloads.synthetic import synthesize
     d = validated["result"].parent
     plan = tmp_path / "mixed.json"
     p = run_module("sim.plan", "--trace", str(d / "t.parquet"), "--profile", str(d / "box.json"), "--gpu-mem-gb",

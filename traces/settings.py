@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from traces.errors import TideError
-from traces.plan import Plan
-from traces.memory import MemoryBudget
-from traces.policies import POLICIES, Policy, PolicyError
-from traces.shapes import ModelShape
+from traces.common.errors import TideError
+from traces.costs.memory import MemoryBudget
+from traces.formats.plan_file import Plan
+from traces.formats.shapes import ModelShape
+from traces.policies.spec import Policy, PolicyError, check_policy
 
 
 def parse_budget(text: str | None) -> int | list[int] | None:
@@ -33,11 +33,10 @@ def resolve_policy(name: str, shape: ModelShape, dtype: str, *, tau: int | None 
 
     The budget is ``--gpu-experts`` per layer, or the largest uniform one that fits in
     ``--gpu-mem-gb`` beside the non-expert weights and a KV cache of ``kv_tokens``
-    (:class:`traces.memory.MemoryBudget`). ``mem_limit_bytes`` (the device's or the
+    (:class:`traces.costs.memory.MemoryBudget`). ``mem_limit_bytes`` (the device's or the
     profile's memory) bounds ``--gpu-mem-gb`` and, without it, the budget.
     """
-    if name not in POLICIES:
-        raise TideError(f"--policy: unknown policy {name!r} (expected one of {', '.join(POLICIES)})")
+    check_policy(name)
     if tau is not None and tau < 1:
         raise TideError(f"--tau must be at least 1, got {tau}")
     if gpu_experts is not None and gpu_mem_gb is not None:
@@ -54,7 +53,7 @@ def resolve_policy(name: str, shape: ModelShape, dtype: str, *, tau: int | None 
     if name == "plan":
         if plan is None:
             raise TideError("--policy plan needs --plan FILE")
-        policy = Plan.read(plan).policy(shape)
+        policy = Policy.from_plan(Plan.read(plan), shape)
     elif plan is not None:
         raise TideError("--plan needs --policy plan")
     else:

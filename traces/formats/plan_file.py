@@ -14,7 +14,7 @@ JSON, format ``tide-plan`` version 3::
      "provenance": {"created": ..., "trace": ..., "profile": ..., "solver": ...}}
 
 Kinds are ``cpu`` (budget 0: every routed token on the CPU), ``static``, ``swap`` and
-``tide`` (:data:`traces.policies.KINDS`); only tide layers have a ``tau``; a static layer
+``tide`` (:data:`traces.formats.vocabulary.KINDS`); only tide layers have a ``tau``; a static layer
 may list its ``resident`` experts (as many as its budget: the runtime loads them straight
 onto the fast device and keeps only the others in host memory). ``batch_size`` is the
 requests per forward the plan was made for (absent: 1). Version-1 plans (no kinds: every
@@ -29,11 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from traces.cli import read_json, write_json
-from traces.errors import TideError
-from traces.policies import KINDS, Policy
-from traces.shapes import DTYPE_BYTES, ModelShape
-from traces.values import get, need_dict, need_float, need_int, need_list, need_str
+from traces.common.checks import check_batch_size
+from traces.common.errors import TideError
+from traces.common.files import read_json, write_json
+from traces.common.values import get, need_dict, need_float, need_int, need_list, need_str
+from traces.formats.header import read_header
+from traces.formats.shapes import DTYPE_BYTES, ModelShape
+from traces.formats.vocabulary import KINDS
 
 FORMAT = "tide-plan"
 VERSION = 3
@@ -88,14 +90,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, d: Any, where: str = "plan") -> "Plan":
-        if not isinstance(d, dict):
-            raise TideError(f"{where}: a plan is a JSON object")
-        if d.get("format") != FORMAT:
-            raise TideError(f"{where}: format is {d.get('format')!r}, expected {FORMAT!r}")
-        version = d.get("version")
-        if version not in READS:
-            raise TideError(f"{where}: plan version {version!r} is not supported (this TIDE reads "
-                            f"{', '.join(map(str, READS))})")
+        version = read_header(d, where, FORMAT, READS, "plan")
         model = need_dict(d.get("model"), f"{where}: model")
         need_int(get(model, "experts", f"{where}: model"), f"{where}: model.experts", lo=1)
         rows = need_list(d.get("layers"), f"{where}: layers", nonempty=True)
@@ -120,7 +115,7 @@ class Plan:
             gpu_mem = need_float(gpu_mem, f"{where}: gpu_mem_bytes", positive=True)
         predicted = need_dict(d.get("predicted") or {}, f"{where}: predicted")
         provenance = need_dict(d.get("provenance") or {}, f"{where}: provenance")
-        batch = need_int(d.get("batch_size", 1), f"{where}: batch_size", lo=1) if version >= 3 else 1
+        batch = check_batch_size(d.get("batch_size", 1), f"{where}: batch_size") if version >= 3 else 1
         plan = cls(model=model, layers=layers, tau=tau, budget=budget, kind=kind, dtype=dtype,
                    gpu_mem_bytes=gpu_mem, batch_size=batch, resident=resident, predicted=predicted,
                    provenance=provenance)
@@ -158,8 +153,7 @@ class Plan:
             if len(set(ids)) != len(ids) or len(ids) != self.budget[i] or any(not 0 <= e < E for e in ids):
                 raise TideError(f"{where}: layer {l} lists {len(ids)} residents; a static layer lists exactly its "
                                 f"budget ({self.budget[i]}) of distinct experts in 0..{E - 1}")
-        if not isinstance(self.batch_size, (int, np.integer)) or isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise TideError(f"{where}: batch_size must be an integer of at least 1, got {self.batch_size!r}")
+        check_batch_size(self.batch_size, f"{where}: batch_size")
 
     def check_model(self, shape: ModelShape, where: str = "plan") -> None:
         """The plan must be for this model's MoE layers and experts."""
@@ -167,11 +161,6 @@ class Plan:
             raise TideError(f"{where}: plan is for {self.model.get('name')} (MoE layers {self.layers[0]}..{self.layers[-1]}, "
                             f"{self.model.get('experts')} experts), not {shape.name} (MoE layers "
                             f"{shape.moe_layers[0]}..{shape.moe_layers[-1]}, {shape.experts} experts)")
-
-    def policy(self, shape: ModelShape) -> Policy:
-        self.check_model(shape)
-        return Policy.make("plan", shape.n_moe_layers, shape.experts, budget=self.budget, tau=self.tau, kind=self.kinds,
-                           resident=self.resident or None)
 
     def expert_bytes_on_gpu(self, shape: ModelShape) -> int:
         return int(sum(self.budget)) * shape.expert_bytes(self.dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from traces.errors import TideError
+from traces.common.errors import TideError
 
 INT64_MAX = 2**63 - 1
 _MISSING = object()

@@ -15,7 +15,7 @@ it), then solved by HiGHS through Pyomo:
              candidates: the paper's one-tau program)
 
 Layers run one after another, so their times add. The host holds only the experts a layer
-can miss (:func:`traces.memory.host_experts`: none at a budget of every expert, a static
+can miss (:func:`traces.costs.memory.host_experts`: none at a budget of every expert, a static
 layer's non-resident ones, every expert for tide, swap and cpu), so a large model fits a
 box whose GPU and host hold it between them. Memory depends on the budget and the host
 experts alone, so for the per-layer program only each layer's Pareto candidates can be
@@ -34,10 +34,11 @@ import numpy as np
 import pyomo.environ as pyo
 
 from sim.candidates import Candidates
-from traces.cli import span
-from traces.errors import TideError
-from traces.memory import MemoryBudget, host_experts
-from traces.policies import KINDS, Policy, check_kinds
+from traces.common.cli import span
+from traces.common.errors import TideError
+from traces.costs.memory import MemoryBudget, host_experts
+from traces.formats.vocabulary import KINDS
+from traces.policies.spec import Policy, check_kinds
 
 _SOLVING = threading.Lock()
 

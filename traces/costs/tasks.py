@@ -42,7 +42,7 @@ def lanes(shares_cores: bool) -> dict[str, str]:
 
 
 def layer_tasks(p: dict[str, object]) -> list[Task]:
-    """The graph of one MoE layer from the cost model's parts (``traces.costs.CostModel.price``),
+    """The graph of one MoE layer from the cost model's parts (``traces.costs.cost_model.CostModel.price``),
     in the engine's issue order. A swap row's waves and another row's copies, hits and CPU
     experts are both in it; a row's tasks of the other kind take no time and occupy nothing,
     so each row follows its own kind's graph."""

@@ -15,8 +15,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from traces.errors import TideError
-from traces.trace import Trace
+from traces.common.checks import check_batch_size
+from traces.common.errors import TideError
+from traces.formats.trace_file import Trace
 
 
 @dataclass
@@ -28,8 +29,7 @@ class Admission:
     running: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise TideError(f"--batch-size must be an integer of at least 1, got {self.batch_size!r}")
+        self.batch_size = check_batch_size(self.batch_size)
         self.waiting = deque(self.waiting)
 
     @classmethod
@@ -79,6 +79,25 @@ class Recorded:
     @property
     def done(self) -> bool:
         return self._next >= len(self.groups)
+
+
+def resolve_batch_size(flag: int | None = None, plan: int | None = None, trace: int | None = None) -> int:
+    """The batch size a run uses, the one rule every command follows: the flag, else the
+    plan's, else the trace's (the forwards it recorded), else 1; checked once, here."""
+    for where, v in (("--batch-size", flag), ("the plan's batch_size", plan), ("the trace's batch_size", trace)):
+        if v is not None:
+            return check_batch_size(v, where)
+    return 1
+
+
+def seating(trace: Trace, batch_size: int | None, arrivals: object | None = None,
+            requests: Iterable[int] | None = None) -> Admission | Recorded:
+    """How a trace's requests (``requests``, default all) take seats when it is replayed: as
+    its forwards recorded them when no batch size and no stream are given, else by
+    :class:`Admission` at :func:`resolve_batch_size` (the batch size, else the trace's)."""
+    if batch_size is None and arrivals is None:
+        return recorded(trace, requests)
+    return Admission(resolve_batch_size(batch_size, trace=trace.batch_size))
 
 
 def recorded(trace: Trace, requests: Iterable[int] | None = None) -> Recorded:

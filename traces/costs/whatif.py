@@ -16,9 +16,9 @@ import copy
 
 import numpy as np
 
-from traces.errors import TideError
-from traces.profile import Profile
-from traces.shapes import dtype_bytes
+from traces.common.errors import TideError
+from traces.formats.profile_file import Profile
+from traces.formats.shapes import dtype_bytes
 
 
 def scale_profile(profile: Profile, pcie: float = 1.0, cpu_cores: float = 1.0, gpu_mem_gb: float | None = None,
@@ -55,5 +55,5 @@ def scale_profile(profile: Profile, pcie: float = 1.0, cpu_cores: float = 1.0, g
             notes.append(f"{label} {gb:g} GB")
     if notes:
         d["name"] = f"{profile.name} ({', '.join(notes)})"
-        d["about"] = f"{d.get('about', '')} What-if: {', '.join(notes)} (traces.whatif).".strip()
+        d["about"] = f"{d.get('about', '')} What-if: {', '.join(notes)} (traces.costs.whatif).".strip()
     return Profile(d, where=f"{profile.where} (what-if)")

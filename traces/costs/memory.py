@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from traces.errors import TideError
-from traces.shapes import ModelShape
-from traces.values import need_float
+from traces.common.errors import TideError
+from traces.common.values import need_float
+from traces.formats.shapes import ModelShape
 
 if TYPE_CHECKING:
-    from traces.trace import Trace
+    from traces.formats.trace_file import Trace
 
 #: Of a real device's memory, what a run may plan to use: the rest goes to the CUDA
 #: context, the allocator's fragmentation and activations.

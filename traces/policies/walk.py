@@ -1,9 +1,9 @@
 """Walking a trace under a policy: each forward's placement decision and counters, in order.
 
-The policy counters (:func:`replay_policy`), the simulator (``sim.replay.simulate``) and
+The policy counters (:func:`replay_policy`), the simulator (``sim.simulate.simulate``) and
 the planner's candidate table (``sim.candidates``) all walk a trace the same way: take a
-forward's per-layer counts, let :class:`traces.policies.PolicyRunner` decide, count what
-the decision does (:func:`traces.counters.forward_counters`). :func:`replay` is that walk,
+forward's per-layer counts, let :class:`traces.policies.runner.PolicyRunner` decide, count what
+the decision does (:func:`traces.policies.counters.forward_counters`). :func:`replay` is that walk,
 once; each consumer prices or records what it yields.
 """
 from __future__ import annotations
@@ -13,12 +13,15 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from traces.counters import COUNTERS, forward_counters
-from traces.policies import Decision, Policy, PolicyRunner
+from traces.formats.vocabulary import COUNTERS
+from traces.policies.counters import forward_counters
+from traces.policies.decision import Decision
+from traces.policies.runner import PolicyRunner
+from traces.policies.spec import Policy
 
 if TYPE_CHECKING:
-    from traces.costs import CostModel
-    from traces.trace import Trace
+    from traces.costs.cost_model import CostModel
+    from traces.formats.trace_file import Trace
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ def replay(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None,
     its requests). ``popularity`` (``[L, E]``) replaces the first forward's counts for setup;
     ``with_act=False`` skips the per-token ``bytes_act`` work; ``layers`` (MoE layer indices)
     replays only those; ``group`` rows per layer decide on that layer's counts (the planner's
-    candidates, see :class:`~traces.policies.PolicyRunner`). ``schedule`` lists each
+    candidates, see :class:`~traces.policies.runner.PolicyRunner`). ``schedule`` lists each
     forward's members (rows of ``trace.forwards``; default: the forwards the trace recorded):
     a batched forward routes its members' tokens together (their counts added) and refreshes
     where any member would, as the runtime's engine does. A batched forward's ``context`` is
@@ -116,7 +119,7 @@ def replay_policy(trace: "Trace", policy: Policy, popularity: np.ndarray | None 
     out = {k: np.zeros((F, L), dtype=np.int64) for k in COUNTERS}
     times = None
     if cost is not None:
-        from traces.costs import RESOURCE_SECONDS
+        from traces.costs.cost_model import RESOURCE_SECONDS
         times = {k: np.zeros((F, L)) for k in (*RESOURCE_SECONDS, "layer_s", "bound_s")}
         times["fixed_s"] = np.zeros(F)
     for fw in replay(trace, policy, popularity, with_act):

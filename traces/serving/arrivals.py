@@ -6,19 +6,19 @@ request in the trace's order, or a closed loop:
 * offline: every request at 0 (benchmarks, offline generation, rollouts);
 * ``poisson(rate, n, seed)``: exponential gaps at ``rate`` requests per second, seeded;
 * ``read_arrivals(path, n)``: a file of offsets, one number per line (e.g. from a real log;
-  sorted, non-negative, at least one per request; blank lines and ``#`` comments skipped);
+  sorted, in 0..1e6 s, at least one per request; blank lines and ``#`` comments skipped);
 * ``Arrivals(clients=N)``: a closed loop of ``N`` clients, each sending its next request
   when the previous one returns (the first ``N`` at 0); offsets then depend on the run.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from traces.errors import TideError
+from traces.common.checks import check_clients, check_offset, check_rate, check_seed
+from traces.common.errors import TideError
 
 
 @dataclass(frozen=True)
@@ -42,21 +42,9 @@ class Arrivals:
             raise TideError("a request stream has offsets or clients, not both")
 
 
-def check_rate(rate: float, flag: str = "--arrival-rate") -> float:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
-        raise TideError(f"{flag} must be a finite number of requests per second above 0, got {rate!r}")
-    return float(rate)
-
-
-def check_clients(clients: int, flag: str = "--clients") -> int:
-    if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
-        raise TideError(f"{flag} must be an integer of at least 1, got {clients!r}")
-    return clients
-
-
 def poisson(rate: float, n: int, seed: int = 0) -> Arrivals:
     """``n`` arrivals of a Poisson stream at ``rate`` per second (the first after one gap)."""
-    rate = check_rate(rate)
+    rate, seed = check_rate(rate), check_seed(seed)
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=n)
     return Arrivals(offsets=tuple(np.cumsum(gaps).tolist()), label=f"poisson {rate:g}/s seed {seed}")
 
@@ -83,8 +71,7 @@ def read_arrivals(path: str | Path, n: int) -> Arrivals:
             v = float(text)
         except ValueError:
             raise TideError(f"{path}:{i}: {text!r} is not a number of seconds") from None
-        if not math.isfinite(v) or v < 0:
-            raise TideError(f"{path}:{i}: an arrival offset must be a finite number of seconds at least 0, got {text}")
+        v = check_offset(v, f"{path}:{i}: an arrival offset")
         if out and v < out[-1]:
             raise TideError(f"{path}:{i}: offsets must be sorted ({v:g} comes after {out[-1]:g})")
         out.append(v)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from runtime.model import LLaDA2
-from traces.errors import TideError
-from traces.trace import Trace
+from traces.common.errors import TideError
+from traces.formats.trace_file import Trace
 
 
 def check_replayable(trace: Trace, model: LLaDA2, where: str = "--replay-trace") -> None:

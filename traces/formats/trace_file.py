@@ -21,13 +21,13 @@ choice_tokens      int32                       how many consecutive tokens' choi
 layer              int16                       model layer index of this MoE layer
 counts             fixed_size_list<int32>[E]   its tokens routed to each expert (all tokens run)
 choices            list<int16>                 top-k expert ids, ``choice_tokens x k``, token-major
-gpu_tokens ...     int64 (optional)            counters when a policy ran (traces.counters), per
+gpu_tokens ...     int64 (optional)            counters when a policy ran (traces.policies.counters), per
                                                forward: on its first member's rows, null on others
 =================  ==========================  ==============================================
 
 A forward's routed counts are its members' added (routing is per token), so a batch-1
 trace of several requests rebuilds the forwards the same prompts make at any batch size
-(:mod:`traces.admission`). With the KV cache the choices cover every token run; without
+(:mod:`traces.serving.admission`). With the KV cache the choices cover every token run; without
 it, only the current block's. The file's key-value metadata ``tide.trace`` holds JSON:
 format, version, the model's ``config.json``, dtype, decoding settings (block length,
 steps, threshold, kv_cache), the requests (prompt and generation lengths), the batch size,
@@ -47,12 +47,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from traces.cli import atomic_write
-from traces.counters import COUNTERS
-from traces.errors import TideError
-from traces.policies import FORWARD_KINDS
-from traces.shapes import DTYPE_BYTES, ModelShape, dtype_bytes
-from traces.values import get, need_bool, need_dict, need_float, need_int, need_list, need_str
+from traces.common.errors import TideError
+from traces.common.files import atomic_write
+from traces.common.values import get, need_bool, need_dict, need_float, need_int, need_list
+from traces.formats.shapes import ModelShape, dtype_bytes
+from traces.formats.vocabulary import COUNTERS
 
 FORMAT = "tide-trace"
 VERSION = 2
@@ -61,7 +60,7 @@ META_KEY = b"tide.trace"
 
 FORWARD_COLUMNS: tuple[str, ...] = ("request", "kind", "block", "step", "tokens_run", "tokens_committed",
                                     "context", "choice_start", "choice_tokens")
-_INT32_COLUMNS = ("forward", "request", "block", "step", "tokens_run", "tokens_committed", "context",
+INT32_COLUMNS = ("forward", "request", "block", "step", "tokens_run", "tokens_committed", "context",
                   "choice_start", "choice_tokens", "layer")
 
 
@@ -239,225 +238,3 @@ class Trace:
         """Write atomically: the file appears whole or not at all."""
         table = self.to_table()
         return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-
-    def validate(self, where: str = "trace") -> None:
-        _validate(self, where)
-
-
-# ---- reading and validation -------------------------------------------------------------
-def _fail(where: str, msg: str) -> TideError:
-    return TideError(f"{where}: {msg}")
-
-
-def _int_type(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t)
-
-
-def _list_of_int(t: pa.DataType) -> bool:
-    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) and _int_type(t.value_type)
-
-
-def read_trace(path: str | Path) -> Trace:
-    """Read and validate a trace file; anything wrong is one TideError naming the file."""
-    path = Path(path)
-    where = str(path)
-    if not path.is_file():
-        raise _fail(where, "trace file not found")
-    try:
-        pf = pq.ParquetFile(path)
-        table = pf.read()
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise _fail(where, f"not a readable Parquet trace (truncated or corrupted?): {msg}") from None
-    return trace_from_table(table, where)
-
-
-def trace_from_table(table: pa.Table, where: str = "trace") -> Trace:
-    meta_raw = (table.schema.metadata or {}).get(META_KEY)
-    if meta_raw is None:
-        raise _fail(where, "no tide.trace metadata: not a TIDE trace")
-    try:
-        meta = json.loads(meta_raw)
-    except json.JSONDecodeError:
-        raise _fail(where, "tide.trace metadata is not valid JSON") from None
-    meta = need_dict(meta, f"{where}: tide.trace metadata")
-    if meta.get("format") != FORMAT:
-        raise _fail(where, f"format is {meta.get('format')!r}, expected {FORMAT!r}")
-    version = meta.get("version")
-    if isinstance(version, bool) or version not in READS:
-        raise _fail(where, f"trace format version {version!r} is not supported (this TIDE reads {', '.join(map(str, READS))})")
-    for key in ("model", "dtype", "decoding", "requests"):
-        if key not in meta:
-            raise _fail(where, f"metadata lacks {key!r}")
-    model_name = meta.get("model_name")
-    if model_name is not None:
-        need_str(model_name, f"{where}: metadata model_name")
-    shape = ModelShape.from_config(need_dict(meta["model"], f"{where}: metadata model"),
-                                   name=model_name, source=f"{where} metadata")
-    need_str(meta["dtype"], f"{where}: metadata dtype", tuple(DTYPE_BYTES))
-    decoding = Decoding.from_json(meta["decoding"], f"{where}: metadata decoding")
-    requests = read_requests(meta["requests"], f"{where}: metadata requests")
-    batch_size = 1
-    if version >= 2 or meta.get("batch_size") is not None:
-        batch_size = need_int(get(meta, "batch_size", f"{where}: metadata"), f"{where}: metadata batch_size", lo=1)
-    for key in ("source", "policy"):
-        if meta.get(key) is not None:
-            need_dict(meta[key], f"{where}: metadata {key}")
-
-    names = set(table.column_names)
-    for c in ("forward", "layer", "counts", "choices", *FORWARD_COLUMNS):
-        if c not in names:
-            raise _fail(where, f"column {c!r} missing")
-    schema = table.schema
-    for c in _INT32_COLUMNS:
-        if not _int_type(schema.field(c).type):
-            raise _fail(where, f"column {c!r} has type {schema.field(c).type}, expected an integer type")
-    if not (pa.types.is_string(schema.field("kind").type) or pa.types.is_large_string(schema.field("kind").type)
-            or pa.types.is_dictionary(schema.field("kind").type)):
-        raise _fail(where, f"column 'kind' has type {schema.field('kind').type}, expected string")
-    for c in ("counts", "choices"):
-        if not _list_of_int(schema.field(c).type):
-            raise _fail(where, f"column {c!r} has type {schema.field(c).type}, expected a list of integers")
-    present = [c for c in COUNTERS if c in names]
-    if present and len(present) != len(COUNTERS):
-        missing = sorted(set(COUNTERS) - set(present))
-        raise _fail(where, f"counter columns incomplete: {', '.join(missing)} missing")
-    for c in present:
-        if not _int_type(schema.field(c).type):
-            raise _fail(where, f"column {c!r} has type {schema.field(c).type}, expected an integer type")
-
-    L, E, k = shape.n_moe_layers, shape.experts, shape.top_k
-    n_rows = table.num_rows
-    if n_rows % L:
-        raise _fail(where, f"{n_rows} rows is not a whole number of forwards x {L} MoE layers")
-    F = n_rows // L
-    if F == 0:
-        raise _fail(where, "no forwards: a trace records at least one forward")
-    col = lambda c: table.column(c).to_numpy()  # noqa: E731
-    fwd = col("forward").reshape(F, L)
-    if not (fwd == fwd[:, :1]).all():
-        raise _fail(where, "rows are not grouped by forward member, one per MoE layer")
-    fwd = fwd[:, 0].astype(np.int64)
-    if version == 1 and not np.array_equal(fwd, np.arange(F)):
-        raise _fail(where, "rows are not ordered by forward 0..F-1, one per MoE layer")
-    if fwd[0] != 0 or not np.isin(np.diff(fwd), (0, 1)).all():
-        raise _fail(where, "rows are not ordered by forward: the forward column must count 0, 1, 2, ... "
-                           "with each forward's members in consecutive rows")
-    first = np.diff(fwd, prepend=-1) == 1  # each forward's first member
-    seats = np.diff(np.append(np.flatnonzero(first), F))
-    if seats.max() > batch_size:
-        f = int(np.argmax(seats > batch_size))
-        raise _fail(where, f"forward {f} has {seats[f]} members, more than the batch size {batch_size}")
-    if not np.array_equal(col("layer"), np.tile(shape.moe_layers, F)):
-        raise _fail(where, f"layer column does not list the MoE layers {shape.moe_layers[0]}..{shape.moe_layers[-1]} for every forward")
-    forwards = {}
-    for c in FORWARD_COLUMNS:
-        v = table.column(c).to_pylist() if c == "kind" else col(c)
-        v = np.asarray(v)
-        per = v.reshape(F, L)
-        if not (per == per[:, :1]).all():
-            raise _fail(where, f"column {c!r} differs between the layers of one forward")
-        forwards[c] = per[:, 0]
-    fdf = pd.DataFrame(forwards)
-    bad_kind = ~fdf["kind"].isin(FORWARD_KINDS)
-    if bad_kind.any():
-        raise _fail(where, f"unknown forward kind {fdf['kind'][bad_kind].iloc[0]!r} (expected {', '.join(FORWARD_KINDS)})")
-    for c in ("block", "step", "tokens_run", "tokens_committed", "context", "choice_start", "choice_tokens"):
-        if (fdf[c] < 0).any():
-            raise _fail(where, f"negative {c} at forward {int(np.argmax(fdf[c] < 0))}")
-    if (fdf["choice_tokens"] > fdf["tokens_run"]).any():
-        raise _fail(where, "choice_tokens exceeds tokens_run")
-    twice = pd.DataFrame({"f": fwd, "r": fdf["request"].to_numpy()}).duplicated()
-    if twice.any():
-        i = int(np.argmax(twice.to_numpy()))
-        raise _fail(where, f"forward {fwd[i]} runs request {fdf.at[i, 'request']} twice")
-    known = {r["request"] for r in requests}
-    unknown = set(fdf["request"].unique().tolist()) - known
-    if unknown:
-        raise _fail(where, f"forwards name request {min(unknown)} not listed in the metadata")
-    for c in FORWARD_COLUMNS:
-        if c != "kind":
-            fdf[c] = fdf[c].astype(np.int64)
-
-    counts_col = table.column("counts").combine_chunks()
-    sizes = pc_list_sizes(counts_col)
-    if (sizes != E).any():
-        raise _fail(where, f"counts lists must have {E} entries (one per expert), found {int(sizes[sizes != E][0])}")
-    counts = counts_col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    if (counts < 0).any():
-        raise _fail(where, "negative expert counts")
-    counts = counts.reshape(F, L, E)
-    totals = counts.sum(axis=2)
-    expect = (fdf["tokens_run"].to_numpy() * k)[:, None]
-    bad = np.argwhere(totals != expect)
-    if len(bad):
-        f, l = bad[0]
-        raise _fail(where, f"forward {f} layer {shape.moe_layers[l]}: counts sum to {totals[f, l]}, expected tokens_run x top_k = {expect[f, 0]}")
-
-    ch_col = table.column("choices").combine_chunks()
-    ch_sizes = pc_list_sizes(ch_col)
-    expect_sizes = np.repeat(fdf["choice_tokens"].to_numpy() * k, L)
-    if not np.array_equal(ch_sizes, expect_sizes):
-        r = int(np.argmax(ch_sizes != expect_sizes))
-        raise _fail(where, f"forward {r // L}: choices hold {ch_sizes[r]} ids, expected choice_tokens x top_k = {expect_sizes[r]}")
-    choices = ch_col.flatten().to_numpy(zero_copy_only=False)
-    if len(choices) and (choices.min() < 0 or choices.max() >= E):
-        raise _fail(where, f"expert ids out of range 0..{E - 1} in choices")
-    choices = choices.astype(np.int16)
-
-    counters = None
-    if present:
-        counters = {}
-        valid = np.repeat(first, L)
-        for c in COUNTERS:
-            arr = table.column(c)
-            if not np.array_equal(~arr.is_null().to_numpy(zero_copy_only=False), valid):
-                raise _fail(where, f"counter {c} must be set on each forward's first member's rows "
-                                   "and null on the others'")
-            v = arr.drop_null().to_numpy().astype(np.int64)
-            if (v < 0).any():
-                raise _fail(where, f"negative counter {c}")
-            counters[c] = v.reshape(-1, L)
-    fdf.insert(0, "forward", fwd)
-    trace = Trace(shape=shape, dtype=meta["dtype"], decoding=decoding, requests=requests, forwards=fdf,
-                  counts=counts.astype(np.int32), choices=choices, counters=counters, policy=meta.get("policy"),
-                  source=meta.get("source") or {}, batch_size=batch_size)
-    _check_choices_match_counts(trace, where)
-    return trace
-
-
-def pc_list_sizes(arr: pa.Array) -> np.ndarray:
-    """Lengths of the lists in a (fixed-size or variable) list array."""
-    if pa.types.is_fixed_size_list(arr.type):
-        return np.full(len(arr), arr.type.list_size, dtype=np.int64)
-    if arr.null_count:
-        raise TideError("null lists in a trace column")
-    off = arr.offsets.to_numpy()
-    return np.diff(off).astype(np.int64)
-
-
-def _check_choices_match_counts(trace: Trace, where: str) -> None:
-    """Where the choices cover every token run (KV cache), their histogram must equal counts."""
-    full = (trace.forwards["choice_tokens"] == trace.forwards["tokens_run"]).to_numpy()
-    if not full.any():
-        return
-    cc = trace.choice_counts()
-    bad = np.argwhere((cc[full] != trace.counts[full]).any(axis=2))
-    if len(bad):
-        f = np.flatnonzero(full)[bad[0][0]]
-        raise _fail(where, f"forward {f} layer {trace.shape.moe_layers[bad[0][1]]}: choices disagree with counts")
-
-
-def _validate(trace: Trace, where: str) -> None:
-    """Validate an in-memory trace by the same rules as the reader."""
-    trace_from_table(trace.to_table(), where)
-
-
-def load_popularity(path: str | Path, shape: ModelShape) -> np.ndarray:
-    """A popularity trace's total counts per layer (``--popularity TRACE``), checked against ``shape``."""
-    trace = read_trace(path)
-    if trace.shape.moe_layers != shape.moe_layers or trace.shape.experts != shape.experts:
-        raise TideError(f"{path}: popularity trace has MoE layers {trace.shape.moe_layers[0]}..{trace.shape.moe_layers[-1]} "
-                        f"and {trace.shape.experts} experts; the model has {shape.moe_layers[0]}..{shape.moe_layers[-1]} "
-                        f"and {shape.experts}")
-    return trace.popularity()

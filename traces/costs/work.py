@@ -5,7 +5,7 @@ that were already resident (``ready``) or copied in this forward (``fresh``), th
 computed on the CPU (``miss``), the copies, the activations crossing the link, and a swap
 row's waves. None of it depends on the box, so the planner replays its candidates once and
 prices the same :class:`Work` on every profile a sweep asks about
-(:meth:`traces.costs.CostModel.price`). The one box-dependent sum, the missed experts' CPU
+(:meth:`traces.costs.cost_model.CostModel.price`). The one box-dependent sum, the missed experts' CPU
 time (one expert after another, each with its own token count), is kept as interpolation
 weights on token knots: priced on a profile, the sum is the weights times that profile's
 times at the knots, exactly its piecewise-linear table when its knots are among them.
@@ -16,8 +16,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from traces.counters import cpu_mask
-from traces.policies import Decision
+from traces.policies.counters import cpu_mask
+from traces.policies.decision import Decision
 
 #: Past any forward's tokens: interpolating up to here never extrapolates.
 FAR_TOKENS = float(1 << 24)

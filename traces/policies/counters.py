@@ -1,4 +1,4 @@
-"""The contract's counters, defined once (a replay over a whole trace: :mod:`traces.replay`).
+"""The contract's counters, defined once (a replay over a whole trace: :mod:`traces.policies.walk`).
 
 Per forward and MoE layer:
 
@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from traces.policies import Decision
-
-COUNTERS: tuple[str, ...] = ("gpu_tokens", "cpu_tokens", "migrations", "setup_migrations", "bytes_h2d", "bytes_act")
+from traces.policies.decision import Decision
 
 
 def cpu_mask(decision: Decision, counts: np.ndarray) -> np.ndarray:

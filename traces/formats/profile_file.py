@@ -35,12 +35,12 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
   tokens adds to a call (a grouped kernel walks the whole slot stack; absent: zero).
 * ``cpu_expert_ffn``: per expert shape and weight dtype, one expert's FFN on the CPU
   against ``tokens``.
-* ``non_expert``: per model key (:attr:`traces.shapes.ModelShape.model_key`), the time of
+* ``non_expert``: per model key (:attr:`traces.formats.shapes.ModelShape.model_key`), the time of
   a MoE layer's non-expert work (norms, attention, router, shared expert) and of a dense
   layer against ``tokens`` and ``context``, and of the ``head`` (final norm, lm_head and
   choosing the tokens from the logits) against ``tokens``; optional ``member_s`` per part:
   what each further request of a batched forward adds beyond its tokens (its own attention
-  call, its sampling; absent: zero), see :meth:`traces.costs.CostModel.forward_s`.
+  call, its sampling; absent: zero), see :meth:`traces.costs.cost_model.CostModel.forward_s`.
 
 * ``measured`` (optional, written by ``runtime.profile``): when and where the profile was
   taken (``created``, ``host``, ``threads``, ``cores``, ``load_avg_1m``), so a validation can
@@ -65,9 +65,10 @@ from typing import Any
 
 import numpy as np
 
-from traces.cli import read_json, write_json
-from traces.errors import TideError
-from traces.values import need_dict, need_float, need_list, need_numbers, need_str
+from traces.common.errors import TideError
+from traces.common.files import read_json, write_json
+from traces.common.values import need_dict, need_float, need_list, need_numbers, need_str
+from traces.formats.header import fail, read_header
 
 FORMAT = "tide-profile"
 VERSION = 2
@@ -113,40 +114,36 @@ def interp2(x: np.ndarray | float, y: np.ndarray | float, xs: np.ndarray, ys: np
     return np.where(t > 1.0, r1 + np.maximum(r1 - r0, 0.0) * (t - 1.0), inside)
 
 
-def _fail(where: str, msg: str) -> TideError:
-    return TideError(f"{where}: {msg}")
-
-
 def _check_source(where: str, src: Any, shape: tuple[int, ...]) -> None:
     if isinstance(src, str):
         if src not in SOURCES:
-            raise _fail(where, f"source {src!r} must be 'measured' or 'derived'")
+            raise fail(where, f"source {src!r} must be 'measured' or 'derived'")
         return
     try:
         arr = np.asarray(src, dtype=object)
     except ValueError:
         arr = np.asarray(None, dtype=object)
     if arr.shape != shape or not all(s in SOURCES for s in arr.reshape(-1)):
-        raise _fail(where, f"source must be 'measured', 'derived' or a list of those shaped {list(shape)}")
+        raise fail(where, f"source must be 'measured', 'derived' or a list of those shaped {list(shape)}")
 
 
 def _axis(where: str, t: dict, key: str) -> np.ndarray:
     if key not in t:
-        raise _fail(where, f"lacks {key!r}")
+        raise fail(where, f"lacks {key!r}")
     a = np.asarray(need_numbers(t[key], f"{where}: {key}"), dtype=np.float64)
     if a.ndim != 1 or len(a) < 1 or not np.isfinite(a).all() or (a <= 0).any() or (np.diff(a) <= 0).any():
-        raise _fail(where, f"{key} must be a non-empty, increasing list of positive numbers")
+        raise fail(where, f"{key} must be a non-empty, increasing list of positive numbers")
     return a
 
 
 def _values(where: str, t: dict, key: str, shape: tuple[int, ...]) -> np.ndarray:
     if key not in t:
-        raise _fail(where, f"lacks {key!r}")
+        raise fail(where, f"lacks {key!r}")
     v = np.asarray(_nested_numbers(t[key], f"{where}: {key}", len(shape)), dtype=np.float64)
     if v.shape != shape:
-        raise _fail(where, f"{key} has shape {list(v.shape)}, expected {list(shape)}")
+        raise fail(where, f"{key} has shape {list(v.shape)}, expected {list(shape)}")
     if not np.isfinite(v).all() or (v < 0).any():
-        raise _fail(where, f"{key} must be finite and non-negative")
+        raise fail(where, f"{key} must be finite and non-negative")
     _check_source(where, t.get("source"), shape)
     return v
 
@@ -157,7 +154,7 @@ def _nested_numbers(v: Any, where: str, depth: int) -> Any:
         return need_float(v, where)
     rows = [_nested_numbers(x, f"{where}[{i}]", depth - 1) for i, x in enumerate(need_list(v, where, nonempty=True))]
     if depth > 1 and len({len(r) for r in rows}) > 1:
-        raise _fail(where, "rows must all have the same length")
+        raise fail(where, "rows must all have the same length")
     return rows
 
 
@@ -235,12 +232,7 @@ class Profile:
     # ---- validation ---------------------------------------------------------------
     def _validate(self) -> None:
         d, w = self.data, self.where
-        if not isinstance(d, dict):
-            raise _fail(w, "a profile is a JSON object")
-        if d.get("format") != FORMAT:
-            raise _fail(w, f"format is {d.get('format')!r}, expected {FORMAT!r}")
-        if d.get("version") not in READS or isinstance(d.get("version"), bool):
-            raise _fail(w, f"profile version {d.get('version')!r} is not supported (this TIDE reads {', '.join(map(str, READS))})")
+        version = read_header(d, w, FORMAT, READS, "profile")
         if d.get("name") is not None:
             need_str(d["name"], f"{w}: name")
         if d.get("measured") is not None:
@@ -255,22 +247,22 @@ class Profile:
                 else:
                     need_float(v, f"{w}: in_run.{k}", positive=True)
         if d.get("fast_device") not in ("cuda", "cpu"):
-            raise _fail(w, f"fast_device must be 'cuda' or 'cpu', got {d.get('fast_device')!r}")
-        groups = [("capacities", CAPACITIES), ("overheads", OVERHEADS)] + ([("host", HOST)] if d["version"] >= 2 else [])
+            raise fail(w, f"fast_device must be 'cuda' or 'cpu', got {d.get('fast_device')!r}")
+        groups = [("capacities", CAPACITIES), ("overheads", OVERHEADS)] + ([("host", HOST)] if version >= 2 else [])
         for group, keys in groups:
             sec = d.get(group)
             if not isinstance(sec, dict):
-                raise _fail(w, f"lacks the {group!r} section")
+                raise fail(w, f"lacks the {group!r} section")
             for k in keys:
                 v = sec.get(k)
                 if v is None and k in HOST_OPTIONAL and group == "host":
                     continue
                 if not isinstance(v, dict) or "value" not in v:
-                    raise _fail(w, f"{group}.{k} missing (expected {{'value': ..., 'source': ...}})")
+                    raise fail(w, f"{group}.{k} missing (expected {{'value': ..., 'source': ...}})")
                 need_float(v["value"], f"{w}: {group}.{k}", lo=None if k in _SIGNED else 0.0, positive=k in _POSITIVE)
                 _check_source(f"{w}: {group}.{k}", v.get("source"), ())
         if self.capacity("cpu_cores") < 1:
-            raise _fail(w, "capacities.cpu_cores must be at least 1")
+            raise fail(w, "capacities.cpu_cores must be at least 1")
         self._h2d = self._bandwidths("h2d")
         self._d2h = self._bandwidths("d2h")
         self._gpu: dict[tuple[str, str], Table2] = {}
@@ -295,7 +287,7 @@ class Profile:
             for part in ("moe_layer", "dense_layer", "head"):
                 where = f"{w}: non_expert.{key}.{part}"
                 if part not in per:
-                    raise _fail(where, "missing")
+                    raise fail(where, "missing")
                 t = need_dict(per[part], where)
                 if t.get("member_s") is not None:  # may be negative: a batch shares more than the rule assumes
                     self._member[(key, part)] = need_float(t["member_s"], f"{where}.member_s")
@@ -305,14 +297,27 @@ class Profile:
                 else:
                     ys = _axis(where, t, "context")
                     self._non[(key, part)] = Table2(xs, ys, _values(where, t, "seconds", (len(xs), len(ys))))
+        self._check_signed()
+
+    def _check_signed(self) -> None:
+        """A signed cost's real lower bound: ``batch_segment_s`` lowers the price of each further
+        call of an expert, which cannot cost less than nothing, so it is at least minus the
+        cheapest call the expert tables hold (one expert at their fewest tokens)."""
+        seg = self.host("batch_segment_s")
+        if seg >= 0 or not self._gpu:
+            return
+        floor = min(float(t.zs[0, 0]) for t in self._gpu.values())
+        if seg < -floor:
+            raise fail(self.where, f"host.batch_segment_s must be at least -{floor:.3g} (minus the cheapest expert "
+                                   f"call in gpu_experts: a further call cannot cost less than nothing), got {seg:.3g}")
 
     def _section(self, name: str) -> dict[str, dict[str, Any]]:
         sec = self.data.get(name)
         if not isinstance(sec, dict):
-            raise _fail(self.where, f"lacks the {name!r} section")
+            raise fail(self.where, f"lacks the {name!r} section")
         for k, v in sec.items():
             if not isinstance(v, dict):
-                raise _fail(self.where, f"{name}.{k} must be an object")
+                raise fail(self.where, f"{name}.{k} must be an object")
         return sec
 
     def _bandwidths(self, name: str) -> dict[str, Table1]:
@@ -321,12 +326,12 @@ class Profile:
         for kind in ("pinned", "pageable"):
             where = f"{self.where}: {name}.{kind}"
             if kind not in sec:
-                raise _fail(where, "missing")
+                raise fail(where, "missing")
             t = sec[kind]
             xs = _axis(where, t, "bytes")
             gb = _values(where, t, "gbps", (len(xs),))
             if (gb <= 0).any():
-                raise _fail(where, "gbps must be positive")
+                raise fail(where, "gbps must be positive")
             out[kind] = Table1(np.log(xs), gb)
         return out
 
@@ -382,7 +387,7 @@ class Profile:
         t = self._non.get((model_key, part))
         if t is None:
             have = sorted({k for k, _ in self._non})
-            raise _fail(self.where, f"no non-expert times for model shape {model_key} (has: {', '.join(have) or 'none'}); "
+            raise fail(self.where, f"no non-expert times for model shape {model_key} (has: {', '.join(have) or 'none'}); "
                                     "profile this model with python -m runtime.profile --checkpoint DIR")
         if part == "head":
             return t(tokens)
@@ -399,7 +404,7 @@ class Profile:
         t = tables.get((shape_key, dtype))
         if t is None:
             have = sorted(f"{s}/{d}" for s, d in tables)
-            raise _fail(self.where, f"no {section} entry for expert shape {shape_key} in {dtype} (has: {', '.join(have) or 'none'})")
+            raise fail(self.where, f"no {section} entry for expert shape {shape_key} in {dtype} (has: {', '.join(have) or 'none'})")
         return t
 
     def reference_s(self) -> float | None:

@@ -15,7 +15,7 @@ Per MoE layer of one forward:
   issuing sorts, gathers, copies and kernels (the profile's ``host`` costs); on a GPU box
   the host thread also computes the missed experts (``cpu_s``).
 
-How they overlap is the layer's task graph (:mod:`traces.tasks`), priced in closed form by
+How they overlap is the layer's task graph (:mod:`traces.costs.tasks`), priced in closed form by
 :meth:`CostModel.layer_seconds`, the same graph the simulator runs as events.
 :meth:`CostModel.layer_bound` is the floor when everything that can overlap does.
 """
@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from traces.errors import TideError
-from traces.policies import Decision
-from traces.profile import Profile
-from traces.shapes import ModelShape, dtype_bytes
-from traces.tasks import finish_s, lanes, layer_tasks
-from traces.work import Work, knots_for, layer_work
+from traces.common.errors import TideError
+from traces.costs.tasks import finish_s, lanes, layer_tasks
+from traces.costs.work import Work, knots_for, layer_work
+from traces.formats.profile_file import Profile
+from traces.formats.shapes import ModelShape, dtype_bytes
+from traces.policies.decision import Decision
 
-#: The keys of :meth:`CostModel.layer_costs`: seconds per resource (the lanes are :data:`traces.tasks.RESOURCES`)
+#: The keys of :meth:`CostModel.layer_costs`: seconds per resource (the lanes are :data:`traces.costs.tasks.RESOURCES`)
 RESOURCE_SECONDS = ("gpu_s", "cpu_s", "h2d_s", "d2h_s", "copy_s", "host_s")
 
 
@@ -98,13 +98,13 @@ class CostModel:
                     tokens: int | np.ndarray, context: int | np.ndarray,
                     segments: np.ndarray | None = None) -> dict[str, object]:
         """One forward's MoE-layer work priced, seconds per row (:meth:`price` of its
-        :func:`traces.work.layer_work`). ``counts`` is ``[L, E]``; the decision has ``L``
+        :func:`traces.costs.work.layer_work`). ``counts`` is ``[L, E]``; the decision has ``L``
         rows, or ``L x G`` when it decides ``G`` candidate rows per layer (the planner's table)."""
         return self.price(layer_work(decision, counts, counters, self.act_bytes, self.knots, tokens, context, segments))
 
     def price(self, w: Work) -> dict[str, object]:
         """Rows' work (one forward's, or many forwards' at once) in seconds, as
-        :func:`traces.tasks.layer_tasks` arranges it: ``non_expert`` (attention, router,
+        :func:`traces.costs.tasks.layer_tasks` arranges it: ``non_expert`` (attention, router,
         shared expert), ``sync`` (routing to the host), the host's ``decide`` (a refresh or
         swap's waves cost more), ``issue`` (sorting, gathers, combining, and issuing each copy
         and each missed expert) and ``launch`` (issuing the resident experts' kernels),
@@ -155,7 +155,7 @@ class CostModel:
         }
 
     def layer_seconds(self, parts: dict[str, object]) -> np.ndarray:
-        """Seconds per MoE layer (row): the layer's task graph (:func:`traces.tasks.layer_tasks`)
+        """Seconds per MoE layer (row): the layer's task graph (:func:`traces.costs.tasks.layer_tasks`)
         in closed form, exactly what the simulator's events add up to, since a layer starts
         when the previous one has finished."""
         return finish_s(layer_tasks(parts), self.lanes)

@@ -15,9 +15,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-from traces.errors import TideError
-from traces.cli import read_json
-from traces.values import need_bool, need_dict, need_int
+from traces.common.errors import TideError
+from traces.common.files import read_json
+from traces.common.values import need_bool, need_dict, need_int
 
 DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
 

@@ -1,0 +1,246 @@
+"""In-run calibration: the tables' level inside a forward, and what a batch adds per request.
+
+The model offers clocks for the parts of its forwards (:meth:`runtime.model.LLaDA2.timed_parts`);
+the calibration replays a synthetic trace through the decoding loop and the engine, reads
+those clocks and the engine's timers, and prices the same forwards on the tables just
+measured."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from runtime.checkpoint import dtype_name
+from runtime.decoding import Generator
+from runtime.device import timed
+from runtime.experts import ExpertWeights
+from runtime.model import LLaDA2
+from runtime.offload import OffloadEngine
+from runtime.profile_tables import measured
+from traces.costs.cost_model import CostModel
+from traces.costs.work import layer_work
+from traces.formats.profile_file import Profile
+from traces.formats.trace_file import Decoding, Trace
+from traces.policies.spec import Policy
+from traces.policies.walk import replay
+from traces.serving.admission import compose_trace
+from traces.workloads.synthetic import synthesize
+
+
+class InRunCalibration:
+    """The calibration half of :class:`runtime.profile.Profiler`."""
+
+    def in_run(self, data: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        """The tables' level inside a forward, and the decoding loop's own host work per forward.
+
+        A cell timed alone, again and again, runs hotter than the same work inside a forward,
+        where every other layer's weights and code pass through the caches in between (on the
+        2-core VM a dense layer took 1.2-1.5x its table's time inside a run). So the profiler
+        replays a synthetic trace through :class:`runtime.decoding.Generator` and the engine,
+        clocks each layer, the head and the engine's expert timers, prices the same forwards
+        on the tables just measured, and, where the fast device is the CPU (where host clocks
+        see the work itself), scales each table by measured over priced; the factors are kept
+        in the profile's ``in_run`` entry and printed. ``forward_s`` is what the run spent
+        outside the layers and the head. On the model given to the profiler (``model=``: the
+        checkpoint itself, under ``static`` at an eighth of the experts), or else on a stand-in
+        of this shape whose routed experts are tiny (then the head and experts keep their
+        tables: the stand-in's differ)."""
+        model, real, policy = self._calibration_model()
+        s = self.cfg.shape
+        work = synthesize(model.cfg.shape, 96, 32, seed=0, dtype=dtype_name(self.dtype))
+        policies = {"static": policy}
+        if real:
+            policies["swap"] = Policy.make("swap", s.n_moe_layers, s.experts, budget=max(1, s.experts // 8))
+        med = {name: self._median_run(model, pol, work.decoding, lambda gen: gen.replay(work, 0), self.reps, True)
+               for name, pol in policies.items()}
+        # four requests at once: what a batch adds per request (member_s), every expert
+        # resident and, in row-exact mode, with misses too (the expert calls' waves)
+        measure = real and self.batches and self.device.type == "cpu"
+        batch = synthesize(model.cfg.shape, 32, [32, 48, 70, 96], seed=1, requests=4,
+                           dtype=dtype_name(self.dtype)) if measure else None
+        batch_policies = {"all": Policy.make("all", s.n_moe_layers, s.experts), "static": policy}
+        for name in (batch_policies if measure and model.row_exact else ["all"] if measure else []):
+            med[f"batch {name}"] = self._median_run(model, batch_policies[name], batch.decoding,
+                                                    lambda gen: gen.replay_batch(batch, [0, 1, 2, 3], 4),
+                                                    1 if self.quick else 2, False)
+        st = med["static"]
+        forward_s = (st["total"] - st["dense"] - st["moe"] - st["head"]) / st["forwards"]
+        if self.device.type != "cpu":  # a GPU's work is asynchronous: host clocks do not see it
+            return forward_s, {}
+        data["host"]["forward_s"] = measured(forward_s)
+        priced = self._priced_parts(data, work, policies)
+        ran = {"dense": st["dense"], "head": st["head"], "moe": st["moe"] - st["layer_s"],
+               "experts": st["fast_s"] + st["cpu_s"]}
+        if "swap" in med:
+            ran.update(decide=med["swap"]["decide_s"], copies=med["swap"]["copy_s"])
+        factors = self._level(data, ran, priced, real)
+        member = self._member_costs(data, med, batch_policies, batch, forward_s) if "batch all" in med else {}
+        note = (f"measured over priced in replays of a synthetic {len(work.forwards)}-forward trace "
+                f"({', '.join(f'{n} B={int(p.budget[0])}' for n, p in policies.items())}); the tables and "
+                "host costs each part prices are scaled by it; member_s: what each further request of a "
+                "batched forward adds, from 4 requests replayed at batch 4")
+        return forward_s, {**factors, **({"member_s": member} if member else {}), "note": note}
+
+    def _calibration_model(self) -> tuple[LLaDA2, bool, Policy]:
+        """The model the runs use, whether it is the checkpoint's own, and the policy of the
+        replays: the checkpoint under ``static`` at an eighth of the experts, or a stand-in of
+        this shape with tiny routed experts under ``all``."""
+        s = self.cfg.shape
+        if self.model is not None:
+            return self.model, True, Policy.make("static", s.n_moe_layers, s.experts, budget=max(1, s.experts // 8))
+        cfg1 = dataclasses.replace(self.cfg, shape=dataclasses.replace(s, vocab=64), mask_id=63, eos_id=62)
+        torch.manual_seed(0)
+        model = LLaDA2(cfg1).to(device=self.device, dtype=self.dtype)
+        for blk in model.moe_blocks:
+            blk.experts = ExpertWeights(*(torch.randn(s.experts, *shp, dtype=self.dtype) * 0.02
+                                          for shp in ((8, s.hidden), (8, s.hidden), (s.hidden, 8))))
+        return model, False, Policy.make("all", s.n_moe_layers, s.experts)
+
+    def _median_run(self, model: LLaDA2, policy: Policy, decoding: Decoding, run: Callable[[Generator], Any],
+                    reps: int, forwards: bool) -> dict[str, float]:
+        """Medians over ``reps`` runs (after one warm-up) of ``run`` under ``policy``: the
+        model's own clocks per part (dense, moe, head), the engine's timers, the total and
+        (``forwards``) the forwards run."""
+        samples = []
+        for rep in range(reps + 1):
+            with OffloadEngine(model, policy, self.device) as eng, model.timed_parts() as spent:
+                gen = Generator(model, decoding, engine=eng)
+                res, secs = timed(self.device, lambda: run(gen))
+            if rep:  # the first is a warm-up
+                samples.append({**dict.fromkeys(("dense", "moe", "head"), 0.0), **spent, **eng.timers, "total": secs,
+                                **({"forwards": res.forwards} if forwards else {})})
+        return {k: float(np.median([x[k] for x in samples])) for k in samples[0]}
+
+    def _priced_parts(self, data: dict[str, Any], work: Trace, policies: dict[str, Policy]) -> dict[str, float]:
+        """What the tables just measured price the calibration's forwards at, per part."""
+        s = self.cfg.shape
+        cost = CostModel(Profile(data, where="profile being measured"), s, dtype_name(self.dtype))
+        fw = work.forwards
+        tc = list(zip(fw["tokens_run"].tolist(), fw["context"].tolist()))
+        priced = {"dense": s.first_k_dense * sum(cost.non_expert_s("dense_layer", t, c) for t, c in tc),
+                  "head": sum(cost.non_expert_s("head", t) for t, _ in tc), "moe": 0.0, "experts": 0.0,
+                  "decide": 0.0, "copies": 0.0}
+        for name, pol in policies.items():
+            for f in replay(work, pol, with_act=False):
+                p = cost.layer_parts(f.decision, f.counts, f.counters, f.tokens_run, f.context)
+                if name == "static":
+                    priced["moe"] += float(p["non_expert"].sum())
+                    priced["experts"] += float((p["hits_ready"] + p["hits_fresh"] + p["cpu"]).sum())
+                else:  # swap: its decisions per wave, and copies
+                    moved = f.counters["migrations"] + f.counters["setup_migrations"]
+                    priced["decide"] += float(p["decide"].sum())
+                    priced["copies"] += float((p["copy"] + p["setup_copy"]).sum() + sum(c.sum() for _, c, _ in p["waves"])
+                                              + cost.profile.host("copy_call_s") * moved.sum())
+        return priced
+
+    def _level(self, data: dict[str, Any], ran: dict[str, float], priced: dict[str, float],
+               real: bool) -> dict[str, float]:
+        """Scale each table and host cost a part prices by measured over priced (in ``data``);
+        the factors per part."""
+        s = self.cfg.shape
+        factors: dict[str, float] = {}
+        tables = data["non_expert"][s.model_key]
+        key, dt = s.expert_shape_key, dtype_name(self.dtype)
+        targets = {"dense": [tables["dense_layer"]] if s.first_k_dense else [],
+                   "moe": [tables["moe_layer"]] + ([] if s.first_k_dense else [tables["dense_layer"]]),
+                   "head": [tables["head"]] if real else [],
+                   "experts": [data["gpu_experts"][key][dt]] if real else []}
+        for part in ran:
+            if priced[part] <= 0 or ran[part] <= 0:
+                continue
+            k = ran[part] / priced[part]
+            factors[part] = k
+            for e in targets.get(part, []):
+                e["seconds"] = (np.asarray(e["seconds"], dtype=float) * k).tolist()
+                if "group_s" in e:
+                    e["group_s"] *= k
+                e["in_run"] = k
+            host = data["host"]
+            for name in {"decide": ("decide_s", "refresh_s", "swap_s", "swap_wave_s"), "copies": ("copy_call_s",)}.get(part, ()):
+                host[name]["value"] *= k
+            if part == "copies":  # on the CPU a copy is the host's own memory traffic
+                for entry in data["h2d"].values():
+                    entry["gbps"] = (np.asarray(entry["gbps"], dtype=float) / k).tolist()
+        return factors
+
+    def _member_costs(self, data: dict[str, Any], med: dict[str, dict[str, float]], policies: dict[str, Policy],
+                      batch: Trace, forward_s: float) -> dict[str, float]:
+        """What a batched forward costs beyond the levelled tables' price for its members,
+        from ``batch all`` (and ``batch static``, row-exact) in ``med``: runs of 4 requests at
+        batch 4. Per non-expert part, ``member_s`` per further request of a forward (the run
+        with every expert resident; negative where a batch shares more than the pricing rule
+        assumes: a layer's weights stay in cache from one request to the next); the decoding
+        loop's is the host's ``member_s``. Row-exact, the engine's expert work in both runs
+        beyond its price gives the host's ``batch_segment_s`` (each further (request, expert)
+        call; signed: on large experts such calls cost less than the table prices them) and
+        ``batch_calls_s`` (each call running in waves: gathers, scatters, a colder cache; not
+        below zero), the two-unknown fit of the two runs. Written into the profile."""
+        s = self.cfg.shape
+        cost = CostModel(Profile(data, where="profile being measured"), s, dtype_name(self.dtype))  # forward_s set
+        priced = dict.fromkeys(("dense", "moe", "head", "loop"), 0.0)
+        extra = 0
+        composed = compose_trace(batch, 4)
+        fits: list[tuple[float, float, float]] = []  # (further segments, waved calls, unpriced seconds) per run
+        for name, pol in policies.items():
+            if f"batch {name}" not in med:
+                continue
+            ran = med[f"batch {name}"]
+            segs = calls = engine = 0.0
+            for f in replay(composed, pol, with_act=False):
+                mt, mc = f.member_tokens, f.member_context
+                if name == "all":
+                    extra += len(mt) - 1
+                    dense, head, loop = cost.fixed_parts(mt, mc)  # no member_s yet: the loop at forward_s per request
+                    priced["dense"] += s.first_k_dense * dense
+                    priced["head"] += head
+                    priced["loop"] += loop
+                    priced["moe"] += s.n_moe_layers * float(cost.batched_s("moe_layer", mt, mc)[0])
+                if cost.row_exact:
+                    w = layer_work(f.decision, f.counts, f.counters, cost.act_bytes, cost.knots, mt, mc, f.segments)
+                    p = cost.price(w)  # what layer_parts gives, from the work counted once
+                    engine += float(sum(p[k].sum() for k in ("hits_ready", "hits_fresh", "cpu", "issue", "launch")))
+                    segs += float((w.segments - w.ready_n - w.fresh_n - w.miss_n - w.wave_experts.sum(axis=0)).sum())
+                    calls += float((w.hit_sets + w.miss_sets).sum())
+            fits.append((segs, calls, ran["layer_s"] - ran["decide_s"] - ran["copy_s"] - ran["wait_s"] - engine))
+        if not extra:
+            return {}
+        ran = med["batch all"]
+        loop = ran["total"] - ran["dense"] - ran["moe"] - ran["head"]
+        per = {"dense_layer": (ran["dense"] - priced["dense"]) / max(s.first_k_dense, 1),
+               "moe_layer": (ran["moe"] - ran["layer_s"] - priced["moe"]) / s.n_moe_layers,
+               "head": ran["head"] - priced["head"]}
+        out = {}
+        tables = data["non_expert"][s.model_key]
+        for part, gap in per.items():
+            if part == "dense_layer" and not s.first_k_dense:
+                continue
+            out[part] = gap / extra
+            tables[part]["member_s"] = out[part]
+        out["loop"] = max(forward_s + (loop - priced["loop"]) / extra, 0.0)
+        data["host"]["member_s"] = {**measured(out["loop"]), "note": "the decoding loop's host work per further "
+                                    "request of a batched forward"}
+        if len(fits) == 2 and cost.row_exact:
+            seg_s, call_s = _two_unknowns(fits)
+            note = "a row-exact batch's expert calls beyond their tables' price, fitted on 4 requests at batch 4 "
+            data["host"]["batch_segment_s"] = {**measured(seg_s), "note": note + "(all, static): per further call"}
+            data["host"]["batch_calls_s"] = {**measured(call_s), "note": note + "(all, static): per call run in waves"}
+            out.update(batch_segment=seg_s, batch_calls=call_s)
+        return out
+
+
+
+def _two_unknowns(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """``a`` (signed) and ``b >= 0`` with ``a x + b y = z`` for two rows ``(x, y, z)``: solved
+    exactly, or, where that gives ``b < 0`` (or the rows do not tell them apart), ``a``
+    fitted alone (least squares) and ``b`` zero."""
+    (x1, y1, z1), (x2, y2, z2) = rows
+    det = x1 * y2 - x2 * y1
+    if abs(det) > 1e-12 * max(abs(x1 * y2), abs(x2 * y1), 1e-30):
+        a, b = (z1 * y2 - z2 * y1) / det, (x1 * z2 - x2 * z1) / det
+        if b >= 0:
+            return a, b
+    return (x1 * z1 + x2 * z2) / max(x1 * x1 + x2 * x2, 1e-30), 0.0
+
+
