@@ -33,8 +33,11 @@ from traces.common.cli import ArgumentParser, integer, run_cli
 from traces.common.errors import TideError
 from traces.common.files import atomic_write, check_out_path, read_json, write_json
 from traces.common.values import get, need_dict, need_float, need_int, need_list, need_str
+from traces.formats.shapes import ModelShape
+from traces.formats.trace_file import Trace
 from traces.policies.labels import every_kind
 from traces.policies.spec import Policy
+from traces.workloads.synthetic import synthesize
 
 RUNS: list[tuple[str, float | None, int | None]] = [
     ("all", None, None), ("cpu", None, None), ("static", 0.25, None), ("static", 0.5, None),
@@ -86,7 +89,6 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     from runtime.offload import OffloadEngine
     from runtime.profile import profile_box
     from traces.formats.profile_file import median_of
-    from traces.workloads.synthetic import synthesize
 
     device = check_device(device_name)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,17 +103,8 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     L, E = shape.n_moe_layers, shape.experts
     with OffloadEngine(model, Policy.make("cpu", L, E), device) as warm:  # the experts live in host memory
         Generator(model, work.decoding, engine=warm).replay(work, 0)  # warm-up: a whole run, not timed
-    settings = []
-    for name, frac, tau, batch, traffic in [(*r, 1, "replay") for r in RUNS] + (BATCHED if batches else []):
-        budget = None if frac is None else max(1, int(E * frac))
-        policy = every_kind(L, E, max(1, E // 4), max(1, E // 2), 2) if name == "mixed" else \
-            Policy.make(name, L, E, budget=budget, tau=tau)
-        settings.append((name, budget, tau, policy, batch, traffic))
-    # the batched settings' workload: requests of several prompt lengths, half the generation length
-    many = synthesize(shape, max(32, gen_length // 2), [prompt_length // 2 + 16 * (i % 4) for i in range(batch_requests)],
-                      seed=1, requests=batch_requests, dtype=dtype)
-    vocab = shape.vocab - 3
-    prompts = [[1 + (i * 997 + j) % vocab for j in range(prompt_length // 2 + 16 * (i % 4))] for i in range(batch_requests)]
+    settings = _settings(L, E, batches)
+    many, prompts = _batched_workload(shape, gen_length, prompt_length, batch_requests, dtype)
     offsets: list[float] | None = None  # the arrivals run's stream, set from the first round's batch-1 speed
     latencies: dict[int, list[float]] = {}
 
@@ -151,6 +144,36 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     typical = median_of(profiles)
     typical.data["measured"]["rounds"] = rounds
     typical.write(out / "profile.json")
+    _write_runs(out, checkpoint, rounds, settings, times, refs, offsets, latencies, device)
+
+
+def _settings(L: int, E: int, batches: bool) -> list[tuple]:
+    """Every setting measured: (name, budget, tau, policy, batch size, traffic), the batch-1
+    runs (``RUNS``) and, with ``batches``, the batched ones (``BATCHED``)."""
+    settings = []
+    for name, frac, tau, batch, traffic in [(*r, 1, "replay") for r in RUNS] + (BATCHED if batches else []):
+        budget = None if frac is None else max(1, int(E * frac))
+        policy = every_kind(L, E, max(1, E // 4), max(1, E // 2), 2) if name == "mixed" else \
+            Policy.make(name, L, E, budget=budget, tau=tau)
+        settings.append((name, budget, tau, policy, batch, traffic))
+    return settings
+
+
+def _batched_workload(shape: ModelShape, gen_length: int, prompt_length: int, batch_requests: int,
+                      dtype: str) -> tuple[Trace, list[list[int]]]:
+    """The batched settings' workload: requests of several prompt lengths, half the generation
+    length, as a trace (replayed traffic) and as prompts (the model's own router)."""
+    many = synthesize(shape, max(32, gen_length // 2), [prompt_length // 2 + 16 * (i % 4) for i in range(batch_requests)],
+                      seed=1, requests=batch_requests, dtype=dtype)
+    vocab = shape.vocab - 3
+    prompts = [[1 + (i * 997 + j) % vocab for j in range(prompt_length // 2 + 16 * (i % 4))] for i in range(batch_requests)]
+    return many, prompts
+
+
+def _write_runs(out: Path, checkpoint: str, rounds: int, settings: list[tuple], times: list[list[float]],
+                refs: list[list[float]], offsets: list[float] | None, latencies: dict[int, list[float]],
+                device: object) -> None:
+    """``runs.json``: each setting's rounds, their median and spread."""
     runs = [{"run": i, "policy": name, "budget": budget, "tau": tau, "trace": f"run{i}.parquet",
              "batch_size": batch, "traffic": traffic,
              **({"arrivals": offsets, "rounds_latency_p50_s": latencies[i]} if traffic == "arrivals" else {}),

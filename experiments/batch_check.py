@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,11 @@ from traces.common.checks import check_batch_size
 from traces.common.cli import ArgumentParser, comma_list, integer, run_cli
 from traces.common.errors import TideError
 from traces.common.files import atomic_write, check_out_path
+
+if TYPE_CHECKING:
+    import torch
+
+    from runtime.model import LLaDA2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,24 +52,45 @@ def main(argv: list[str] | None = None) -> int:
         check_out_path(a.out)
     import torch
 
-    from runtime.capture import TraceRecorder
     from runtime.checkpoint import load_model
-    from runtime.decoding import Generator, warm_up
-    from runtime.device import check_device, timed
-    from runtime.lossless import agree
-    from runtime.offload import OffloadEngine
-    from traces.formats.trace_file import Decoding
-    from traces.policies.spec import Policy
+    from runtime.device import check_device
     device = check_device(a.device)
     path = ensure_checkpoint(Path(a.checkpoint_dir), a.preset, a.layers if a.preset != "tiny" else None)
     model = load_model(path, device=device, dtype="bfloat16" if device.type == "cuda" else "float32",
                        experts_device="cpu")
-    s = model.cfg.shape
-    L, E = s.n_moe_layers, s.experts
-    vocab = s.vocab - 3
+    vocab = model.cfg.shape.vocab - 3
     top = max(sizes)
     prompts = [[1 + (i * 997 + j) % vocab for j in range(a.prompt_length)] for i in range(top)]
+    rows, failures = _batched_runs(model, device, sizes, prompts, a.gen_length)
+    df = pd.DataFrame(rows)
+    base = df[df["batch_size"] == min(sizes)].set_index("policy")["tokens_per_s"]
+    df["speedup_vs_smallest"] = [r.tokens_per_s / base[r.policy] for r in df.itertuples()]
+    print(df.round(3).to_string(index=False))
+    if a.out is not None:
+        meta = {"device": str(device), "torch": torch.__version__, "preset": a.preset, "checkpoint": str(path),
+                "gen_length": a.gen_length, "prompt_length": a.prompt_length}
+        text = json.dumps({**meta, "rows": df.to_dict(orient="records")}, indent=1) + "\n"
+        atomic_write(a.out, lambda tmp: tmp.write_text(text))
+    if failures:
+        raise TideError("the lossless rule does not hold in a batch: " + "; ".join(failures))
+    print("tokens agree with all in every batch" + (f"; wrote {a.out}" if a.out else ""))
+    return 0
+
+
+def _batched_runs(model: "LLaDA2", device: "torch.device", sizes: list[int], prompts: list[list[int]],
+                  gen_length: int) -> tuple[list[dict], list[str]]:
+    """At each batch size, ``all`` then ``tide``: tokens/s, forwards, and each request's tokens
+    against ``all``'s (and, on the CPU, its batch-1 run's); the rows and any failures."""
+    from runtime.capture import TraceRecorder
+    from runtime.decoding import Generator, warm_up
+    from runtime.device import timed
+    from runtime.lossless import agree
+    from runtime.offload import OffloadEngine
+    from traces.formats.trace_file import Decoding
+    from traces.policies.spec import Policy
     dec = Decoding(32, 32, 0.95, True)
+    s = model.cfg.shape
+    L, E = s.n_moe_layers, s.experts
     exact = device.type == "cpu"
     rows, failures, solo = [], [], {}
     for b in sizes:
@@ -75,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             with OffloadEngine(model, policy, device) as eng, rec or nullcontext():
                 gen = Generator(model, dec, engine=eng, margins=True, recorder=rec)
                 warm_up(model, dec, prompts[0], engine=eng)
-                res, sec = timed(device, lambda: gen.generate_batch(prompts[:b], [a.gen_length] * b, b))
+                res, sec = timed(device, lambda: gen.generate_batch(prompts[:b], [gen_length] * b, b))
             if rec is not None:  # the batched trace (format v2) holds what the engine routed, forward by forward
                 trace = rec.trace()
                 if not np.array_equal(trace.forward_counts(), np.stack(eng.forward_counts)):
@@ -95,19 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"batch_size": b, "policy": name, "tokens": tokens, "forwards": F, "seconds": sec,
                          "tokens_per_s": tokens / sec, "forwards_per_s": F / sec, "ms_per_forward": 1e3 * sec / F,
                          "tokens_agree": not bad, "tokens_identical": all(c.identical for c in checks)})
-    df = pd.DataFrame(rows)
-    base = df[df["batch_size"] == min(sizes)].set_index("policy")["tokens_per_s"]
-    df["speedup_vs_smallest"] = [r.tokens_per_s / base[r.policy] for r in df.itertuples()]
-    print(df.round(3).to_string(index=False))
-    if a.out is not None:
-        meta = {"device": str(device), "torch": torch.__version__, "preset": a.preset, "checkpoint": str(path),
-                "gen_length": a.gen_length, "prompt_length": a.prompt_length}
-        text = json.dumps({**meta, "rows": df.to_dict(orient="records")}, indent=1) + "\n"
-        atomic_write(a.out, lambda tmp: tmp.write_text(text))
-    if failures:
-        raise TideError("the lossless rule does not hold in a batch: " + "; ".join(failures))
-    print("tokens agree with all in every batch" + (f"; wrote {a.out}" if a.out else ""))
-    return 0
+    return rows, failures
 
 
 if __name__ == "__main__":

@@ -288,6 +288,12 @@ def _point_rows(point: Point, trace: Trace, profile: Profile, mem: MemoryBudget,
 
         else:
             check_policy(name, "--policies")
+    return _frame(rows, b_fit)
+
+
+def _frame(rows: list[dict], b_fit: int) -> pd.DataFrame:
+    """A point's rows as a table, with each row's speedup over the baselines (at the largest
+    uniform budget that fits) and the plan's margin over the best uniform setting."""
     cols = dict.fromkeys(k for r in rows for k in r)  # every row's columns (unfit rows have no seconds)
     df = pd.DataFrame(rows).reindex(columns=list(dict.fromkeys([*cols, "seconds", "tokens_per_s"])))
     ref = {}

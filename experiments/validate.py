@@ -29,13 +29,22 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
+from runtime.checkpoint import dtype_name, load_model
+from runtime.decoding import Generator
+from runtime.device import check_device, speed_reference_s, timed
+from runtime.lossless import agree
+from runtime.model import LLaDA2
+from runtime.offload import OffloadEngine
+from runtime.profile import in_run_text, profile_box
 from traces.common import checks
 from traces.common.cli import ArgumentParser, integer, run_cli, span
 from traces.common.errors import TideError
 from traces.common.files import atomic_write, check_out_path, file_sha256
 from traces.common.values import get, need_dict, need_float, need_list, need_str
+from traces.costs.cost_model import CostModel
 from traces.costs.memory import DEVICE_HEADROOM, MemoryBudget
 from traces.formats.plan_file import Plan
 from traces.formats.shapes import ModelShape
@@ -43,6 +52,7 @@ from traces.formats.trace_file import Trace
 from traces.formats.trace_read import read_trace
 from traces.policies.labels import baselines, display_name, kinds_label, tau_label
 from traces.policies.spec import Policy
+from traces.policies.walk import replay_policy
 from traces.serving.admission import compose_trace
 
 
@@ -107,17 +117,6 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     over rounds. The plan's own prediction, on the profile it was planned on, is ``planned_s``;
     how far the box has moved since (``drift``: planned over predicted now, minus one, and the
     speed reference then and now) is reported beside the error, never folded into it."""
-    import torch
-
-    from runtime.checkpoint import dtype_name, load_model
-    from runtime.decoding import Generator
-    from runtime.device import check_device, speed_reference_s, timed
-    from runtime.lossless import agree
-    from runtime.offload import OffloadEngine
-    from runtime.profile import in_run_text, profile_box
-    from traces.costs.cost_model import CostModel
-    from traces.policies.walk import replay_policy
-
     device = check_device(device_name)
     model = load_model(checkpoint, device=device, dtype=plan.dtype, experts_device="cpu")
     shape = model.cfg.shape
@@ -128,30 +127,54 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     recorded = [t for _, t in traces]
     all_fits = device.type == "cpu" or MemoryBudget.for_traces(
         recorded, torch.cuda.get_device_properties(device).total_memory * DEVICE_HEADROOM, batch_size).fits(shape.experts)
-    exact = device.type == "cpu"
-    failures, reference = [], None
     policies = runs_to_make(plan, recorded, shape, all_fits, batch_size)
     priced = [(tr if batch_size == 1 else compose_trace(tr, batch_size)) for tr in recorded]  # the forwards that run
+    run = _Runs(model, device, traces, batch_size)
+    checked = {name: run(policy, True) for name, policy in policies.items()}  # tokens, and a warm-up
+    rounds_df = _rounds(model, device, policies, priced, run, rounds, progress, batch_size)
+    df, failures = _table(plan, policies, checked, rounds_df, exact=device.type == "cpu", batch_size=batch_size)
+    _, origin = plan_profile(plan)
+    ref_then = origin.get("reference_s") if isinstance(origin.get("reference_s"), (int, float)) else None
+    df["reference_drift"] = (ref_then / float(rounds_df["reference_s"].median()) - 1) if ref_then else float("nan")
+    tokens = sum(t.tokens_generated for _, t in traces)
+    df["predicted_tokens_per_s"] = tokens / df["predicted_s"]
+    df["measured_tokens_per_s"] = tokens / df["measured_s"]
+    plan_row = df.set_index("policy").loc["plan"]
+    df["predicted_plan_speedup"] = df["predicted_s"] / plan_row["predicted_s"]
+    df["measured_plan_speedup"] = df["measured_s"] / plan_row["measured_s"]
+    return df, rounds_df, failures
 
-    def run(policy: Policy, check: bool) -> tuple[float, dict[str, int], list]:
+
+class _Runs:
+    """Runs a policy on every trace, each from an empty placement as the planner priced it:
+    seconds, counters and each request's result."""
+
+    def __init__(self, model: LLaDA2, device: torch.device, traces: list[tuple[str, Trace]], batch_size: int):
+        self.model, self.device, self.traces, self.batch_size = model, device, traces, batch_size
+
+    def __call__(self, policy: Policy, check: bool) -> tuple[float, dict[str, int], list]:
+        model, device = self.model, self.device
         total, counters, results = 0.0, dict.fromkeys(("gpu_tokens", "cpu_tokens", "migrations"), 0), []
-        for _, tr in traces:  # each trace from an empty placement, as the planner priced it
+        for _, tr in self.traces:
             with OffloadEngine(model, policy, device) as engine:
                 gen = Generator(model, tr.decoding, engine=engine, margins=check)
-                if batch_size > 1:
-                    res, s = timed(device, lambda: gen.replay_batch(tr, [r["request"] for r in tr.requests], batch_size))
+                if self.batch_size > 1:
+                    res, s = timed(device, lambda: gen.replay_batch(tr, [r["request"] for r in tr.requests],
+                                                                    self.batch_size))
                     total += s
                     results.extend(res)
-                for r in tr.requests if batch_size == 1 else ():
+                for r in tr.requests if self.batch_size == 1 else ():
                     res, s = timed(device, lambda: gen.replay(tr, r["request"]))
                     total += s
                     results.append(res)
             counters = {k: v + engine.totals()[k] for k, v in counters.items()}
         return total, counters, results
 
-    checked = {name: run(policy, True) for name, policy in policies.items()}  # tokens, and a warm-up
-    _, origin = plan_profile(plan)
-    ref_then = origin.get("reference_s") if isinstance(origin.get("reference_s"), (int, float)) else None
+
+def _rounds(model: LLaDA2, device: torch.device, policies: dict[str, Policy], priced: list[Trace], run: _Runs,
+            rounds: int, progress: bool, batch_size: int) -> pd.DataFrame:
+    """Rounds of: this box's profile re-timed in this process, then every policy once, each
+    priced on that round's profile (one row per round and policy)."""
     per_round = []
     for rnd in tqdm(range(rounds), desc="rounds of profile + every policy", unit="round", disable=not progress):
         prof = profile_box(model.cfg, device, dtype_name(model.dtype), quick=True, progress=False, model=model,
@@ -164,8 +187,14 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
             per_round.append({"round": rnd, "policy": name, "predicted_s": predicted, "measured_s": measured,
                               "error": predicted / measured - 1, "reference_s": ref_now,
                               "in_run": in_run_text(prof)})
-    rounds_df = pd.DataFrame(per_round)
-    rows = []
+    return pd.DataFrame(per_round)
+
+
+def _table(plan: Plan, policies: dict[str, Policy], checked: dict[str, tuple], rounds_df: pd.DataFrame,
+           exact: bool, batch_size: int) -> tuple[pd.DataFrame, list[str]]:
+    """One row per policy (medians over rounds, tokens against the reference's, counters,
+    the plan's own prediction and the drift since) and the lossless failures."""
+    failures, reference, rows = [], None, []
     for name, policy in policies.items():
         _, counters, results = checked[name]
         if reference is None:
@@ -190,14 +219,7 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     # how the box moved since the plan's profile: the plan's prices against today's, and the
     # speed reference then and now (reported beside the error, never folded into it)
     df["drift"] = df["planned_s"] / df["predicted_s"] - 1
-    df["reference_drift"] = (ref_then / float(rounds_df["reference_s"].median()) - 1) if ref_then else float("nan")
-    tokens = sum(t.tokens_generated for _, t in traces)
-    df["predicted_tokens_per_s"] = tokens / df["predicted_s"]
-    df["measured_tokens_per_s"] = tokens / df["measured_s"]
-    plan_row = df.set_index("policy").loc["plan"]
-    df["predicted_plan_speedup"] = df["predicted_s"] / plan_row["predicted_s"]
-    df["measured_plan_speedup"] = df["measured_s"] / plan_row["measured_s"]
-    return df, rounds_df, failures
+    return df, failures
 
 
 def box_check(plan: Plan, tolerance: float = 0.25) -> tuple[list[str], list[str]]:

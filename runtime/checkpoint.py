@@ -188,11 +188,56 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str
     device, experts_device = torch.device(device), torch.device(experts_device)
     if pin is None:
         pin = torch.cuda.is_available() and experts_device.type == "cpu"
-    target = torch_dtype(dtype) if dtype else None
     with torch.device("meta"), _no_init():
         model = LLaDA2(cfg)
+    rows = _device_rows(cfg, on_device, where)
+    stacks = _Stacks(cfg, rows, expected, device, experts_device, pin, torch_dtype(dtype) if dtype else None)
+    seen: set[str] = set()
+    biases: dict[str, torch.Tensor] = {}
+    for name, t, path in tensors:
+        if name not in expected:
+            continue  # buffers and extras published checkpoints may carry
+        _check_tensor(name, t, path, expected[name])
+        if stacks.target is None and not name.endswith("expert_bias"):
+            stacks.target = t.dtype
+        seen.add(name)
+        m = _EXPERT.match(name)
+        if m:
+            stacks.put(int(m.group(1)), int(m.group(2)), m.group(3), name, t)
+        elif name.endswith("expert_bias"):
+            biases[name] = t  # assigned once the model's dtype is known
+        else:
+            _assign(model, name, t.to(device=device, dtype=stacks.target))
+    for name, t in biases.items():
+        _assign(model, name, expert_bias(t, stacks.target, device, bias_fp32))
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        raise TideError(f"{where}: tensor {missing[0]} missing from the checkpoint"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.word_embeddings.weight
+    stacks.attach(model, cfg, device)
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:
+        raise TideError(f"{where}: tensor {leftover[0]} missing from the checkpoint")
+    return model.eval()
+
+
+def _check_tensor(name: str, t: torch.Tensor, path: str, shape: tuple[int, ...]) -> None:
+    """A tensor as the config implies it: its shape, a floating-point type, finite values."""
+    if tuple(t.shape) != shape:
+        raise TideError(f"{path}: {name} has shape {list(t.shape)}, the config implies {list(shape)}")
+    if not t.is_floating_point():
+        raise TideError(f"{path}: {name} has dtype {t.dtype}, expected a floating-point type")
+    if not bool(torch.isfinite(t).all()):
+        raise TideError(f"{path}: {name} holds NaN or infinite values")
+
+
+def _device_rows(cfg: ModelConfig, on_device: dict[int, Sequence[int]] | None, where: str) -> dict[int, np.ndarray]:
+    """Per MoE layer with experts loaded straight onto the device: each expert's row, its host
+    stack's row (from 0) or, on the device, ``-2 - position`` in the device stack."""
     s = cfg.shape
-    rows: dict[int, np.ndarray] = {}  # per layer with experts on the device: each expert's row (device: -2 - position)
+    rows: dict[int, np.ndarray] = {}
     for l, ids in (on_device or {}).items():
         ids = sorted({int(e) for e in ids})
         if l not in s.moe_layers or any(not 0 <= e < s.experts for e in ids):
@@ -203,65 +248,52 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str
         row[~on] = np.arange(int((~on).sum()))
         row[on] = -2 - np.arange(len(ids))
         rows[l] = row
-    stacks: dict[int, dict[str, torch.Tensor]] = {}
-    resident: dict[int, dict[str, torch.Tensor]] = {}
-    seen: set[str] = set()
-    biases: dict[str, torch.Tensor] = {}
-    for name, t, path in tensors:
-        if name not in expected:
-            continue  # buffers and extras published checkpoints may carry
-        if tuple(t.shape) != expected[name]:
-            raise TideError(f"{path}: {name} has shape {list(t.shape)}, the config implies {list(expected[name])}")
-        if not t.is_floating_point():
-            raise TideError(f"{path}: {name} has dtype {t.dtype}, expected a floating-point type")
-        if not bool(torch.isfinite(t).all()):
-            raise TideError(f"{path}: {name} holds NaN or infinite values")
-        if target is None and not name.endswith("expert_bias"):
-            target = t.dtype
-        seen.add(name)
-        m = _EXPERT.match(name)
-        if m:
-            l, e, proj = int(m.group(1)), int(m.group(2)), m.group(3)
-            layer = stacks.setdefault(l, {})
-            row = rows[l][e] if l in rows else e
-            if proj not in layer:
-                n_host = int((rows[l] >= 0).sum()) if l in rows else s.experts
-                buf = torch.empty((n_host, *expected[name]), dtype=target or t.dtype, device=experts_device)
-                layer[proj] = buf.pin_memory() if pin and experts_device.type == "cpu" else buf
-                if l in rows:
-                    resident.setdefault(l, {})[proj] = torch.empty((s.experts - n_host, *expected[name]),
-                                                                   dtype=target or t.dtype, device=device)
-            if row >= 0:
-                layer[proj][row].copy_(t)
-            else:  # straight to the fast device: no host copy
-                resident[l][proj][-2 - row].copy_(t)
-        elif name.endswith("expert_bias"):
-            biases[name] = t  # assigned once the model's dtype is known
-        else:
-            _assign(model, name, t.to(device=device, dtype=target))
-    for name, t in biases.items():
-        _assign(model, name, expert_bias(t, target, device, bias_fp32))
-    missing = [n for n in expected if n not in seen]
-    if missing:
-        raise TideError(f"{where}: tensor {missing[0]} missing from the checkpoint"
-                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.word_embeddings.weight
-    for l, layer in enumerate(model.model.layers):
-        if l >= s.first_k_dense:
-            st = stacks[l]
-            layer.mlp.experts = ExpertWeights(gate=st["gate_proj"], up=st["up_proj"], down=st["down_proj"])
+    return rows
+
+
+class _Stacks:
+    """The routed experts' stacked weights as they stream in: per layer and projection, a host
+    stack (pinned where a GPU is present) and, for layers with experts on the device, a device
+    stack of those."""
+
+    def __init__(self, cfg: ModelConfig, rows: dict[int, np.ndarray], expected: dict[str, tuple[int, ...]],
+                 device: torch.device, experts_device: torch.device, pin: bool, target: torch.dtype | None):
+        self.cfg, self.rows, self.expected = cfg, rows, expected
+        self.device, self.experts_device, self.pin, self.target = device, experts_device, pin, target
+        self.host: dict[int, dict[str, torch.Tensor]] = {}
+        self.resident: dict[int, dict[str, torch.Tensor]] = {}
+
+    def put(self, l: int, e: int, proj: str, name: str, t: torch.Tensor) -> None:
+        s, rows = self.cfg.shape, self.rows
+        layer = self.host.setdefault(l, {})
+        row = rows[l][e] if l in rows else e
+        if proj not in layer:
+            n_host = int((rows[l] >= 0).sum()) if l in rows else s.experts
+            buf = torch.empty((n_host, *self.expected[name]), dtype=self.target or t.dtype, device=self.experts_device)
+            layer[proj] = buf.pin_memory() if self.pin and self.experts_device.type == "cpu" else buf
             if l in rows:
-                r = resident[l]
+                self.resident.setdefault(l, {})[proj] = torch.empty((s.experts - n_host, *self.expected[name]),
+                                                                    dtype=self.target or t.dtype, device=self.device)
+        if row >= 0:
+            layer[proj][row].copy_(t)
+        else:  # straight to the fast device: no host copy
+            self.resident[l][proj][-2 - row].copy_(t)
+
+    def attach(self, model: LLaDA2, cfg: ModelConfig, device: torch.device) -> None:
+        """Hand each MoE layer its stacks (and, without expert bias, a zero bias)."""
+        s = cfg.shape
+        for l, layer in enumerate(model.model.layers):
+            if l < s.first_k_dense:
+                continue
+            st = self.host[l]
+            layer.mlp.experts = ExpertWeights(gate=st["gate_proj"], up=st["up_proj"], down=st["down_proj"])
+            if l in self.rows:
+                r = self.resident[l]
                 layer.mlp.resident = ExpertWeights(gate=r["gate_proj"], up=r["up_proj"], down=r["down_proj"])
-                layer.mlp.resident_ids = np.flatnonzero(rows[l] < 0)
-                layer.mlp.host_row = np.where(rows[l] >= 0, rows[l], -1)
+                layer.mlp.resident_ids = np.flatnonzero(self.rows[l] < 0)
+                layer.mlp.host_row = np.where(self.rows[l] >= 0, self.rows[l], -1)
             if not cfg.use_expert_bias:
                 _assign(model, f"model.layers.{l}.mlp.gate.expert_bias", torch.zeros(s.experts, device=device))
-    leftover = [n for n, p in model.named_parameters() if p.is_meta]
-    if leftover:
-        raise TideError(f"{where}: tensor {leftover[0]} missing from the checkpoint")
-    return model.eval()
 
 
 def iter_state(model: LLaDA2) -> Iterator[tuple[str, torch.Tensor]]:

@@ -39,6 +39,7 @@ from traces.common.values import need_float, need_int, need_ints
 from traces.costs.memory import DEVICE_HEADROOM, MemoryBudget, kv_tokens_for
 from traces.formats.plan_file import Plan
 from traces.formats.shapes import ModelShape
+from traces.formats.trace_file import Trace
 from traces.formats.trace_read import load_popularity, read_trace
 from traces.policies.kernels import device_only
 from traces.policies.spec import Policy, check_policy
@@ -170,10 +171,9 @@ def placement(args: argparse.Namespace, shape: ModelShape, dtype: str, device: t
 
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Load, warm up, generate every prompt, and report (the JSON fields)."""
-    cfg = ModelConfig.load(args.checkpoint)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).check(cfg.shape.vocab)  # once, before loading
+def _check_flags(args: argparse.Namespace, cfg: ModelConfig) -> Sampling:
+    """Every flag checked before anything loads; the sampling settings."""
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).check(cfg.shape.vocab)
     if args.gen_length is not None:
         need_int(args.gen_length, "--gen-length", lo=1)
     need_int(args.block_length, "--block-length", lo=1)
@@ -183,64 +183,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         check_out_path(args.trace_out, "--trace-out")
     if args.policy is not None:
         check_policy(args.policy)
-    device = check_device(args.device)
-    replay = read_trace(args.replay_trace) if args.replay_trace else None
-    offload = args.policy is not None
-    tokenizer = load_tokenizer(args.checkpoint)
+    return sampling
+
+
+def _requests(args: argparse.Namespace, replay: Trace | None, tokenizer: Any) -> tuple[Decoding, list, list[tuple[int, int]]]:
+    """The decoding settings, the prompts given (none for a replay: the trace's requests) and
+    each request's (prompt length, generation length)."""
     if replay is not None:
         if any(a is not None for a in (args.prompt, args.prompt_ids, args.prompts)):
             raise TideError("--replay-trace takes its prompts from the trace; drop --prompt/--prompt-ids/--prompts")
-        decoding = replay.decoding
-        sizes = [(r["prompt_length"], r["gen_length"]) for r in replay.requests]
-    else:
-        given = read_prompts(args, tokenizer)
-        lacking = next((w for _, g, w in given if g is None), None)
-        if lacking is not None:
-            raise TideError(f"--gen-length is required: {lacking} has no gen_length of its own (with --replay-trace, "
-                            "the trace's requests say theirs)")
-        decoding = Decoding(args.block_length, args.steps, args.threshold, not args.no_kv_cache)
-        sizes = [(len(p), g) for p, g, _ in given]
-    # the batch size: the flag, else the plan's (None: a replayed trace's recorded forwards), else the trace's, else 1
+        return replay.decoding, [], [(r["prompt_length"], r["gen_length"]) for r in replay.requests]
+    given = read_prompts(args, tokenizer)
+    lacking = next((w for _, g, w in given if g is None), None)
+    if lacking is not None:
+        raise TideError(f"--gen-length is required: {lacking} has no gen_length of its own (with --replay-trace, "
+                        "the trace's requests say theirs)")
+    decoding = Decoding(args.block_length, args.steps, args.threshold, not args.no_kv_cache)
+    return decoding, given, [(len(p), g) for p, g, _ in given]
+
+
+def _batch_size(args: argparse.Namespace, replay: Trace | None, n_requests: int) -> tuple[int | None, int]:
+    """The batch size asked for (the flag, else the plan's; None: a replayed trace's recorded
+    forwards) and the one the run uses (:func:`traces.serving.admission.resolve_batch_size`)."""
     plan_batch = Plan.read(args.plan).batch_size if args.plan is not None and args.policy == "plan" else None
     asked = args.batch_size if args.batch_size is not None else plan_batch
     batch_size = resolve_batch_size(asked, trace=replay.batch_size if replay is not None else None)
-    if asked is not None and asked > len(sizes) > 0 and asked > 1:
-        print(f"note: batch size {asked} is above the {len(sizes)} prompts: all run at once", file=sys.stderr)
-    kv_tokens = kv_tokens_for(sizes, decoding.block_length, decoding.kv_cache, batch_size)
-    # the policy, checked against the memory with the batch's KV cache, before anything loads
-    planned = placement(args, cfg.shape, args.dtype or checkpoint_dtype(args.checkpoint), device, kv_tokens)
-    model = load_model(args.checkpoint, device=device, dtype=args.dtype,
-                       experts_device="cpu" if offload or device.type == "cpu" else device,
-                       on_device=planned[2] if planned else None)
-    if replay is not None:
-        check_replayable(replay, model)
-        prompts = [replay_prompt(r["prompt_length"], model.cfg.shape.vocab, (model.cfg.mask_id, model.cfg.eos_id))
-                   for r in replay.requests]
-        lengths = [r["gen_length"] for r in replay.requests]
-    else:
-        prompts, lengths = [p for p, _, _ in given], [g for _, g, _ in given]
-        Generator(model, decoding).check_prompts(prompts, lengths, [w for _, _, w in given])
-    arrivals = read_arrivals(args.arrivals, len(prompts)).offsets if args.arrivals else None
-    dtype = dtype_name(model.dtype)
-    engine = None
-    if planned is not None:
-        policy, popularity, _ = planned
-        engine = OffloadEngine(model, policy, device, setup_counts=popularity, kernel=args.expert_kernel)
-    warm_up(model, decoding, prompts[0], sampling, engine)
-    rec = TraceRecorder(model, decoding, dtype) if args.trace_out else None
-    with engine or nullcontext(), rec or nullcontext():
-        gen = Generator(model, decoding, sampling, rec, engine)
-        if replay is not None:
-            results, seconds = timed(device, lambda: gen.replay_batch(
-                replay, [r["request"] for r in replay.requests], asked, arrivals))
-        else:
-            results, seconds = timed(device, lambda: gen.generate_batch(prompts, lengths, batch_size,
-                                                                        arrivals=arrivals))
-    policy_meta = {**engine.policy.to_json(), "popularity": args.popularity} if engine is not None else None
-    if rec is not None:
-        rec.trace(source={"generator": "runtime.generate", "checkpoint": str(args.checkpoint),
-                          "device": str(device), "seed": args.seed, "replay_trace": args.replay_trace},
-                  policy=policy_meta).write(args.trace_out)
+    if asked is not None and asked > n_requests > 0 and asked > 1:
+        print(f"note: batch size {asked} is above the {n_requests} prompts: all run at once", file=sys.stderr)
+    return asked, batch_size
+
+
+def _report(args: argparse.Namespace, device: torch.device, results: list, seconds: float, gen: Generator, engine: OffloadEngine | None,
+            policy_meta: dict | None, batch_size: int, decoding: Decoding, tokenizer: Any, replayed: bool) -> dict[str, Any]:
+    """The run's figures and tokens (the JSON fields)."""
     n_tokens = sum(len(r.tokens) for r in results)
     steps = sum(r.step_forwards for r in results)
     forwards = gen.forwards_run
@@ -255,17 +230,62 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "requests": [{"request": i, "tokens": r.tokens, "forwards": r.forwards, "batch_forwards": r.batch_forwards,
                       "arrival_s": r.arrival_s, "start_s": r.start_s, "end_s": r.end_s,
                       "latency_s": r.end_s - r.arrival_s} for i, r in enumerate(results)],
-        "device": str(device), "dtype": dtype, "kv_cache": decoding.kv_cache,
+        "device": str(device), "dtype": dtype_name(gen.model.dtype), "kv_cache": decoding.kv_cache,
     }
     if engine is not None:
         out["policy"] = policy_meta
         out["expert_kernel"] = engine.kernel
         out.update(engine.totals())
         out.update(engine.timers)
-    if tokenizer is not None and replay is None:
+    if tokenizer is not None and not replayed:
         texts = [tokenizer.decode(r.tokens, skip_special_tokens=True) for r in results]
         out["text"] = texts[0] if len(texts) == 1 else texts
     return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Load, warm up, generate every prompt, and report (the JSON fields)."""
+    cfg = ModelConfig.load(args.checkpoint)
+    sampling = _check_flags(args, cfg)
+    device = check_device(args.device)
+    replay = read_trace(args.replay_trace) if args.replay_trace else None
+    tokenizer = load_tokenizer(args.checkpoint)
+    decoding, given, sizes = _requests(args, replay, tokenizer)
+    asked, batch_size = _batch_size(args, replay, len(sizes))
+    kv_tokens = kv_tokens_for(sizes, decoding.block_length, decoding.kv_cache, batch_size)
+    # the policy, checked against the memory with the batch's KV cache, before anything loads
+    planned = placement(args, cfg.shape, args.dtype or checkpoint_dtype(args.checkpoint), device, kv_tokens)
+    model = load_model(args.checkpoint, device=device, dtype=args.dtype,
+                       experts_device="cpu" if args.policy is not None or device.type == "cpu" else device,
+                       on_device=planned[2] if planned else None)
+    if replay is not None:
+        check_replayable(replay, model)
+        prompts = [replay_prompt(r["prompt_length"], model.cfg.shape.vocab, (model.cfg.mask_id, model.cfg.eos_id))
+                   for r in replay.requests]
+        lengths = [r["gen_length"] for r in replay.requests]
+    else:
+        prompts, lengths = [p for p, _, _ in given], [g for _, g, _ in given]
+        Generator(model, decoding).check_prompts(prompts, lengths, [w for _, _, w in given])
+    arrivals = read_arrivals(args.arrivals, len(prompts)).offsets if args.arrivals else None
+    engine = None
+    if planned is not None:
+        policy, popularity, _ = planned
+        engine = OffloadEngine(model, policy, device, setup_counts=popularity, kernel=args.expert_kernel)
+    warm_up(model, decoding, prompts[0], sampling, engine)
+    rec = TraceRecorder(model, decoding, dtype_name(model.dtype)) if args.trace_out else None
+    with engine or nullcontext(), rec or nullcontext():
+        gen = Generator(model, decoding, sampling, rec, engine)
+        if replay is not None:
+            results, seconds = timed(device, lambda: gen.replay_batch(
+                replay, [r["request"] for r in replay.requests], asked, arrivals))
+        else:
+            results, seconds = timed(device, lambda: gen.generate_batch(prompts, lengths, batch_size, arrivals=arrivals))
+    policy_meta = {**engine.policy.to_json(), "popularity": args.popularity} if engine is not None else None
+    if rec is not None:
+        rec.trace(source={"generator": "runtime.generate", "checkpoint": str(args.checkpoint),
+                          "device": str(device), "seed": args.seed, "replay_trace": args.replay_trace},
+                  policy=policy_meta).write(args.trace_out)
+    return _report(args, device, results, seconds, gen, engine, policy_meta, batch_size, decoding, tokenizer, replay is not None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,19 +114,6 @@ def in_run_line(prof: Profile) -> str:
         "in-run level: none applied (a GPU's work is timed on the device)"
 
 
-def _two_unknowns(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
-    """``a`` (signed) and ``b >= 0`` with ``a x + b y = z`` for two rows ``(x, y, z)``: solved
-    exactly, or, where that gives ``b < 0`` (or the rows do not tell them apart), ``a``
-    fitted alone (least squares) and ``b`` zero."""
-    (x1, y1, z1), (x2, y2, z2) = rows
-    det = x1 * y2 - x2 * y1
-    if abs(det) > 1e-12 * max(abs(x1 * y2), abs(x2 * y1), 1e-30):
-        a, b = (z1 * y2 - z2 * y1) / det, (x1 * z2 - x2 * z1) / det
-        if b >= 0:
-            return a, b
-    return (x1 * z1 + x2 * z2) / max(x1 * x1 + x2 * x2, 1e-30), 0.0
-
-
 def profile_box(cfg: ModelConfig, device: torch.device, dtype: str, quick: bool, progress: bool = True,
                 model: LLaDA2 | None = None, batches: bool = True) -> Profile:
     """Measure this box for ``cfg``'s shapes; with ``model`` (loaded, experts in host memory)

@@ -162,7 +162,19 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
                           "tau": 1 if n == "tide_tau1" else None} for n, pol in base_policies.items()},
         "uniform_best": {"kind": u_kind, "tau": best_uniform.tau[0], "budget": best_uniform.budget[0], "seconds": uni_s},
     }
-    provenance = {
+    provenance = _provenance(names, traces, profile, table, sol, table_s, uniform, kinds, layer_kinds)
+    predicted["host_gb"] = mem.host_need_bytes(sol.kind, sol.budget) / 1e9
+    predicted["gpu_gb"] = mem.need_bytes(sol.budget) / 1e9
+    plan = Plan.for_shape(shape, sol.tau, sol.budget, kind=sol.kind, dtype=dtype, gpu_mem_bytes=mem.limit_bytes,
+                          batch_size=batch_size, resident=resident, predicted=predicted, provenance=provenance)
+    return plan, frame
+
+
+def _provenance(names: Sequence[str], traces: Sequence[Trace], profile: Profile, table: CandidateTable, sol: Solution,
+                table_s: float, uniform: bool, kinds: Sequence[str] | None,
+                layer_kinds: Sequence[str] | None) -> dict[str, Any]:
+    """Where a plan came from: when, which TIDE, traces and profile (hashed), solver and candidates."""
+    return {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "tide": _version("tide"), "mode": "uniform" if uniform else "per-layer",
         "kinds": list(kinds) if kinds is not None else (["tide"] if uniform else list(KINDS)),
@@ -177,11 +189,6 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
                        "budgets": sorted(set(table.cands.budget.tolist())), "per_layer": len(table.cands),
                        "pricing_s": table_s},
     }
-    predicted["host_gb"] = mem.host_need_bytes(sol.kind, sol.budget) / 1e9
-    predicted["gpu_gb"] = mem.need_bytes(sol.budget) / 1e9
-    plan = Plan.for_shape(shape, sol.tau, sol.budget, kind=sol.kind, dtype=dtype, gpu_mem_bytes=mem.limit_bytes,
-                          batch_size=batch_size, resident=resident, predicted=predicted, provenance=provenance)
-    return plan, frame
 
 
 def static_residents(trace: Trace, policy: Policy) -> dict[int, list[int]]:

@@ -151,7 +151,7 @@ def test_a_row_exact_batch_prices_its_waved_expert_calls():
 
 
 def test_the_two_unknown_fit_of_a_batchs_expert_calls():
-    from runtime.profile import _two_unknowns
+    from runtime.calibrate import _two_unknowns
     assert _two_unknowns([(10.0, 2.0, 10 * 0.5 + 2 * 3.0), (10.0, 4.0, 10 * 0.5 + 4 * 3.0)]) == pytest.approx((0.5, 3.0))
     a, b = _two_unknowns([(10.0, 2.0, 6.0), (10.0, 4.0, 4.0)])  # exact solution has b < 0: a alone
     assert b == 0.0 and a == pytest.approx(0.5)

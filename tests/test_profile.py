@@ -5,8 +5,9 @@ import pytest
 from conftest import run_module
 
 from traces.common.errors import TideError
-from traces.formats.profile_file import Profile, interp1, list_profiles
+from traces.formats.profile_file import Profile, list_profiles
 from traces.formats.shapes import ModelShape
+from traces.formats.tables import interp1
 
 
 def test_bundled_profiles_load_and_cover_both_models():

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 from traces.common.cli import integer, number
 from traces.common.errors import TideError
-from traces.common.values import need_float, need_int
+from traces.common.values import need_int
 
 #: The longest stream: an arrival offset of more is a mistake (the runtime would sleep that long).
 MAX_OFFSET_S = 1e6
@@ -26,7 +26,10 @@ def check_seed(v: Any, where: str = "--seed") -> int:
 
 def check_batch_size(v: Any, where: str = "--batch-size") -> int:
     """Requests per forward: an integer in 1..:data:`MAX_BATCH_SIZE`."""
-    return need_int(v, where, lo=1, hi=MAX_BATCH_SIZE)
+    v = need_int(v, where, lo=1)
+    if v > MAX_BATCH_SIZE:
+        raise TideError(f"{where} must be at most {MAX_BATCH_SIZE}, got {v}")
+    return v
 
 
 def check_batch_sizes(values: Sequence[Any], where: str = "--batch-sizes") -> list[int]:
@@ -39,21 +42,26 @@ def check_batch_sizes(values: Sequence[Any], where: str = "--batch-sizes") -> li
 def check_rate(v: Any, where: str = "--arrival-rate") -> float:
     """Requests per second: finite, and at least one per :data:`MAX_OFFSET_S` (a slower stream's
     gaps are longer than any stream this tool runs, and their inverse may not even be finite)."""
-    rate = need_float(v, where, positive=True)
-    if rate < 1.0 / MAX_OFFSET_S or not math.isfinite(1.0 / rate):
-        raise TideError(f"{where} must be at least {1.0 / MAX_OFFSET_S:g} requests per second "
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 1.0 / MAX_OFFSET_S
+    if not ok:
+        raise TideError(f"{where} must be a finite number of requests per second of at least {1.0 / MAX_OFFSET_S:g} "
                         f"(one per {MAX_OFFSET_S:g} s), got {v!r}")
-    return rate
+    return float(v)
 
 
 def check_clients(v: Any, where: str = "--clients") -> int:
     """A closed loop's clients: an integer in 1..:data:`MAX_BATCH_SIZE`."""
-    return need_int(v, where, lo=1, hi=MAX_BATCH_SIZE)
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_BATCH_SIZE:
+        raise TideError(f"{where} must be an integer of at least 1 (at most {MAX_BATCH_SIZE}), got {v!r}")
+    return v
 
 
 def check_offset(v: Any, where: str) -> float:
     """An arrival offset: seconds from the stream's start, in 0..:data:`MAX_OFFSET_S`."""
-    return need_float(v, where, lo=0.0, hi=MAX_OFFSET_S)
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= MAX_OFFSET_S
+    if not ok:
+        raise TideError(f"{where} must be a finite number of seconds at least 0 and at most {MAX_OFFSET_S:g}, got {v!r}")
+    return float(v)
 
 
 def check_offsets(offsets: Sequence[Any], n: int, where: str = "arrivals") -> tuple[float, ...]:
@@ -67,12 +75,12 @@ def check_offsets(offsets: Sequence[Any], n: int, where: str = "arrivals") -> tu
     return out
 
 
-def flag(check: Callable[[Any, str], Any], parse: Callable[[str], Any] = integer) -> Callable[[str], Any]:
-    """An argparse type: the text parsed (``integer`` or ``number``), then ``check`` (its error
-    line names the flag through argparse: ``argument --seed: must be at least 0, got -1``)."""
+def flag(check: Callable[..., Any], parse: Callable[[str], Any] = integer) -> Callable[[str], Any]:
+    """An argparse type: the text parsed (``integer`` or ``number``), then ``check`` with its
+    default ``where``, the flag (``--seed must be at least 0, got -1``)."""
     def convert(text: str) -> Any:
         try:
-            return check(parse(text), "")
+            return check(parse(text))
         except TideError as exc:
             raise argparse.ArgumentTypeError(str(exc).strip()) from None
     convert.__name__ = check.__name__.removeprefix("check_")

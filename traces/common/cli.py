@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import signal
 import sys
 from typing import Any, Callable
@@ -17,6 +18,9 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose mistakes are one ``error:`` line too (a TideError), not usage text."""
 
     def error(self, message: str):  # type: ignore[override]
+        m = re.match(r"argument ([^:]+): (.*)", message, re.S)
+        if m and any(m.group(2).startswith(opt + " ") for opt in m.group(1).split("/")):
+            message = m.group(2)  # a check's own line names the flag already
         raise TideError(message)
 
 

@@ -26,6 +26,6 @@ def read_header(d: Any, where: str, fmt: str, reads: tuple[int, ...], what: str)
         raise fail(where, f"format is {d.get('format')!r}, expected {fmt!r}")
     version = d.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version not in reads:
-        raise fail(where, f"{what} format version {version!r} is not supported "
+        raise fail(where, f"{what} version {version!r} is not supported "
                           f"(this TIDE reads {', '.join(map(str, reads))})")
     return version

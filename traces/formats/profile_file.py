@@ -58,7 +58,6 @@ value holds; above the last the last segment's slope continues.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -69,6 +68,7 @@ from traces.common.errors import TideError
 from traces.common.files import read_json, write_json
 from traces.common.values import need_dict, need_float, need_list, need_numbers, need_str
 from traces.formats.header import fail, read_header
+from traces.formats.tables import Table1, Table2
 
 FORMAT = "tide-profile"
 VERSION = 2
@@ -87,31 +87,6 @@ BUNDLED = {
     "a100-40gb": "a100-40gb.json",
     "rtx4090": "rtx4090.json",
 }
-
-
-def interp1(x: np.ndarray | float, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Piecewise linear; clamped below the first point, last slope continued above the last."""
-    x = np.asarray(x, dtype=np.float64)
-    xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
-    y = np.interp(x, xs, ys)
-    if len(xs) >= 2:
-        slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
-        y = np.where(x > xs[-1], ys[-1] + slope * (x - xs[-1]), y)
-    return y
-
-
-def interp2(x: np.ndarray | float, y: np.ndarray | float, xs: np.ndarray, ys: np.ndarray, zs: np.ndarray) -> np.ndarray:
-    """:func:`interp1` along ``y`` within each row ``xs[i]``, then the same rule along ``x``."""
-    x, y = np.broadcast_arrays(np.asarray(x, np.float64), np.asarray(y, np.float64))
-    rows = np.stack([interp1(y, ys, zs[i]) for i in range(len(xs))])  # [len(xs), *x.shape]
-    if len(xs) == 1:
-        return rows[0]
-    i = np.clip(np.searchsorted(xs, x), 1, len(xs) - 1)
-    r0 = np.take_along_axis(rows, (i - 1)[None], 0)[0]
-    r1 = np.take_along_axis(rows, i[None], 0)[0]
-    t = np.maximum((x - xs[i - 1]) / (xs[i] - xs[i - 1]), 0.0)
-    inside = r0 + np.minimum(t, 1.0) * (r1 - r0)
-    return np.where(t > 1.0, r1 + np.maximum(r1 - r0, 0.0) * (t - 1.0), inside)
 
 
 def _check_source(where: str, src: Any, shape: tuple[int, ...]) -> None:
@@ -156,25 +131,6 @@ def _nested_numbers(v: Any, where: str, depth: int) -> Any:
     if depth > 1 and len({len(r) for r in rows}) > 1:
         raise fail(where, "rows must all have the same length")
     return rows
-
-
-@dataclass(frozen=True)
-class Table1:
-    xs: np.ndarray
-    ys: np.ndarray
-
-    def __call__(self, x: Any) -> np.ndarray:
-        return interp1(x, self.xs, self.ys)
-
-
-@dataclass(frozen=True)
-class Table2:
-    xs: np.ndarray
-    ys: np.ndarray
-    zs: np.ndarray
-
-    def __call__(self, x: Any, y: Any) -> np.ndarray:
-        return interp2(x, y, self.xs, self.ys, self.zs)
 
 
 class Profile:
@@ -300,16 +256,17 @@ class Profile:
         self._check_signed()
 
     def _check_signed(self) -> None:
-        """A signed cost's real lower bound: ``batch_segment_s`` lowers the price of each further
-        call of an expert, which cannot cost less than nothing, so it is at least minus the
-        cheapest call the expert tables hold (one expert at their fewest tokens)."""
+        """A signed cost's real bound: ``batch_segment_s`` is what a further (request, expert)
+        call of a row-exact batch costs beyond its table price, and that call can save no more
+        than a whole call of one expert costs at the tables' most tokens; so it is at least
+        minus that. (A task still priced below zero is refused by the simulator's box.)"""
         seg = self.host("batch_segment_s")
         if seg >= 0 or not self._gpu:
             return
-        floor = min(float(t.zs[0, 0]) for t in self._gpu.values())
+        floor = max(float(t.zs[0, -1]) for t in self._gpu.values())
         if seg < -floor:
-            raise fail(self.where, f"host.batch_segment_s must be at least -{floor:.3g} (minus the cheapest expert "
-                                   f"call in gpu_experts: a further call cannot cost less than nothing), got {seg:.3g}")
+            raise fail(self.where, f"host.batch_segment_s must be at least -{floor:.3g} (minus one expert's call at "
+                                   f"the most tokens gpu_experts holds: a further call cannot save more), got {seg:.3g}")
 
     def _section(self, name: str) -> dict[str, dict[str, Any]]:
         sec = self.data.get(name)

@@ -93,7 +93,7 @@ def _read_meta(table: pa.Table, where: str) -> _Meta:
     except json.JSONDecodeError:
         raise fail(where, "tide.trace metadata is not valid JSON") from None
     meta = need_dict(meta, f"{where}: tide.trace metadata")
-    version = read_header(meta, where, FORMAT, READS, "trace")
+    version = read_header(meta, where, FORMAT, READS, "trace format")
     for key in ("model", "dtype", "decoding", "requests"):
         if key not in meta:
             raise fail(where, f"metadata lacks {key!r}")

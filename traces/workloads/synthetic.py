@@ -196,6 +196,26 @@ def synthesize(shape: ModelShape, gen_length: int | Sequence[int], prompt_length
                params: WorkloadParams | None = None, dtype: str = "bfloat16", progress: bool = False) -> Trace:
     """Generate a trace of ``requests`` prompts run one after another; ``gen_length`` and
     ``prompt_length`` are one value for all, or one per request."""
+    decoding, gens, prompts = _check_workload(gen_length, prompt_length, seed, kv_cache, decoding, requests, dtype)
+    p = params or params_for(shape)
+    rng = np.random.default_rng(seed)
+    lw = _Layerwise(shape, p, rng)
+    out = _Rows(shape.experts)
+    bl = decoding.block_length
+    total_blocks = sum(math.ceil((q + g) / bl) - q // bl for q, g in zip(prompts, gens))
+    bar = tqdm(total=total_blocks, desc=f"synth {shape.name}", unit="block", disable=not progress)
+    for r in range(requests):
+        _request(out, lw, rng, p, shape, decoding, r, prompts[r], gens[r], bar)
+    bar.close()
+    source = {"generator": "traces.synth", "seed": seed, "params": asdict(p), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    req = [{"request": r, "prompt_length": prompts[r], "gen_length": gens[r]} for r in range(requests)]
+    return Trace(shape=shape, dtype=dtype, decoding=decoding, requests=req, forwards=pd.DataFrame(out.rows),
+                 counts=np.stack(out.counts), choices=np.concatenate(out.choices).astype(np.int16), source=source)
+
+
+def _check_workload(gen_length: int | Sequence[int], prompt_length: int | Sequence[int], seed: int, kv_cache: bool,
+                    decoding: Decoding | None, requests: int, dtype: str) -> tuple[Decoding, list[int], list[int]]:
+    """The workload's settings checked: decoding (with ``kv_cache``), each request's lengths."""
     decoding = decoding or Decoding(kv_cache=kv_cache)
     if decoding.kv_cache != kv_cache:
         decoding = Decoding(decoding.block_length, decoding.steps, decoding.threshold, kv_cache)
@@ -214,76 +234,75 @@ def synthesize(shape: ModelShape, gen_length: int | Sequence[int], prompt_length
     need_float(decoding.threshold, "--threshold", lo=0.0, hi=1.0)
     if dtype not in DTYPE_BYTES:
         raise TideError(f"--dtype: unknown dtype {dtype!r}")
-    p = params or params_for(shape)
-    rng = np.random.default_rng(seed)
-    lw = _Layerwise(shape, p, rng)
-    L, E, bl = shape.n_moe_layers, shape.experts, decoding.block_length
-    rows: list[dict] = []
-    counts_list: list[np.ndarray] = []
-    choices_list: list[np.ndarray] = []
+    return decoding, gens, prompts
 
-    def emit(request: int, kind: str, block: int, step: int, run: int, committed: int, context: int,
+
+class _Rows:
+    """The trace's rows as they are emitted: per forward member, its columns, counts and choices."""
+
+    def __init__(self, experts: int):
+        self.E = experts
+        self.rows: list[dict] = []
+        self.counts: list[np.ndarray] = []
+        self.choices: list[np.ndarray] = []
+
+    def emit(self, request: int, kind: str, block: int, step: int, run: int, committed: int, context: int,
              start: int, ch: np.ndarray, extra: np.ndarray | None) -> None:
-        c = _hist(ch, E)
+        c = _hist(ch, self.E)
         if extra is not None:
             c = c + extra
-        rows.append(dict(request=request, kind=kind, block=block, step=step, tokens_run=run,
-                         tokens_committed=committed, context=context, choice_start=start, choice_tokens=len(ch)))
-        counts_list.append(c.astype(np.int32))
-        choices_list.append(ch.transpose(1, 0, 2).reshape(-1))
-
-    total_blocks = sum(math.ceil((q + g) / bl) - q // bl for q, g in zip(prompts, gens))
-    bar = tqdm(total=total_blocks, desc=f"synth {shape.name}", unit="block", disable=not progress)
-    for r in range(requests):
-        prompt_length, gen_length = prompts[r], gens[r]
-        steps = min(decoding.steps, gen_length)  # as the published generate() caps them
-        extra = _poisson_extra(p.tokens_per_step, bl, steps)
-        lw.new_request()
-        n_blocks = math.ceil((prompt_length + gen_length) / bl)  # every block is whole, as published
-        first = prompt_length // bl
-        prefix = np.zeros((L, E), dtype=np.int64)  # final choices of finished tokens (no-KV forwards)
-        # prompt blocks before the first block with masks: one prefill forward
-        prompt_choices = []
-        for b in range(first):
-            if b:
-                lw.next_block()
-            prompt_choices.append(lw.route(lw.new_tokens(bl)))
-            prefix += _hist(prompt_choices[-1], E)
-        if kv_cache and first:
-            emit(r, "prefill", 0, 0, first * bl, 0, first * bl, 0, np.concatenate(prompt_choices), None)
-        for b in range(first, n_blocks):
-            if b:
-                lw.next_block()
-            start, end = b * bl, (b + 1) * bl
-            n = bl
-            u = lw.new_tokens(n)
-            masked = np.arange(start, end) >= prompt_length
-            schedule = _commit_schedule(rng, int(masked.sum()), steps, extra)
-            just_committed = np.zeros(n, dtype=bool)
-            for s, k in enumerate(schedule):
-                if s:
-                    u = lw.drift(u, just_committed)
-                ch = lw.route(u)
-                if kv_cache:
-                    emit(r, "step", b, s, n, k, end, start, ch, None)
-                else:
-                    emit(r, "step", b, s, end, k, end, start, ch, prefix)
-                idx = np.flatnonzero(masked)
-                pick = rng.choice(idx, size=k, replace=False)
-                masked[pick] = False
-                just_committed[:] = False
-                just_committed[pick] = True
-            u = lw.drift(u, just_committed)
-            final = lw.route(u)
-            if kv_cache and b < n_blocks - 1:
-                emit(r, "commit", b, 0, n, 0, end, start, final, None)
-            prefix += _hist(final, E)
-            bar.update(1)
-    bar.close()
-    forwards = pd.DataFrame(rows)
-    source = {"generator": "traces.synth", "seed": seed, "params": asdict(p), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    req = [{"request": r, "prompt_length": prompts[r], "gen_length": gens[r]} for r in range(requests)]
-    return Trace(shape=shape, dtype=dtype, decoding=decoding, requests=req, forwards=forwards,
-                 counts=np.stack(counts_list), choices=np.concatenate(choices_list).astype(np.int16), source=source)
+        self.rows.append(dict(request=request, kind=kind, block=block, step=step, tokens_run=run,
+                              tokens_committed=committed, context=context, choice_start=start, choice_tokens=len(ch)))
+        self.counts.append(c.astype(np.int32))
+        self.choices.append(ch.transpose(1, 0, 2).reshape(-1))
 
 
+def _request(out: _Rows, lw: _Layerwise, rng: np.random.Generator, p: WorkloadParams, shape: ModelShape,
+             decoding: Decoding, r: int, prompt_length: int, gen_length: int, bar: tqdm) -> None:
+    """One request's forwards: a prefill of its prompt's whole blocks (KV cache), then per
+    block its denoising steps (each routing the block's tokens as they drift and commit) and a
+    commit forward."""
+    L, E, bl, kv_cache = shape.n_moe_layers, shape.experts, decoding.block_length, decoding.kv_cache
+    steps = min(decoding.steps, gen_length)  # as the published generate() caps them
+    extra = _poisson_extra(p.tokens_per_step, bl, steps)
+    lw.new_request()
+    n_blocks = math.ceil((prompt_length + gen_length) / bl)  # every block is whole, as published
+    first = prompt_length // bl
+    prefix = np.zeros((L, E), dtype=np.int64)  # final choices of finished tokens (no-KV forwards)
+    # prompt blocks before the first block with masks: one prefill forward
+    prompt_choices = []
+    for b in range(first):
+        if b:
+            lw.next_block()
+        prompt_choices.append(lw.route(lw.new_tokens(bl)))
+        prefix += _hist(prompt_choices[-1], E)
+    if kv_cache and first:
+        out.emit(r, "prefill", 0, 0, first * bl, 0, first * bl, 0, np.concatenate(prompt_choices), None)
+    for b in range(first, n_blocks):
+        if b:
+            lw.next_block()
+        start, end = b * bl, (b + 1) * bl
+        n = bl
+        u = lw.new_tokens(n)
+        masked = np.arange(start, end) >= prompt_length
+        schedule = _commit_schedule(rng, int(masked.sum()), steps, extra)
+        just_committed = np.zeros(n, dtype=bool)
+        for s, k in enumerate(schedule):
+            if s:
+                u = lw.drift(u, just_committed)
+            ch = lw.route(u)
+            if kv_cache:
+                out.emit(r, "step", b, s, n, k, end, start, ch, None)
+            else:
+                out.emit(r, "step", b, s, end, k, end, start, ch, prefix)
+            idx = np.flatnonzero(masked)
+            pick = rng.choice(idx, size=k, replace=False)
+            masked[pick] = False
+            just_committed[:] = False
+            just_committed[pick] = True
+        u = lw.drift(u, just_committed)
+        final = lw.route(u)
+        if kv_cache and b < n_blocks - 1:
+            out.emit(r, "commit", b, 0, n, 0, end, start, final, None)
+        prefix += _hist(final, E)
+        bar.update(1)
