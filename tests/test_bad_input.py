@@ -651,3 +651,95 @@ def test_the_main_job_runs_from_an_empty_folder(tmp_path):
     assert (tmp_path / "out" / "sweep" / "sweep.parquet").is_file()
     assert "4 points (4 evaluated, 0 reused)" in proc.stdout
     assert not [p for p in (tmp_path / "out").rglob("*.tmp")]
+
+
+# ---- the batched and serving surfaces: one check per kind of value, shared by every command ----
+@pytest.mark.parametrize("module,argv,fragment", [
+    ("sim.replay", ["--trace", "T", "--profile", "h200", "--policy", "all", "--seed", "-1"], "--seed must be at least 0"),
+    ("sim.plan", ["--trace", "T", "--profile", "h200", "--gpu-mem-gb", "40", "--seed", "-1", "--out", "p.json"],
+     "--seed must be at least 0"),
+    ("sim.replay", ["--trace", "T", "--profile", "h200", "--policy", "all", "--arrival-rate", "1e-320"],
+     "--arrival-rate must be a finite number of requests per second"),
+    ("sim.plan", ["--trace", "T", "--profile", "h200", "--gpu-mem-gb", "40", "--arrival-rate", "1e-320",
+                  "--out", "p.json"], "--arrival-rate must be a finite number of requests per second"),
+    ("sim.replay", ["--trace", "T", "--profile", "h200", "--policy", "all", "--batch-size", "100000"],
+     "--batch-size must be at most"),
+    ("sim.replay", ["--trace", "T", "--profile", "h200", "--policy", "all", "--requests-out", ""], "--requests-out"),
+    ("sim.replay", ["--trace", "T", "--profile", "h200", "--policy", "all", "--timeline", ""], "--timeline"),
+    ("sim.replay", ["--trace", "T", "--profile", "h200", "--policy", "lru"], "--policy: unknown policy 'lru'"),
+])
+def test_serving_flags_are_refused_before_any_work(tmp_path, small_trace, module, argv, fragment):
+    """Each refused in one line before anything runs (``sim.plan`` before its planning) and
+    nothing written."""
+    import importlib
+    small_trace.write(tmp_path / "T")
+    argv = [str(tmp_path / a) if a in ("T", "p.json") else a for a in argv]
+    _raises(lambda: importlib.import_module(module).main(argv), fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["T"]
+
+
+@pytest.mark.parametrize("offset", ["1e9", "1e12"])
+def test_arrival_offsets_past_any_stream_are_refused(tmp_path, small_trace, tiny_ckpt, offset):
+    """An offset of decades would have the runtime sleep for decades (or overflow ``time.sleep``)."""
+    arr = tmp_path / "arr.txt"
+    arr.write_text(f"0\n{offset}\n")
+    p = run_module("runtime.generate", "--checkpoint", str(tiny_ckpt), "--prompt-ids", "1,2,3", "--gen-length", "8",
+                   "--arrivals", str(arr))
+    assert_clean_error(p, f"{arr}:2: an arrival offset must be a finite number of seconds at least 0 and at most")
+    small_trace.write(tmp_path / "t.parquet")
+    p = run_module("sim.replay", "--trace", str(tmp_path / "t.parquet"), "--profile", "h200", "--policy", "all",
+                   "--arrivals", str(arr))
+    assert_clean_error(p, "an arrival offset must be")
+
+
+def test_a_stream_with_more_offsets_than_requests_is_refused():
+    """(It used to loop forever in the serving simulator.)"""
+    from sim.simulate import simulate
+    from traces.policies.spec import Policy
+    from traces.serving.arrivals import Arrivals
+    from traces.workloads.synthetic import synthesize
+    s = ModelShape.named("llada2-mini")
+    trace = synthesize(s, 32, 32, seed=0, requests=2)
+    stream = Arrivals(offsets=(0.0, 0.1, 0.2), label="three")
+    _raises(lambda: simulate(trace, Profile.load("h200"), Policy.make("all", s.n_moe_layers, s.experts),
+                             batch_size=2, arrivals=stream), "3 arrival offsets for 2 requests")
+
+
+def test_a_request_listed_with_no_forwards_is_refused_when_the_trace_loads(tmp_path, small_trace):
+    path = _with_meta(tmp_path, small_trace, lambda m: m["requests"].append(
+        {"request": 7, "prompt_length": 8, "gen_length": 8}))
+    _raises(lambda: read_trace(path), "metadata lists request 7, which no forward runs")
+
+
+def test_a_signed_profile_cost_past_its_bound_is_refused(tmp_path):
+    """A large negative ``batch_segment_s`` would price tasks below zero (a faster box)."""
+    path = _profile_edit(tmp_path / "p.json", lambda d: d["host"].update(
+        batch_segment_s={"value": -1.0, "source": "measured"}))
+    _raises(lambda: Profile.load(path), "host.batch_segment_s must be at least")
+
+
+@pytest.mark.parametrize("fmt", ["trace", "plan", "profile"])
+def test_a_version_of_true_is_refused_in_every_format(tmp_path, small_trace, small_shape, fmt):
+    """The one header reader: ``"version": true`` is not version 1 in any format."""
+    if fmt == "trace":
+        path = _with_meta(tmp_path, small_trace, lambda m: m.__setitem__("version", True))
+        load = lambda: read_trace(path)  # noqa: E731
+    elif fmt == "plan":
+        path = tmp_path / "p.json"
+        path.write_text(json.dumps({**Plan.for_shape(small_shape, 2, 8).to_json(), "version": True}))
+        load = lambda: Plan.read(path)  # noqa: E731
+    else:
+        path = _profile_edit(tmp_path / "p.json", lambda d: d.__setitem__("version", True))
+        load = lambda: Profile.load(path)  # noqa: E731
+    _raises(load, "version True is not supported")
+
+
+def test_prompts_that_carry_their_own_lengths_need_no_gen_length(tmp_path, tiny_ckpt):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt_ids": [1, 2, 3], "gen_length": 8}\n{"prompt_ids": [4, 5], "gen_length": 4}\n')
+    p = run_module("runtime.generate", "--checkpoint", str(tiny_ckpt), "--prompts", str(prompts), "--json")
+    assert p.returncode == 0, p.stderr
+    assert [len(r["tokens"]) for r in json.loads(p.stdout)["requests"]] == [8, 4]
+    prompts.write_text('{"prompt_ids": [1, 2, 3], "gen_length": 8}\n{"prompt_ids": [4, 5]}\n')
+    p = run_module("runtime.generate", "--checkpoint", str(tiny_ckpt), "--prompts", str(prompts))
+    assert_clean_error(p, "--gen-length is required", "p.jsonl:2")
