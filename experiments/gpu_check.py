@@ -46,12 +46,12 @@ from traces.common.cli import ArgumentParser, run_cli
 from traces.common.errors import TideError
 from traces.common.files import atomic_write, check_out_path
 from traces.costs.cost_model import CostModel
+from traces.costs.policy_run import replay_policy
 from traces.formats.plan_file import Plan
 from traces.formats.profile_file import Profile
 from traces.formats.trace_file import Decoding, Trace
 from traces.policies.labels import every_kind
 from traces.policies.spec import Policy
-from traces.policies.walk import replay_policy
 from traces.workloads.synthetic import synthesize
 
 #: The reference code's figures on the H200 box (../shared/reference/README.md).

@@ -34,6 +34,7 @@ from traces.common.errors import TideError
 from traces.common.files import atomic_write, data_sha256
 from traces.costs.cost_model import CostModel
 from traces.costs.memory import MemoryBudget
+from traces.costs.policy_run import replay_policy
 from traces.costs.whatif import scale_profile
 from traces.formats.profile_file import Profile
 from traces.formats.shapes import ModelShape
@@ -41,7 +42,6 @@ from traces.formats.trace_file import Trace
 from traces.formats.trace_read import read_trace
 from traces.policies.labels import BASELINES, kinds_label, tau_label
 from traces.policies.spec import Policy, check_policy
-from traces.policies.walk import replay_policy
 from traces.serving.admission import compose_trace
 from traces.serving.arrivals import poisson
 from traces.serving.figures import latency_figures, sustains

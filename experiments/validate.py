@@ -46,13 +46,13 @@ from traces.common.files import atomic_write, check_out_path, file_sha256
 from traces.common.values import get, need_dict, need_float, need_list, need_str
 from traces.costs.cost_model import CostModel
 from traces.costs.memory import DEVICE_HEADROOM, MemoryBudget
+from traces.costs.policy_run import replay_policy
 from traces.formats.plan_file import Plan
 from traces.formats.shapes import ModelShape
 from traces.formats.trace_file import Trace
 from traces.formats.trace_read import read_trace
 from traces.policies.labels import baselines, display_name, kinds_label, tau_label
 from traces.policies.spec import Policy
-from traces.policies.walk import replay_policy
 from traces.serving.admission import compose_trace
 
 
@@ -112,7 +112,7 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     Each round re-times this box's profile in this process, warm, next to the runs (the quick
     profiler of :mod:`runtime.profile`, on this checkpoint), then runs every policy once; the
     round's prediction of each run is the cost model's on that round's profile (the closed
-    form of the simulator's task graphs, :func:`traces.policies.walk.replay_policy`: the same seconds).
+    form of the simulator's task graphs, :func:`traces.costs.policy_run.replay_policy`: the same seconds).
     A run's error is predicted over measured, minus one, per round; the table keeps the median
     over rounds. The plan's own prediction, on the profile it was planned on, is ``planned_s``;
     how far the box has moved since (``drift``: planned over predicted now, minus one, and the

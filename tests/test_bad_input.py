@@ -462,7 +462,7 @@ def test_make_checkpoint_removes_a_killed_runs_half_written_folder(tmp_path):
     (["--profiles", "nosuch"], "--profiles"),
     (["--executor", "threads"], "--executor"),
     (["--gen-lengths", "2.5"], "--gen-lengths"),
-    (["--batch-sizes", "0"], "--batch-sizes[0] must lie in 1.."),
+    (["--batch-sizes", "0"], "--batch-sizes[0] must be at least 1"),
     (["--batch-sizes", "2.5"], "--batch-sizes"),
     (["--arrival-rates", "-1"], "--arrival-rates[0]"),
     (["--requests", "0"], "--requests"),

@@ -14,11 +14,11 @@ from runtime.decoding import Generator
 from runtime.model import KVCache, Segment
 from runtime.offload import OffloadEngine
 from traces.common.errors import TideError
+from traces.costs.policy_run import replay_policy
 from traces.formats.trace_file import Decoding
 from traces.formats.trace_read import read_trace
 from traces.policies.runner import PolicyRunner
 from traces.policies.spec import Policy
-from traces.policies.walk import replay_policy
 from traces.serving.admission import Admission, compose, compose_trace
 
 #: ragged: different prompt and generation lengths, one prompt shorter than a block

@@ -5,12 +5,12 @@ import pytest
 
 from traces.common.errors import TideError
 from traces.costs.cost_model import CostModel
+from traces.costs.policy_run import replay_policy
 from traces.formats.profile_file import Profile
 from traces.formats.shapes import ModelShape
 from traces.policies.counters import forward_counters
 from traces.policies.runner import PolicyRunner
 from traces.policies.spec import Policy
-from traces.policies.walk import replay_policy
 from traces.workloads.synthetic import synthesize
 
 

@@ -10,11 +10,11 @@ from runtime.capture import TraceRecorder
 from runtime.checkpoint import load_model
 from runtime.decoding import Generator
 from runtime.offload import OffloadEngine
+from traces.costs.policy_run import replay_policy
 from traces.formats.plan_file import Plan
 from traces.formats.trace_file import Decoding
 from traces.formats.trace_read import read_trace
 from traces.policies.spec import Policy
-from traces.policies.walk import replay_policy
 from traces.workloads.synthetic import synthesize
 
 CASES = [("cpu", None, None), ("static", 0, None), ("static", 1, None), ("static", 8, None), ("swap", 1, None),

@@ -220,7 +220,7 @@ def test_bad_policy_settings(args, fragment):
 
 
 def test_resident_sets_carry_over_between_requests(small_trace):
-    from traces.policies.walk import replay_policy
+    from traces.costs.policy_run import replay_policy
     L, E = small_trace.shape.n_moe_layers, small_trace.shape.experts
     for name, b in (("static", 8), ("swap", 8), ("tide", 8)):
         rep = replay_policy(small_trace, Policy.make(name, L, E, budget=b, tau=2))

@@ -9,10 +9,10 @@ from conftest import assert_clean_error, run_module
 
 from sim.simulate import simulate
 from traces.costs.cost_model import CostModel
+from traces.costs.policy_run import replay_policy
 from traces.formats.profile_file import Profile
 from traces.formats.shapes import ModelShape
 from traces.policies.spec import Policy
-from traces.policies.walk import replay_policy
 from traces.serving.admission import compose_trace
 from traces.serving.arrivals import closed_loop, poisson
 from traces.workloads.synthetic import synthesize

@@ -13,12 +13,12 @@ from runtime.decoding import Generator
 from runtime.offload import OffloadEngine
 from sim.simulate import simulate
 from traces.costs.cost_model import CostModel
+from traces.costs.policy_run import replay_policy
 from traces.formats.profile_file import Profile
 from traces.formats.shapes import ModelShape
 from traces.formats.trace_file import Decoding
 from traces.formats.trace_read import read_trace
 from traces.policies.spec import Policy
-from traces.policies.walk import replay_policy
 from traces.workloads.synthetic import synthesize
 
 CASES = [("all", None, None), ("cpu", None, None), ("static", 4, None), ("swap", 2, None), ("swap", 8, None),

@@ -3,8 +3,8 @@ import json
 import numpy as np
 from conftest import assert_clean_error, run_module
 
+from traces.costs.policy_run import replay_policy
 from traces.policies.spec import Policy
-from traces.policies.walk import replay_policy
 from traces.workloads.statistics import cosine_gap, distinct_experts_per_forward, summarize
 
 

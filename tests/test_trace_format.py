@@ -159,8 +159,8 @@ def test_a_version_1_trace_still_loads(tmp_path, small_trace):
 def test_a_batched_trace_round_trips(tmp_path, small_trace):
     """Requests composed at batch 2: one row per member; the counters of a policy's run sit on
     each forward's first member; a forward's counts are its members' added."""
+    from traces.costs.policy_run import replay_policy
     from traces.policies.spec import Policy
-    from traces.policies.walk import replay_policy
     b = compose_trace(small_trace, 2)
     assert b.batched and b.n_batched < b.n_forwards == small_trace.n_forwards
     pol = Policy.make("tide", b.shape.n_moe_layers, b.shape.experts, budget=8, tau=2)
@@ -187,8 +187,8 @@ BATCHED_BAD = {
 
 @pytest.mark.parametrize("case", sorted(BATCHED_BAD))
 def test_reader_rejects_malformed_batched_traces(tmp_path, small_trace, case):
+    from traces.costs.policy_run import replay_policy
     from traces.policies.spec import Policy
-    from traces.policies.walk import replay_policy
     b = compose_trace(small_trace, 2)
     b.counters = replay_policy(b, Policy.make("all", b.shape.n_moe_layers, b.shape.experts)).counters
     edit, fragment = BATCHED_BAD[case]
@@ -220,8 +220,8 @@ def test_a_malformed_trace_fails_cleanly_on_the_command_line(tmp_path, small_tra
 
 
 def test_counters_are_stored_when_a_policy_ran(tmp_path, small_trace):
+    from traces.costs.policy_run import replay_policy
     from traces.policies.spec import Policy
-    from traces.policies.walk import replay_policy
     L, E = small_trace.shape.n_moe_layers, small_trace.shape.experts
     rep = replay_policy(small_trace, Policy.make("tide", L, E, budget=8, tau=2))
     t = small_trace

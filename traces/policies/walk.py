@@ -1,6 +1,6 @@
 """Walking a trace under a policy: each forward's placement decision and counters, in order.
 
-The policy counters (:func:`replay_policy`), the simulator (``sim.simulate.simulate``) and
+The policy counters (:func:`traces.costs.policy_run.replay_policy`), the simulator (``sim.simulate.simulate``) and
 the planner's candidate table (``sim.candidates``) all walk a trace the same way: take a
 forward's per-layer counts, let :class:`traces.policies.runner.PolicyRunner` decide, count what
 the decision does (:func:`traces.policies.counters.forward_counters`). :func:`replay` is that walk,
@@ -13,14 +13,12 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from traces.formats.vocabulary import COUNTERS
 from traces.policies.counters import forward_counters
 from traces.policies.decision import Decision
 from traces.policies.runner import PolicyRunner
 from traces.policies.spec import Policy
 
 if TYPE_CHECKING:
-    from traces.costs.cost_model import CostModel
     from traces.formats.trace_file import Trace
 
 
@@ -80,58 +78,3 @@ def replay(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None,
         rows = np.asarray(rows)
         yield Forward(f, str(kinds[r]), int(steps[r]), run, context, counts, decision, c, rows, runs[rows], ctx[rows],
                       segments)
-
-
-@dataclass
-class PolicyReplay:
-    """Counters of one policy over a trace: ``[F, L]`` arrays, plus totals and, with a cost
-    model, seconds per resource and forward."""
-
-    policy: Policy
-    counters: dict[str, np.ndarray]
-    times: dict[str, np.ndarray] | None = None  # per resource [F, L] seconds, "layer_s" and "bound_s" [F, L], "fixed_s" [F]
-
-    def seconds(self) -> float:
-        """The run's time as the runtime orders its work: the simulator's figure, without events."""
-        if self.times is None:
-            raise ValueError("replay_policy ran without a cost model")
-        return float(self.times["layer_s"].sum() + self.times["fixed_s"].sum())
-
-    def bound_seconds(self) -> float:
-        """The run's time when all overlap that the runtime allows happens (needs a cost model)."""
-        if self.times is None:
-            raise ValueError("replay_policy ran without a cost model")
-        return float(self.times["bound_s"].sum() + self.times["fixed_s"].sum())
-
-    def totals(self) -> dict[str, int]:
-        return {k: int(v.sum()) for k, v in self.counters.items()}
-
-    def hit_ratio(self) -> float:
-        g, c = self.counters["gpu_tokens"].sum(), self.counters["cpu_tokens"].sum()
-        return float(g / (g + c)) if g + c else 1.0
-
-
-def replay_policy(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None,
-                  with_act: bool = True, cost: "CostModel | None" = None) -> PolicyReplay:
-    """:func:`replay` collected into ``[F, L]`` counters (``F``: the forwards run); with a
-    ``cost`` model each forward and layer is also priced (``PolicyReplay.times``)."""
-    F, L = trace.n_batched, trace.shape.n_moe_layers
-    out = {k: np.zeros((F, L), dtype=np.int64) for k in COUNTERS}
-    times = None
-    if cost is not None:
-        from traces.costs.cost_model import RESOURCE_SECONDS
-        times = {k: np.zeros((F, L)) for k in (*RESOURCE_SECONDS, "layer_s", "bound_s")}
-        times["fixed_s"] = np.zeros(F)
-    for fw in replay(trace, policy, popularity, with_act):
-        for k in COUNTERS:
-            out[k][fw.f] = fw.counters[k]
-        if times is not None:
-            parts = cost.layer_parts(fw.decision, fw.counts, fw.counters, fw.member_tokens, fw.member_context,
-                                     fw.segments)
-            lc = cost.layer_costs(parts)
-            times["layer_s"][fw.f] = cost.layer_seconds(parts)
-            for k, v in lc.items():
-                times[k][fw.f] = v
-            times["bound_s"][fw.f] = cost.layer_bound(lc, serial_copies=parts["swap"])
-            times["fixed_s"][fw.f] = cost.fixed_s(fw.member_tokens, fw.member_context)
-    return PolicyReplay(policy=policy, counters=out, times=times)

@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from traces.costs.policy_run import replay_policy
 from traces.formats.trace_file import Trace
 from traces.policies.spec import Policy
-from traces.policies.walk import replay_policy
 
 GAPS = tuple(range(1, 9))
 BUDGETS = (32, 64, 128)
