@@ -24,7 +24,7 @@ from traces.costs.work import layer_work
 from traces.formats.profile_file import Profile
 from traces.formats.trace_file import Decoding, Trace
 from traces.policies.spec import Policy
-from traces.policies.walk import replay
+from traces.policies.walk import walk_trace
 from traces.serving.admission import compose_trace
 from traces.workloads.synthetic import synthesize
 
@@ -123,7 +123,7 @@ class InRunCalibration:
                   "head": sum(cost.non_expert_s("head", t) for t, _ in tc), "moe": 0.0, "experts": 0.0,
                   "decide": 0.0, "copies": 0.0}
         for name, pol in policies.items():
-            for f in replay(work, pol, with_act=False):
+            for f in walk_trace(work, pol, with_act=False):
                 p = cost.layer_parts(f.decision, f.counts, f.counters, f.tokens_run, f.context)
                 if name == "static":
                     priced["moe"] += float(p["non_expert"].sum())
@@ -188,7 +188,7 @@ class InRunCalibration:
                 continue
             ran = med[f"batch {name}"]
             segs = calls = engine = 0.0
-            for f in replay(composed, pol, with_act=False):
+            for f in walk_trace(composed, pol, with_act=False):
                 mt, mc = f.member_tokens, f.member_context
                 if name == "all":
                     extra += len(mt) - 1

@@ -34,7 +34,7 @@ from traces.formats.profile_file import Profile
 from traces.formats.trace_file import Trace
 from traces.formats.vocabulary import COUNTERS, KINDS
 from traces.policies.spec import CPU, STATIC, SWAP, TIDE, Policy, check_kinds
-from traces.policies.walk import replay
+from traces.policies.walk import walk_trace
 
 #: Forwards priced at once: fewer numpy calls per forward, bounded memory.
 CHUNK = 16
@@ -189,7 +189,7 @@ def price_candidates(trace: Trace, profiles: Sequence[Profile], cands: Candidate
         done[0] += n
         works.clear()
 
-    walk = replay(trace, cands.policy(L, shape.experts), layers=layers, group=C)
+    walk = walk_trace(trace, cands.policy(L, shape.experts), layers=layers, group=C)
     works: list[Work] = []
     fixed = np.zeros(len(costs))
     for fw in tqdm(walk, total=trace.n_batched, desc=f"pricing {L * C} candidates", unit="forward",

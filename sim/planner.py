@@ -38,7 +38,7 @@ from traces.formats.trace_file import Trace
 from traces.formats.vocabulary import KINDS
 from traces.policies.labels import baselines, kinds_label, tau_label
 from traces.policies.spec import Policy
-from traces.policies.walk import replay
+from traces.policies.walk import walk_trace
 from traces.serving.admission import compose_trace
 
 
@@ -197,7 +197,7 @@ def static_residents(trace: Trace, policy: Policy) -> dict[int, list[int]]:
     static = [l for l, (k, b) in enumerate(zip(policy.kinds, policy.budget)) if k == "static" and 0 < b < trace.shape.experts]
     if not static:
         return {}
-    first = next(replay(trace, policy, with_act=False))
+    first = next(walk_trace(trace, policy, with_act=False))
     return {l: np.flatnonzero(first.decision.resident[l]).tolist() for l in static}
 
 

@@ -3,7 +3,7 @@
 A request's forwards are its own rows of the trace, in order (a batch-1 trace's, or a
 batched trace's members). The loop decides who arrives and who is seated for each forward
 (the rule the runtime follows on the wall clock); each forward's members go through the one
-policy walk (:func:`traces.policies.walk.replay`: counts added, refresh where any member
+policy walk (:func:`traces.policies.walk.walk_trace`: counts added, refresh where any member
 would), are priced by the one cost model and run on the box's lanes
 (:func:`sim.forward.forward`). When the box has nothing seated, it waits for the next arrival.
 """
@@ -21,7 +21,7 @@ from sim.forward import forward
 from traces.costs.cost_model import CostModel
 from traces.formats.trace_file import Trace
 from traces.policies.spec import Policy
-from traces.policies.walk import Forward, replay
+from traces.policies.walk import Forward, walk_trace
 from traces.serving.admission import seating
 from traces.serving.arrivals import Arrivals
 from traces.serving.loop import ServeLoop
@@ -72,7 +72,7 @@ def serve(env: simpy.Environment, box: Box, trace: Trace, policy: Policy, cost: 
             yield seated[-1]
 
     def run() -> Generator:
-        walk = replay(trace, policy, popularity, schedule=schedule())
+        walk = walk_trace(trace, policy, popularity, schedule=schedule())
         while True:
             members = loop.next(env.now)
             if members is None:

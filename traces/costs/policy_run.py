@@ -1,4 +1,4 @@
-"""A policy's whole run over a trace: the one policy walk (:func:`traces.policies.walk.replay`)
+"""A policy's whole run over a trace: the one policy walk (:func:`traces.policies.walk.walk_trace`)
 collected into counters per forward and layer and, with a cost model, priced (the simulator's
 seconds in closed form, without events)."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from traces.costs.cost_model import RESOURCE_SECONDS, CostModel
 from traces.formats.trace_file import Trace
 from traces.formats.vocabulary import COUNTERS
 from traces.policies.spec import Policy
-from traces.policies.walk import replay
+from traces.policies.walk import walk_trace
 
 
 @dataclass
@@ -45,7 +45,7 @@ class PolicyReplay:
 
 def replay_policy(trace: Trace, policy: Policy, popularity: np.ndarray | None = None,
                   with_act: bool = True, cost: CostModel | None = None) -> PolicyReplay:
-    """:func:`replay` collected into ``[F, L]`` counters (``F``: the forwards run); with a
+    """:func:`traces.policies.walk.walk_trace` collected into ``[F, L]`` counters (``F``: the forwards run); with a
     ``cost`` model each forward and layer is also priced (``PolicyReplay.times``)."""
     F, L = trace.n_batched, trace.shape.n_moe_layers
     out = {k: np.zeros((F, L), dtype=np.int64) for k in COUNTERS}
@@ -53,7 +53,7 @@ def replay_policy(trace: Trace, policy: Policy, popularity: np.ndarray | None = 
     if cost is not None:
         times = {k: np.zeros((F, L)) for k in (*RESOURCE_SECONDS, "layer_s", "bound_s")}
         times["fixed_s"] = np.zeros(F)
-    for fw in replay(trace, policy, popularity, with_act):
+    for fw in walk_trace(trace, policy, popularity, with_act):
         for k in COUNTERS:
             out[k][fw.f] = fw.counters[k]
         if times is not None:

@@ -3,7 +3,7 @@
 The policy counters (:func:`traces.costs.policy_run.replay_policy`), the simulator (``sim.simulate.simulate``) and
 the planner's candidate table (``sim.candidates``) all walk a trace the same way: take a
 forward's per-layer counts, let :class:`traces.policies.runner.PolicyRunner` decide, count what
-the decision does (:func:`traces.policies.counters.forward_counters`). :func:`replay` is that walk,
+the decision does (:func:`traces.policies.counters.forward_counters`). :func:`walk_trace` is that walk,
 once; each consumer prices or records what it yields.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Forward:
     segments: np.ndarray | None = None  # [L, E] members with tokens on each expert, when batched
 
 
-def replay(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None, with_act: bool = True,
+def walk_trace(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None, with_act: bool = True,
            layers: Sequence[int] | None = None, group: int = 1,
            schedule: Sequence[np.ndarray] | None = None) -> Iterator[Forward]:
     """Every forward of ``trace`` in order under ``policy`` (resident sets carry over between
