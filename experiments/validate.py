@@ -40,6 +40,7 @@ from runtime.model import LLaDA2
 from runtime.offload import OffloadEngine
 from runtime.profile import in_run_text, profile_box
 from traces.common import checks
+from traces.common.checks import resolve_batch_size
 from traces.common.cli import ArgumentParser, integer, run_cli, span
 from traces.common.errors import TideError
 from traces.common.files import atomic_write, check_out_path, file_sha256
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
-    batch = a.batch_size or plan.batch_size
+    batch = resolve_batch_size(a.batch_size, plan=plan.batch_size)
     most = max(len(t.requests) for _, t in traces)
     if batch > most:
         print(f"note: batch size {batch} is above the traces' requests ({most}): each runs them all at once",

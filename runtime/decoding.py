@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from runtime.capture import TraceRecorder
 from runtime.model import KVCache, LLaDA2, Segment, block_causal_mask
 from runtime.trace_replay import ChoiceReplay, check_replayable, replay_prompt
-from traces.common.checks import check_seed
+from traces.common.checks import check_seed, resolve_batch_size
 from traces.common.errors import TideError
 from traces.common.values import need_float, need_int
 from traces.formats.trace_file import Decoding, Trace
-from traces.serving.admission import Admission, Recorded, resolve_batch_size, seating
+from traces.serving.admission import Admission, Recorded, seating
 from traces.serving.arrivals import Arrivals
 from traces.serving.loop import ServeLoop
 

@@ -32,6 +32,7 @@ from runtime.offload import OffloadEngine
 from runtime.tokenizer import load_tokenizer
 from runtime.trace_replay import check_replayable, replay_prompt
 from traces.common import checks
+from traces.common.checks import resolve_batch_size
 from traces.common.cli import ArgumentParser, integer, number, print_json, run_cli
 from traces.common.errors import TideError
 from traces.common.files import check_out_path
@@ -43,7 +44,6 @@ from traces.formats.trace_file import Trace
 from traces.formats.trace_read import load_popularity, read_trace
 from traces.policies.kernels import device_only
 from traces.policies.spec import Policy, check_policy
-from traces.serving.admission import resolve_batch_size
 from traces.serving.arrivals import read_arrivals
 from traces.settings import parse_budget, resolve_policy
 

@@ -23,13 +23,13 @@ import sys
 
 from sim.simulate import simulate
 from traces.common import checks
+from traces.common.checks import resolve_batch_size
 from traces.common.cli import ArgumentParser, integer, number, print_json, run_cli
 from traces.common.errors import TideError
 from traces.common.files import atomic_write, check_out_path
 from traces.costs.memory import kv_tokens
 from traces.formats.profile_file import Profile
 from traces.formats.trace_read import load_popularity, read_trace
-from traces.serving.admission import resolve_batch_size
 from traces.serving.arrivals import closed_loop, poisson, read_arrivals
 from traces.settings import parse_budget, resolve_policy
 

@@ -16,13 +16,13 @@ import simpy
 
 from sim.box import Box
 from sim.serve import Stream, serve
+from traces.common.checks import resolve_batch_size
 from traces.costs.cost_model import CostModel
 from traces.costs.memory import MemoryBudget
 from traces.formats.profile_file import Profile
 from traces.formats.trace_file import Trace
 from traces.formats.vocabulary import COUNTERS
 from traces.policies.spec import Policy
-from traces.serving.admission import resolve_batch_size
 from traces.serving.arrivals import Arrivals
 
 

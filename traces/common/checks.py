@@ -32,6 +32,15 @@ def check_batch_size(v: Any, where: str = "--batch-size") -> int:
     return v
 
 
+def resolve_batch_size(flag: int | None = None, plan: int | None = None, trace: int | None = None) -> int:
+    """The batch size a run uses, the one rule every command follows: the flag, else the
+    plan's, else the trace's (the forwards it recorded), else 1; checked once, here."""
+    for where, v in (("--batch-size", flag), ("the plan's batch_size", plan), ("the trace's batch_size", trace)):
+        if v is not None:
+            return check_batch_size(v, where)
+    return 1
+
+
 def check_batch_sizes(values: Sequence[Any], where: str = "--batch-sizes") -> list[int]:
     """Distinct batch sizes, each as :func:`check_batch_size`, in increasing order."""
     if isinstance(values, (str, bytes)) or not len(values):

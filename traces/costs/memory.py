@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from traces.common.checks import resolve_batch_size
 from traces.common.errors import TideError
 from traces.common.values import need_float
 from traces.formats.shapes import ModelShape
@@ -33,7 +34,7 @@ DEVICE_HEADROOM = 0.9
 def kv_tokens(traces: Sequence["Trace"], batch_size: int | None = None) -> int:
     """KV-cache tokens a run of these traces holds: the longest context of any KV-cache trace,
     times the requests held at once (``batch_size``, default each trace's own, at most its requests)."""
-    return max((int(t.forwards["context"].max()) * min(batch_size or t.batch_size, len(t.requests))
+    return max((int(t.forwards["context"].max()) * min(resolve_batch_size(batch_size, trace=t.batch_size), len(t.requests))
                 for t in traces if t.decoding.kv_cache), default=0)
 
 

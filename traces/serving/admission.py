@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from traces.common.checks import check_batch_size
+from traces.common.checks import check_batch_size, resolve_batch_size
 from traces.common.errors import TideError
 from traces.formats.trace_file import Trace
 
@@ -79,15 +79,6 @@ class Recorded:
     @property
     def done(self) -> bool:
         return self._next >= len(self.groups)
-
-
-def resolve_batch_size(flag: int | None = None, plan: int | None = None, trace: int | None = None) -> int:
-    """The batch size a run uses, the one rule every command follows: the flag, else the
-    plan's, else the trace's (the forwards it recorded), else 1; checked once, here."""
-    for where, v in (("--batch-size", flag), ("the plan's batch_size", plan), ("the trace's batch_size", trace)):
-        if v is not None:
-            return check_batch_size(v, where)
-    return 1
 
 
 def seating(trace: Trace, batch_size: int | None, arrivals: object | None = None,
