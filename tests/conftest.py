@@ -1,10 +1,16 @@
 """Shared fixtures: reduced LLaDA2.0 shapes and small synthetic traces (fast on 2 cores)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
-import pytest
+# One thread per test process: pytest-xdist runs a worker per core, and two workers whose
+# OpenMP threads spin on the same two cores slow each other to a crawl. Set before torch
+# starts its thread pool; subprocesses the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 from traces.formats.shapes import ModelShape
 from traces.workloads.synthetic import synthesize
