@@ -256,17 +256,19 @@ class Profile:
         self._check_signed()
 
     def _check_signed(self) -> None:
-        """A signed cost's real bound: ``batch_segment_s`` is what a further (request, expert)
-        call of a row-exact batch costs beyond its table price, and that call can save no more
-        than a whole call of one expert costs at the tables' most tokens; so it is at least
-        minus that. (A task still priced below zero is refused by the simulator's box.)"""
+        """A signed cost's real bound: ``batch_segment_s`` corrects the price of each further
+        (request, expert) call of a row-exact batch, and what a call saves is part of the expert
+        work the tables price; so it is at least minus the tables' largest cell (a whole grouped
+        call of the most experts at the most tokens). A fitted value is far inside it (tiny:
+        tens of microseconds against milliseconds); a value past it would price expert work
+        below nothing, as would any task the simulator's box then refuses."""
         seg = self.host("batch_segment_s")
         if seg >= 0 or not self._gpu:
             return
-        floor = max(float(t.zs[0, -1]) for t in self._gpu.values())
+        floor = max(float(t.zs.max()) for t in self._gpu.values())
         if seg < -floor:
-            raise fail(self.where, f"host.batch_segment_s must be at least -{floor:.3g} (minus one expert's call at "
-                                   f"the most tokens gpu_experts holds: a further call cannot save more), got {seg:.3g}")
+            raise fail(self.where, f"host.batch_segment_s must be at least -{floor:.3g} (minus the largest cell of "
+                                   f"gpu_experts: a further call cannot save more than all the expert work), got {seg:.3g}")
 
     def _section(self, name: str) -> dict[str, dict[str, Any]]:
         sec = self.data.get(name)
