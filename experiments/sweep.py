@@ -102,7 +102,8 @@ class Study:
         self.profiles, self.models, self.policies = strs("profiles"), strs("models"), strs("policies")
         self.gen_lengths = need_ints(self.gen_lengths, where("gen_lengths"), lo=1, hi=1 << 20)
         self.taus = need_ints(self.taus, where("taus"), lo=1)
-        self.batch_sizes = [check_batch_size(v, f"{where('batch_sizes')}[{i}]") for i, v in enumerate(need_list(self.batch_sizes, where("batch_sizes"), True))]
+        self.batch_sizes = [check_batch_size(v, f"{where('batch_sizes')}[{i}]")
+                            for i, v in enumerate(need_list(self.batch_sizes, where("batch_sizes"), True))]
         self.arrival_rates = [need_float(v, f"{where('arrival_rates')}[{i}]", positive=True)
                               for i, v in enumerate(need_list(self.arrival_rates, where("arrival_rates")))]
         self.requests = need_int(self.requests, where("requests"), lo=1, hi=1 << 12)

@@ -1,6 +1,7 @@
 """Derived hardware profiles: boxes nobody here has measured, from public specifications.
 
-The bundled boxes' specifications and rooflines; ``python -m traces.derive`` (:mod:`traces.derive`) rewrites the bundled profiles in ``traces/data/profiles``:
+The bundled boxes' specifications and rooflines; ``python -m traces.derive`` (:mod:`traces.derive`)
+rewrites the bundled profiles in ``traces/data/profiles``:
 
 * ``h200``: the measured H200 box (PCIe gen5, 16-core Xeon with AMX; see
   ``h200-pcie5-measured.source.json``) with what its measurement lacks (non-expert layer

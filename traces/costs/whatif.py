@@ -55,5 +55,6 @@ def scale_profile(profile: Profile, pcie: float = 1.0, cpu_cores: float = 1.0, g
             notes.append(f"{label} {gb:g} GB")
     if notes:
         d["name"] = f"{profile.name} ({', '.join(notes)})"
+        # the text as it has always read ("traces.whatif"): a profile's hash keys sweep points
         d["about"] = f"{d.get('about', '')} What-if: {', '.join(notes)} (traces.whatif).".strip()
     return Profile(d, where=f"{profile.where} (what-if)")

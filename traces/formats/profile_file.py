@@ -40,7 +40,7 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
   layer against ``tokens`` and ``context``, and of the ``head`` (final norm, lm_head and
   choosing the tokens from the logits) against ``tokens``; optional ``member_s`` per part:
   what each further request of a batched forward adds beyond its tokens (its own attention
-  call, its sampling; absent: zero), see :meth:`traces.costs.cost_model.CostModel.forward_s`.
+  call, its sampling; absent: zero), see :meth:`traces.costs.cost_model.CostModel.batched_s`.
 
 * ``measured`` (optional, written by ``runtime.profile``): when and where the profile was
   taken (``created``, ``host``, ``threads``, ``cores``, ``load_avg_1m``), so a validation can

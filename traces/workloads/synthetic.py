@@ -17,7 +17,8 @@ per forward, never more than remain and never fewer than the step schedule needs
 Calibrated (``CALIBRATION``) to the published figures for LLaDA2.0-mini and -flash; the
 tests check them. Any architecture config works (tests use reduced shapes).
 
-Its command line is :mod:`traces.synth`: ``python -m traces.synth --model llada2-mini --gen-length 1024 --prompt-length 64 --seed 0 --out t.parquet``"""
+Its command line is :mod:`traces.synth`:
+``python -m traces.synth --model llada2-mini --gen-length 1024 --prompt-length 64 --seed 0 --out t.parquet``"""
 from __future__ import annotations
 
 import functools
