@@ -169,7 +169,6 @@ class Generator:
     engine: "OffloadEngine | None" = None
     margins: bool = False
     forwards_run: int = field(default=0, init=False)  # batched forwards run so far (every call)
-    _run_forwards: int = field(default=0, init=False, repr=False)  # in the current call
 
     def _accept(self, q: _Request, s0: int, logits: torch.Tensor, n: int, threshold: float | None = None,
                 rows: torch.Tensor | None = None) -> int:
@@ -358,7 +357,7 @@ class Generator:
         loop = ServeLoop([q.request for q in reqs], seats, arrivals)
         if self.recorder is not None:
             self.recorder.batch_size = max(self.recorder.batch_size, seats.batch_size)
-        self._run_forwards = 0  # this run's batched forwards so far
+        first = self.forwards_run  # this run's forwards count from here
         t0 = time.perf_counter()
         while True:
             now = time.perf_counter() - t0
@@ -370,7 +369,7 @@ class Generator:
                 continue
             members = [q for q in (by_id[r] for r in seated) if q.next is not None or self._join(q, loop, now)]
             if members:
-                self._forward(members, chooser)
+                self._forward(members, chooser, self.forwards_run - first)
                 now = time.perf_counter() - t0
                 for q in members:
                     if not q.advance():
@@ -390,9 +389,9 @@ class Generator:
         q.start_s = now
         return True
 
-    def _forward(self, members: list[_Request], chooser: ChoiceReplay | None) -> None:
-        """One batched forward of ``members``: their segments through the model (and the
-        engine, the recorder), then each step's sampling and commits."""
+    def _forward(self, members: list[_Request], chooser: ChoiceReplay | None, index: int) -> None:
+        """One batched forward of ``members``, the ``index``-th of this run: their segments
+        through the model (and the engine, the recorder), then each step's sampling and commits."""
         plans = [q.next for q in members]
         if chooser is not None:
             chooser.set_forwards([p.forward for p in plans])
@@ -414,12 +413,11 @@ class Generator:
                 q.res.committed += n
             committed.append(n)
             q.res.forwards += 1
-            q.batch_forwards.append(self._run_forwards)
+            q.batch_forwards.append(index)
         counters = self.engine.end() if self.engine is not None else None
         if self.recorder is not None:
             self.recorder.end(committed, counters)
         self.forwards_run += 1
-        self._run_forwards += 1
 
 
 def _stream(offsets: Sequence[float] | None) -> Arrivals | None:

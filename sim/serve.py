@@ -65,11 +65,11 @@ def serve(env: simpy.Environment, box: Box, trace: Trace, policy: Policy, cost: 
     last_first = first_block_rows(trace)
     stream = Stream(order)
     loop = ServeLoop(order, seating(trace, batch_size, arrivals), arrivals)
-    seated: list[np.ndarray] = []  # the rows of the forward the loop seated last, for the walk
+    seated = [np.zeros(0, np.int64)]  # the rows of the forward the loop seated last: what the walk takes next
 
     def schedule() -> Iterator[np.ndarray]:
         while True:
-            yield seated[-1]
+            yield seated[0]
 
     def run() -> Generator:
         walk = walk_trace(trace, policy, popularity, schedule=schedule())
@@ -80,7 +80,7 @@ def serve(env: simpy.Environment, box: Box, trace: Trace, policy: Policy, cost: 
             if isinstance(members, float):  # nothing seated: wait for the next arrival
                 yield env.timeout(max(members - env.now, 0.0))
                 continue
-            seated.append(np.array([own[r][0] for r in members], dtype=np.int64))
+            seated[0] = np.array([own[r][0] for r in members], dtype=np.int64)
             fw: Forward = next(walk)
             if on_forward is not None:
                 on_forward(fw)
