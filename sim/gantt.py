@@ -7,7 +7,7 @@ from traces.costs.tasks import RESOURCES
 
 
 def plot_forward(timeline: pd.DataFrame, forward: int = 0, ax=None):
-    """Bars per resource (host thread, CPU experts, GPU, PCIe each way) over time for one forward; returns the axes."""
+    """Bars per resource (host thread, CPU experts, GPU, PCIe each way, the drive) over time for one forward; returns the axes."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 

@@ -103,7 +103,8 @@ def serve(env: simpy.Environment, box: Box, trace: Trace, policy: Policy, cost: 
 def _run_forward(box: Box, trace: Trace, cost: CostModel, fw: Forward) -> Generator:
     """Price a walked forward (the one cost model) and run it on the box's lanes."""
     shape = trace.shape
-    parts = cost.layer_parts(fw.decision, fw.counts, fw.counters, fw.member_tokens, fw.member_context, fw.segments)
+    parts = cost.layer_parts(fw.decision, fw.counts, fw.counters, fw.member_tokens, fw.member_context, fw.segments,
+                             fw.drive_reads, fw.drive_fills)
     dense, head, loop_s = cost.fixed_parts(fw.member_tokens, fw.member_context)
     yield from forward(box, fw.f, shape.moe_layers, shape.first_k_dense, dense, head, loop_s, parts)
 

@@ -31,7 +31,7 @@ def test_round_trip_and_policy(tmp_path):
     (lambda d: d["layers"][0].pop("kind"), r"layers\[0\]: lacks 'kind'|kind"),
     (lambda d: d["layers"][0].update(kind="swap", budget=0), "swap layer needs a budget"),
     (lambda d: d["layers"][0].update(kind="cpu"), "cpu layer has budget 0"),
-    (lambda d: d.update(version=4), "plan version 4 is not supported"),
+    (lambda d: d.update(version=5), "plan version 5 is not supported"),
     (lambda d: d.update(batch_size=0), "batch_size must be at least 1"),
     (lambda d: d["layers"][0].update(resident=[1, 2]), "only a static layer lists its residents"),
     (lambda d: d["layers"][0].update(kind="static", resident=[1, 2]), "lists 2 residents; a static layer lists exactly"),
@@ -59,7 +59,7 @@ def test_mixed_kinds_round_trip_and_version_1_still_loads(tmp_path):
     back = Plan.read(plan.write(tmp_path / "mixed.json"))
     assert back.kinds == kinds and back.tau[:4] == [0, 0, 0, 4]
     d = json.loads((tmp_path / "mixed.json").read_text())
-    assert d["version"] == 3 and "tau" not in d["layers"][2] and d["layers"][3]["tau"] == 4
+    assert d["version"] == 4 and "tau" not in d["layers"][2] and d["layers"][3]["tau"] == 4
     assert d["batch_size"] == 1 and back.batch_size == 1
     pol = Policy.from_plan(back, s)
     assert pol.kinds == kinds and pol.swap_rows.tolist()[:3] == [False, False, True]

@@ -203,7 +203,7 @@ def test_plan_command_over_batch_sizes_and_its_bad_input(many, tmp_path):
     p = run_module(*base, "--batch-sizes", "1,4,16", "--out", str(out))
     assert p.returncode == 0, p.stderr
     assert "frontier (offline" in p.stdout and "<-" in p.stdout and "run them all at once" in p.stderr
-    assert json.loads(out.read_text())["version"] == 3
+    assert json.loads(out.read_text())["version"] == 4
     for flags, fragment in ((["--batch-sizes", "0,2"], "--batch-sizes must be"), (["--batch-sizes", "2,x"], "--batch-sizes: comma"),
                             (["--arrival-rate", "-1"], "--arrival-rate must be"),
                             (["--latency-p99-s", "1", "--arrival-rate", "1"], "not both")):

@@ -116,7 +116,7 @@ def test_command_json_timeline_and_gantt(tmp_path, mini_trace):
     assert {"forward", "layer", "resource", "what", "start_s", "end_s"} <= set(df.columns)
     assert df["end_s"].max() == pytest.approx(s["seconds"])
     ax = plot_forward(df, 3)
-    assert len(ax.get_yticks()) == 5  # host, CPU experts, GPU, PCIe each way
+    assert len(ax.get_yticks()) == 6  # host, CPU experts, GPU, PCIe each way, the drive
     mem = run_module("sim.replay", "--trace", str(path), "--profile", "rtx4090", "--policy", "tide", "--gpu-mem-gb", "8", "--json")
     assert mem.returncode == 0, mem.stderr
     assert 0 < json.loads(mem.stdout)["policy"]["budget"][0] < 256

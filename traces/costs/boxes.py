@@ -7,7 +7,10 @@ rewrites the bundled profiles in ``traces/data/profiles``:
   ``h200-pcie5-measured.source.json``) with what its measurement lacks (non-expert layer
   times, overheads, expert groups smaller than 256, small transfers) derived;
 * ``a100-40gb``: A100 40 GB, PCIe gen4 x16, a 48-core AVX2 server CPU;
-* ``rtx4090``: a 24 GB consumer GPU, PCIe gen4 x16, a 16-core AVX-512 desktop CPU.
+* ``rtx4090``: a 24 GB consumer GPU, PCIe gen4 x16, a 16-core AVX-512 desktop CPU, 128 GiB
+  of RAM; ``rtx4090-64gb`` the same with 64 GiB.
+
+Every box has the drive its checkpoint lives on (:data:`DRIVES`, from datasheets).
 
 The derivations are rooflines with efficiency factors, stated in :class:`BoxSpec`:
 GPU work costs ``launches x launch_s + max(bytes / HBM bandwidth, flops / peak)``; a
@@ -18,7 +21,7 @@ transfer of ``s`` bytes moves at ``s / (latency + s / peak)``; one expert on the
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
@@ -45,6 +48,43 @@ FORWARD_S = 300e-6
 #: Host numpy work per missed expert (its rows in the gather), same VM.
 MISS_CALL_S = 1e-6
 DTYPE_GPU = "bfloat16"
+
+
+@dataclass(frozen=True)
+class DriveSpec:
+    """An NVMe drive from its datasheet: sequential read (what reads of whole experts, megabytes
+    each, approach) and 4 KiB random reads at queue depth 1 (a read's latency)."""
+
+    name: str
+    seq_read_gbps: float
+    qd1_iops: float
+    capacity_bytes: float
+    #: Of the sequential figure, what expert-sized reads at the runtime's queue depth reach
+    #: (a file system, several MB per read, not one long stream).
+    efficiency: float = 0.85
+    queue_depth: int = 8
+
+    def section(self) -> dict[str, Any]:
+        """The profile's ``drive`` section, derived."""
+        sheet = f"datasheet: {self.seq_read_gbps:g} GB/s sequential read, {self.qd1_iops:,.0f} IOPS 4 KiB random read at QD1"
+        return {
+            "name": self.name, "datasheet": sheet,
+            "read_gbps": _scalar(self.seq_read_gbps * self.efficiency, "derived",
+                                 f"{self.efficiency:g} x the datasheet's sequential read"),
+            "read_latency_s": _scalar(1.0 / self.qd1_iops, "derived", "1 / the datasheet's QD1 random-read IOPS"),
+            "queue_depth": _scalar(self.queue_depth, "derived", "reads the runtime keeps in flight"),
+            "capacity_bytes": _scalar(self.capacity_bytes, "derived"),
+        }
+
+
+#: Drives a box may have (datasheet figures): a PCIe gen4 and a gen5 consumer NVMe drive, and
+#: gen4 and gen5 data-centre drives.
+DRIVES: dict[str, DriveSpec] = {
+    "gen4": DriveSpec("Samsung 990 PRO 2 TB (NVMe, PCIe gen4 x4)", 7.45, 22_000, 2e12),
+    "gen5": DriveSpec("Crucial T705 2 TB (NVMe, PCIe gen5 x4)", 14.5, 22_000, 2e12),
+    "dc-gen4": DriveSpec("Samsung PM9A3 3.84 TB (NVMe, PCIe gen4 x4)", 6.9, 12_500, 3.84e12),
+    "dc-gen5": DriveSpec("Samsung PM1743 3.84 TB (NVMe, PCIe gen5 x4)", 13.0, 12_500, 3.84e12),
+}
 
 
 @dataclass(frozen=True)
@@ -75,6 +115,9 @@ class BoxSpec:
     #: Fixed cost of PyTorch's bf16 CPU matmul path at small token counts, calibrated on the
     #: measured Xeon (225 us for one token against a 45 us roofline).
     cpu_bf16_overhead_s: float = 180e-6
+    #: The drive the checkpoint lives on (a key of :data:`DRIVES`; the measured H200 box's own
+    #: drive was not measured: a data-centre gen5 drive is assumed).
+    drive: str = "gen4"
 
 
 SPECS: dict[str, BoxSpec] = {
@@ -83,18 +126,20 @@ SPECS: dict[str, BoxSpec] = {
         pcie="gen5 x16", gpu_mem_bytes=139.9 * GiB, gpu_mem_bw_gbps=4800, gpu_tflops=835, host_mem_bytes=125 * GiB,
         host_mem_bw_gbps=307, cpu_cores=16, cpu_tflops={"bfloat16": 16.0, "float32": 2.4},
         h2d_gbps={"pinned": 55.4, "pageable": 9.1}, d2h_gbps={"pinned": 55.4, "pageable": 15.7},
-        transfer_latency_s=8e-6, launch_s=6e-6, sync_s=15e-6, cpu_task_s=10e-6),
+        transfer_latency_s=8e-6, launch_s=6e-6, sync_s=15e-6, cpu_task_s=10e-6, drive="dc-gen5"),
     "a100-40gb": BoxSpec(
         name="a100-40gb", gpu="NVIDIA A100 40 GB (PCIe)", cpu="AMD EPYC, 48 cores, AVX2 (no native bf16)",
         pcie="gen4 x16", gpu_mem_bytes=40 * GiB, gpu_mem_bw_gbps=1555, gpu_tflops=312, host_mem_bytes=256 * GiB,
         host_mem_bw_gbps=204.8, cpu_cores=48, cpu_tflops={"bfloat16": 1.2, "float32": 3.5},
-        h2d_gbps={"pinned": 25.0, "pageable": 10.0}, d2h_gbps={"pinned": 26.0, "pageable": 11.0}),
+        h2d_gbps={"pinned": 25.0, "pageable": 10.0}, d2h_gbps={"pinned": 26.0, "pageable": 11.0}, drive="dc-gen4"),
     "rtx4090": BoxSpec(
         name="rtx4090", gpu="NVIDIA GeForce RTX 4090 24 GB", cpu="AMD Ryzen 9 (Zen 4), 16 cores, AVX-512 BF16",
         pcie="gen4 x16", gpu_mem_bytes=24 * GiB, gpu_mem_bw_gbps=1008, gpu_tflops=165, host_mem_bytes=128 * GiB,
         host_mem_bw_gbps=83.2, cpu_cores=16, cpu_tflops={"bfloat16": 2.3, "float32": 1.15},
         h2d_gbps={"pinned": 25.0, "pageable": 11.0}, d2h_gbps={"pinned": 25.0, "pageable": 11.0}),
 }
+# the box most people own: the same with 64 GiB of RAM
+SPECS["rtx4090-64gb"] = replace(SPECS["rtx4090"], name="rtx4090-64gb", host_mem_bytes=64 * GiB)
 MODELS = ("llada2-mini", "llada2-flash")
 
 
@@ -252,6 +297,7 @@ def build(spec: BoxSpec) -> dict[str, Any]:
             "cpu_task_s": _scalar(spec.cpu_task_s, "derived", "dispatching one expert's work on the CPU"),
         },
         "host": host_costs(spec),
+        "drive": DRIVES[spec.drive].section(),
         "h2d": {k: bandwidth("h2d", k) for k in ("pinned", "pageable")},
         "d2h": {k: bandwidth("d2h", k) for k in ("pinned", "pageable")},
         "gpu_experts": gpu_experts,

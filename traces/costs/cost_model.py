@@ -33,7 +33,7 @@ from traces.formats.shapes import ModelShape, dtype_bytes
 from traces.policies.decision import Decision
 
 #: The keys of :meth:`CostModel.layer_costs`: seconds per resource (the lanes are :data:`traces.costs.tasks.RESOURCES`)
-RESOURCE_SECONDS = ("gpu_s", "cpu_s", "h2d_s", "d2h_s", "copy_s", "host_s")
+RESOURCE_SECONDS = ("gpu_s", "cpu_s", "h2d_s", "d2h_s", "copy_s", "host_s", "drive_s")
 
 
 @dataclass
@@ -96,11 +96,13 @@ class CostModel:
     # ---- one forward --------------------------------------------------------------------
     def layer_parts(self, decision: Decision, counts: np.ndarray, counters: dict[str, np.ndarray],
                     tokens: int | np.ndarray, context: int | np.ndarray,
-                    segments: np.ndarray | None = None) -> dict[str, object]:
+                    segments: np.ndarray | None = None, drive_reads: np.ndarray | None = None,
+                    drive_fills: np.ndarray | None = None) -> dict[str, object]:
         """One forward's MoE-layer work priced, seconds per row (:meth:`price` of its
         :func:`traces.costs.work.layer_work`). ``counts`` is ``[L, E]``; the decision has ``L``
         rows, or ``L x G`` when it decides ``G`` candidate rows per layer (the planner's table)."""
-        return self.price(layer_work(decision, counts, counters, self.act_bytes, self.knots, tokens, context, segments))
+        return self.price(layer_work(decision, counts, counters, self.act_bytes, self.knots, tokens, context, segments,
+                                     drive_reads, drive_fills))
 
     def price(self, w: Work) -> dict[str, object]:
         """Rows' work (one forward's, or many forwards' at once) in seconds, as
@@ -111,7 +113,9 @@ class CostModel:
         ``setup_copy`` and ``copy`` (expert copies), ``hits_ready`` (residents that were
         already there) and ``hits_fresh`` (experts copied in this forward), ``cpu`` (misses),
         ``d2h_act`` / ``h2d_act`` (activations to the CPU and back); ``waves``: per swap wave
-        (launch, copy, hit) seconds per row, zero where a row has fewer waves or none."""
+        (launch, copy, hit) seconds per row, zero where a row has fewer waves or none; ``drive``
+        and ``fill``: the host tier's drive reads before the layer's CPU work and copies, and
+        its fills after them."""
         host = self.profile.host
         if not np.isin(self._cpu_knots, w.knots).all():
             raise TideError(f"{self.profile.where}: work was counted on CPU-table knots that miss this profile's")
@@ -152,7 +156,13 @@ class CostModel:
             "launch": host("expert_call_s") * (w.ready_n + w.fresh_n),
             "waves": [(launch[i], copy[i], hits[i]) for i in range(len(launch))],
             "swap": w.swap,
+            "drive": self.drive_s(w.drive_n),
+            "fill": self.drive_s(w.fill_n),
         }
+
+    def drive_s(self, reads: np.ndarray) -> np.ndarray:
+        """Reading ``reads`` experts from the drive (the profile's drive lane)."""
+        return self.profile.drive_read_s(reads, self.expert_bytes)
 
     def layer_seconds(self, parts: dict[str, object]) -> np.ndarray:
         """Seconds per MoE layer (row): the layer's task graph (:func:`traces.costs.tasks.layer_tasks`)
@@ -171,18 +181,20 @@ class CostModel:
             "d2h_s": p["d2h_act"],
             "copy_s": copies,
             "host_s": p["sync"] + p["decide"] + p["issue"] + p["launch"] + sum((ln for ln, _, _ in p["waves"]), zero),
+            "drive_s": p["drive"] + p["fill"],
         }
 
     def layer_bound(self, costs: dict[str, np.ndarray], serial_copies: np.ndarray | bool = False) -> np.ndarray:
         """Seconds per layer when everything that can overlap does (see module doc);
         ``serial_copies`` (per row): swap rows, whose experts wait for their copies."""
         act_h2d = costs["h2d_s"] - costs["copy_s"]
+        drive = costs.get("drive_s", 0.0)  # the drive's lane is its own on every box
         if self.profile.shares_cores:
-            return costs["gpu_s"] + costs["cpu_s"] + costs["h2d_s"] + costs["d2h_s"] + costs["host_s"]
+            return np.maximum(costs["gpu_s"] + costs["cpu_s"] + costs["h2d_s"] + costs["d2h_s"] + costs["host_s"], drive)
         host_path = costs["host_s"] + costs["cpu_s"]
         cpu_path = costs["d2h_s"] + host_path + act_h2d
-        return np.where(serial_copies, np.maximum(costs["gpu_s"] + costs["copy_s"], cpu_path),
-                        np.maximum.reduce([costs["gpu_s"], cpu_path, costs["h2d_s"], costs["d2h_s"]]))
+        return np.maximum(drive, np.where(serial_copies, np.maximum(costs["gpu_s"] + costs["copy_s"], cpu_path),
+                                          np.maximum.reduce([costs["gpu_s"], cpu_path, costs["h2d_s"], costs["d2h_s"]])))
 
     def extrapolated(self, tokens_per_expert: float, forward_tokens: float, context: float) -> list[str]:
         """Where a run's largest figures go past what the profile measured (then priced by

@@ -22,6 +22,7 @@ class PolicyReplay:
     policy: Policy
     counters: dict[str, np.ndarray]
     times: dict[str, np.ndarray] | None = None  # per resource [F, L] seconds, "layer_s" and "bound_s" [F, L], "fixed_s" [F]
+    drive: dict[str, np.ndarray] | None = None  # "reads" and "fills" [F, L]: experts read from the drive (host tier)
 
     def seconds(self) -> float:
         """The run's time as the runtime orders its work: the simulator's figure, without events."""
@@ -49,6 +50,7 @@ def replay_policy(trace: Trace, policy: Policy, popularity: np.ndarray | None = 
     ``cost`` model each forward and layer is also priced (``PolicyReplay.times``)."""
     F, L = trace.n_batched, trace.shape.n_moe_layers
     out = {k: np.zeros((F, L), dtype=np.int64) for k in COUNTERS}
+    drive = {k: np.zeros((F, L), dtype=np.int64) for k in ("reads", "fills")}
     times = None
     if cost is not None:
         times = {k: np.zeros((F, L)) for k in (*RESOURCE_SECONDS, "layer_s", "bound_s")}
@@ -56,13 +58,15 @@ def replay_policy(trace: Trace, policy: Policy, popularity: np.ndarray | None = 
     for fw in walk_trace(trace, policy, popularity, with_act):
         for k in COUNTERS:
             out[k][fw.f] = fw.counters[k]
+        if fw.drive_reads is not None:
+            drive["reads"][fw.f], drive["fills"][fw.f] = fw.drive_reads, fw.drive_fills
         if times is not None:
             parts = cost.layer_parts(fw.decision, fw.counts, fw.counters, fw.member_tokens, fw.member_context,
-                                     fw.segments)
+                                     fw.segments, fw.drive_reads, fw.drive_fills)
             lc = cost.layer_costs(parts)
             times["layer_s"][fw.f] = cost.layer_seconds(parts)
             for k, v in lc.items():
                 times[k][fw.f] = v
             times["bound_s"][fw.f] = cost.layer_bound(lc, serial_copies=parts["swap"])
             times["fixed_s"][fw.f] = cost.fixed_s(fw.member_tokens, fw.member_context)
-    return PolicyReplay(policy=policy, counters=out, times=times)
+    return PolicyReplay(policy=policy, counters=out, times=times, drive=drive)

@@ -21,7 +21,7 @@ import numpy as np
 
 #: Resources a task may name. ``cpu`` is the CPU experts' work: on the host thread (the
 #: engine has no thread pool of its own for it), accounted apart.
-RESOURCES = ("host", "cpu", "gpu", "h2d", "d2h")
+RESOURCES = ("host", "cpu", "gpu", "h2d", "d2h", "drive")
 
 
 @dataclass(frozen=True)
@@ -35,38 +35,43 @@ class Task:
 def lanes(shares_cores: bool) -> dict[str, str]:
     """Which queue serves each resource: on a GPU box the host thread serves ``host`` and
     ``cpu``, the GPU's stream and the two copy engines their own; when the fast device is
-    the CPU, host and fast device are one, and everything queues on it."""
+    the CPU, host and fast device are one, and everything queues on it. The drive is a lane
+    of its own on every box: its reads are the drive's work, not the cores'."""
     if shares_cores:
-        return dict.fromkeys(RESOURCES, "host")
-    return {"host": "host", "cpu": "host", "gpu": "gpu", "h2d": "h2d", "d2h": "d2h"}
+        return {**dict.fromkeys(RESOURCES, "host"), "drive": "drive"}
+    return {"host": "host", "cpu": "host", "gpu": "gpu", "h2d": "h2d", "d2h": "d2h", "drive": "drive"}
 
 
 def layer_tasks(p: dict[str, object]) -> list[Task]:
     """The graph of one MoE layer from the cost model's parts (``traces.costs.cost_model.CostModel.price``),
     in the engine's issue order. A swap row's waves and another row's copies, hits and CPU
     experts are both in it; a row's tasks of the other kind take no time and occupy nothing,
-    so each row follows its own kind's graph."""
+    so each row follows its own kind's graph. With a host tier, the experts host memory lacks
+    are read from the drive once decided, before any copy or CPU expert uses them, and the
+    layer's fills follow its work on the drive's lane."""
     head = [
         Task("attention+router+shared", "gpu", p["non_expert"]),
         Task("routing to host", "host", p["sync"], ("attention+router+shared",)),
         Task("decide", "host", p["decide"], ("routing to host",)),
-        Task("setup copies", "h2d", p["setup_copy"], ("decide",)),
+        Task("drive reads", "drive", p["drive"], ("decide",)),
+        Task("setup copies", "h2d", p["setup_copy"], ("decide", "drive reads")),
         Task("issue", "host", p["issue"], ("decide",)),
     ]
     tasks, prev = head, "setup copies"
     for w, (launch, copy, hits) in enumerate(p["waves"]):  # swap rows: each wave's copies, then its experts
         tasks += [Task(f"launch wave {w}", "host", launch, ("issue",) if w == 0 else (f"launch wave {w - 1}",)),
-                  Task(f"swap copies {w}", "h2d", copy, (f"launch wave {w}",)),
+                  Task(f"swap copies {w}", "h2d", copy, (f"launch wave {w}", "drive reads")),
                   Task(f"swap hits {w}", "gpu", hits, (f"swap copies {w}", prev))]
         prev = f"swap hits {w}"
     return tasks + [  # every other row (zero on swap rows, as the waves are zero on the others)
-        Task("expert copies", "h2d", p["copy"], ("issue",)),
+        Task("expert copies", "h2d", p["copy"], ("issue", "drive reads")),
         Task("activations to CPU", "d2h", p["d2h_act"], ("issue",)),
         Task("hits", "gpu", p["hits_ready"], ("issue", "setup copies")),
         Task("launch hits", "host", p["launch"], ("issue",)),
         Task("hits (fresh)", "gpu", p["hits_fresh"], ("expert copies", "launch hits")),
-        Task("CPU experts", "cpu", p["cpu"], ("activations to CPU", "launch hits")),
+        Task("CPU experts", "cpu", p["cpu"], ("activations to CPU", "launch hits", "drive reads")),
         Task("activations back", "h2d", p["h2d_act"], ("CPU experts",)),
+        Task("drive fills", "drive", p["fill"], ("CPU experts", "expert copies", prev)),
     ]
 
 

@@ -69,6 +69,8 @@ class Work:
     miss_segments: np.ndarray  # [V] those of missed experts
     hit_sets: np.ndarray  # [V] a row-exact batch's calls of resident experts that run in waves (ready, fresh, each swap wave)
     miss_sets: np.ndarray  # [V] its call of missed experts, when that runs in waves (0 or 1)
+    drive_n: np.ndarray  # [V] experts read from the drive before the layer's CPU work and copies (host tier)
+    fill_n: np.ndarray  # [V] experts read into host memory after the layer's work (the host tier's refill)
 
     @property
     def n_rows(self) -> int:
@@ -112,11 +114,13 @@ class Work:
 
 def layer_work(decision: Decision, counts: np.ndarray, counters: dict[str, np.ndarray], act_bytes: float,
                knots: np.ndarray, tokens: int | np.ndarray, context: int | np.ndarray,
-               segments: np.ndarray | None = None) -> Work:
+               segments: np.ndarray | None = None, drive_reads: np.ndarray | None = None,
+               drive_fills: np.ndarray | None = None) -> Work:
     """One forward's work per row from its decision (``L`` rows, or ``L x G`` candidate rows
     all seeing ``counts`` ``[L, E]``), its counters and the activation bytes of a token;
     ``tokens`` and ``context``: its members' (one each, or arrays for a batched forward);
-    ``segments`` (``[L, E]``, batched forwards): how many members have tokens on each expert."""
+    ``segments`` (``[L, E]``, batched forwards): how many members have tokens on each expert;
+    ``drive_reads`` / ``drive_fills`` (``[V]``, a host tier's): experts read from the drive."""
     counts = np.asarray(counts)
     L, E = counts.shape
     V = decision.n_rows
@@ -173,4 +177,6 @@ def layer_work(decision: Decision, counts: np.ndarray, counters: dict[str, np.nd
                 wave_copies=wave_copies, wave_experts=wave_experts, wave_tokens=wave_tokens,
                 slots=decision.resident.sum(axis=1),
                 segments=np.repeat(seg.sum(axis=1), G), miss_segments=(missed * seg[:, None, :]).sum(axis=-1).reshape(V),
-                hit_sets=hit_sets, miss_sets=waved(missed))
+                hit_sets=hit_sets, miss_sets=waved(missed),
+                drive_n=np.zeros(V, np.int64) if drive_reads is None else np.asarray(drive_reads, np.int64),
+                fill_n=np.zeros(V, np.int64) if drive_fills is None else np.asarray(drive_fills, np.int64))

@@ -1,24 +1,29 @@
 """Plans: per MoE layer a policy kind, its GPU expert budget ``B`` and (tide) its refresh
 interval ``tau``, with provenance.
 
-JSON, format ``tide-plan`` version 3::
+JSON, format ``tide-plan`` version 4::
 
-    {"format": "tide-plan", "version": 3,
+    {"format": "tide-plan", "version": 4,
      "model": {"name": "llada2-mini", "model_key": "...", "experts": 256},
      "dtype": "bfloat16", "gpu_mem_bytes": 24e9, "batch_size": 8,
      "layers": [{"layer": 1, "kind": "tide", "tau": 4, "budget": 96},   # every MoE layer, in order
                 {"layer": 2, "kind": "swap", "budget": 64},
                 {"layer": 3, "kind": "static", "budget": 2, "resident": [7, 40]},
                 {"layer": 4, "kind": "cpu", "budget": 0}, ...],
+     "host": {"kind": "tide", "host_mem_bytes": 64e9,        # optional: the host tier
+              "budget": [256, 200, ...], "tau": [1, 4, ...]},  # experts kept in host memory per MoE layer
      "predicted": {"seconds": ..., "tokens_per_s": ..., "speedup": {"cpu": ..., "static": ...}},
      "provenance": {"created": ..., "trace": ..., "profile": ..., "solver": ...}}
 
 Kinds are ``cpu`` (budget 0: every routed token on the CPU), ``static``, ``swap`` and
 ``tide`` (:data:`traces.formats.vocabulary.KINDS`); only tide layers have a ``tau``; a static layer
 may list its ``resident`` experts (as many as its budget: the runtime loads them straight
-onto the fast device and keeps only the others in host memory). ``batch_size`` is the
+onto the fast device and keeps only the others in host memory). ``host`` (version 4) gives the
+host tier (:mod:`traces.policies.host`): its kind, and per MoE layer the experts host memory
+keeps (the rest are read from the drive) and the refresh interval; absent, host memory holds
+every expert. ``batch_size`` is the
 requests per forward the plan was made for (absent: 1). Version-1 plans (no kinds: every
-layer tide) and version-2 plans (no batch size, no residents) still load. The planner
+layer tide) version-2 plans (no batch size, no residents) and version-3 plans (no host tier) still load. The planner
 writes plans; the runtime and the simulator run them as the ``plan`` policy.
 """
 from __future__ import annotations
@@ -38,8 +43,8 @@ from traces.formats.shapes import DTYPE_BYTES, ModelShape
 from traces.formats.vocabulary import KINDS
 
 FORMAT = "tide-plan"
-VERSION = 3
-READS = (1, 2, 3)  # versions this TIDE reads
+VERSION = 4
+READS = (1, 2, 3, 4)  # versions this TIDE reads
 
 
 @dataclass
@@ -53,6 +58,7 @@ class Plan:
     gpu_mem_bytes: float | None = None
     batch_size: int = 1  # requests per forward the plan was made for
     resident: dict[int, list[int]] = field(default_factory=dict)  # static layers' residents, by MoE layer index
+    host: dict[str, Any] | None = None  # the host tier: kind, budget [L], tau [L], host_mem_bytes (None: every expert held)
     predicted: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -81,6 +87,7 @@ class Plan:
         return {
             "format": FORMAT, "version": VERSION, "model": self.model, "dtype": self.dtype,
             "gpu_mem_bytes": self.gpu_mem_bytes, "batch_size": self.batch_size, "layers": rows,
+            **({"host": self.host} if self.host is not None else {}),
             "predicted": self.predicted, "provenance": self.provenance,
         }
 
@@ -116,8 +123,11 @@ class Plan:
         predicted = need_dict(d.get("predicted") or {}, f"{where}: predicted")
         provenance = need_dict(d.get("provenance") or {}, f"{where}: provenance")
         batch = check_batch_size(d.get("batch_size", 1), f"{where}: batch_size") if version >= 3 else 1
+        host = None
+        if version >= 4 and d.get("host") is not None:
+            host = _read_host(need_dict(d["host"], f"{where}: host"), f"{where}: host", len(layers))
         plan = cls(model=model, layers=layers, tau=tau, budget=budget, kind=kind, dtype=dtype,
-                   gpu_mem_bytes=gpu_mem, batch_size=batch, resident=resident, predicted=predicted,
+                   gpu_mem_bytes=gpu_mem, batch_size=batch, resident=resident, host=host, predicted=predicted,
                    provenance=provenance)
         plan.validate(where)
         return plan
@@ -154,6 +164,8 @@ class Plan:
                 raise TideError(f"{where}: layer {l} lists {len(ids)} residents; a static layer lists exactly its "
                                 f"budget ({self.budget[i]}) of distinct experts in 0..{E - 1}")
         check_batch_size(self.batch_size, f"{where}: batch_size")
+        if self.host is not None and any(not 0 <= b <= E for b in self.host["budget"]):
+            raise TideError(f"{where}: host budgets must lie in 0..{E}")
 
     def check_model(self, shape: ModelShape, where: str = "plan") -> None:
         """The plan must be for this model's MoE layers and experts."""
@@ -162,5 +174,24 @@ class Plan:
                             f"{self.model.get('experts')} experts), not {shape.name} (MoE layers "
                             f"{shape.moe_layers[0]}..{shape.moe_layers[-1]}, {shape.experts} experts)")
 
+    def host_budget(self) -> list[int]:
+        """Experts host memory keeps per MoE layer (every expert without a host tier)."""
+        return list(self.host["budget"]) if self.host else [int(self.model["experts"])] * len(self.layers)
+
     def expert_bytes_on_gpu(self, shape: ModelShape) -> int:
         return int(sum(self.budget)) * shape.expert_bytes(self.dtype)
+
+
+def _read_host(h: dict[str, Any], where: str, n_layers: int) -> dict[str, Any]:
+    """A plan's host tier, checked: a kind, and a budget and a tau per MoE layer."""
+    from traces.formats.vocabulary import HOST_KINDS
+    kind = need_str(get(h, "kind", where), f"{where}.kind", HOST_KINDS)
+    out: dict[str, Any] = {"kind": kind}
+    for key, lo in (("budget", 0), ("tau", 1)):
+        vals = need_list(get(h, key, where), f"{where}.{key}", nonempty=True)
+        if len(vals) != n_layers:
+            raise TideError(f"{where}.{key}: expected one value per MoE layer ({n_layers}), got {len(vals)}")
+        out[key] = [need_int(v, f"{where}.{key}[{i}]", lo=lo) for i, v in enumerate(vals)]
+    if h.get("host_mem_bytes") is not None:
+        out["host_mem_bytes"] = need_float(h["host_mem_bytes"], f"{where}.host_mem_bytes", positive=True)
+    return out

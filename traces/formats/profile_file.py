@@ -42,6 +42,12 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
   what each further request of a batched forward adds beyond its tokens (its own attention
   call, its sampling; absent: zero), see :meth:`traces.costs.cost_model.CostModel.batched_s`.
 
+* ``drive`` (optional): the drive the checkpoint lives on, the third tier under host memory:
+  ``read_gbps`` (what expert-sized reads reach at the runtime's queue depth, bypassing the
+  page cache), ``read_latency_s`` (one read's latency at queue depth 1), ``queue_depth``
+  (reads the runtime keeps in flight), ``capacity_bytes``; a ``name`` and, for a derived
+  drive, a ``datasheet`` note. Without it no expert can live on the drive only.
+
 * ``measured`` (optional, written by ``runtime.profile``): when and where the profile was
   taken (``created``, ``host``, ``threads``, ``cores``, ``load_avg_1m``), so a validation can
   tell whether it runs on the same box under the same load, and ``reference_s``, the speed
@@ -81,11 +87,13 @@ HOST = ("forward_s", "decide_s", "refresh_s", "swap_s", "issue_s", "copy_call_s"
 #: absent: zero (profiles measured before they were); member_s: forward_s
 HOST_OPTIONAL = ("swap_wave_s", "member_s", "batch_segment_s", "batch_calls_s")
 _SIGNED = ("batch_segment_s",)  # a further call may cost less than its table says (see runtime.profile)
+DRIVE = ("read_gbps", "read_latency_s", "queue_depth", "capacity_bytes")
 _POSITIVE = ("gpu_mem_bytes", "host_mem_bytes", "host_mem_bw_gbps", "gpu_mem_bw_gbps")  # they divide or bound
 BUNDLED = {
     "h200": "h200.json",
     "a100-40gb": "a100-40gb.json",
     "rtx4090": "rtx4090.json",
+    "rtx4090-64gb": "rtx4090-64gb.json",
 }
 
 
@@ -144,7 +152,7 @@ class Profile:
     # ---- loading ------------------------------------------------------------------
     @classmethod
     def load(cls, ref: str | Path) -> "Profile":
-        """A bundled name (``h200``, ``a100-40gb``, ``rtx4090``) or a JSON file."""
+        """A bundled name (:data:`BUNDLED`) or a JSON file."""
         if str(ref) in BUNDLED:
             text = resources.files("traces.data.profiles").joinpath(BUNDLED[str(ref)]).read_text()
             return cls(json.loads(text), where=f"profile {ref}")
@@ -254,6 +262,47 @@ class Profile:
                     ys = _axis(where, t, "context")
                     self._non[(key, part)] = Table2(xs, ys, _values(where, t, "seconds", (len(xs), len(ys))))
         self._check_signed()
+        self._check_drive()
+
+    def _check_drive(self) -> None:
+        """The optional ``drive`` lane: every value present, bandwidth, depth and capacity positive."""
+        sec = self.data.get("drive")
+        if sec is None:
+            return
+        w = f"{self.where}: drive"
+        need_dict(sec, w)
+        for k in DRIVE:
+            v = sec.get(k)
+            if not isinstance(v, dict) or "value" not in v:
+                raise fail(w, f"{k} missing (expected {{'value': ..., 'source': ...}})")
+            need_float(v["value"], f"{w}.{k}", lo=0.0, positive=k != "read_latency_s")
+            _check_source(f"{w}.{k}", v.get("source"), ())
+        if float(sec["queue_depth"]["value"]) < 1:
+            raise fail(w, "queue_depth must be at least 1")
+
+    @property
+    def has_drive(self) -> bool:
+        return self.data.get("drive") is not None
+
+    def drive(self, key: str) -> float:
+        """A drive figure (:data:`DRIVE`); a TideError naming the profile when it has no drive."""
+        sec = self.data.get("drive")
+        if sec is None:
+            raise fail(self.where, "has no 'drive' section: experts cannot live on the drive only "
+                                   "(measure one with python -m runtime.profile --checkpoint DIR)")
+        return float(sec[key]["value"])
+
+    def drive_read_s(self, reads: Any, nbytes: float) -> np.ndarray:
+        """Seconds to read ``reads`` experts of ``nbytes`` each from the drive, ``queue_depth``
+        at a time: each read's latency shared by the reads in flight, plus the bytes at the
+        read bandwidth."""
+        n = np.asarray(reads, dtype=np.float64)
+        if not self.has_drive:
+            if np.any(n > 0):
+                self.drive("read_gbps")  # the one line saying why
+            return np.zeros_like(n)
+        lat, qd, bw = self.drive("read_latency_s"), self.drive("queue_depth"), self.drive("read_gbps")
+        return np.where(n > 0, np.ceil(n / qd) * lat + n * nbytes / (bw * 1e9), 0.0)
 
     def _check_signed(self) -> None:
         """A signed cost's real bound: ``batch_segment_s`` corrects the price of each further
@@ -390,6 +439,7 @@ class Profile:
             **{f"host_{k}": self.host(k) for k in HOST},
             "h2d_pinned_gbps_max": float(self._h2d["pinned"].ys.max()),
             "d2h_pinned_gbps_max": float(self._d2h["pinned"].ys.max()),
+            **({f"drive_{k}": self.drive(k) for k in DRIVE} if self.has_drive else {}),
         }
 
 
@@ -413,10 +463,11 @@ def median_of(profiles: list["Profile"]) -> "Profile":
         return first
 
     data = merge("", [p.data for p in profiles])
-    for group in ("overheads", "host", "capacities"):  # {"value": v} scalars: the key is the entry's name
-        if group in data:
+    for group in ("overheads", "host", "capacities", "drive"):  # {"value": v} scalars: the key is the entry's name
+        if isinstance(data.get(group), dict):
             for k, v in data[group].items():
-                v["value"] = merge(k, [p.data[group].get(k, {"value": 0.0})["value"] for p in profiles])
+                if isinstance(v, dict) and "value" in v:
+                    v["value"] = merge(k, [(p.data.get(group) or {}).get(k, v)["value"] for p in profiles])
     return Profile(data, where=profiles[0].where)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 POLICIES: tuple[str, ...] = ("all", "cpu", "static", "swap", "tide", "plan")
 #: What a layer of a plan may run (``all`` is ``static`` with every expert).
 KINDS: tuple[str, ...] = ("cpu", "static", "swap", "tide")
+#: How a layer's host memory changes which experts it keeps (:mod:`traces.policies.host`).
+HOST_KINDS: tuple[str, ...] = ("tide", "static", "lru")
 #: The forwards of a block-diffusion run, as a trace records them.
 FORWARD_KINDS: tuple[str, ...] = ("prefill", "step", "commit")
 #: The contract's counters (:mod:`traces.policies.counters` defines them), per forward and MoE layer.

@@ -3,7 +3,7 @@ and checked in one place (:meth:`Policy.make`), read and written as JSON. The de
 themselves are :mod:`traces.policies.kernels`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -12,6 +12,7 @@ from traces.common.errors import TideError
 from traces.formats.plan_file import Plan
 from traces.formats.shapes import ModelShape
 from traces.formats.vocabulary import KINDS, POLICIES
+from traces.policies.host import HostPolicy
 
 CPU, STATIC, SWAP, TIDE = range(len(KINDS))
 _KIND_OF = {"all": STATIC, "cpu": CPU, "static": STATIC, "swap": SWAP, "tide": TIDE}
@@ -57,6 +58,17 @@ class Policy:
     tau: np.ndarray | None = None  # [L] int: tide and plan only (0 on a plan's layers that are not tide)
     kind: np.ndarray | None = None  # [L] int8 index into KINDS (set by make)
     resident: np.ndarray | None = None  # [L, E] bool: a static layer's residents fixed in advance (a plan's)
+    host: "HostPolicy | None" = None  # the host tier (None: host memory holds every expert)
+
+    def with_host(self, host: "HostPolicy | None") -> "Policy":
+        """This placement with a host tier (checked against its layers)."""
+        if host is not None and len(host.budget) != self.n_layers:
+            raise PolicyError("host_budget", f"expected {self.n_layers} per-layer host budgets, got {len(host.budget)}")
+        return replace(self, host=host)
+
+    def drive_layers(self, experts: int) -> np.ndarray:
+        """[L] bool: layers that keep some experts on the drive only."""
+        return np.zeros(self.n_layers, bool) if self.host is None else self.host.on_drive(experts)
 
     @classmethod
     def make(cls, name: str, n_layers: int, experts: int, budget: int | Sequence[int] | None = None,
@@ -152,6 +164,8 @@ class Policy:
             d["kind"] = self.kinds
             if self.resident is not None:
                 d["resident"] = {str(l): ids for l, ids in self.residents().items()}
+        if self.host is not None:
+            d["host"] = self.host.to_json()
         return d
 
     @classmethod
@@ -162,15 +176,20 @@ class Policy:
         res = d.get("resident")
         if res is not None and not (isinstance(res, dict) and all(str(k).isdigit() for k in res)):
             raise PolicyError("resident", f"a recorded policy's residents map layer indices to expert ids, got {res!r}")
-        return cls.make(d["name"], n_layers, experts, budget=d.get("budget"), tau=d.get("tau"), kind=d.get("kind"),
-                        resident={int(k): v for k, v in res.items()} if res else None)
+        p = cls.make(d["name"], n_layers, experts, budget=d.get("budget"), tau=d.get("tau"), kind=d.get("kind"),
+                     resident={int(k): v for k, v in res.items()} if res else None)
+        return p.with_host(HostPolicy.from_json(d["host"], n_layers, experts)) if d.get("host") is not None else p
 
     @classmethod
     def from_plan(cls, plan: "Plan", shape: ModelShape) -> "Policy":
         """The per-layer policy a plan file holds, for this model (refused if it is another's)."""
         plan.check_model(shape)
-        return cls.make("plan", shape.n_moe_layers, shape.experts, budget=plan.budget, tau=plan.tau, kind=plan.kinds,
-                        resident=plan.resident or None)
+        p = cls.make("plan", shape.n_moe_layers, shape.experts, budget=plan.budget, tau=plan.tau, kind=plan.kinds,
+                     resident=plan.resident or None)
+        if plan.host is None:
+            return p
+        return p.with_host(HostPolicy.make(plan.host["kind"], shape.n_moe_layers, shape.experts, plan.host["budget"],
+                                           plan.host["tau"]))
 
     def refresh_mask(self, kind: str, step: int) -> np.ndarray:
         """Which layers refresh at this forward: tide layers at prefills, at a block's first

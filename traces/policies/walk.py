@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
+from traces.common.errors import TideError
 from traces.policies.counters import forward_counters
 from traces.policies.decision import Decision
+from traces.policies.host import HostRunner, demand
 from traces.policies.runner import PolicyRunner
 from traces.policies.spec import Policy
 
@@ -38,6 +40,8 @@ class Forward:
     member_tokens: np.ndarray  # [members] tokens each runs
     member_context: np.ndarray  # [members] each one's context
     segments: np.ndarray | None = None  # [L, E] members with tokens on each expert, when batched
+    drive_reads: np.ndarray | None = None  # [rows] experts read from the drive on the forward's path (host tier)
+    drive_fills: np.ndarray | None = None  # [rows] experts read into host memory after the layer's work
 
 
 def walk_trace(trace: "Trace", policy: Policy, popularity: np.ndarray | None = None, with_act: bool = True,
@@ -54,6 +58,12 @@ def walk_trace(trace: "Trace", policy: Policy, popularity: np.ndarray | None = N
     its longest member's."""
     shape = trace.shape
     runner = PolicyRunner(policy, shape.experts, setup_counts=popularity, group=group)
+    host = None
+    if policy.host is not None:
+        if group != 1:
+            raise TideError("a host tier is walked one row per layer (the planner prices host budgets itself)")
+        host = HostRunner(policy.host, shape.experts, setup_counts=popularity)
+        hl = np.arange(policy.n_layers)
     fw = trace.forwards
     kinds, steps = fw["kind"].to_numpy(), fw["step"].to_numpy()
     runs, ctx = fw["tokens_run"].to_numpy(), fw["context"].to_numpy()
@@ -70,6 +80,14 @@ def walk_trace(trace: "Trace", policy: Policy, popularity: np.ndarray | None = N
             more = [(kinds[i], int(steps[i])) for i in rows[1:]]
             run, context = int(runs[rows].sum()), int(ctx[rows].max())
         decision = runner.step(counts, kinds[r], int(steps[r]), more)
+        reads = fills = None
+        if host is not None:
+            host.begin(kinds[r], int(steps[r]), more)
+            need = demand(decision, counts)
+            b = policy.host.budget
+            before = host.advance(hl, counts, need)
+            h0, h1 = before.held(b), host.state.held(b)
+            reads, fills = (need & ~h0).sum(axis=1), (h1 & ~h0 & ~need).sum(axis=1)
         ch = None
         if with_act:
             ch = np.concatenate([trace.choices_of(int(i))[:, sel] for i in rows]) if len(rows) > 1 \
@@ -77,4 +95,4 @@ def walk_trace(trace: "Trace", policy: Policy, popularity: np.ndarray | None = N
         c = forward_counters(decision, counts, exp_bytes, act, ch, run)
         rows = np.asarray(rows)
         yield Forward(f, str(kinds[r]), int(steps[r]), run, context, counts, decision, c, rows, runs[rows], ctx[rows],
-                      segments)
+                      segments, reads, fills)
