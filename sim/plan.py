@@ -23,6 +23,7 @@ from traces.common.errors import TideError
 from traces.common.files import check_out_path
 from traces.formats.profile_file import Profile
 from traces.formats.trace_read import read_trace
+from traces.formats.profile_file import BUNDLED
 from traces.formats.vocabulary import KINDS
 from traces.policies.labels import display_name
 from traces.policies.spec import check_kinds
@@ -31,8 +32,11 @@ from traces.policies.spec import check_kinds
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m sim.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--trace", action="append", required=True, help="a trace (Parquet); repeat for several")
-    ap.add_argument("--profile", required=True, help="a bundled profile name (h200, a100-40gb, rtx4090) or a JSON file")
+    ap.add_argument("--profile", required=True, help=f"a bundled profile name ({', '.join(BUNDLED)}) or a JSON file")
     ap.add_argument("--gpu-mem-gb", type=number, required=True, help="GPU memory the plan may use")
+    ap.add_argument("--host-mem-gb", type=number, default=None,
+                    help="host memory the plan may use (default: the box's); where it cannot hold every expert and "
+                         "the box has a drive, each layer gets a host budget, the rest read from the drive")
     ap.add_argument("--uniform", action="store_true",
                     help="one candidate for all layers (by default tide's one tau and B: the paper's program)")
     ap.add_argument("--kinds", default=None,
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: batch sizes above the traces' requests ({most}) run them all at once", file=sys.stderr)
     front = plan_frontier(traces, profile, a.gpu_mem_gb, sizes, a.latency_p99_s, a.arrival_rate, a.seed,
                           names=a.trace, uniform=a.uniform, budget_step=a.budget_step, jobs=a.jobs, kinds=kinds,
-                          layer_kinds=layer_kinds)
+                          layer_kinds=layer_kinds, host_mem_gb=a.host_mem_gb)
     plan, frame = front.plan, front.frames[front.plan.batch_size]
     plan.write(a.out)
     if a.json:
@@ -90,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     print("kind per layer:   " + " ".join(plan.kinds))
     print("tau per layer:    " + " ".join(str(t) if k == "tide" else "-" for k, t in zip(plan.kinds, plan.tau)))
     print("budget per layer: " + " ".join(map(str, plan.budget)))
+    if plan.host is not None:
+        hk = plan.host["kind"]
+        print("host kind:        " + " ".join(hk if isinstance(hk, list) else [hk] * len(plan.layers)))
+        print("host budget:      " + " ".join(map(str, plan.host["budget"])))
+        print("host tau:         " + " ".join(map(str, plan.host["tau"])))
+        print(f"read from the drive: {p['drive_gb_per_forward']:.2f} GB per forward")
     print(frame.assign(policy=frame["policy"].map(display_name)).to_string(index=False, formatters={"seconds": "{:.3f}".format, "tokens_per_s": "{:.1f}".format,
                                                    "plan_speedup": "{:.2f}x".format}))
     print(f"wrote {a.out}")

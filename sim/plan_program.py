@@ -33,11 +33,12 @@ from typing import Sequence
 import numpy as np
 import pyomo.environ as pyo
 
-from sim.candidates import Candidates
+from sim.candidates import Candidates, HostGrid
 from traces.common.cli import span
 from traces.common.errors import TideError
 from traces.costs.memory import MemoryBudget, host_experts
 from traces.formats.vocabulary import KINDS
+from traces.policies.host import HostPolicy
 from traces.policies.spec import Policy, check_kinds
 
 _SOLVING = threading.Lock()
@@ -53,14 +54,23 @@ class CandidateTable:
     mem_limit: float  # bytes of GPU memory the plan may use
     host_experts: np.ndarray | None = None  # [C] experts a layer keeps in host memory under each candidate
     host_limit: float = float("inf")  # bytes of host memory for experts
+    host_option: np.ndarray | None = None  # [L, C] with a host tier: each layer's best host option per candidate
+    host_grid: "HostGrid | None" = None  # what the options are
 
     @classmethod
-    def of(cls, layers: list[int], cands: Candidates, seconds: np.ndarray, mem: MemoryBudget) -> "CandidateTable":
-        """The program's data from priced candidates and the run's memory budget."""
+    def of(cls, layers: list[int], cands: Candidates, seconds: np.ndarray, mem: MemoryBudget,
+           host_option: np.ndarray | None = None, host_grid: "HostGrid | None" = None) -> "CandidateTable":
+        """The program's data from priced candidates and the run's memory budget; candidates with
+        host budgets (a host tier) keep at most those in host memory, beside the staging for
+        reads from the drive, which the host limit sets apart."""
+        held = host_experts(mem.shape, [KINDS[k] for k in cands.kind], cands.budget)
+        limit = mem.host_limit_bytes
+        if cands.host_budget is not None:
+            held = np.minimum(held, cands.host_budget)
+            limit -= mem.staging_experts() * mem.expert_bytes
         return cls(layers=layers, cands=cands, seconds=seconds, expert_bytes=mem.expert_bytes,
-                   fixed_bytes=mem.fixed_bytes, mem_limit=mem.limit_bytes,
-                   host_experts=host_experts(mem.shape, [KINDS[k] for k in cands.kind], cands.budget),
-                   host_limit=mem.host_limit_bytes)
+                   fixed_bytes=mem.fixed_bytes, mem_limit=mem.limit_bytes, host_experts=held, host_limit=limit,
+                   host_option=host_option, host_grid=host_grid)
 
     @property
     def host(self) -> np.ndarray:
@@ -98,10 +108,20 @@ class Solution:
     build_s: float  # building the Pyomo model
     solve_s: float  # HiGHS, through Pyomo
     variables: int  # binaries
+    host_budget: list[int] | None = None  # with a host tier: experts each layer keeps in host memory
+    host_tau: list[int] | None = None  # and its held set's refresh interval
+    host_kind: list[str] | None = None  # and how that set changes (tide or lru)
 
     def policy(self, experts: int) -> Policy:
         """The solution as the ``plan`` policy the runtime and the simulator run."""
-        return Policy.make("plan", len(self.tau), experts, budget=self.budget, tau=self.tau, kind=self.kind)
+        p = Policy.make("plan", len(self.tau), experts, budget=self.budget, tau=self.tau, kind=self.kind)
+        return p.with_host(self.host_policy(experts))
+
+    def host_policy(self, experts: int) -> HostPolicy | None:
+        """The host tier chosen (None: host memory holds every expert)."""
+        if self.host_budget is None:
+            return None
+        return HostPolicy.make(self.host_kind, len(self.tau), experts, self.host_budget, self.host_tau)
 
 
 def allowed_candidates(cands: Candidates, kinds: Sequence[str] | None, uniform: bool) -> np.ndarray:
@@ -229,6 +249,12 @@ def solve(table: CandidateTable, uniform: bool = False, kinds: Sequence[str] | N
         chosen = {l: c for l, c in m.X if pyo.value(m.x[l, c]) > 0.5}
         picks = [chosen[l] for l in m.L]
     cd = table.cands
+    hb = ht = hk = None
+    if cd.host_budget is not None:
+        hb = [int(cd.host_budget[c]) for c in picks]
+        opts = [table.host_grid.option(int(table.host_option[l, c])) for l, c in enumerate(picks)]
+        hk, ht = [k for k, _ in opts], [t for _, t in opts]
     return Solution(kind=[KINDS[cd.kind[c]] for c in picks], tau=[int(cd.tau[c]) for c in picks],
                     budget=[int(cd.budget[c]) for c in picks], seconds=float(pyo.value(m.time)),
-                    build_s=t1 - t0, solve_s=t2 - t1, variables=len(m.C) if uniform else len(m.X))
+                    build_s=t1 - t0, solve_s=t2 - t1, variables=len(m.C) if uniform else len(m.X),
+                    host_budget=hb, host_tau=ht, host_kind=hk)

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from sim.candidates import Candidates, Priced, budget_grid, distinct_taus, price_table
+from sim.candidates import Candidates, HostGrid, Priced, budget_grid, distinct_taus, price_table
 from sim.plan_program import CandidateTable, Solution, check_plan_kinds, solve
 from sim.simulate import simulate
 from traces.common.checks import check_batch_size
@@ -36,6 +36,7 @@ from traces.formats.plan_file import Plan
 from traces.formats.profile_file import Profile
 from traces.formats.trace_file import Trace
 from traces.formats.vocabulary import KINDS
+from traces.policies.host import HostPolicy
 from traces.policies.labels import baselines, kinds_label, tau_label
 from traces.policies.spec import Policy
 from traces.policies.walk import walk_trace
@@ -53,14 +54,17 @@ def check_traces(traces: Sequence[Trace], names: Sequence[str]) -> None:
             raise TideError(f"--trace {name}: dtype {tr.dtype}, the first trace's is {first.dtype}")
 
 
-def memory(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, batch_size: int = 1) -> MemoryBudget:
-    """The memory the plan may use: ``gpu_mem_gb`` of the GPU (the batch's KV cache counted)
-    and the box's host memory, after one clear error if the limit is impossible (above the
-    box's memory, or short of weights, KV cache and one expert per layer)."""
+def memory(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, batch_size: int = 1,
+           host_mem_gb: float | None = None) -> MemoryBudget:
+    """The memory the plan may use: ``gpu_mem_gb`` of the GPU (the batch's KV cache counted),
+    ``host_mem_gb`` of host memory (default: the box's) and the box's drive where it has one,
+    after one clear error if the limit is impossible (above the box's memory, or short of
+    weights, KV cache and one expert per layer, or a tier too small to hold the model)."""
     need_float(gpu_mem_gb, "--gpu-mem-gb", positive=True)
+    host = MemoryBudget.host_limit(host_mem_gb, profile.capacity("host_mem_bytes"), f"{profile.name}'s host")
     mem = MemoryBudget.on_device(traces[0].shape, traces[0].dtype, gpu_mem_gb, profile.capacity("gpu_mem_bytes"),
-                                 kv_tokens(traces, batch_size), profile.capacity("host_mem_bytes"),
-                                 device=f"{profile.name}'s GPU")
+                                 kv_tokens(traces, batch_size), host, device=f"{profile.name}'s GPU",
+                                 drive_bytes=profile.drive("capacity_bytes") if profile.has_drive else None)
     what = f"--gpu-mem-gb {gpu_mem_gb:g}" + (f" at batch {batch_size}" if batch_size > 1 else "")
     mem.check_one_each(what)
     mem.check_holds(f"{what} on {profile.name}")
@@ -77,18 +81,36 @@ def plan_budgets(mem: MemoryBudget, step: int = 8, extra: Sequence[int] = ()) ->
 
 def table_at(priced: Priced, box: int, mem: MemoryBudget, profile: Profile, budgets: Sequence[int]) -> CandidateTable:
     """The program's table for one box (``priced``'s ``box``-th profile, ``profile``) and memory
-    limit, from candidates priced for more budgets: those of ``budgets`` only."""
+    limit, from candidates priced for more budgets: those of ``budgets`` only. Priced with a
+    host tier, each candidate comes at every host budget, at its layer's best host tau."""
     keep = np.isin(priced.cands.budget, list(budgets))
-    return CandidateTable.of(mem.shape.moe_layers, priced.cands.take(keep), priced.seconds[box][:, keep], mem)
+    cands = priced.cands.take(keep)
+    if priced.host is None:
+        return CandidateTable.of(mem.shape.moe_layers, cands, priced.seconds[box][:, keep], mem)
+    hs = priced.host_seconds[box][:, keep]  # [L, C, T, H]
+    best = hs.argmin(axis=2)  # [L, C, H]: each layer's best host option per candidate and host budget
+    L, C, H = best.shape
+    seconds = np.take_along_axis(hs, best[:, :, None, :], axis=2)[:, :, 0, :].reshape(L, C * H)
+    return CandidateTable.of(mem.shape.moe_layers, cands.with_host(priced.host.budgets), seconds, mem,
+                             best.reshape(L, C * H), priced.host)
+
+
+def needs_drive(mem: MemoryBudget, profile: Profile) -> bool:
+    """Whether to plan a host tier: the box has a drive and host memory cannot hold every
+    expert (when it can, keeping them all there is never slower)."""
+    s = mem.shape
+    return profile.has_drive and s.n_moe_layers * s.experts * mem.expert_bytes > mem.host_limit_bytes
 
 
 def candidate_table(traces: Sequence[Trace], profile: Profile, mem: MemoryBudget, budget_step: int = 8,
                     jobs: int | None = None, progress: bool = True) -> tuple[CandidateTable, Priced]:
     """Every candidate of every layer priced on the traces (taus that refresh at the same
-    forwards, and budgets that cannot fit even alone, left out), and the priced table."""
+    forwards, and budgets that cannot fit even alone, left out), and the priced table; with a
+    host tier (:func:`needs_drive`), at every host budget and host tau too."""
     budgets = plan_budgets(mem, budget_step)
     taus = distinct_taus(traces, range(1, max(t.decoding.steps for t in traces) + 1))
-    priced = price_table(traces, [profile], Candidates.grid(taus, budgets), jobs=jobs, progress=progress)
+    host = HostGrid.for_traces(traces) if needs_drive(mem, profile) else None
+    priced = price_table(traces, [profile], Candidates.grid(taus, budgets), jobs=jobs, progress=progress, host=host)
     return table_at(priced, 0, mem, profile, budgets), priced
 
 
@@ -104,7 +126,8 @@ def _blocks(traces: Sequence[Trace]) -> int:
 def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, uniform: bool = False,
               budget_step: int = 8, jobs: int | None = 1, names: Sequence[str] | None = None,
               progress: bool = True, kinds: Sequence[str] | None = None,
-              layer_kinds: Sequence[str] | None = None, batch_size: int = 1) -> tuple[Plan, pd.DataFrame]:
+              layer_kinds: Sequence[str] | None = None, batch_size: int = 1,
+              host_mem_gb: float | None = None) -> tuple[Plan, pd.DataFrame]:
     """Plan, simulate the plan, the best uniform setting of any kind and the baselines, and
     fill the plan's predictions and provenance.
 
@@ -113,6 +136,11 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
     with the batch's KV cache on the GPU. A static layer's residents are fixed in the plan
     (those of its setup on the first trace, as priced), so the runtime can load them
     straight onto the GPU.
+
+    ``host_mem_gb`` caps host memory (default: the box's). Where it cannot hold every expert
+    and the box has a drive, each layer also gets a host budget and host tau (a host tier:
+    the rest of its experts are read from the drive), and the baselines run with a cache
+    that evicts the least recently used expert (``lru``: what mapping the file gives).
 
     ``jobs``: processes pricing candidates; the default 1 works from any script, ``None``
     takes every core (spawned workers: the calling script needs an ``if __name__ ==
@@ -125,7 +153,7 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
     shape, dtype = traces[0].shape, traces[0].dtype
     L, E = shape.n_moe_layers, shape.experts
     check_plan_kinds(L, uniform, kinds, layer_kinds)
-    mem = memory(traces, profile, gpu_mem_gb, batch_size)
+    mem = memory(traces, profile, gpu_mem_gb, batch_size, host_mem_gb)
     traces = [compose_trace(t, batch_size) if batch_size > 1 else t for t in traces]  # the forwards that run
     t0 = time.perf_counter()
     table, priced = candidate_table(traces, profile, mem, budget_step, jobs, progress)
@@ -134,7 +162,8 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
     best_uniform = solve(table, uniform=True, kinds=KINDS)  # the best uniform setting of any kind
     sol: Solution = solve(table, uniform, kinds, layer_kinds)
     resident = static_residents(traces[0], sol.policy(E))
-    plan_policy = Policy.make("plan", L, E, budget=sol.budget, tau=sol.tau, kind=sol.kind, resident=resident or None)
+    plan_policy = Policy.make("plan", L, E, budget=sol.budget, tau=sol.tau, kind=sol.kind,
+                              resident=resident or None).with_host(sol.host_policy(E))
     plan_s = simulated_seconds(traces, profile, plan_policy)
     # the per-layer optimum over every kind holds the best uniform setting: never slower (tested;
     # a hand-chosen mix of kinds, --layer-kinds, may be)
@@ -145,8 +174,7 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
              "budget": span(sol.budget), "seconds": plan_s},
             {"policy": "uniform best", "kinds": u_kind, "tau": tau_label(best_uniform.kind, best_uniform.tau),
              "budget": str(best_uniform.budget[0]), "seconds": uni_s}]
-    base_policies = {n: p for n, p in baselines(L, E, mem.largest_uniform()).items()
-                     if mem.host_need_bytes(p.kinds, p.budget) <= mem.host_limit_bytes}  # those the host can hold
+    base_policies = host_baselines(mem, profile, baselines(L, E, mem.largest_uniform()))
     for name, pol in base_policies.items():
         rows.append({"policy": name, "kinds": pol.kinds[0], "tau": "1" if name == "tide_tau1" else "-",
                      "budget": str(int(pol.budget[0])), "seconds": simulated_seconds(traces, profile, pol)})
@@ -163,11 +191,44 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
         "uniform_best": {"kind": u_kind, "tau": best_uniform.tau[0], "budget": best_uniform.budget[0], "seconds": uni_s},
     }
     provenance = _provenance(names, traces, profile, table, sol, table_s, uniform, kinds, layer_kinds)
-    predicted["host_gb"] = mem.host_need_bytes(sol.kind, sol.budget) / 1e9
+    predicted["host_gb"] = mem.host_need_bytes(sol.kind, sol.budget, sol.host_budget) / 1e9
     predicted["gpu_gb"] = mem.need_bytes(sol.budget) / 1e9
+    host = None
+    if sol.host_budget is not None:
+        hk = sol.host_kind
+        host = {"kind": hk[0] if len(set(hk)) == 1 else hk, "budget": sol.host_budget, "tau": sol.host_tau,
+                "host_mem_bytes": mem.host_limit_bytes}
+        predicted["drive_gb_per_forward"] = _drive_gb(traces, plan_policy, mem)
     plan = Plan.for_shape(shape, sol.tau, sol.budget, kind=sol.kind, dtype=dtype, gpu_mem_bytes=mem.limit_bytes,
-                          batch_size=batch_size, resident=resident, predicted=predicted, provenance=provenance)
+                          batch_size=batch_size, resident=resident, host=host, predicted=predicted, provenance=provenance)
     return plan, frame
+
+
+def host_baselines(mem: MemoryBudget, profile: Profile, policies: dict[str, Policy]) -> dict[str, Policy]:
+    """The baselines the box can run: each as it is where host memory holds what it needs;
+    where it cannot and the box has a drive, with a host cache evicting the least recently
+    used expert at the largest host budget that fits (``lru``: what mapping the checkpoint
+    file gives people today)."""
+    out = {}
+    for name, p in policies.items():
+        if mem.host_need_bytes(p.kinds, p.budget) <= mem.host_limit_bytes:
+            out[name] = p
+        elif needs_drive(mem, profile):
+            h = mem.uniform_host_budget(p.kinds, p.budget)
+            if mem.host_need_bytes(p.kinds, p.budget, [h] * p.n_layers) <= mem.host_limit_bytes:
+                out[f"{name}+lru"] = p.with_host(HostPolicy.make("lru", p.n_layers, mem.shape.experts, h))
+    return out
+
+
+def _drive_gb(traces: Sequence[Trace], policy: Policy, mem: MemoryBudget) -> float:
+    """GB read from the drive per forward under ``policy`` (reads and fills), over the traces."""
+    from traces.costs.policy_run import replay_policy
+    reads = forwards = 0
+    for tr in traces:
+        r = replay_policy(tr, policy, with_act=False)
+        reads += int(r.drive["reads"].sum() + r.drive["fills"].sum())
+        forwards += tr.n_batched
+    return reads * mem.expert_bytes / 1e9 / max(forwards, 1)
 
 
 def _provenance(names: Sequence[str], traces: Sequence[Trace], profile: Profile, table: CandidateTable, sol: Solution,

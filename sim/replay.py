@@ -28,21 +28,22 @@ from traces.common.cli import ArgumentParser, integer, number, print_json, run_c
 from traces.common.errors import TideError
 from traces.common.files import atomic_write, check_out_path
 from traces.costs.memory import kv_tokens
-from traces.formats.profile_file import Profile
+from traces.formats.profile_file import BUNDLED, Profile
 from traces.formats.trace_read import load_popularity, read_trace
 from traces.serving.arrivals import closed_loop, poisson, read_arrivals
-from traces.settings import parse_budget, resolve_policy
+from traces.settings import add_host_flags, parse_budget, resolve_policy
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m sim.replay", description=__doc__.split("\n\n")[0])
     ap.add_argument("--trace", required=True)
-    ap.add_argument("--profile", required=True, help="a bundled profile name (h200, a100-40gb, rtx4090) or a JSON file")
+    ap.add_argument("--profile", required=True, help=f"a bundled profile name ({', '.join(BUNDLED)}) or a JSON file")
     ap.add_argument("--policy", required=True, help="all, cpu, static, swap, tide or plan")
     ap.add_argument("--tau", type=integer, default=None)
     ap.add_argument("--gpu-experts", default=None, help="expert slots per MoE layer (one number or one per layer)")
     ap.add_argument("--gpu-mem-gb", type=number, default=None)
     ap.add_argument("--plan", default=None)
+    add_host_flags(ap)
     ap.add_argument("--popularity", default=None, help="trace whose total counts fill the slots at setup")
     ap.add_argument("--cpu-dtype", default=None, help="weight dtype of CPU experts (default: the trace's)")
     ap.add_argument("--timeline", default=None, help="write every resource use here (Parquet)")
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = resolve_batch_size(a.batch_size, trace=trace.batch_size)
     policy = resolve_policy(a.policy, trace.shape, trace.dtype, tau=a.tau, gpu_experts=parse_budget(a.gpu_experts),
                             gpu_mem_gb=a.gpu_mem_gb, plan=a.plan, kv_tokens=kv_tokens([trace], batch_size),
-                            mem_limit_bytes=profile.capacity("gpu_mem_bytes"))
+                            mem_limit_bytes=profile.capacity("gpu_mem_bytes"), host_mem_gb=a.host_mem_gb,
+                            host_policy=a.host_policy, host_tau=a.host_tau,
+                            host_bytes=profile.capacity("host_mem_bytes"))
     pop = load_popularity(a.popularity, trace.shape) if a.popularity else None
     res = simulate(trace, profile, policy, pop, timeline=a.timeline is not None, cpu_dtype=a.cpu_dtype,
                    batch_size=a.batch_size, arrivals=arrivals)
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{trace.shape.name} on {profile.name}, {s['policy']['name']}: {s['seconds']:.3f} s, "
               f"{s['tokens_per_s']:.1f} tokens/s; GPU busy {s['gpu_busy_s']:.3f} s, CPU {s['cpu_busy_s']:.3f} s, "
               f"PCIe {s['pcie_busy_s']:.3f} s; {s['events']} events in {s['sim_wall_s']:.2f} s")
+        if s["drive_reads"] or s["drive_fills"]:
+            print(f"drive: {s['drive_reads']} experts read on the forwards' path, {s['drive_fills']} filled after "
+                  f"their layers ({s['drive_gb_per_forward']:.2f} GB per forward), drive busy {s['drive_busy_s']:.3f} s")
         print(f"{s['requests']} requests ({s['arrivals']}, batch {s['batch_size'] or 'as recorded'}, "
               f"mean {s['mean_batch']:.1f} per forward): {s['requests_per_s']:.3f} requests/s; latency p50 "
               f"{s['latency_s_p50']:.2f} s, p99 {s['latency_s_p99']:.2f} s; first block p50 {s['first_block_s_p50']:.2f} s; "

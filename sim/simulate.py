@@ -41,6 +41,9 @@ class SimResult:
     batch_size: int | None = None
     arrivals: str = "offline"
     extrapolated: list[str] | None = None  # where prices went past the profile's measured range
+    drive_reads: int = 0  # experts read from the drive on the forwards' path (a host tier's)
+    drive_fills: int = 0  # experts read into host memory after their layers
+    expert_bytes: int = 0
 
     @property
     def seconds(self) -> float:
@@ -79,6 +82,9 @@ class SimResult:
             "profile": self.profile, **self.totals(),
             "host_busy_s": self.busy["host"], "gpu_busy_s": self.busy["gpu"], "cpu_busy_s": self.busy["cpu"],
             "h2d_busy_s": self.busy["h2d"], "d2h_busy_s": self.busy["d2h"], "pcie_busy_s": self.busy["h2d"] + self.busy["d2h"],
+            "drive_busy_s": self.busy["drive"], "drive_reads": self.drive_reads, "drive_fills": self.drive_fills,
+            "drive_gb_per_forward": (self.drive_reads + self.drive_fills) * self.expert_bytes / 1e9
+            / max(len(self.per_forward), 1),
             **{f"{k}_busy_fraction": (v / s if s > 0 else 0.0) for k, v in self.busy.items()},
             "events": self.events, "sim_wall_s": self.wall_s, "extrapolated": self.extrapolated or [],
         }
@@ -100,13 +106,20 @@ def simulate(trace: Trace, profile: Profile, policy: Policy, popularity: np.ndar
     mem = MemoryBudget.for_traces([trace], profile.capacity("gpu_mem_bytes"), runs_at,
                                   profile.capacity("host_mem_bytes"))
     mem.check(policy.budget, f"on {profile.name}'s GPU, the {policy.name} policy's budget")
-    mem.check_host(policy.kinds, policy.budget, f"on {profile.name}, the {policy.name} policy")
+    host_budget = None if policy.host is None else policy.host.budget
+    mem.check_host(policy.kinds, policy.budget, f"on {profile.name}, the {policy.name} policy", host_budget)
+    if policy.drive_layers(shape.experts).any() and not profile.has_drive:
+        profile.drive("read_gbps")  # one line: the profile has no drive to read the rest from
     L = shape.n_moe_layers
     counters: list[dict[str, np.ndarray]] = []
     most = np.zeros(3)  # tokens per expert, tokens per forward, context: the largest priced
 
+    drive = np.zeros(2, np.int64)  # experts read on the forwards' path, and filled after layers
+
     def seen(fw) -> None:
         counters.append(fw.counters)
+        if fw.drive_reads is not None:
+            drive[:] += [int(fw.drive_reads.sum()), int(fw.drive_fills.sum())]
         np.maximum(most, [fw.counts.max(initial=0), fw.tokens_run, fw.context], out=most)
     stream, process = serve(env, box, trace, policy, cost, popularity, batch_size, arrivals, on_forward=seen)
     env.process(process)
@@ -132,7 +145,8 @@ def simulate(trace: Trace, profile: Profile, policy: Policy, popularity: np.ndar
                      busy=dict(box.busy), events=box.events, wall_s=time.perf_counter() - t_wall,
                      timeline=box.timeline() if timeline else None, requests=request_table(trace, stream),
                      batch_size=None if batch_size is None and arrivals is None else runs_at, arrivals=(arrivals.label if arrivals is not None else "offline"),
-                     extrapolated=cost.extrapolated(*most))
+                     extrapolated=cost.extrapolated(*most), drive_reads=int(drive[0]), drive_fills=int(drive[1]),
+                     expert_bytes=cost.expert_bytes)
 
 
 def request_table(trace: Trace, stream: Stream) -> pd.DataFrame:

@@ -1,5 +1,5 @@
-"""Memory: what a run holds on the fast device and in host memory, and whether a placement
-fits. Asked by every part (runtime flags, simulator, planner, sweeps, validation), so all
+"""Memory: what a run holds on the fast device, in host memory and on the drive, and whether
+a placement fits. Asked by every part (runtime flags, simulator, planner, sweeps, validation), so all
 count it one way.
 
 The fast device holds the non-expert weights (plus the fp32 ``expert_bias``), the KV cache
@@ -8,7 +8,9 @@ block of the longest) and ``B`` expert slots per MoE layer. The host holds only 
 that can be missing from the fast device: a layer whose budget is every expert needs no
 host copy, a ``static`` layer needs its non-resident experts only, and ``tide``, ``swap``
 and ``cpu`` layers need every expert there. A uniform budget ``B`` fits the device iff
-``B <= largest_uniform()``.
+``B <= largest_uniform()``. With a host tier (:mod:`traces.policies.host`) host memory holds at
+most each layer's host budget of those, plus staging for one layer's reads from the drive,
+and the drive holds every expert (the checkpoint).
 """
 from __future__ import annotations
 
@@ -67,6 +69,7 @@ class MemoryBudget:
     limit_bytes: float
     kv_tokens: int = 0
     host_limit_bytes: float = float("inf")
+    drive_bytes: float | None = None  # the drive's capacity, when the box has one: the third tier
 
     @classmethod
     def for_traces(cls, traces: Sequence["Trace"], limit_bytes: float, batch_size: int | None = None,
@@ -76,7 +79,8 @@ class MemoryBudget:
 
     @classmethod
     def on_device(cls, shape: ModelShape, dtype: str, gpu_mem_gb: float | None, device_bytes: float | None,
-                  kv_tokens: int = 0, host_limit_bytes: float = float("inf"), device: str = "the device") -> "MemoryBudget":
+                  kv_tokens: int = 0, host_limit_bytes: float = float("inf"), device: str = "the device",
+                  drive_bytes: float | None = None) -> "MemoryBudget":
         """The budget a run may use: ``--gpu-mem-gb`` (default: the whole ``device_bytes``,
         unbounded where that is unknown), refused with one line when it is more than the
         device's memory (``device`` names it) or not a positive number."""
@@ -85,27 +89,78 @@ class MemoryBudget:
             if device_bytes is not None and gpu_mem_gb * 1e9 > device_bytes:
                 raise TideError(f"--gpu-mem-gb {gpu_mem_gb:g}: more than the memory of {device} ({device_bytes / 1e9:.1f} GB)")
         limit = gpu_mem_gb * 1e9 if gpu_mem_gb is not None else device_bytes
-        return cls(shape, dtype, float("inf") if limit is None else float(limit), int(kv_tokens), float(host_limit_bytes))
+        return cls(shape, dtype, float("inf") if limit is None else float(limit), int(kv_tokens), float(host_limit_bytes),
+                   drive_bytes)
 
-    def host_need_bytes(self, kinds: Sequence[str], budget: Sequence[int] | np.ndarray) -> int:
-        """Host memory the experts of a placement (a kind and budget per MoE layer) take."""
-        return int(host_experts(self.shape, kinds, budget).sum()) * self.expert_bytes
+    @staticmethod
+    def host_limit(host_mem_gb: float | None, host_bytes: float | None, where: str = "the host") -> float:
+        """Host memory a run may use: ``--host-mem-gb`` (default: all of ``host_bytes``, unbounded
+        where unknown), refused with one line when not a positive number or above ``host_bytes``."""
+        if host_mem_gb is None:
+            return float("inf") if host_bytes is None else float(host_bytes)
+        need_float(host_mem_gb, "--host-mem-gb", positive=True)
+        if host_bytes is not None and host_mem_gb * 1e9 > host_bytes:
+            raise TideError(f"--host-mem-gb {host_mem_gb:g}: more than the memory of {where} ({host_bytes / 1e9:.1f} GB)")
+        return host_mem_gb * 1e9
+
+    def host_need_bytes(self, kinds: Sequence[str], budget: Sequence[int] | np.ndarray,
+                        host_budget: Sequence[int] | np.ndarray | None = None) -> int:
+        """Host memory the experts of a placement (a kind and budget per MoE layer) take; with a
+        host tier (``host_budget`` per layer), at most that many per layer, plus the staging
+        rows that reads from the drive land in (:meth:`staging_experts`)."""
+        need = host_experts(self.shape, kinds, budget)
+        if host_budget is None:
+            return int(need.sum()) * self.expert_bytes
+        held = np.minimum(need, np.broadcast_to(np.asarray(host_budget, np.int64), need.shape))
+        return (int(held.sum()) + self.staging_experts(bool((held < need).any()))) * self.expert_bytes
+
+    def staging_experts(self, reads: bool = True) -> int:
+        """Host rows that a layer's reads from the drive land in (one layer's experts at most:
+        layers run one after another), when any layer reads the drive."""
+        return self.shape.experts if reads else 0
+
+    def uniform_host_budget(self, kinds: Sequence[str], budget: Sequence[int] | np.ndarray) -> int:
+        """The largest host budget, the same for every layer, whose need fits host memory
+        (every expert when all fit without the drive; 0 when not even the staging fits)."""
+        E = self.shape.experts
+        if self.host_need_bytes(kinds, budget) <= self.host_limit_bytes:
+            return E
+        fits = [h for h in range(E) if self.host_need_bytes(kinds, budget, [h] * len(kinds)) <= self.host_limit_bytes]
+        return max(fits, default=0)
 
     def check_holds(self, what: str) -> None:
-        """A TideError unless the box can hold the model's experts between its two memories
-        (the fast device's room beside weights and KV cache, and the host's): the least any
-        placement keeps in host memory is what the device cannot take, as static layers."""
+        """A TideError unless the box can hold the model's experts between its memories, naming
+        the tier that falls short. With a drive (the third tier) every expert lives there, so
+        only the drive's size and the host's staging for reads from it can fall short; without
+        one, the fast device's room beside weights and KV cache and host memory must hold them:
+        the least any placement keeps in host memory is what the device cannot take."""
         E, L = self.shape.experts, self.shape.n_moe_layers
         room = max(0.0, self.limit_bytes - self.fixed_bytes) // self.expert_bytes  # slots the device can hold
         least_host = max(0, L * E - int(min(room, L * E))) * self.expert_bytes
+        if self.drive_bytes is not None and least_host > self.host_limit_bytes:
+            total = L * E * self.expert_bytes
+            if total > self.drive_bytes:
+                raise TideError(f"{what}: the drive falls short: {self.shape.name}'s experts ({total / 1e9:.0f} GB) "
+                                f"do not fit on it ({self.drive_bytes / 1e9:.0f} GB)")
+            staging = self.staging_experts() * self.expert_bytes
+            if staging > self.host_limit_bytes:
+                raise TideError(f"{what}: host memory falls short: reading experts from the drive needs "
+                                f"{staging / 1e9:.1f} GB of host memory to land in, {self.host_limit_bytes / 1e9:.1f} GB available")
+            return
         if least_host > self.host_limit_bytes:
             raise TideError(f"{what}: {self.shape.name}'s experts ({L * E * self.expert_bytes / 1e9:.0f} GB) do not fit "
                             f"between the GPU's room for them ({room * self.expert_bytes / 1e9:.0f} GB) and host memory "
                             f"({self.host_limit_bytes / 1e9:.0f} GB)")
 
-    def check_host(self, kinds: Sequence[str], budget: Sequence[int] | np.ndarray, what: str = "the placement") -> None:
-        """A TideError unless the experts the host must hold fit in its memory."""
-        need = self.host_need_bytes(kinds, budget)
+    def check_host(self, kinds: Sequence[str], budget: Sequence[int] | np.ndarray, what: str = "the placement",
+                   host_budget: Sequence[int] | np.ndarray | None = None) -> None:
+        """A TideError unless the experts the host must hold (at most ``host_budget`` per layer
+        with a host tier) fit in its memory."""
+        need = self.host_need_bytes(kinds, budget, host_budget)
+        if host_budget is not None and need > self.host_limit_bytes:
+            raise TideError(f"{what} does not fit in host memory: its host budgets need {need / 1e9:.1f} GB "
+                            f"(with {self.staging_experts()} experts' staging for drive reads), "
+                            f"{self.host_limit_bytes / 1e9:.1f} GB available: lower the host budget")
         if need > self.host_limit_bytes:
             raise TideError(f"{what} does not fit in host memory: its layers need {need / 1e9:.1f} GB of experts there "
                             f"(tide, swap and cpu layers every expert, static layers their non-resident ones), "

@@ -185,7 +185,13 @@ class Plan:
 def _read_host(h: dict[str, Any], where: str, n_layers: int) -> dict[str, Any]:
     """A plan's host tier, checked: a kind, and a budget and a tau per MoE layer."""
     from traces.formats.vocabulary import HOST_KINDS
-    kind = need_str(get(h, "kind", where), f"{where}.kind", HOST_KINDS)
+    kind = get(h, "kind", where)
+    if isinstance(kind, list):
+        if len(kind) != n_layers:
+            raise TideError(f"{where}.kind: expected one kind or one per MoE layer ({n_layers}), got {len(kind)}")
+        kind = [need_str(k, f"{where}.kind[{i}]", HOST_KINDS) for i, k in enumerate(kind)]
+    else:
+        kind = need_str(kind, f"{where}.kind", HOST_KINDS)
     out: dict[str, Any] = {"kind": kind}
     for key, lo in (("budget", 0), ("tau", 1)):
         vals = need_list(get(h, key, where), f"{where}.{key}", nonempty=True)

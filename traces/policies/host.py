@@ -34,56 +34,73 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class HostPolicy:
-    """Per MoE layer: experts host memory holds (``budget``; every expert: the layer never
-    reads the drive) and, for ``tide``, the refresh interval ``tau``; one ``kind`` for all."""
+    """Per MoE layer: its host kind (:data:`HOST_KINDS`), the experts host memory holds
+    (``budget``; every expert: the layer never reads the drive) and, for ``tide``, the refresh
+    interval ``tau``."""
 
-    kind: str
+    kind: np.ndarray  # [L] str
     budget: np.ndarray  # [L] int
     tau: np.ndarray  # [L] int (1 where the kind has none)
 
     @classmethod
-    def make(cls, kind: str, n_layers: int, experts: int, budget: int | Sequence[int],
+    def make(cls, kind: str | Sequence[str], n_layers: int, experts: int, budget: int | Sequence[int],
              tau: int | Sequence[int] = 1) -> "HostPolicy":
         """Validated; a bad value is a :class:`~traces.policies.spec.PolicyError` naming
         ``host_policy``, ``host_budget`` or ``host_tau`` (each command maps it to its flag)."""
         from traces.policies.spec import PolicyError, _per_layer
-        if kind not in HOST_KINDS:
-            raise PolicyError("host_policy", f"unknown host policy {kind!r} (expected one of {', '.join(HOST_KINDS)})")
+        kinds = [kind] * n_layers if isinstance(kind, str) else list(kind)
+        if len(kinds) != n_layers:
+            raise PolicyError("host_policy", f"expected one host kind or {n_layers}, got {len(kinds)}")
+        bad = [k for k in kinds if k not in HOST_KINDS]
+        if bad:
+            raise PolicyError("host_policy", f"unknown host policy {bad[0]!r} (expected one of {', '.join(HOST_KINDS)})")
         b = _per_layer(budget, n_layers, "host_budget", "host budgets")
         if (b < 0).any() or (b > experts).any():
             raise PolicyError("host_budget", f"host budgets must lie in 0..{experts}, got {b.min()}..{b.max()}")
         t = _per_layer(tau, n_layers, "host_tau", "values of host tau")
         if (t < 1).any():
             raise PolicyError("host_tau", f"host tau must be at least 1, got {t.min()}")
-        return cls(kind, b, t)
+        return cls(np.array(kinds, dtype=object), b, t)
 
     @classmethod
     def everything(cls, n_layers: int, experts: int) -> "HostPolicy":
         """Every expert in host memory: the drive is never read (what runs without a host budget)."""
         return cls.make("tide", n_layers, experts, experts)
 
+    @property
+    def kinds(self) -> list[str]:
+        return [str(k) for k in self.kind]
+
+    @property
+    def label(self) -> str:
+        """One kind's name, or the kinds joined (a plan may mix them)."""
+        return "+".join(dict.fromkeys(self.kinds))
+
     def on_drive(self, experts: int) -> np.ndarray:
         """[L] bool: the layers that keep some experts on the drive only."""
         return self.budget < experts
 
     def refresh_mask(self, kind: str, step: int) -> np.ndarray:
-        """Layers whose held set is re-ranked at this forward (``tide`` only): at prefills, a
-        block's first step and every ``tau`` steps after it; never at a commit."""
+        """Layers whose held set is re-ranked at this forward (``tide`` layers only): at
+        prefills, a block's first step and every ``tau`` steps after it; never at a commit."""
         if kind not in FORWARD_KINDS:
             raise TideError(f"unknown forward kind {kind!r}")
-        if self.kind != "tide" or kind == "commit":
+        tide = self.kind == "tide"
+        if kind == "commit":
             return np.zeros(len(self.budget), dtype=bool)
         if kind == "prefill" or step == 0:
-            return np.ones(len(self.budget), dtype=bool)
-        return step % self.tau == 0
+            return tide.copy()
+        return tide & (step % self.tau == 0)
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "budget": self.budget.tolist(), "tau": self.tau.tolist()}
+        kinds = self.kinds
+        return {"kind": kinds[0] if len(set(kinds)) == 1 else kinds, "budget": self.budget.tolist(),
+                "tau": self.tau.tolist()}
 
     @classmethod
     def from_json(cls, d: object, n_layers: int, experts: int) -> "HostPolicy":
         from traces.policies.spec import PolicyError
-        if not isinstance(d, dict) or not isinstance(d.get("kind"), str) or "budget" not in d:
+        if not isinstance(d, dict) or not isinstance(d.get("kind"), (str, list)) or "budget" not in d:
             raise PolicyError("host_policy", f"a recorded host policy is an object with a kind and budgets, got {d!r}")
         return cls.make(d["kind"], n_layers, experts, d["budget"], d.get("tau", 1))
 
@@ -143,24 +160,28 @@ class HostRunner:
         ``[n, E]`` experts the GPU placement needs from the host) and return the state before
         it, so a caller compares held sets before and after at any budget."""
         st = self.state
+        layers = np.asarray(layers)
         before = HostState(st.rank[layers].copy(), st.seen[layers].copy(), st.last[layers].copy(), st.clock)
-        kind = self.policy.kind
-        if kind == "lru":
-            last = np.where(demand, st.clock, st.last[layers])
-            st.last[layers] = last
-            st.rank[layers] = _rank_by(last, st.rank[layers])
-            st.seen[layers] |= demand
-        elif kind == "static":
-            if self._first:
-                src = counts if self.setup_counts is None else np.asarray(self.setup_counts)[layers]
-                st.rank[layers] = _rank_by(np.asarray(src), st.rank[layers])
-                st.seen[layers] = True
-        else:
-            r = self._refresh[layers] | self._first
-            if r.any():
-                sel = layers[r]
-                st.rank[sel] = _rank_by(np.asarray(counts)[r], st.rank[sel])
-                st.seen[sel] = True
+        kind = self.policy.kind[layers]
+        counts, demand = np.asarray(counts), np.asarray(demand)
+        lru = kind == "lru"
+        if lru.any():
+            sel, d = layers[lru], demand[lru]
+            last = np.where(d, st.clock, st.last[sel])
+            st.last[sel] = last
+            st.rank[sel] = _rank_by(last, st.rank[sel])
+            st.seen[sel] |= d
+        static = (kind == "static") & self._first
+        if static.any():
+            sel = layers[static]
+            src = counts[static] if self.setup_counts is None else np.asarray(self.setup_counts)[sel]
+            st.rank[sel] = _rank_by(np.asarray(src), st.rank[sel])
+            st.seen[sel] = True
+        tide = (kind == "tide") & (self._refresh[layers] | self._first)
+        if tide.any():
+            sel = layers[tide]
+            st.rank[sel] = _rank_by(counts[tide], st.rank[sel])
+            st.seen[sel] = True
         return before
 
     def layer(self, l: int, counts: np.ndarray, demand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
