@@ -110,6 +110,12 @@ def test_command_writes_a_plan_the_runtime_reads(tmp_path, trace):
     assert solver["binaries"] >= trace.shape.n_moe_layers  # at least one candidate per layer
 
 
+def driveless(name: str) -> Profile:
+    """A bundled box without its drive: what a box holds between GPU and host memory alone."""
+    p = Profile.load(name)
+    return Profile({k: v for k, v in p.data.items() if k != "drive"}, where=f"{p.where} without its drive")
+
+
 def test_bad_input_fails_cleanly(tmp_path, trace):
     tr = tmp_path / "t.parquet"
     trace.write(tr)
@@ -126,7 +132,7 @@ def test_bad_input_fails_cleanly(tmp_path, trace):
     assert not out.exists()
     flash = synthesize(ModelShape.named("llada2-flash"), 32, 16, seed=0)
     with pytest.raises(TideError, match="experts .* do not fit between the GPU's room for them .* and host memory"):
-        make_plan([flash], Profile.load("rtx4090"), 20, progress=False)
+        make_plan([flash], driveless("rtx4090"), 20, progress=False)
     other = tmp_path / "o.parquet"
     synthesize(ModelShape.named("llada2-mini").replace(num_hidden_layers=5), 32, 16, seed=0).write(other)
     assert_clean_error(run_module(*base, "--trace", str(other), "--gpu-mem-gb", "3"), str(other), "a trace of")
@@ -139,7 +145,7 @@ def test_flash_plans_and_replays_on_the_h200_box():
     simulator replays it; baselines whose layers keep every expert on the host are left out."""
     from traces.costs.memory import MemoryBudget
     tr = synthesize(ModelShape.named("llada2-flash"), 32, 32, seed=0)
-    prof = Profile.load("h200")
+    prof = driveless("h200")  # with its drive, the planner would read some experts from there (test_drive)
     assert tr.shape.routed_expert_bytes(tr.dtype) > prof.capacity("host_mem_bytes")
     plan, frame = make_plan([tr], prof, 130, budget_step=64, progress=False)
     mem = MemoryBudget.for_traces([tr], 130e9, host_limit_bytes=prof.capacity("host_mem_bytes"))
