@@ -142,14 +142,19 @@ def _assign(model: LLaDA2, name: str, tensor: torch.Tensor) -> None:
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: str | None = None,
                experts_device: str | torch.device = "cpu", pin: bool | None = None, bias_fp32: bool = False,
-               on_device: dict[int, Sequence[int]] | None = None) -> LLaDA2:
+               on_device: dict[int, Sequence[int]] | None = None, drive_layers: Sequence[int] = ()) -> LLaDA2:
     """Load a checkpoint; any missing shard, missing tensor, wrong shape or dtype is a TideError.
-    ``on_device`` (model layer id -> expert ids): see :func:`build_model`."""
+    ``on_device`` (model layer id -> expert ids): see :func:`build_model`. ``drive_layers``
+    (model layer ids): layers whose routed experts stay on the drive, not read now (a host
+    tier reads them as forwards need them: :func:`drive_files`); their shapes and dtypes are
+    checked from the files' headers, their values when read."""
     from runtime.device import keep_freed_memory
     keep_freed_memory()  # a run's large temporaries reused, not faulted in again every forward
     folder = Path(folder)
     cfg = ModelConfig.load(folder)
     files = checkpoint_files(folder)
+    on_drive = set(int(l) for l in drive_layers)
+    skipped = {n for n in expected_tensors(cfg) if (m := _EXPERT.match(n)) and int(m.group(1)) in on_drive}
 
     def stream() -> Iterator[tuple[str, torch.Tensor, str]]:
         for path, names in files.items():
@@ -164,16 +169,40 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: st
                     if absent:
                         raise TideError(f"{path}: index says it holds {absent[0]}, but it does not")
                 for name in keys:
+                    if name in skipped:
+                        continue  # read by the host tier when a forward needs it
                     yield name, f.get_tensor(name), str(path)
 
     return build_model(cfg, stream(), device, dtype, experts_device, pin, where=str(folder), bias_fp32=bias_fp32,
-                       on_device=on_device)
+                       on_device=on_device, drive_layers=on_drive)
+
+
+def drive_files(folder: str | Path, cfg: ModelConfig, layers: set[int], queue_depth: int = 8) -> "ExpertFiles":
+    """The routed experts of ``layers`` (model layer ids) as the host tier reads them: every one
+    present, in the shape the config implies and a floating-point dtype, or a TideError."""
+    from runtime.drive import ExpertFiles, expert_spans
+    folder = Path(folder)
+    spans = expert_spans(list(checkpoint_files(folder)), layers)
+    s = cfg.shape
+    expected = expected_tensors(cfg)
+    for l in sorted(layers):
+        for e in range(s.experts):
+            got = spans.get((l, e))
+            if got is None:
+                raise TideError(f"{folder}: tensor model.layers.{l}.mlp.experts.{e}.*_proj.weight missing from the checkpoint")
+            for proj, span in zip(("gate_proj", "up_proj", "down_proj"), got):
+                name = f"model.layers.{l}.mlp.experts.{e}.{proj}.weight"
+                if span.shape != expected[name]:
+                    raise TideError(f"{span.path}: {name} has shape {list(span.shape)}, the config implies {list(expected[name])}")
+                if span.nbytes != int(np.prod(span.shape)) * torch.tensor([], dtype=span.dtype).element_size():
+                    raise TideError(f"{span.path}: {name}: its byte range does not match its shape and dtype")
+    return ExpertFiles(spans, queue_depth)
 
 
 def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str]], device: str | torch.device = "cpu",
                 dtype: str | None = None, experts_device: str | torch.device = "cpu", pin: bool | None = None,
                 where: str = "checkpoint", bias_fp32: bool = False,
-                on_device: dict[int, Sequence[int]] | None = None) -> LLaDA2:
+                on_device: dict[int, Sequence[int]] | None = None, drive_layers: set[int] = frozenset()) -> LLaDA2:
     """Build the model from ``(name, tensor, source)`` items, one tensor in memory at a time.
 
     Routed experts go into per-layer stacked tensors on ``experts_device`` (pinned host
@@ -210,13 +239,13 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str
             _assign(model, name, t.to(device=device, dtype=stacks.target))
     for name, t in biases.items():
         _assign(model, name, expert_bias(t, stacks.target, device, bias_fp32))
-    missing = [n for n in expected if n not in seen]
+    missing = [n for n in expected if n not in seen and not ((m := _EXPERT.match(n)) and int(m.group(1)) in drive_layers)]
     if missing:
         raise TideError(f"{where}: tensor {missing[0]} missing from the checkpoint"
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.word_embeddings.weight
-    stacks.attach(model, cfg, device)
+    stacks.attach(model, cfg, device, drive_layers)
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:
         raise TideError(f"{where}: tensor {leftover[0]} missing from the checkpoint")
@@ -279,11 +308,20 @@ class _Stacks:
         else:  # straight to the fast device: no host copy
             self.resident[l][proj][-2 - row].copy_(t)
 
-    def attach(self, model: LLaDA2, cfg: ModelConfig, device: torch.device) -> None:
-        """Hand each MoE layer its stacks (and, without expert bias, a zero bias)."""
+    def attach(self, model: LLaDA2, cfg: ModelConfig, device: torch.device, drive_layers: set[int] = frozenset()) -> None:
+        """Hand each MoE layer its stacks (and, without expert bias, a zero bias); a drive
+        layer gets empty ones (its experts are the host tier's)."""
         s = cfg.shape
         for l, layer in enumerate(model.model.layers):
             if l < s.first_k_dense:
+                continue
+            if l in drive_layers:
+                dt = self.target or torch.float32
+                layer.mlp.experts = ExpertWeights(*(torch.empty((0, *shp), dtype=dt) for shp in (
+                    (s.moe_intermediate, s.hidden), (s.moe_intermediate, s.hidden), (s.hidden, s.moe_intermediate))))
+                layer.mlp.on_drive = True
+                if not cfg.use_expert_bias:
+                    _assign(model, f"model.layers.{l}.mlp.gate.expert_bias", torch.zeros(s.experts, device=device))
                 continue
             st = self.host[l]
             layer.mlp.experts = ExpertWeights(gate=st["gate_proj"], up=st["up_proj"], down=st["down_proj"])

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from runtime.capture import TraceRecorder
-from runtime.checkpoint import checkpoint_dtype, dtype_name, load_model
+from runtime.checkpoint import checkpoint_dtype, drive_files, dtype_name, load_model
 from runtime.config import ModelConfig
 from runtime.decoding import Decoding, Generator, Sampling, warm_up
 from runtime.device import check_device, host_memory_bytes, timed
@@ -45,7 +45,7 @@ from traces.formats.trace_read import load_popularity, read_trace
 from traces.policies.kernels import device_only
 from traces.policies.spec import Policy, check_policy
 from traces.serving.arrivals import read_arrivals
-from traces.settings import parse_budget, resolve_policy
+from traces.settings import add_host_flags, parse_budget, resolve_policy
 
 
 def read_prompts(args: argparse.Namespace, tokenizer: Any) -> list[tuple[list[int], int, str]]:
@@ -137,6 +137,7 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--gpu-experts", default=None, help="expert slots per MoE layer on the fast device (one number, or one per layer)")
     ap.add_argument("--gpu-mem-gb", type=number, default=None, help="fast-device memory limit; the budget is what fits")
     ap.add_argument("--plan", default=None, help="plan JSON (per-layer kind, budget and tau) for --policy plan")
+    add_host_flags(ap)
     ap.add_argument("--popularity", default=None, help="trace whose total counts fill the slots at setup")
     ap.add_argument("--replay-trace", default=None, help="run a KV-cache trace's schedule and expert choices")
     ap.add_argument("--arrivals", default=None, help="file of arrival offsets (seconds, one per line, one per "
@@ -155,18 +156,33 @@ def placement(args: argparse.Namespace, shape: ModelShape, dtype: str, device: t
     if args.policy is None:
         if args.expert_kernel != "auto":
             raise TideError("--expert-kernel needs --policy (it is the offload engine's)")
-        for flag in ("tau", "gpu_experts", "gpu_mem_gb", "plan", "popularity"):
+        for flag in ("tau", "gpu_experts", "gpu_mem_gb", "plan", "popularity", "host_mem_gb", "host_policy", "host_tau"):
             if getattr(args, flag) is not None:
                 raise TideError(f"--{flag.replace('_', '-')} needs --policy")
         return None
     limit = torch.cuda.get_device_properties(device).total_memory * DEVICE_HEADROOM if device.type == "cuda" else None
     policy = resolve_policy(args.policy, shape, dtype, tau=args.tau, gpu_experts=parse_budget(args.gpu_experts),
-                            gpu_mem_gb=args.gpu_mem_gb, plan=args.plan, kv_tokens=kv_tokens, mem_limit_bytes=limit)
+                            gpu_mem_gb=args.gpu_mem_gb, plan=args.plan, kv_tokens=kv_tokens, mem_limit_bytes=limit,
+                            host_mem_gb=args.host_mem_gb, host_policy=args.host_policy, host_tau=args.host_tau,
+                            host_bytes=host_memory_bytes())
     popularity = load_popularity(args.popularity, shape) if args.popularity else None
-    MemoryBudget(shape, dtype, float("inf"), host_limit_bytes=host_memory_bytes()).check_host(
-        policy.kinds, policy.budget, f"--policy {args.policy}")
-    on = device_only(policy, shape.experts, popularity)
+    check_host_memory(policy, shape, dtype, f"--policy {args.policy}")
+    drive = policy.drive_layers(shape.experts)
+    on = {l: ids for l, ids in device_only(policy, shape.experts, popularity).items() if not drive[l]}
     return policy, popularity, {shape.moe_layers[l]: ids for l, ids in on.items()}
+
+
+def check_host_memory(policy: Policy, shape: ModelShape, dtype: str, what: str) -> None:
+    """The experts the placement keeps in host memory (at most its host budgets, with a host
+    tier) fit this machine's memory, or one line naming the budget to give."""
+    host = host_memory_bytes()
+    mem = MemoryBudget(shape, dtype, float("inf"), host_limit_bytes=host)
+    budgets = None if policy.host is None else policy.host.budget
+    need = mem.host_need_bytes(policy.kinds, policy.budget, budgets)
+    if need > host:
+        raise TideError(f"{what}: its experts in host memory need {need / 1e9:.1f} GB, this machine has "
+                        f"{host / 1e9:.1f} GB: give --host-mem-gb (at most {host / 1e9:.0f}) to keep only what fits "
+                        "there and read the rest from the checkpoint's files")
 
 
 
@@ -255,9 +271,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kv_tokens = kv_tokens_for(sizes, decoding.block_length, decoding.kv_cache, batch_size)
     # the policy, checked against the memory with the batch's KV cache, before anything loads
     planned = placement(args, cfg.shape, args.dtype or checkpoint_dtype(args.checkpoint), device, kv_tokens)
+    drive_layers = [] if planned is None else \
+        [cfg.shape.moe_layers[l] for l in np.flatnonzero(planned[0].drive_layers(cfg.shape.experts))]
     model = load_model(args.checkpoint, device=device, dtype=args.dtype,
                        experts_device="cpu" if args.policy is not None or device.type == "cpu" else device,
-                       on_device=planned[2] if planned else None)
+                       on_device=planned[2] if planned else None, drive_layers=drive_layers)
     if replay is not None:
         check_replayable(replay, model)
         prompts = [replay_prompt(r["prompt_length"], model.cfg.shape.vocab, (model.cfg.mask_id, model.cfg.eos_id))
@@ -270,7 +288,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = None
     if planned is not None:
         policy, popularity, _ = planned
-        engine = OffloadEngine(model, policy, device, setup_counts=popularity, kernel=args.expert_kernel)
+        drive = drive_files(args.checkpoint, cfg, set(drive_layers)) if drive_layers else None
+        engine = OffloadEngine(model, policy, device, setup_counts=popularity, kernel=args.expert_kernel, drive=drive)
     warm_up(model, decoding, prompts[0], sampling, engine)
     rec = TraceRecorder(model, decoding, dtype_name(model.dtype)) if args.trace_out else None
     with engine or nullcontext(), rec or nullcontext():

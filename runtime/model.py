@@ -179,6 +179,7 @@ class MoE(nn.Module):
         self.resident: ExpertWeights | None = None
         self.resident_ids: np.ndarray | None = None
         self.host_row: np.ndarray | None = None
+        self.on_drive = False  # its routed experts stay on the drive (runtime.host_tier reads them)
         self.executor: ExpertExecutor = local_experts
         self.override: Callable[[int], torch.Tensor] | None = None  # replayed choices instead of the router's
         self.observer: Callable[[int, torch.Tensor], None] | None = None
@@ -211,9 +212,9 @@ class MoE(nn.Module):
         return ys
 
     def _check_executor(self) -> None:
-        if self.host_row is not None and self.executor is local_experts:
-            raise TideError(f"layer {self.layer}: some experts were loaded straight onto the fast device; "
-                            "only the offload engine runs such a model (give a --policy)")
+        if (self.host_row is not None or self.on_drive) and self.executor is local_experts:
+            raise TideError(f"layer {self.layer}: some experts were loaded straight onto the fast device or left on "
+                            "the drive; only the offload engine runs such a model (give a --policy)")
 
     def forward_rows(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """Merged: several requests' rows (one after another) routed, computed by the executor

@@ -22,6 +22,7 @@ import torch
 
 from runtime.checkpoint import dtype_name
 from runtime.device import to_device
+from runtime.drive import ExpertFiles
 from runtime.experts import (
     KERNELS,
     ExpertWeights,
@@ -32,6 +33,7 @@ from runtime.experts import (
     run_experts,
     segment_rows,
 )
+from runtime.host_tier import HostTier, expert_like
 from runtime.model import LLaDA2
 from traces.common.errors import TideError
 from traces.formats.shapes import dtype_bytes
@@ -70,6 +72,7 @@ class OffloadEngine:
     setup_counts: np.ndarray | None = None
     kernel: str = "auto"  # the fast device's expert kernel (runtime.experts.KERNELS); auto: the faster, measured
     timers: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMERS, 0.0))
+    drive: ExpertFiles | None = None  # the checkpoint's experts on the drive, for a policy with a host tier
 
     def __post_init__(self) -> None:
         s = self.model.cfg.shape
@@ -90,8 +93,9 @@ class OffloadEngine:
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None  # expert copies
         self.act_stream = torch.cuda.Stream(self.device) if self.cuda else None  # activations to and from the CPU
         self.layers: list[_Layer] = []
+        self.host_tier = self._host_tier()
         for i, blk in enumerate(self.model.moe_blocks):
-            host = blk.experts
+            host = blk.experts if not blk.on_drive else self.host_tier.stack
             if host.gate.device.type != "cpu":
                 raise TideError("the offload engine needs the routed experts in host memory (load with experts_device='cpu')")
             b = int(self.policy.budget[i])
@@ -122,9 +126,27 @@ class OffloadEngine:
         self.forward_counts: list[np.ndarray] = []  # each forward's [L, E] routed-token counts (the whole batch's)
         self._in_forward = False
 
+    def _host_tier(self) -> HostTier | None:
+        """The host tier of a policy that keeps some layers' experts on the drive only; the
+        model must have been loaded with exactly those layers' experts left there."""
+        s = self.model.cfg.shape
+        on = self.policy.drive_layers(s.experts)
+        loaded = np.array([blk.on_drive for blk in self.model.moe_blocks])
+        if not np.array_equal(on, loaded):
+            raise TideError("the model was loaded with other layers' experts left on the drive than the policy's "
+                            "host tier reads (load with drive_layers = the policy's drive layers)")
+        if not on.any():
+            return None
+        if self.drive is None:
+            raise TideError("a host tier needs the checkpoint's expert files (drive=runtime.checkpoint.drive_files(...))")
+        return HostTier(self.policy.host, self.drive, s.moe_layers, s.experts, expert_like(s, self.model.dtype),
+                        setup_counts=self.setup_counts, pin=self.cuda)
+
     def reset(self) -> None:
         """Forget placement, counters and timers (after a warm-up): the next forward sets up anew."""
         self.runner = PolicyRunner(self.policy, self.model.cfg.shape.experts, setup_counts=self.setup_counts)
+        if self.host_tier is not None:
+            self.host_tier.reset()
         for layer in self.layers:
             if layer.preloaded is None:
                 layer.slot_of[:] = -1
@@ -147,6 +169,8 @@ class OffloadEngine:
     def begin(self, kind: str, step: int, more: Sequence[tuple[str, int]] = ()) -> None:
         """Start a forward: its (first) request's kind and step, a batch's others in ``more``."""
         self.runner.begin(kind, step, more)
+        if self.host_tier is not None:
+            self.host_tier.begin(kind, step, more)
         L, E = self.policy.n_layers, self.model.cfg.shape.experts
         self._counts = np.zeros((L, E), dtype=np.int64)
         self._choices: list[torch.Tensor | None] = [None] * L
@@ -173,8 +197,11 @@ class OffloadEngine:
         self._pending.clear()
         return self._counters
 
-    def totals(self) -> dict[str, int]:
-        return {k: int(sum(c[k].sum() for c in self.forward_counters)) for k in COUNTERS}
+    def totals(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = {k: int(sum(c[k].sum() for c in self.forward_counters)) for k in COUNTERS}
+        if self.host_tier is not None:
+            out.update(self.host_tier.totals())
+        return out
 
     # ---- one layer ----------------------------------------------------------------------
     def _copy(self, layer: _Layer, copies: np.ndarray) -> None:
@@ -193,9 +220,10 @@ class OffloadEngine:
             stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for e, slot in copies.tolist():
+                row = int(layer.rows(e))
                 for dst, src in ((layer.slots.gate, layer.host.gate), (layer.slots.up, layer.host.up),
                                  (layer.slots.down, layer.host.down)):
-                    dst[slot].copy_(src[e], non_blocking=True)
+                    dst[slot].copy_(src[row], non_blocking=True)
                 layer.slot_of[e] = slot
         self.timers["copy_s"] += time.perf_counter() - t0
 
@@ -226,6 +254,34 @@ class OffloadEngine:
         t0 = time.perf_counter()
         setup, copies, waves = self.runner.layer(i, counts)
         self.timers["decide_s"] += time.perf_counter() - t0
+        if self.host_tier is not None and layer.preloaded is None:
+            layer.host_row = self.host_tier.prepare(i, counts, self._demand(i, counts, setup, copies, waves))
+        try:
+            return self._dispatch(layer, i, x, idx, w, rows, flat, counts, setup, copies, waves)
+        finally:
+            if self.host_tier is not None:
+                if self.copy_stream is not None:  # copies read host rows the tier is about to reuse
+                    self.copy_stream.synchronize()
+                self.host_tier.finish()
+
+    def _demand(self, i: int, counts: np.ndarray, setup: np.ndarray, copies: np.ndarray, waves) -> np.ndarray:
+        """[E] the experts layer ``i`` needs from host memory this forward (the host tier's
+        demand, :func:`traces.policies.host.demand`): those it computes on the CPU, those it copies."""
+        need = np.zeros(len(counts), bool)
+        if waves is None:
+            need[(counts > 0) & (self.runner.state.slot_of[i] < 0)] = True
+        else:
+            for wave in waves:
+                need[wave.copies[:, 0]] = True
+        need[setup[:, 0]] = True
+        need[copies[:, 0]] = True
+        return need
+
+    def _dispatch(self, layer: _Layer, i: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                  rows: Sequence[int] | None, flat: torch.Tensor, counts: np.ndarray, setup: np.ndarray,
+                  copies: np.ndarray, waves) -> torch.Tensor:
+        """The layer's decided work: copies, hits on the fast device, misses on the CPU, combined."""
+        T, k = idx.shape
         if len(setup):  # the run's first forward: slots must be filled before anything reads them
             self._copy(layer, setup)
             self._wait_copies()

@@ -9,13 +9,17 @@ tokens (per weight dtype), a MoE layer's and a dense layer's non-expert time aga
 and context, the head's time against tokens, and overheads (launch, synchronisation, CPU
 expert dispatch). Shapes come from the checkpoint's ``config.json`` (LLaDA2.0-mini's when
 none is given); weights are random, since times do not depend on values. Every value is
-marked ``measured``. ``--quick`` keeps grids small (under a minute on 2 cores).
+marked ``measured``. ``--quick`` keeps grids small (under a minute on 2 cores). With
+``--checkpoint``, the drive holding it is measured too (:mod:`runtime.profile_drive`); a
+checkpoint larger than this machine's memory is not loaded (the in-run step uses a stand-in
+of its shape).
 """
 from __future__ import annotations
 
 import os
 import platform
 import socket
+import sys
 import time
 from typing import Any
 
@@ -123,6 +127,13 @@ def profile_box(cfg: ModelConfig, device: torch.device, dtype: str, quick: bool,
     return Profile(data, where="measured profile")
 
 
+def fits_in_memory(cfg: ModelConfig, dtype: str, share: float = 0.8) -> bool:
+    """Whether the whole model fits in ``share`` of this machine's memory (else the profiler
+    leaves its experts on the drive and calibrates on a stand-in)."""
+    s = cfg.shape
+    return s.non_expert_bytes(dtype) + s.routed_expert_bytes(dtype) <= share * host_memory_bytes()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m runtime.profile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
@@ -137,10 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     dtype = a.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     t0 = time.perf_counter()
     model = None
-    if a.checkpoint:  # the in-run step replays the checkpoint itself (experts in host memory, as the engine keeps them)
-        from runtime.checkpoint import load_model
+    if a.checkpoint and fits_in_memory(cfg, dtype):  # the in-run step replays the checkpoint itself (experts in
+        from runtime.checkpoint import load_model   # host memory, as the engine keeps them)
         model = load_model(a.checkpoint, device=device, dtype=dtype, experts_device="cpu")
+    elif a.checkpoint:
+        print(f"note: {a.checkpoint} is larger than this machine's memory: the in-run step replays a stand-in of its "
+              "shape", file=sys.stderr)
     prof = profile_box(cfg, device, dtype, a.quick, model=model)
+    if a.checkpoint:  # the drive its experts are read from (a host tier's third tier)
+        from runtime.profile_drive import drive_line, measure_drive
+        data = dict(prof.data, drive=measure_drive(a.checkpoint, cfg, a.quick))
+        prof = Profile(data, where=prof.where)
+        print(drive_line(data["drive"]))
     prof.write(a.out)
     s = prof.summary()
     print(f"wrote {a.out} in {time.perf_counter() - t0:.0f} s: {s['name']}, fast device {s['fast_device']}, "

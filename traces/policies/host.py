@@ -128,13 +128,20 @@ class HostState:
         return cls(np.tile(np.arange(experts, dtype=np.int64), (rows, 1)), np.zeros((rows, experts), bool),
                    np.full((rows, experts), -1, np.int64))
 
+    def rows(self, rows: np.ndarray) -> "HostState":
+        """These rows' state (a copy)."""
+        return HostState(self.rank[rows].copy(), self.seen[rows].copy(), self.last[rows].copy(), self.clock)
+
     def held(self, budget: np.ndarray) -> np.ndarray:
-        """[rows, E] what host memory holds at ``budget`` ([rows]) experts per row."""
-        return (self.rank < np.asarray(budget)[:, None]) & self.seen
+        """[rows, E] what host memory holds at ``budget`` ([rows]) experts per row (a budget of
+        every expert holds them all from the start: loaded with the model)."""
+        b = np.asarray(budget)[:, None]
+        return ((self.rank < b) & self.seen) | (b >= self.rank.shape[1])
 
     def held_at(self, budgets: np.ndarray) -> np.ndarray:
         """[rows, H, E] what it holds at each budget of ``budgets`` ([H]), every row."""
-        return (self.rank[:, None, :] < np.asarray(budgets)[None, :, None]) & self.seen[:, None, :]
+        b = np.asarray(budgets)[None, :, None]
+        return ((self.rank[:, None, :] < b) & self.seen[:, None, :]) | (b >= self.rank.shape[1])
 
 
 @dataclass
@@ -161,7 +168,7 @@ class HostRunner:
         it, so a caller compares held sets before and after at any budget."""
         st = self.state
         layers = np.asarray(layers)
-        before = HostState(st.rank[layers].copy(), st.seen[layers].copy(), st.last[layers].copy(), st.clock)
+        before = st.rows(layers)
         kind = self.policy.kind[layers]
         counts, demand = np.asarray(counts), np.asarray(demand)
         lru = kind == "lru"
@@ -191,7 +198,7 @@ class HostRunner:
         layers = np.array([l])
         b = self.policy.budget[layers]
         before = self.advance(layers, np.asarray(counts)[None, :], np.asarray(demand)[None, :])
-        held0, held1 = before.held(b)[0], self.state.held(b)[0]
+        held0, held1 = before.held(b)[0], self.state.rows(layers).held(b)[0]
         reads = demand & ~held0
         return reads, held1 & ~held0 & ~demand, held1
 

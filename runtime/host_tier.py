@@ -1,0 +1,135 @@
+"""The host tier at run time: each drive layer's experts held in host memory, the rest read from
+the checkpoint's files as forwards need them.
+
+One host stack holds every drive layer's held experts (each layer ``budget`` rows of its
+own) and one layer's worth of staging rows that reads on a forward's path land in (layers
+run one after another, so one staging serves them all). Which experts a layer holds, reads
+and fills is :class:`traces.policies.host.HostRunner`'s to say, on the same counts and demand
+the simulator replays, so both read alike. Per layer and forward:
+
+1. :meth:`HostTier.prepare`: the experts the placement needs from host memory (``demand``)
+   that it lacks are read into staging, ``queue_depth`` at a time; the layer's ``host_row``
+   then maps every expert it needs to its row;
+2. the engine copies and computes from those rows;
+3. :meth:`HostTier.finish`: experts leaving the held set give their rows to those entering:
+   read experts that stay are moved from staging, the others (fills) read from the drive.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+from runtime.drive import ExpertFiles, stack_rows, wait
+from traces.policies.host import HostPolicy, HostRunner
+
+if TYPE_CHECKING:
+    from traces.formats.shapes import ModelShape
+
+#: Host-tier counters the engine reports.
+DRIVE_COUNTERS = ("drive_reads", "drive_fills", "drive_bytes", "drive_wait_s")
+
+
+@dataclass
+class _HostLayer:
+    layer: int  # model layer id
+    index: int  # MoE layer index
+    rows: np.ndarray  # [budget] this layer's rows of the host stack
+    row_of: np.ndarray  # [E] held expert -> its row, -1 when not held
+    free: list[int] = field(default_factory=list)
+
+
+class HostTier:
+    """Holds the drive layers' host stack, their held sets, and the reads (module doc)."""
+
+    def __init__(self, policy: HostPolicy, files: ExpertFiles, moe_layers: Sequence[int], experts: int,
+                 like: Sequence[tuple[tuple[int, ...], torch.dtype]], setup_counts: np.ndarray | None = None,
+                 pin: bool = False):
+        self.policy, self.files, self.experts = policy, files, experts
+        self.runner = HostRunner(policy, experts, setup_counts=setup_counts)
+        drive = np.flatnonzero(policy.on_drive(experts))
+        held = int(policy.budget[drive].sum())
+        self.stack = stack_rows(held + experts, like, pin)  # held rows, then one layer's staging
+        self.staging = np.arange(held, held + experts)
+        self.layers: dict[int, _HostLayer] = {}
+        start = 0
+        for i in drive.tolist():
+            b = int(policy.budget[i])
+            rows = np.arange(start, start + b)
+            self.layers[i] = _HostLayer(int(moe_layers[i]), i, rows, np.full(experts, -1, np.int64), rows.tolist())
+            start += b
+        self.counters = dict.fromkeys(DRIVE_COUNTERS, 0.0)
+        self._pending: tuple | None = None
+        files.reads = files.bytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.stack.gate, self.stack.up, self.stack.down))
+
+    def reset(self) -> None:
+        """Forget what is held (after a warm-up): the next forward starts cold, as the simulator's."""
+        self.runner = HostRunner(self.policy, self.experts, setup_counts=self.runner.setup_counts)
+        for hl in self.layers.values():
+            hl.row_of[:] = -1
+            hl.free = hl.rows.tolist()
+        self.counters = dict.fromkeys(DRIVE_COUNTERS, 0.0)
+        self.files.reads = self.files.bytes = 0
+
+    def begin(self, kind: str, step: int, more: Sequence[tuple[str, int]] = ()) -> None:
+        self.runner.begin(kind, step, more)
+
+    def prepare(self, i: int, counts: np.ndarray, demand: np.ndarray) -> np.ndarray | None:
+        """Layer ``i``'s experts in host memory for this forward: read what ``demand`` needs and
+        the layer lacks; the row of each expert it needs (-1 elsewhere), or None for a layer
+        that holds every expert."""
+        hl = self.layers.get(i)
+        if hl is None:
+            return None
+        reads, fills, held = self.runner.layer(i, counts, demand)
+        ids = np.flatnonzero(reads)
+        t0 = time.perf_counter()
+        self.files.read(hl.layer, ids, self.stack, self.staging[:len(ids)])
+        self.counters["drive_wait_s"] += time.perf_counter() - t0
+        row = hl.row_of.copy()
+        row[ids] = self.staging[:len(ids)]
+        self._pending = (hl, ids, np.flatnonzero(fills), held)
+        self.counters["drive_reads"] += len(ids)
+        return row
+
+    def finish(self) -> None:
+        """After the layer's work: the held set moves to the policy's (evictions, then read
+        experts kept from staging, then fills read from the drive)."""
+        if self._pending is None:
+            return
+        hl, ids, fill, held = self._pending
+        self._pending = None
+        for e in np.flatnonzero((hl.row_of >= 0) & ~held).tolist():  # leaving
+            hl.free.append(int(hl.row_of[e]))
+            hl.row_of[e] = -1
+        keep = [(e, s) for e, s in zip(ids.tolist(), self.staging[:len(ids)].tolist()) if held[e]]
+        for e, s in keep:  # read this forward and held from now on: moved, not read again
+            r = hl.free.pop()
+            for t in (self.stack.gate, self.stack.up, self.stack.down):
+                t[r].copy_(t[s])
+            hl.row_of[e] = r
+        rows = [hl.free.pop() for _ in fill]
+        t0 = time.perf_counter()
+        wait(self.files.submit(hl.layer, fill, self.stack, rows))
+        self.counters["drive_wait_s"] += time.perf_counter() - t0
+        hl.row_of[fill] = rows
+        self.counters["drive_fills"] += len(fill)
+
+    def totals(self) -> dict[str, float]:
+        out = dict(self.counters)
+        out["drive_bytes"] = float(self.files.bytes)
+        return out
+
+
+def expert_like(shape: "ModelShape", dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """The (shape, dtype) of one expert's gate, up and down matrices."""
+    s = shape
+    return [((s.moe_intermediate, s.hidden), dtype), ((s.moe_intermediate, s.hidden), dtype),
+            ((s.hidden, s.moe_intermediate), dtype)]
