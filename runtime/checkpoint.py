@@ -131,7 +131,7 @@ def expert_bias(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device
     on near-tied experts)."""
     if not fp32 and dtype is not None:
         t = t.to(dtype)
-    return t.to(device=device, dtype=torch.float32)
+    return t.to(device=device, dtype=torch.float32, copy=True)
 
 
 def _assign(model: LLaDA2, name: str, tensor: torch.Tensor) -> None:
@@ -236,7 +236,9 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor, str
         elif name.endswith("expert_bias"):
             biases[name] = t  # assigned once the model's dtype is known
         else:
-            _assign(model, name, t.to(device=device, dtype=stacks.target))
+            # a copy: a tensor left on the file's memory map would crash the run (SIGBUS) if the file
+            # were truncated while it runs, where reads from it give one clear line
+            _assign(model, name, t.to(device=device, dtype=stacks.target, copy=True))
     for name, t in biases.items():
         _assign(model, name, expert_bias(t, stacks.target, device, bias_fp32))
     missing = [n for n in expected if n not in seen and not ((m := _EXPERT.match(n)) and int(m.group(1)) in drive_layers)]
