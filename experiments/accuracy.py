@@ -45,6 +45,13 @@ RUNS: list[tuple[str, float | None, int | None]] = [
     ("mixed", None, None),  # a plan of every kind in turn: swap at E/4, tide at E/2 tau 2, static at E/2, cpu
 ]
 
+#: Settings with a host tier (batch 1, replayed traffic): (policy, budget fraction, tau, host
+#: kind, host budget fraction, host tau). Every MoE layer keeps only that share of its experts
+#: in host memory and reads the rest from the checkpoint's files as forwards need them.
+HOSTED: list[tuple[str, float | None, int | None, str, float, int]] = [
+    ("all", None, None, "lru", 0.5, 1), ("tide", 0.25, 4, "tide", 0.5, 4), ("static", 0.25, None, "static", 0.25, 1),
+    ("cpu", None, None, "lru", 0.25, 1),
+]
 
 #: Batched settings: (policy, budget fraction, tau, batch size, traffic). ``replay``: the
 #: synthetic trace's requests composed at that batch size (calibrated traffic); ``own``: the
@@ -76,7 +83,8 @@ def make_preset(folder: Path, preset: str) -> None:
 
 
 def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int, prompt_length: int,
-            rounds: int = 5, preset: str = "tiny", batches: bool = True, batch_requests: int = BATCH_REQUESTS) -> None:
+            rounds: int = 5, preset: str = "tiny", batches: bool = True, batch_requests: int = BATCH_REQUESTS,
+            host_only: bool = False) -> None:
     """The runtime half. Rounds of: profile the box, then run every setting once. A shared box
     changes speed from minute to minute, so each round's runs are kept with the profile taken
     just before them (``profile-roundK.json``) and with the speed reference around each run;
@@ -88,7 +96,8 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     from runtime.device import check_device, speed_reference_s, timed
     from runtime.offload import OffloadEngine
     from runtime.profile import profile_box
-    from traces.formats.profile_file import median_of
+    from runtime.profile_drive import measure_drive
+    from traces.formats.profile_file import Profile, median_of
 
     device = check_device(device_name)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +112,8 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     L, E = shape.n_moe_layers, shape.experts
     with OffloadEngine(model, Policy.make("cpu", L, E), device) as warm:  # the experts live in host memory
         Generator(model, work.decoding, engine=warm).replay(work, 0)  # warm-up: a whole run, not timed
-    settings = _settings(L, E, batches)
+    settings = _settings(L, E, batches, host_only)
+    drive_model, files = _drive_model(checkpoint, device, dtype)
     many, prompts = _batched_workload(shape, gen_length, prompt_length, batch_requests, dtype)
     offsets: list[float] | None = None  # the arrivals run's stream, set from the first round's batch-1 speed
     latencies: dict[int, list[float]] = {}
@@ -128,13 +138,15 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     profiles, times, refs = [], [[] for _ in settings], [[] for _ in settings]
     bar = tqdm(total=rounds * (len(settings) + 1), desc="rounds of profile + runs", unit="step")
     for rnd in range(rounds):
-        profiles.append(profile_box(cfg, device, dtype, quick=True, progress=False, model=model, batches=batches))
+        prof = profile_box(cfg, device, dtype, quick=True, progress=False, model=model, batches=batches)
+        profiles.append(Profile(dict(prof.data, drive=measure_drive(checkpoint, cfg, quick=True)), where=prof.where))
         profiles[-1].write(out / f"profile-round{rnd}.json")
         ref = speed_reference_s()  # the box's speed during this round's runs: reported as drift, never folded in
         bar.update()
         for i, (name, budget, tau, policy, batch, traffic) in enumerate(settings):
-            with TraceRecorder(model, work.decoding, dtype) as rec, OffloadEngine(model, policy, device) as eng:
-                gen = Generator(model, work.decoding, recorder=rec, engine=eng)
+            m, drive = (drive_model, files) if policy.host is not None else (model, None)
+            with TraceRecorder(m, work.decoding, dtype) as rec, OffloadEngine(m, policy, device, drive=drive) as eng:
+                gen = Generator(m, work.decoding, recorder=rec, engine=eng)
                 times[i].append(run_setting(i, gen))
                 refs[i].append(ref)
             if rnd == rounds - 1:
@@ -147,11 +159,29 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     _write_runs(out, checkpoint, rounds, settings, times, refs, offsets, latencies, device)
 
 
-def _settings(L: int, E: int, batches: bool) -> list[tuple]:
+def _drive_model(checkpoint: str, device, dtype: str):
+    """The checkpoint again with every MoE layer's experts left on the drive (the host-tier
+    settings' model: its host tier reads them from the files), and those files."""
+    from runtime.checkpoint import drive_files, load_model
+    from runtime.config import ModelConfig
+    cfg = ModelConfig.load(checkpoint)
+    layers = set(cfg.shape.moe_layers)
+    return load_model(checkpoint, device=device, dtype=dtype, experts_device="cpu", drive_layers=layers), \
+        drive_files(checkpoint, cfg, layers)
+
+
+def _settings(L: int, E: int, batches: bool, host_only: bool = False) -> list[tuple]:
     """Every setting measured: (name, budget, tau, policy, batch size, traffic), the batch-1
-    runs (``RUNS``) and, with ``batches``, the batched ones (``BATCHED``)."""
+    runs (``RUNS``; ``host_only``: ``all`` alone), those with a host tier (``HOSTED``) and, with
+    ``batches``, the batched ones (``BATCHED``)."""
+    from traces.policies.host import HostPolicy
     settings = []
-    for name, frac, tau, batch, traffic in [(*r, 1, "replay") for r in RUNS] + (BATCHED if batches else []):
+    for name, frac, tau, kind, hfrac, htau in HOSTED:
+        budget = None if frac is None else max(1, int(E * frac))
+        host = HostPolicy.make(kind, L, E, max(1, int(E * hfrac)), htau)
+        settings.append((name, budget, tau, Policy.make(name, L, E, budget=budget, tau=tau).with_host(host), 1, "replay"))
+    runs = RUNS[:1] if host_only else RUNS
+    for name, frac, tau, batch, traffic in [(*r, 1, "replay") for r in runs] + (BATCHED if batches and not host_only else []):
         budget = None if frac is None else max(1, int(E * frac))
         policy = every_kind(L, E, max(1, E // 4), max(1, E // 2), 2) if name == "mixed" else \
             Policy.make(name, L, E, budget=budget, tau=tau)
@@ -175,12 +205,20 @@ def _write_runs(out: Path, checkpoint: str, rounds: int, settings: list[tuple], 
                 device: object) -> None:
     """``runs.json``: each setting's rounds, their median and spread."""
     runs = [{"run": i, "policy": name, "budget": budget, "tau": tau, "trace": f"run{i}.parquet",
-             "batch_size": batch, "traffic": traffic,
+             "batch_size": batch, "traffic": traffic, "host": _host_label(policy),
              **({"arrivals": offsets, "rounds_latency_p50_s": latencies[i]} if traffic == "arrivals" else {}),
              "measured_s": float(np.median(times[i])), "spread": max(times[i]) / min(times[i]) - 1,
              "rounds_s": times[i], "rounds_reference_s": refs[i], "device": str(device)}
-            for i, (name, budget, tau, _, batch, traffic) in enumerate(settings)]
+            for i, (name, budget, tau, policy, batch, traffic) in enumerate(settings)]
     write_json(out / "runs.json", {"checkpoint": checkpoint, "rounds": rounds, "runs": runs})
+
+
+def _host_label(policy: Policy) -> str:
+    """A setting's host tier in words (``-``: every expert in host memory)."""
+    h = policy.host
+    if h is None:
+        return "-"
+    return f"{h.label} {int(h.budget[0])}" + (f" tau={int(h.tau[0])}" if h.label == "tide" else "")
 
 
 def read_runs(out: Path) -> list[dict]:
@@ -215,7 +253,8 @@ def read_runs(out: Path) -> list[dict]:
                          "rounds_reference_s": [need_float(v, f"{wi}.rounds_reference_s", positive=True)
                                                 for v in need_list(r.get("rounds_reference_s", []),
                                                                    f"{wi}.rounds_reference_s")],
-                         "device": need_str(get(r, "device", wi), f"{wi}.device")})
+                         "device": need_str(get(r, "device", wi), f"{wi}.device"),
+                         "host": need_str(r.get("host", "-"), f"{wi}.host")})
     return out_runs
 
 
@@ -261,7 +300,7 @@ def replay(out: Path) -> pd.DataFrame:
             pl = np.array([res.summary()["latency_s_p50"] for res in sims])
             ml = np.array(r["rounds_latency_p50_s"])
             lat = float(np.median(pl / (ml if len(ml) == len(pl) else np.median(ml)) - 1))
-        rows.append({**{k: r[k] for k in ("run", "policy", "budget", "tau", "batch_size", "traffic", "device")},
+        rows.append({**{k: r[k] for k in ("run", "policy", "budget", "tau", "host", "batch_size", "traffic", "device")},
                      "measured_s": float(np.median(m_r)), "predicted_s": float(np.median(p_r)),
                      "error": float(np.median(p_r / m_r - 1)), "spread": r["spread"], "drift": drift,
                      "latency_p50_error": lat, "counters_agree": agree})
@@ -293,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", "--repeats", dest="rounds", type=integer, default=5,
                     help="rounds of profile + every setting; errors are medians over the rounds")
     ap.add_argument("--no-batches", action="store_true", help="only the batch-1 settings")
+    ap.add_argument("--host-only", action="store_true",
+                    help="only the settings with a host tier (experts read from the drive), beside all")
     ap.add_argument("--batch-requests", type=integer, default=BATCH_REQUESTS,
                     help="requests of each batched setting (a batch above them runs them all)")
     ap.add_argument("--preset", default="tiny", choices=PRESETS,
@@ -315,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
         need_int(a.batch_requests, "--batch-requests", lo=1, hi=1024)
         capture(out, device, a.checkpoint, a.gen_length, a.prompt_length, a.rounds, a.preset, not a.no_batches,
-                a.batch_requests)
+                a.batch_requests, a.host_only)
         if a.capture_only:
             print(f"captured {out}; replay anywhere with python -m experiments.accuracy --replay-only {out}")
             return 0
@@ -331,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         print(show.round(4).to_string(index=False))
     err = df["error"].abs()
     sp = f", speedup over all within {100 * df['speedup_error'].abs().max():.1f}%" if "speedup_error" in df else ""
-    for label, part in (("batch 1", df[df["batch_size"] == 1]), ("batched", df[df["batch_size"] > 1])):
+    for label, part in (("batch 1", df[df["batch_size"] == 1]), ("batched", df[df["batch_size"] > 1]),
+                        ("with a host tier (experts read from the drive)", df[df["host"] != "-"])):
         if len(part) and len(part) < len(df):
             print(f"{label}: median |error| {100 * part['error'].abs().median():.1f}%, "
                   f"worst {100 * part['error'].abs().max():.1f}% over {len(part)} runs")

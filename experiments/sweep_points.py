@@ -154,7 +154,7 @@ def plan_group(points: list[Point], cache: str | None = None) -> tuple[dict[str,
     for point in points:
         base, profile, gpu_gb = _setting(point, trace)
         try:
-            mem = memory([trace], profile, gpu_gb, point.batch_size)
+            mem = memory([trace], profile, gpu_gb, point.batch_size, drive=False)  # the drive: drive_study
         except TideError as exc:
             out[base["key"]] = pd.DataFrame([{**base, "policy": "-", "status": str(exc)}])
             continue
@@ -180,7 +180,7 @@ def point_rows(point: Point, group: Group, priced: Priced, cache: str | None = N
     every box of the group)."""
     trace = _point_trace(point, cache)
     base, profile, gpu_gb = _setting(point, trace)
-    mem = memory([trace], profile, gpu_gb, point.batch_size)
+    mem = memory([trace], profile, gpu_gb, point.batch_size, drive=False)  # the drive: drive_study
     return _point_rows(point, trace, profile, mem, base, _budgets(point, mem), priced,
                        group.box_keys.index(base["profile_sha256"]), list(group.taus))
 

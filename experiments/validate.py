@@ -32,13 +32,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from runtime.checkpoint import dtype_name, load_model
+from runtime.checkpoint import drive_files, dtype_name, load_model
+from runtime.config import ModelConfig
 from runtime.decoding import Generator
-from runtime.device import check_device, speed_reference_s, timed
+from runtime.device import check_device, host_memory_bytes, speed_reference_s, timed
 from runtime.lossless import agree
 from runtime.model import LLaDA2
 from runtime.offload import OffloadEngine
-from runtime.profile import in_run_text, profile_box
+from runtime.profile import fits_in_memory, in_run_text, profile_box
+from runtime.profile_drive import measure_drive
 from traces.common import checks
 from traces.common.checks import resolve_batch_size
 from traces.common.cli import ArgumentParser, integer, run_cli, span
@@ -49,9 +51,11 @@ from traces.costs.cost_model import CostModel
 from traces.costs.memory import DEVICE_HEADROOM, MemoryBudget
 from traces.costs.policy_run import replay_policy
 from traces.formats.plan_file import Plan
+from traces.formats.profile_file import Profile
 from traces.formats.shapes import ModelShape
 from traces.formats.trace_file import Trace
 from traces.formats.trace_read import read_trace
+from traces.policies.host import HostPolicy
 from traces.policies.labels import baselines, display_name, kinds_label, tau_label
 from traces.policies.spec import Policy
 from traces.serving.admission import compose_trace
@@ -85,17 +89,29 @@ def _named_traces(plan: Plan) -> list[tuple[str, Trace]]:
 
 
 def runs_to_make(plan: Plan, traces: list[Trace], shape: ModelShape, all_fits: bool,
-                 batch_size: int = 1) -> dict[str, Policy]:
+                 batch_size: int = 1, in_memory: bool = True) -> dict[str, Policy]:
     """The plan, its baselines at the budget the planner gave them (the largest uniform one
     that fits the plan's memory limit with these traces' KV cache at ``batch_size``), and
-    ``all`` when it fits."""
+    ``all`` when it fits. With a host tier (the plan's), the baselines also run with one: a
+    cache evicting the least recently used expert in the plan's host memory (``+lru``); a
+    checkpoint larger than this machine's memory (``in_memory`` false) runs those only."""
     runs: dict[str, Policy] = {}
-    if all_fits:
-        runs["all"] = Policy.make("all", shape.n_moe_layers, shape.experts)
+    L, E = shape.n_moe_layers, shape.experts
+    if all_fits and in_memory:
+        runs["all"] = Policy.make("all", L, E)
     runs["plan"] = Policy.from_plan(plan, shape)
     if plan.gpu_mem_bytes is not None:
         b = MemoryBudget.for_traces(traces, plan.gpu_mem_bytes, batch_size).largest_uniform()
-        runs.update(baselines(shape.n_moe_layers, shape.experts, b))
+        base = baselines(L, E, b)
+        if in_memory:
+            runs.update(base)
+        if plan.host is not None:
+            mem = MemoryBudget.for_traces(traces, plan.gpu_mem_bytes, batch_size,
+                                          plan.host.get("host_mem_bytes", float("inf")))
+            for name, p in base.items():
+                h = mem.uniform_host_budget(p.kinds, p.budget)
+                if 0 < h < E:
+                    runs[f"{name}+lru"] = p.with_host(HostPolicy.make("lru", L, E, h))
     return runs
 
 
@@ -119,7 +135,18 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     how far the box has moved since (``drift``: planned over predicted now, minus one, and the
     speed reference then and now) is reported beside the error, never folded into it."""
     device = check_device(device_name)
-    model = load_model(checkpoint, device=device, dtype=plan.dtype, experts_device="cpu")
+    cfg = ModelConfig.load(checkpoint)
+    in_memory = fits_in_memory(cfg, plan.dtype)
+    if not in_memory and plan.host is None:
+        raise TideError(f"--checkpoint {checkpoint}: larger than this machine's memory "
+                        f"({host_memory_bytes() / 1e9:.0f} GB), and the plan keeps every expert in host memory: "
+                        "plan with sim.plan --host-mem-gb (what this machine can give its experts)")
+    drive = None
+    if plan.host is not None:  # every MoE layer's experts left on the drive: any host tier reads from there
+        layers = set(cfg.shape.moe_layers)
+        drive = (load_model(checkpoint, device=device, dtype=plan.dtype, experts_device="cpu", drive_layers=layers),
+                 drive_files(checkpoint, cfg, layers))
+    model = load_model(checkpoint, device=device, dtype=plan.dtype, experts_device="cpu") if in_memory else drive[0]
     shape = model.cfg.shape
     plan.check_model(shape, "--plan")
     for name, tr in traces:
@@ -128,11 +155,12 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
     recorded = [t for _, t in traces]
     all_fits = device.type == "cpu" or MemoryBudget.for_traces(
         recorded, torch.cuda.get_device_properties(device).total_memory * DEVICE_HEADROOM, batch_size).fits(shape.experts)
-    policies = runs_to_make(plan, recorded, shape, all_fits, batch_size)
+    policies = runs_to_make(plan, recorded, shape, all_fits, batch_size, in_memory)
     priced = [(tr if batch_size == 1 else compose_trace(tr, batch_size)) for tr in recorded]  # the forwards that run
-    run = _Runs(model, device, traces, batch_size)
+    run = _Runs(model, device, traces, batch_size, drive)
     checked = {name: run(policy, True) for name, policy in policies.items()}  # tokens, and a warm-up
-    rounds_df = _rounds(model, device, policies, priced, run, rounds, progress, batch_size)
+    rounds_df = _rounds(model, device, policies, priced, run, rounds, progress, batch_size,
+                        checkpoint if drive is not None else None)
     df, failures = _table(plan, policies, checked, rounds_df, exact=device.type == "cpu", batch_size=batch_size)
     _, origin = plan_profile(plan)
     ref_then = origin.get("reference_s") if isinstance(origin.get("reference_s"), (int, float)) else None
@@ -150,14 +178,18 @@ class _Runs:
     """Runs a policy on every trace, each from an empty placement as the planner priced it:
     seconds, counters and each request's result."""
 
-    def __init__(self, model: LLaDA2, device: torch.device, traces: list[tuple[str, Trace]], batch_size: int):
+    def __init__(self, model: LLaDA2, device: torch.device, traces: list[tuple[str, Trace]], batch_size: int,
+                 drive: tuple | None = None):
         self.model, self.device, self.traces, self.batch_size = model, device, traces, batch_size
+        self.drive = drive  # (the model with its experts left on the drive, their files): host-tier policies run there
 
     def __call__(self, policy: Policy, check: bool) -> tuple[float, dict[str, int], list]:
-        model, device = self.model, self.device
+        model, device, files = self.model, self.device, None
+        if policy.host is not None or (self.drive is not None and self.drive[0] is model):
+            model, files = self.drive
         total, counters, results = 0.0, dict.fromkeys(("gpu_tokens", "cpu_tokens", "migrations"), 0), []
         for _, tr in self.traces:
-            with OffloadEngine(model, policy, device) as engine:
+            with OffloadEngine(model, policy, device, drive=files) as engine:
                 gen = Generator(model, tr.decoding, engine=engine, margins=check)
                 if self.batch_size > 1:
                     res, s = timed(device, lambda: gen.replay_batch(tr, [r["request"] for r in tr.requests],
@@ -173,13 +205,17 @@ class _Runs:
 
 
 def _rounds(model: LLaDA2, device: torch.device, policies: dict[str, Policy], priced: list[Trace], run: _Runs,
-            rounds: int, progress: bool, batch_size: int) -> pd.DataFrame:
-    """Rounds of: this box's profile re-timed in this process, then every policy once, each
-    priced on that round's profile (one row per round and policy)."""
+            rounds: int, progress: bool, batch_size: int, drive_checkpoint: str | None = None) -> pd.DataFrame:
+    """Rounds of: this box's profile re-timed in this process (with the drive holding
+    ``drive_checkpoint``, for host-tier policies), then every policy once, each priced on that
+    round's profile (one row per round and policy)."""
     per_round = []
     for rnd in tqdm(range(rounds), desc="rounds of profile + every policy", unit="round", disable=not progress):
-        prof = profile_box(model.cfg, device, dtype_name(model.dtype), quick=True, progress=False, model=model,
+        prof = profile_box(model.cfg, device, dtype_name(model.dtype), quick=True, progress=False,
+                           model=model if not any(b.on_drive for b in model.moe_blocks) else None,
                            batches=batch_size > 1)  # what a batch adds is measured where one runs
+        if drive_checkpoint is not None:
+            prof = Profile(dict(prof.data, drive=measure_drive(drive_checkpoint, model.cfg, quick=True)), where=prof.where)
         ref_now = speed_reference_s()
         for name, policy in policies.items():  # every policy once per round: a shared box's load hits all alike
             predicted = sum(replay_policy(tr, policy, cost=CostModel(prof, tr.shape, tr.dtype)).seconds()

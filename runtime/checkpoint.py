@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import re
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from runtime.model import LLaDA2
 from traces.common.errors import TideError
 from traces.common.files import read_json
 from traces.common.values import get, need_dict, need_str
+
+if TYPE_CHECKING:
+    from runtime.drive import ExpertFiles
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

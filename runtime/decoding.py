@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +168,7 @@ class Generator:
     recorder: TraceRecorder | None = None
     engine: "OffloadEngine | None" = None
     margins: bool = False
+    progress: Any = None  # a tqdm bar (or anything with update(n)): one step per forward run
     forwards_run: int = field(default=0, init=False)  # batched forwards run so far (every call)
 
     def _accept(self, q: _Request, s0: int, logits: torch.Tensor, n: int, threshold: float | None = None,
@@ -418,6 +419,8 @@ class Generator:
         if self.recorder is not None:
             self.recorder.end(committed, counters)
         self.forwards_run += 1
+        if self.progress is not None:
+            self.progress.update(1)
 
 
 def _stream(offsets: Sequence[float] | None) -> Arrivals | None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from runtime.capture import TraceRecorder
 from runtime.checkpoint import checkpoint_dtype, drive_files, dtype_name, load_model
@@ -247,6 +248,7 @@ def _report(args: argparse.Namespace, device: torch.device, results: list, secon
                       "arrival_s": r.arrival_s, "start_s": r.start_s, "end_s": r.end_s,
                       "latency_s": r.end_s - r.arrival_s} for i, r in enumerate(results)],
         "device": str(device), "dtype": dtype_name(gen.model.dtype), "kv_cache": decoding.kv_cache,
+        "peak_rss_gb": peak_rss_bytes() / 1e9,
     }
     if engine is not None:
         out["policy"] = policy_meta
@@ -257,6 +259,12 @@ def _report(args: argparse.Namespace, device: torch.device, results: list, secon
         texts = [tokenizer.decode(r.tokens, skip_special_tokens=True) for r in results]
         out["text"] = texts[0] if len(texts) == 1 else texts
     return out
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (the page cache not counted)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -292,8 +300,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         engine = OffloadEngine(model, policy, device, setup_counts=popularity, kernel=args.expert_kernel, drive=drive)
     warm_up(model, decoding, prompts[0], sampling, engine)
     rec = TraceRecorder(model, decoding, dtype_name(model.dtype)) if args.trace_out else None
-    with engine or nullcontext(), rec or nullcontext():
-        gen = Generator(model, decoding, sampling, rec, engine)
+    total = replay.n_batched if replay is not None and asked is None else None
+    bar = tqdm(total=total, desc="generating", unit="forward", disable=not sys.stderr.isatty(), leave=False)
+    with engine or nullcontext(), rec or nullcontext(), bar:
+        gen = Generator(model, decoding, sampling, rec, engine, progress=bar)
         if replay is not None:
             results, seconds = timed(device, lambda: gen.replay_batch(
                 replay, [r["request"] for r in replay.requests], asked, arrivals))

@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from traces.formats.shapes import ModelShape
 
 #: Host-tier counters the engine reports.
-DRIVE_COUNTERS = ("drive_reads", "drive_fills", "drive_bytes", "drive_wait_s")
+#: ``drive_demand``: experts drive layers needed from host memory (the host cache's lookups;
+#: its hit rate is ``1 - drive_reads / drive_demand``).
+DRIVE_COUNTERS = ("drive_reads", "drive_fills", "drive_demand", "drive_bytes", "drive_wait_s")
 
 
 @dataclass
@@ -47,23 +49,36 @@ class HostTier:
 
     def __init__(self, policy: HostPolicy, files: ExpertFiles, moe_layers: Sequence[int], experts: int,
                  like: Sequence[tuple[tuple[int, ...], torch.dtype]], setup_counts: np.ndarray | None = None,
-                 pin: bool = False):
+                 pin: bool = False, loaded: np.ndarray | None = None):
+        """``loaded`` ([L] bool, default: the policy's drive layers): the layers whose experts
+        the model left on the drive; those whose host budget is every expert read them all now
+        (what loading them would have done), so that they hold them from the first forward."""
         self.policy, self.files, self.experts = policy, files, experts
         self.runner = HostRunner(policy, experts, setup_counts=setup_counts)
-        drive = np.flatnonzero(policy.on_drive(experts))
-        held = int(policy.budget[drive].sum())
+        on = policy.on_drive(experts) if loaded is None else np.asarray(loaded, bool)
+        drive = np.flatnonzero(on)
+        sizes = np.minimum(policy.budget[drive], experts)
+        held = int(sizes.sum())
         self.stack = stack_rows(held + experts, like, pin)  # held rows, then one layer's staging
         self.staging = np.arange(held, held + experts)
         self.layers: dict[int, _HostLayer] = {}
         start = 0
-        for i in drive.tolist():
-            b = int(policy.budget[i])
+        for i, b in zip(drive.tolist(), sizes.tolist()):
             rows = np.arange(start, start + b)
             self.layers[i] = _HostLayer(int(moe_layers[i]), i, rows, np.full(experts, -1, np.int64), rows.tolist())
             start += b
+        self._load_whole()
         self.counters = dict.fromkeys(DRIVE_COUNTERS, 0.0)
         self._pending: tuple | None = None
         files.reads = files.bytes = 0
+
+    def _load_whole(self) -> None:
+        """Layers whose host budget is every expert: all of them read in, held from the start."""
+        for hl in self.layers.values():
+            if len(hl.rows) == self.experts:
+                self.files.read(hl.layer, np.arange(self.experts), self.stack, hl.rows)
+                hl.row_of[:] = hl.rows
+                hl.free = []
 
     @property
     def nbytes(self) -> int:
@@ -73,8 +88,9 @@ class HostTier:
         """Forget what is held (after a warm-up): the next forward starts cold, as the simulator's."""
         self.runner = HostRunner(self.policy, self.experts, setup_counts=self.runner.setup_counts)
         for hl in self.layers.values():
-            hl.row_of[:] = -1
-            hl.free = hl.rows.tolist()
+            if len(hl.rows) < self.experts:  # a layer holding every expert keeps them
+                hl.row_of[:] = -1
+                hl.free = hl.rows.tolist()
         self.counters = dict.fromkeys(DRIVE_COUNTERS, 0.0)
         self.files.reads = self.files.bytes = 0
 
@@ -97,6 +113,7 @@ class HostTier:
         row[ids] = self.staging[:len(ids)]
         self._pending = (hl, ids, np.flatnonzero(fills), held)
         self.counters["drive_reads"] += len(ids)
+        self.counters["drive_demand"] += int(np.count_nonzero(demand))
         return row
 
     def finish(self) -> None:

@@ -35,6 +35,7 @@ from runtime.experts import (
 )
 from runtime.host_tier import HostTier, expert_like
 from runtime.model import LLaDA2
+from traces.policies.host import HostPolicy
 from traces.common.errors import TideError
 from traces.formats.shapes import dtype_bytes
 from traces.formats.vocabulary import COUNTERS
@@ -127,20 +128,22 @@ class OffloadEngine:
         self._in_forward = False
 
     def _host_tier(self) -> HostTier | None:
-        """The host tier of a policy that keeps some layers' experts on the drive only; the
-        model must have been loaded with exactly those layers' experts left there."""
+        """The host tier: the layers whose experts the model left on the drive are read from the
+        checkpoint's files as the policy's host tier says (a layer it keeps wholly in host memory
+        is read in now); a policy whose host tier reads a layer the model holds is refused."""
         s = self.model.cfg.shape
-        on = self.policy.drive_layers(s.experts)
         loaded = np.array([blk.on_drive for blk in self.model.moe_blocks])
-        if not np.array_equal(on, loaded):
-            raise TideError("the model was loaded with other layers' experts left on the drive than the policy's "
-                            "host tier reads (load with drive_layers = the policy's drive layers)")
-        if not on.any():
+        if (self.policy.drive_layers(s.experts) & ~loaded).any():
+            raise TideError("the policy's host tier reads layers whose experts the model holds in memory (load with "
+                            "drive_layers = at least the policy's drive layers)")
+        if not loaded.any():
             return None
         if self.drive is None:
-            raise TideError("a host tier needs the checkpoint's expert files (drive=runtime.checkpoint.drive_files(...))")
-        return HostTier(self.policy.host, self.drive, s.moe_layers, s.experts, expert_like(s, self.model.dtype),
-                        setup_counts=self.setup_counts, pin=self.cuda)
+            raise TideError("a model whose experts stay on the drive needs the checkpoint's expert files "
+                            "(drive=runtime.checkpoint.drive_files(...))")
+        host = self.policy.host or HostPolicy.everything(s.n_moe_layers, s.experts)
+        return HostTier(host, self.drive, s.moe_layers, s.experts, expert_like(s, self.model.dtype),
+                        setup_counts=self.setup_counts, pin=self.cuda, loaded=loaded)
 
     def reset(self) -> None:
         """Forget placement, counters and timers (after a warm-up): the next forward sets up anew."""

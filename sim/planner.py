@@ -55,16 +55,17 @@ def check_traces(traces: Sequence[Trace], names: Sequence[str]) -> None:
 
 
 def memory(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, batch_size: int = 1,
-           host_mem_gb: float | None = None) -> MemoryBudget:
+           host_mem_gb: float | None = None, drive: bool = True) -> MemoryBudget:
     """The memory the plan may use: ``gpu_mem_gb`` of the GPU (the batch's KV cache counted),
     ``host_mem_gb`` of host memory (default: the box's) and the box's drive where it has one,
     after one clear error if the limit is impossible (above the box's memory, or short of
-    weights, KV cache and one expert per layer, or a tier too small to hold the model)."""
+    weights, KV cache and one expert per layer, or a tier too small to hold the model).
+    ``drive=False``: the box as if it had no drive (GPU and host memory must hold every expert)."""
     need_float(gpu_mem_gb, "--gpu-mem-gb", positive=True)
     host = MemoryBudget.host_limit(host_mem_gb, profile.capacity("host_mem_bytes"), f"{profile.name}'s host")
     mem = MemoryBudget.on_device(traces[0].shape, traces[0].dtype, gpu_mem_gb, profile.capacity("gpu_mem_bytes"),
                                  kv_tokens(traces, batch_size), host, device=f"{profile.name}'s GPU",
-                                 drive_bytes=profile.drive("capacity_bytes") if profile.has_drive else None)
+                                 drive_bytes=profile.drive("capacity_bytes") if drive and profile.has_drive else None)
     what = f"--gpu-mem-gb {gpu_mem_gb:g}" + (f" at batch {batch_size}" if batch_size > 1 else "")
     mem.check_one_each(what)
     mem.check_holds(f"{what} on {profile.name}")

@@ -8,7 +8,8 @@ what the knob touches, and marks every changed value ``derived`` with a note say
 * ``cpu_cores``: the CPU's compute times ``cpu_cores``: each CPU expert time above the
   per-task overhead divides by it, but never below what host memory bandwidth allows
   (reading the expert's weights once), since more cores do not add memory bandwidth;
-* ``gpu_mem_gb`` / ``host_mem_gb``: the capacities, in GB (1e9 bytes).
+* ``gpu_mem_gb`` / ``host_mem_gb``: the capacities, in GB (1e9 bytes);
+* ``drive``: another drive (a key of :data:`traces.costs.boxes.DRIVES`, from its datasheet).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from traces.formats.shapes import dtype_bytes
 
 
 def scale_profile(profile: Profile, pcie: float = 1.0, cpu_cores: float = 1.0, gpu_mem_gb: float | None = None,
-                  host_mem_gb: float | None = None) -> Profile:
+                  host_mem_gb: float | None = None, drive: str | None = None) -> Profile:
     """A copy of ``profile`` with the knobs turned (all at their defaults: an equal copy)."""
     for name, v in (("pcie", pcie), ("cpu_cores", cpu_cores), ("gpu_mem_gb", gpu_mem_gb), ("host_mem_gb", host_mem_gb)):
         if v is not None and not v > 0:
@@ -53,6 +54,12 @@ def scale_profile(profile: Profile, pcie: float = 1.0, cpu_cores: float = 1.0, g
         if gb is not None:
             d["capacities"][cap] = {"value": gb * 1e9, "source": "derived", "note": "what-if"}
             notes.append(f"{label} {gb:g} GB")
+    if drive is not None:
+        from traces.costs.boxes import DRIVES
+        if drive not in DRIVES:
+            raise TideError(f"--drive: unknown drive {drive!r} (expected one of {', '.join(DRIVES)})")
+        d["drive"] = DRIVES[drive].section()
+        notes.append(f"{drive} drive")
     if notes:
         d["name"] = f"{profile.name} ({', '.join(notes)})"
         # the text as it has always read ("traces.whatif"): a profile's hash keys sweep points
