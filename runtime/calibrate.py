@@ -46,8 +46,11 @@ class InRunCalibration:
         outside the layers and the head. On the model given to the profiler (``model=``: the
         checkpoint itself, under ``static`` at an eighth of the experts), or else on a stand-in
         of this shape whose routed experts are tiny (then the head and experts keep their
-        tables: the stand-in's differ)."""
+        tables: the stand-in's differ). A checkpoint given with its experts left on the drive
+        (larger than this machine's memory) is that stand-in with its own non-expert weights:
+        its head is levelled too, its experts keep their table."""
         model, real, policy = self._calibration_model()
+        own_parts = real or self._own_parts
         s = self.cfg.shape
         work = synthesize(model.cfg.shape, 96, 32, seed=0, dtype=dtype_name(self.dtype))
         policies = {"static": policy}
@@ -75,7 +78,7 @@ class InRunCalibration:
                "experts": st["fast_s"] + st["cpu_s"]}
         if "swap" in med:
             ran.update(decide=med["swap"]["decide_s"], copies=med["swap"]["copy_s"])
-        factors = self._level(data, ran, priced, real)
+        factors = self._level(data, ran, priced, own_parts, real)
         member = self._member_costs(data, med, batch_policies, batch, forward_s) if "batch all" in med else {}
         note = (f"measured over priced in replays of a synthetic {len(work.forwards)}-forward trace "
                 f"({', '.join(f'{n} B={int(p.budget[0])}' for n, p in policies.items())}); the tables and "
@@ -88,15 +91,27 @@ class InRunCalibration:
         replays: the checkpoint under ``static`` at an eighth of the experts, or a stand-in of
         this shape with tiny routed experts under ``all``."""
         s = self.cfg.shape
+        self._own_parts = False
+        if self.model is not None and any(blk.on_drive for blk in self.model.moe_blocks):
+            model = self.model  # the profiler's own load: its non-expert weights, experts in a tiny stand-in
+            for blk in model.moe_blocks:
+                blk.experts, blk.on_drive = self._tiny_experts(), False
+            self._own_parts = True
+            return model, False, Policy.make("all", s.n_moe_layers, s.experts)
         if self.model is not None:
             return self.model, True, Policy.make("static", s.n_moe_layers, s.experts, budget=max(1, s.experts // 8))
         cfg1 = dataclasses.replace(self.cfg, shape=dataclasses.replace(s, vocab=64), mask_id=63, eos_id=62)
         torch.manual_seed(0)
         model = LLaDA2(cfg1).to(device=self.device, dtype=self.dtype)
         for blk in model.moe_blocks:
-            blk.experts = ExpertWeights(*(torch.randn(s.experts, *shp, dtype=self.dtype) * 0.02
-                                          for shp in ((8, s.hidden), (8, s.hidden), (s.hidden, 8))))
+            blk.experts = self._tiny_experts()
         return model, False, Policy.make("all", s.n_moe_layers, s.experts)
+
+    def _tiny_experts(self) -> ExpertWeights:
+        """A stand-in's routed experts: every one of them, 8 wide."""
+        s = self.cfg.shape
+        return ExpertWeights(*(torch.randn(s.experts, *shp, dtype=self.dtype) * 0.02
+                               for shp in ((8, s.hidden), (8, s.hidden), (s.hidden, 8))))
 
     def _median_run(self, model: LLaDA2, policy: Policy, decoding: Decoding, run: Callable[[Generator], Any],
                     reps: int, forwards: bool) -> dict[str, float]:
@@ -136,7 +151,7 @@ class InRunCalibration:
         return priced
 
     def _level(self, data: dict[str, Any], ran: dict[str, float], priced: dict[str, float],
-               real: bool) -> dict[str, float]:
+               own_parts: bool, real: bool) -> dict[str, float]:
         """Scale each table and host cost a part prices by measured over priced (in ``data``);
         the factors per part."""
         s = self.cfg.shape
@@ -145,7 +160,7 @@ class InRunCalibration:
         key, dt = s.expert_shape_key, dtype_name(self.dtype)
         targets = {"dense": [tables["dense_layer"]] if s.first_k_dense else [],
                    "moe": [tables["moe_layer"]] + ([] if s.first_k_dense else [tables["dense_layer"]]),
-                   "head": [tables["head"]] if real else [],
+                   "head": [tables["head"]] if own_parts else [],
                    "experts": [data["gpu_experts"][key][dt]] if real else []}
         for part in ran:
             if priced[part] <= 0 or ran[part] <= 0:

@@ -141,7 +141,7 @@ class ExpertFiles:
             os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_DONTNEED)  # not left in the page cache
         return view[lo - a:hi - a]
 
-    def _read_expert(self, layer: int, expert: int, dst: ExpertWeights, row: int) -> None:
+    def read_expert(self, layer: int, expert: int, dst: ExpertWeights, row: int) -> None:
         """One expert's three matrices into ``dst``'s ``row``: one read where they lie together
         in one file (as safetensors writes an expert's), else one read each."""
         spans = self.spans[(layer, expert)]
@@ -159,7 +159,7 @@ class ExpertFiles:
 
     def submit(self, layer: int, experts: Sequence[int], dst: ExpertWeights, rows: Sequence[int]) -> list[Future]:
         """Start reading ``experts`` of ``layer`` (model layer id) into ``dst``'s ``rows``."""
-        return [self.pool.submit(self._read_expert, layer, int(e), dst, int(r)) for e, r in zip(experts, rows)]
+        return [self.pool.submit(self.read_expert, layer, int(e), dst, int(r)) for e, r in zip(experts, rows)]
 
     def read(self, layer: int, experts: Sequence[int], dst: ExpertWeights, rows: Sequence[int]) -> None:
         """Read and wait (the first error raised here, as a TideError)."""

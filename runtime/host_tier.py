@@ -38,7 +38,6 @@ DRIVE_COUNTERS = ("drive_reads", "drive_fills", "drive_demand", "drive_bytes", "
 @dataclass
 class _HostLayer:
     layer: int  # model layer id
-    index: int  # MoE layer index
     rows: np.ndarray  # [budget] this layer's rows of the host stack
     row_of: np.ndarray  # [E] held expert -> its row, -1 when not held
     free: list[int] = field(default_factory=list)
@@ -65,7 +64,7 @@ class HostTier:
         start = 0
         for i, b in zip(drive.tolist(), sizes.tolist()):
             rows = np.arange(start, start + b)
-            self.layers[i] = _HostLayer(int(moe_layers[i]), i, rows, np.full(experts, -1, np.int64), rows.tolist())
+            self.layers[i] = _HostLayer(int(moe_layers[i]), rows, np.full(experts, -1, np.int64), rows.tolist())
             start += b
         self._load_whole()
         self.counters = dict.fromkeys(DRIVE_COUNTERS, 0.0)
@@ -138,6 +137,11 @@ class HostTier:
         self.counters["drive_wait_s"] += time.perf_counter() - t0
         hl.row_of[fill] = rows
         self.counters["drive_fills"] += len(fill)
+
+    def release(self) -> None:
+        """Free the host stack (the engine is done): a run's largest allocation, not to be held
+        while the next engine makes its own."""
+        self.stack = None
 
     def totals(self) -> dict[str, float]:
         out = dict(self.counters)

@@ -157,10 +157,16 @@ class OffloadEngine:
         self.timers = dict.fromkeys(TIMERS, 0.0)
 
     def detach(self) -> None:
-        """Give the model back its own expert execution (all experts where the model runs)."""
+        """Give the model back its own expert execution (all experts where the model runs), and
+        the host tier's memory back (its counters stay: :meth:`totals` still reports them)."""
         from runtime.experts import local_experts
         for blk in self.model.moe_blocks:
             blk.executor = local_experts
+        if self.host_tier is not None:
+            self.host_tier.release()
+            for layer, blk in zip(self.layers, self.model.moe_blocks):
+                if blk.on_drive:
+                    layer.host = None
 
     def __enter__(self) -> "OffloadEngine":
         return self

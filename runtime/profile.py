@@ -148,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     dtype = a.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     t0 = time.perf_counter()
     model = None
-    if a.checkpoint and fits_in_memory(cfg, dtype):  # the in-run step replays the checkpoint itself (experts in
-        from runtime.checkpoint import load_model   # host memory, as the engine keeps them)
-        model = load_model(a.checkpoint, device=device, dtype=dtype, experts_device="cpu")
-    elif a.checkpoint:
-        print(f"note: {a.checkpoint} is larger than this machine's memory: the in-run step replays a stand-in of its "
-              "shape", file=sys.stderr)
+    if a.checkpoint:  # the in-run step replays the checkpoint itself (experts in host memory, as the engine keeps them)
+        from runtime.checkpoint import load_model
+        whole = fits_in_memory(cfg, dtype)
+        if not whole:
+            print(f"note: {a.checkpoint} is larger than this machine's memory: the in-run step replays its non-expert "
+                  "weights with stand-in experts", file=sys.stderr)
+        model = load_model(a.checkpoint, device=device, dtype=dtype, experts_device="cpu",
+                           drive_layers=() if whole else cfg.shape.moe_layers)
     prof = profile_box(cfg, device, dtype, a.quick, model=model)
     if a.checkpoint:  # the drive its experts are read from (a host tier's third tier)
         from runtime.profile_drive import drive_line, measure_drive

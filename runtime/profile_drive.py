@@ -34,7 +34,7 @@ def _timed_reads(files: ExpertFiles, keys: list[tuple[int, int]], stack, depth: 
     n = 0
     while n < len(keys):
         batch = keys[n:n + depth]
-        futures = [files.pool.submit(files._read_expert, l, e, stack, i % len(stack.gate)) for i, (l, e) in enumerate(batch)]
+        futures = [files.pool.submit(files.read_expert, l, e, stack, i % len(stack.gate)) for i, (l, e) in enumerate(batch)]
         for f in futures:
             f.result()
         n += len(batch)

@@ -204,3 +204,46 @@ def test_bad_host_settings_and_a_checkpoint_that_goes_away(tiny_ckpt, tmp_path, 
     os.truncate(ck / "model.safetensors", 100_000)
     with pytest.raises(TideError, match="model.safetensors.*(truncated|ends at byte)"):
         generate(m, eng, PROMPTS[:1], 1)
+
+
+def test_a_model_with_every_layer_on_the_drive_runs_any_policy(tiny_ckpt):
+    """What validation runs a host-tier plan's baselines on: every layer's experts left on the
+    drive, a layer whose host budget is every expert read in whole when the engine is made
+    (so it reads nothing later, as the simulator says), a policy without a host tier too."""
+    from runtime.config import ModelConfig
+    cfg = ModelConfig.load(tiny_ckpt)
+    L, E = cfg.shape.n_moe_layers, cfg.shape.experts
+    layers = set(cfg.shape.moe_layers)
+    ref = generate(*(lambda m: (m, OffloadEngine(m, Policy.make("all", L, E), torch.device("cpu"))))(
+        load_model(tiny_ckpt, dtype="float32")), PROMPTS[:1], 1)
+    on_drive = load_model(tiny_ckpt, dtype="float32", drive_layers=layers)
+    files = drive_files(tiny_ckpt, cfg, layers)
+    tide = Policy.make("tide", L, E, budget=4, tau=2)
+    for policy in (tide, tide.with_host(HostPolicy.make("lru", L, E, [E, 8, E]))):
+        eng = OffloadEngine(on_drive, policy, torch.device("cpu"), drive=files)
+        assert generate(on_drive, eng, PROMPTS[:1], 1) == ref
+        t = eng.totals()
+        assert t["drive_demand"] > 0
+        assert (t["drive_reads"] > 0) == (policy.host is not None)  # a layer held whole reads nothing after
+    with pytest.raises(TideError, match="reads layers whose experts the model holds"):
+        OffloadEngine(load_model(tiny_ckpt, dtype="float32"), tide.with_host(HostPolicy.make("lru", L, E, 8)),
+                      torch.device("cpu"))
+
+
+def test_validation_runs_a_plan_with_a_host_tier(tiny_ckpt, tmp_path):
+    from experiments.validate import validate
+    from runtime.config import ModelConfig
+    from traces.formats.trace_read import read_trace
+    shape = ModelConfig.load(tiny_ckpt).shape
+    L, E = shape.n_moe_layers, shape.experts
+    trace = synthesize(shape, 32, 16, seed=2, dtype="float32")
+    mem = MemoryBudget.for_traces([trace], 1e12)
+    gpu = mem.fixed_bytes + 6 * L * mem.expert_bytes  # the baselines at 6 slots per layer
+    host = (L * 12 + E) * mem.expert_bytes  # their lru caches: 12 experts per layer beside the staging
+    plan = Plan.for_shape(shape, 2, 6, kind="tide", dtype="float32", gpu_mem_bytes=gpu,
+                          host={"kind": "lru", "budget": [8, E, 12], "tau": [1] * L, "host_mem_bytes": host})
+    df, rounds, failures = validate(str(tiny_ckpt), plan, [("t", read_trace(trace.write(tmp_path / "t.parquet")))],
+                                    rounds=1)
+    assert not failures
+    assert {"plan", "static+lru"} <= set(df["policy"])
+    assert df["error"].abs().max() < 1.0  # priced on the round's profile with this drive measured
