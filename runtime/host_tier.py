@@ -99,43 +99,55 @@ class HostTier:
     def prepare(self, i: int, counts: np.ndarray, demand: np.ndarray) -> np.ndarray | None:
         """Layer ``i``'s experts in host memory for this forward: read what ``demand`` needs and
         the layer lacks; the row of each expert it needs (-1 elsewhere), or None for a layer
-        that holds every expert."""
+        that holds every expert. A read expert the held set keeps goes straight to a row that
+        a leaving expert this forward does not use gave up; the others land in staging."""
         hl = self.layers.get(i)
         if hl is None:
             return None
         reads, fills, held = self.runner.layer(i, counts, demand)
+        for e in np.flatnonzero((hl.row_of >= 0) & ~held & ~demand).tolist():  # leaving, unused now: free at once
+            hl.free.append(int(hl.row_of[e]))
+            hl.row_of[e] = -1
         ids = np.flatnonzero(reads)
+        rows = np.empty(len(ids), np.int64)
+        staged = 0
+        for k, e in enumerate(ids.tolist()):
+            if held[e] and hl.free:
+                rows[k] = hl.row_of[e] = hl.free.pop()
+            else:
+                rows[k] = self.staging[staged]
+                staged += 1
         t0 = time.perf_counter()
-        self.files.read(hl.layer, ids, self.stack, self.staging[:len(ids)])
+        self.files.read(hl.layer, ids, self.stack, rows)
         self.counters["drive_wait_s"] += time.perf_counter() - t0
         row = hl.row_of.copy()
-        row[ids] = self.staging[:len(ids)]
-        self._pending = (hl, ids, np.flatnonzero(fills), held)
+        row[ids] = rows
+        self._pending = (hl, ids, rows, np.flatnonzero(fills), held)
         self.counters["drive_reads"] += len(ids)
         self.counters["drive_demand"] += int(np.count_nonzero(demand))
         return row
 
     def finish(self) -> None:
-        """After the layer's work: the held set moves to the policy's (evictions, then read
-        experts kept from staging, then fills read from the drive)."""
+        """After the layer's work: the held set moves to the policy's (the rest of the leaving
+        experts, then read experts kept from staging, then fills read from the drive)."""
         if self._pending is None:
             return
-        hl, ids, fill, held = self._pending
+        hl, ids, rows, fill, held = self._pending
         self._pending = None
         for e in np.flatnonzero((hl.row_of >= 0) & ~held).tolist():  # leaving
             hl.free.append(int(hl.row_of[e]))
             hl.row_of[e] = -1
-        keep = [(e, s) for e, s in zip(ids.tolist(), self.staging[:len(ids)].tolist()) if held[e]]
-        for e, s in keep:  # read this forward and held from now on: moved, not read again
-            r = hl.free.pop()
-            for t in (self.stack.gate, self.stack.up, self.stack.down):
-                t[r].copy_(t[s])
-            hl.row_of[e] = r
-        rows = [hl.free.pop() for _ in fill]
+        for e, s in zip(ids.tolist(), rows.tolist()):  # staged, read this forward and held from now on: moved
+            if held[e] and hl.row_of[e] < 0:
+                r = hl.free.pop()
+                for t in (self.stack.gate, self.stack.up, self.stack.down):
+                    t[r].copy_(t[s])
+                hl.row_of[e] = r
+        to = [hl.free.pop() for _ in fill]
         t0 = time.perf_counter()
-        wait(self.files.submit(hl.layer, fill, self.stack, rows))
+        wait(self.files.submit(hl.layer, fill, self.stack, to))
         self.counters["drive_wait_s"] += time.perf_counter() - t0
-        hl.row_of[fill] = rows
+        hl.row_of[fill] = to
         self.counters["drive_fills"] += len(fill)
 
     def release(self) -> None:
