@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from runtime.experts import ExpertWeights
@@ -186,6 +187,19 @@ def bypasses_page_cache(path: str | Path) -> bool:
 
 
 def stack_rows(n: int, like: Sequence[tuple[tuple[int, ...], torch.dtype]], pin: bool = False) -> ExpertWeights:
-    """A host stack of ``n`` experts (gate, up, down shapes and dtype), touched now so the
-    first reads do not fault its pages in; pinned for a GPU's asynchronous copies."""
-    return ExpertWeights(*(torch.zeros((n, *shape), dtype=dt, pin_memory=pin) for shape, dt in like))
+    """A host stack of ``n`` experts (gate, up, down shapes and dtype), pinned for a GPU's
+    asynchronous copies; otherwise in memory mapped for it alone, so that it goes back to the
+    OS when freed (the heap keeps what it frees: :func:`runtime.device.keep_freed_memory`),
+    not held while the next engine makes its own. Touched now, so the first reads do not
+    fault its pages in."""
+    if pin:
+        return ExpertWeights(*(torch.zeros((n, *shape), dtype=dt, pin_memory=True) for shape, dt in like))
+    out = []
+    for shape, dt in like:
+        nbytes = n * int(np.prod(shape)) * torch.tensor([], dtype=dt).element_size()
+        buf = mmap.mmap(-1, max(nbytes, 1))
+        t = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dt).view(n, *shape) if nbytes else \
+            torch.empty((0, *shape), dtype=dt)
+        t.zero_()
+        out.append(t)
+    return ExpertWeights(*out)

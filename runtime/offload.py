@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from runtime.checkpoint import dtype_name
-from runtime.device import give_back_freed_memory, to_device
+from runtime.device import to_device
 from runtime.drive import ExpertFiles
 from runtime.experts import (
     KERNELS,
@@ -158,19 +158,15 @@ class OffloadEngine:
 
     def detach(self) -> None:
         """Give the model back its own expert execution (all experts where the model runs), and
-        the memory of the engine's slots and host tier back (its counters stay: :meth:`totals`
-        still reports them); the engine runs no more forwards."""
+        the host tier's memory back (its counters stay: :meth:`totals` still reports them)."""
         from runtime.experts import local_experts
         for blk in self.model.moe_blocks:
             blk.executor = local_experts
-        if self.host_tier is not None:
+        if self.host_tier is not None:  # its stacks, mapped apart, go back to the OS (the counters stay)
             self.host_tier.release()
-        for layer, blk in zip(self.layers, self.model.moe_blocks):  # this engine's memory, given back
-            if blk.on_drive:
-                layer.host = None
-            if layer.preloaded is None:
-                layer.slots = None
-        give_back_freed_memory()
+            for layer, blk in zip(self.layers, self.model.moe_blocks):
+                if blk.on_drive:
+                    layer.host = None
 
     def __enter__(self) -> "OffloadEngine":
         return self
