@@ -186,20 +186,32 @@ def bypasses_page_cache(path: str | Path) -> bool:
     return hasattr(os, "O_DIRECT")
 
 
-def stack_rows(n: int, like: Sequence[tuple[tuple[int, ...], torch.dtype]], pin: bool = False) -> ExpertWeights:
+def stack_rows(n: int, like: Sequence[tuple[tuple[int, ...], torch.dtype]], pin: bool = False,
+               maps: list | None = None) -> ExpertWeights:
     """A host stack of ``n`` experts (gate, up, down shapes and dtype), pinned for a GPU's
-    asynchronous copies; otherwise in memory mapped for it alone, so that it goes back to the
-    OS when freed (the heap keeps what it frees: :func:`runtime.device.keep_freed_memory`),
-    not held while the next engine makes its own. Touched now, so the first reads do not
-    fault its pages in."""
+    asynchronous copies; otherwise in private anonymous memory of its own, appended to
+    ``maps``, which :func:`free_maps` hands back to the OS whatever still refers to it (the
+    heap keeps what it frees: :func:`runtime.device.keep_freed_memory`). Touched now, so the
+    first reads do not fault its pages in."""
     if pin:
         return ExpertWeights(*(torch.zeros((n, *shape), dtype=dt, pin_memory=True) for shape, dt in like))
     out = []
     for shape, dt in like:
         nbytes = n * int(np.prod(shape)) * torch.tensor([], dtype=dt).element_size()
-        buf = mmap.mmap(-1, max(nbytes, 1))
-        t = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dt).view(n, *shape) if nbytes else \
-            torch.empty((0, *shape), dtype=dt)
+        if not nbytes:
+            out.append(torch.empty((0, *shape), dtype=dt))
+            continue
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if maps is not None:
+            maps.append(buf)
+        t = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dt).view(n, *shape)
         t.zero_()
         out.append(t)
     return ExpertWeights(*out)
+
+
+def free_maps(maps: list) -> None:
+    """Give the pages of :func:`stack_rows`' maps back to the OS now (their contents are gone)."""
+    for m in maps:
+        m.madvise(mmap.MADV_DONTNEED)
+    maps.clear()

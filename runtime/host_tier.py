@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from runtime.drive import ExpertFiles, stack_rows, wait
+from runtime.drive import ExpertFiles, free_maps, stack_rows, wait
 from traces.policies.host import HostPolicy, HostRunner
 
 if TYPE_CHECKING:
@@ -58,7 +58,8 @@ class HostTier:
         drive = np.flatnonzero(on)
         sizes = np.minimum(policy.budget[drive], experts)
         held = int(sizes.sum())
-        self.stack = stack_rows(held + experts, like, pin)  # held rows, then one layer's staging
+        self._maps: list = []
+        self.stack = stack_rows(held + experts, like, pin, self._maps)  # held rows, then one layer's staging
         self.staging = np.arange(held, held + experts)
         self.layers: dict[int, _HostLayer] = {}
         start = 0
@@ -154,6 +155,7 @@ class HostTier:
         """Free the host stack (the engine is done): a run's largest allocation, not to be held
         while the next engine makes its own."""
         self.stack = None
+        free_maps(self._maps)
 
     def totals(self) -> dict[str, float]:
         out = dict(self.counters)
