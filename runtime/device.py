@@ -66,6 +66,18 @@ def keep_freed_memory() -> None:
     mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
 
 
+def give_back_freed_memory() -> None:
+    """Hand the heap's free memory back to the OS now (glibc ``malloc_trim``): what
+    :func:`keep_freed_memory` keeps between forwards is worth keeping during a run, not after
+    a profile's tables, whose temporaries no run reuses."""
+    import ctypes
+    import ctypes.util
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def to_device(values, device: torch.device) -> torch.Tensor:
     """A small host array (indices, offsets) on ``device`` without a synchronisation: on a GPU
     through pinned memory (PyTorch's caching host allocator keeps the block until the copy

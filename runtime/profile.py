@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from runtime.calibrate import InRunCalibration
 from runtime.checkpoint import dtype_name, torch_dtype
 from runtime.config import ModelConfig
-from runtime.device import check_device, host_memory_bytes, speed_reference_s
+from runtime.device import check_device, give_back_freed_memory, host_memory_bytes, speed_reference_s
 from runtime.model import LLaDA2
 from runtime.profile_host import HostCosts
 from runtime.profile_tables import TableBench, measured, measured_where, timer
@@ -124,6 +124,7 @@ def profile_box(cfg: ModelConfig, device: torch.device, dtype: str, quick: bool,
     the decoding loop's host cost is measured on that model itself, and with ``batches`` what
     a batched forward adds per request."""
     data = Profiler(cfg, device, torch_dtype(dtype), quick, progress, model, batches).run()
+    give_back_freed_memory()  # the tables' temporaries, gigabytes at large shapes: no run reuses them
     return Profile(data, where="measured profile")
 
 
