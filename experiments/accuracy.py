@@ -310,7 +310,7 @@ def replay(out: Path) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     # each policy's speedup over all at the same batch size and traffic, predicted against measured
     key = list(zip(df["batch_size"], df["traffic"]))
-    base = {k: i for i, (k, pol) in enumerate(zip(key, df["policy"])) if pol == "all"}
+    base = {k: i for i, (k, pol, h) in enumerate(zip(key, df["policy"], df["host"])) if pol == "all" and h == "-"}
     if base:
         df["speedup_error"] = [float(np.median((pred[base[k]] / p) / (meas[base[k]] / m) - 1)) if k in base else np.nan
                                for k, p, m in zip(key, pred, meas)]

@@ -33,8 +33,10 @@ def _images(nb: nbformat.NotebookNode) -> int:
 
 def test_what_if(tmp_path):
     nb = run_notebook("what_if.ipynb", 'PROFILE = "a100-40gb"\nMODEL = "llada2-mini"\nGEN_LENGTH = 32\n'
-                      'GPU_MEM_GB = 16\nKNOB = "pcie"\nKNOB_VALUES = [1.0, 2.0]\nTAUS = (1, 4)', tmp_path)
-    assert _images(nb) >= 3 and "tide tau=1" in _text(nb)
+                      'GPU_MEM_GB = 16\nKNOB = "pcie"\nKNOB_VALUES = [1.0, 2.0]\nTAUS = (1, 4)\n'
+                      'HOST_MEM_GB = [12]\nDRIVE = "gen5"', tmp_path)
+    assert _images(nb) >= 4 and "tide tau=1" in _text(nb)
+    assert "drive_gb_per_forward" in _text(nb)  # 12 GB of host memory: the rest of mini's experts from the drive
 
 
 def test_trace_explorer(tmp_path):
