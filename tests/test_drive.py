@@ -134,9 +134,10 @@ def test_one_pass_prices_every_host_budget_as_its_own_walk():
                 assert priced.host_seconds[0, :, c, t, h].sum() == pytest.approx(r.times["layer_s"].sum())
 
 
-def test_flash_plans_on_the_4090_box_with_64_and_128_gb(tmp_path):
+def test_flash_plans_on_the_4090_box_with_64_gb(tmp_path):
+    """The box most people own (the 128 GB one: experiments.drive_study)."""
     tr = synthesize(ModelShape.named("llada2-flash"), 32, 16, seed=0)
-    for box in ("rtx4090-64gb", "rtx4090"):
+    for box in ("rtx4090-64gb",):
         prof = Profile.load(box)
         plan, frame = make_plan([tr], prof, 22, budget_step=64, progress=False)
         assert plan.host is not None and min(plan.host["budget"]) < tr.shape.experts
