@@ -246,10 +246,13 @@ def price_candidates(trace: Trace, profiles: Sequence[Profile], cands: Candidate
                 seconds[p, rows] += each.sum(axis=0)
                 if per_forward is not None:
                     per_forward[p, done[0]:done[0] + n][:, rows] = each  # a view: assigned in place
+                if T:
+                    tiled = _tiled(priced, H)  # every host budget at once: the rows repeated, budget-major
                 for t in range(T):
-                    for h in range(H):
-                        more = {**priced, "drive": cost.drive_s(reads[pick, t, h]), "fill": cost.drive_s(fills[pick, t, h])}
-                        host_seconds[p, rows, t, h] += cost.layer_seconds(more).reshape(n, len(rows)).sum(axis=0)
+                    more = {**tiled, "drive": cost.drive_s(reads[pick, t, :].T.reshape(-1)),
+                            "fill": cost.drive_s(fills[pick, t, :].T.reshape(-1))}
+                    each_h = cost.layer_seconds(more).reshape(H, n, len(rows)).sum(axis=1)  # [H, rows]
+                    host_seconds[p, rows, t, :] += each_h.T
         done[0] += n
         works.clear()
         drives.clear()
@@ -288,6 +291,18 @@ def price_candidates(trace: Trace, profiles: Sequence[Profile], cands: Candidate
                   None if per_forward is None else per_forward.reshape(len(costs), trace.n_batched, L, C), fixed_f,
                   host, None if host is None else host_seconds.reshape(len(costs), L, C, T, H),
                   None if host is None else host_reads.reshape(L, C, T, H))
+
+
+def _tiled(parts: dict[str, object], times: int) -> dict[str, object]:
+    """Priced parts (each ``[R]`` per row, waves as tuples of those) with every row repeated
+    ``times`` times, block after block."""
+    out: dict[str, object] = {}
+    for k, v in parts.items():
+        if k == "waves":
+            out[k] = [tuple(np.tile(a, times) for a in w) for w in v]
+        else:
+            out[k] = np.tile(np.asarray(v), times)
+    return out
 
 
 def _some_layers(args: tuple) -> Priced:
