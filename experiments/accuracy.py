@@ -96,8 +96,9 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     from runtime.device import check_device, speed_reference_s, timed
     from runtime.offload import OffloadEngine
     from runtime.profile import profile_box
-    from runtime.profile_drive import measure_drive
-    from traces.formats.profile_file import Profile, median_of
+    from runtime.checkpoint import load_on_drive
+    from runtime.profile_drive import with_drive
+    from traces.formats.profile_file import median_of
 
     device = check_device(device_name)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,7 +114,7 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     with OffloadEngine(model, Policy.make("cpu", L, E), device) as warm:  # the experts live in host memory
         Generator(model, work.decoding, engine=warm).replay(work, 0)  # warm-up: a whole run, not timed
     settings = _settings(L, E, batches, host_only)
-    drive_model, files = _drive_model(checkpoint, device, dtype)
+    drive_model, files = load_on_drive(checkpoint, device, dtype)
     many, prompts = _batched_workload(shape, gen_length, prompt_length, batch_requests, dtype)
     offsets: list[float] | None = None  # the arrivals run's stream, set from the first round's batch-1 speed
     latencies: dict[int, list[float]] = {}
@@ -139,7 +140,7 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     bar = tqdm(total=rounds * (len(settings) + 1), desc="rounds of profile + runs", unit="step")
     for rnd in range(rounds):
         prof = profile_box(cfg, device, dtype, quick=True, progress=False, model=model, batches=batches)
-        profiles.append(Profile(dict(prof.data, drive=measure_drive(checkpoint, cfg, quick=True)), where=prof.where))
+        profiles.append(with_drive(prof, checkpoint, cfg))
         profiles[-1].write(out / f"profile-round{rnd}.json")
         ref = speed_reference_s()  # the box's speed during this round's runs: reported as drift, never folded in
         bar.update()
@@ -157,17 +158,6 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     typical.data["measured"]["rounds"] = rounds
     typical.write(out / "profile.json")
     _write_runs(out, checkpoint, rounds, settings, times, refs, offsets, latencies, device)
-
-
-def _drive_model(checkpoint: str, device, dtype: str):
-    """The checkpoint again with every MoE layer's experts left on the drive (the host-tier
-    settings' model: its host tier reads them from the files), and those files."""
-    from runtime.checkpoint import drive_files, load_model
-    from runtime.config import ModelConfig
-    cfg = ModelConfig.load(checkpoint)
-    layers = set(cfg.shape.moe_layers)
-    return load_model(checkpoint, device=device, dtype=dtype, experts_device="cpu", drive_layers=layers), \
-        drive_files(checkpoint, cfg, layers)
 
 
 def _settings(L: int, E: int, batches: bool, host_only: bool = False) -> list[tuple]:

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from runtime.checkpoint import drive_files, dtype_name, load_model
+from runtime.checkpoint import dtype_name, load_model, load_on_drive
 from runtime.config import ModelConfig
 from runtime.decoding import Generator
 from runtime.device import check_device, host_memory_bytes, speed_reference_s, timed
@@ -40,7 +40,7 @@ from runtime.lossless import agree
 from runtime.model import LLaDA2
 from runtime.offload import OffloadEngine
 from runtime.profile import fits_in_memory, in_run_text, profile_box
-from runtime.profile_drive import measure_drive
+from runtime.profile_drive import with_drive
 from traces.common import checks
 from traces.common.checks import resolve_batch_size
 from traces.common.cli import ArgumentParser, integer, run_cli, span
@@ -51,11 +51,9 @@ from traces.costs.cost_model import CostModel
 from traces.costs.memory import DEVICE_HEADROOM, MemoryBudget
 from traces.costs.policy_run import replay_policy
 from traces.formats.plan_file import Plan
-from traces.formats.profile_file import Profile
 from traces.formats.shapes import ModelShape
 from traces.formats.trace_file import Trace
 from traces.formats.trace_read import read_trace
-from traces.policies.host import HostPolicy
 from traces.policies.labels import baselines, display_name, kinds_label, tau_label
 from traces.policies.spec import Policy
 from traces.serving.admission import compose_trace
@@ -109,9 +107,9 @@ def runs_to_make(plan: Plan, traces: list[Trace], shape: ModelShape, all_fits: b
             mem = MemoryBudget.for_traces(traces, plan.gpu_mem_bytes, batch_size,
                                           plan.host.get("host_mem_bytes", float("inf")))
             for name, p in base.items():
-                h = mem.uniform_host_budget(p.kinds, p.budget)
-                if 0 < h < E:
-                    runs[f"{name}+lru"] = p.with_host(HostPolicy.make("lru", L, E, h))
+                lru = mem.lru_host(p)
+                if lru is not None and lru.host.budget[0] > 0:
+                    runs[f"{name}+lru"] = lru
     return runs
 
 
@@ -141,11 +139,7 @@ def validate(checkpoint: str, plan: Plan, traces: list[tuple[str, Trace]], devic
         raise TideError(f"--checkpoint {checkpoint}: larger than this machine's memory "
                         f"({host_memory_bytes() / 1e9:.0f} GB), and the plan keeps every expert in host memory: "
                         "plan with sim.plan --host-mem-gb (what this machine can give its experts)")
-    drive = None
-    if plan.host is not None:  # every MoE layer's experts left on the drive: any host tier reads from there
-        layers = set(cfg.shape.moe_layers)
-        drive = (load_model(checkpoint, device=device, dtype=plan.dtype, experts_device="cpu", drive_layers=layers),
-                 drive_files(checkpoint, cfg, layers))
+    drive = load_on_drive(checkpoint, device, plan.dtype) if plan.host is not None else None  # any host tier runs there
     model = load_model(checkpoint, device=device, dtype=plan.dtype, experts_device="cpu") if in_memory else drive[0]
     shape = model.cfg.shape
     plan.check_model(shape, "--plan")
@@ -215,7 +209,7 @@ def _rounds(model: LLaDA2, device: torch.device, policies: dict[str, Policy], pr
                            model=model if not any(b.on_drive for b in model.moe_blocks) else None,
                            batches=batch_size > 1)  # what a batch adds is measured where one runs
         if drive_checkpoint is not None:
-            prof = Profile(dict(prof.data, drive=measure_drive(drive_checkpoint, model.cfg, quick=True)), where=prof.where)
+            prof = with_drive(prof, drive_checkpoint, model.cfg)
         ref_now = speed_reference_s()
         for name, policy in policies.items():  # every policy once per round: a shared box's load hits all alike
             predicted = sum(replay_policy(tr, policy, cost=CostModel(prof, tr.shape, tr.dtype)).seconds()

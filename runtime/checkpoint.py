@@ -180,6 +180,15 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: st
                        on_device=on_device, drive_layers=on_drive)
 
 
+def load_on_drive(folder: str | Path, device: str | torch.device = "cpu", dtype: str | None = None) -> tuple[LLaDA2, "ExpertFiles"]:
+    """The checkpoint with every MoE layer's experts left on the drive, and their files: a
+    model any policy's host tier runs on (a layer it keeps whole is read in by its engine)."""
+    cfg = ModelConfig.load(folder)
+    layers = set(cfg.shape.moe_layers)
+    return load_model(folder, device=device, dtype=dtype, experts_device="cpu", drive_layers=layers), \
+        drive_files(folder, cfg, layers)
+
+
 def drive_files(folder: str | Path, cfg: ModelConfig, layers: set[int], queue_depth: int = 8) -> "ExpertFiles":
     """The routed experts of ``layers`` (model layer ids) as the host tier reads them: every one
     present, in the shape the config implies and a floating-point dtype, or a TideError."""

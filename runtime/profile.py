@@ -159,10 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                            drive_layers=() if whole else cfg.shape.moe_layers)
     prof = profile_box(cfg, device, dtype, a.quick, model=model)
     if a.checkpoint:  # the drive its experts are read from (a host tier's third tier)
-        from runtime.profile_drive import drive_line, measure_drive
-        data = dict(prof.data, drive=measure_drive(a.checkpoint, cfg, a.quick))
-        prof = Profile(data, where=prof.where)
-        print(drive_line(data["drive"]))
+        from runtime.profile_drive import drive_line, with_drive
+        prof = with_drive(prof, a.checkpoint, cfg, a.quick)
+        print(drive_line(prof.data["drive"]))
     prof.write(a.out)
     s = prof.summary()
     print(f"wrote {a.out} in {time.perf_counter() - t0:.0f} s: {s['name']}, fast device {s['fast_device']}, "

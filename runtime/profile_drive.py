@@ -23,6 +23,7 @@ from runtime.drive import ExpertFiles, bypasses_page_cache, expert_spans, stack_
 from runtime.host_tier import expert_like
 from runtime.profile_tables import measured
 from traces.common.errors import TideError
+from traces.formats.profile_file import Profile
 
 QUEUE_DEPTH = 8  # reads the runtime keeps in flight (runtime.drive.ExpertFiles' threads)
 
@@ -84,6 +85,11 @@ def measure_drive(folder: str | Path, cfg: ModelConfig, quick: bool = True, seed
         "seconds_per_read_qd1": per_read,
         "seconds_per_read_qd": per_read_q,
     }
+
+
+def with_drive(profile: Profile, folder: str | Path, cfg: ModelConfig, quick: bool = True) -> Profile:
+    """``profile`` with the drive holding checkpoint ``folder`` measured into it."""
+    return Profile(dict(profile.data, drive=measure_drive(folder, cfg, quick)), where=profile.where)
 
 
 def drive_line(section: dict[str, Any]) -> str:

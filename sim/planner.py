@@ -36,7 +36,6 @@ from traces.formats.plan_file import Plan
 from traces.formats.profile_file import Profile
 from traces.formats.trace_file import Trace
 from traces.formats.vocabulary import KINDS
-from traces.policies.host import HostPolicy
 from traces.policies.labels import baselines, kinds_label, tau_label
 from traces.policies.spec import Policy
 from traces.policies.walk import walk_trace
@@ -165,7 +164,8 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
     resident = static_residents(traces[0], sol.policy(E))
     plan_policy = Policy.make("plan", L, E, budget=sol.budget, tau=sol.tau, kind=sol.kind,
                               resident=resident or None).with_host(sol.host_policy(E))
-    plan_s = simulated_seconds(traces, profile, plan_policy)
+    plan_runs = [simulate(tr, profile, plan_policy) for tr in traces]
+    plan_s = float(sum(r.seconds for r in plan_runs))
     # the per-layer optimum over every kind holds the best uniform setting: never slower (tested;
     # a hand-chosen mix of kinds, --layer-kinds, may be)
     uni_s = simulated_seconds(traces, profile, best_uniform.policy(E))
@@ -199,7 +199,8 @@ def make_plan(traces: Sequence[Trace], profile: Profile, gpu_mem_gb: float, unif
         hk = sol.host_kind
         host = {"kind": hk[0] if len(set(hk)) == 1 else hk, "budget": sol.host_budget, "tau": sol.host_tau,
                 "host_mem_bytes": mem.host_limit_bytes}
-        predicted["drive_gb_per_forward"] = _drive_gb(traces, plan_policy, mem)
+        drive = sum(r.drive_reads + r.drive_fills for r in plan_runs) * mem.expert_bytes / 1e9
+        predicted["drive_gb_per_forward"] = drive / max(sum(len(r.per_forward) for r in plan_runs), 1)
     plan = Plan.for_shape(shape, sol.tau, sol.budget, kind=sol.kind, dtype=dtype, gpu_mem_bytes=mem.limit_bytes,
                           batch_size=batch_size, resident=resident, host=host, predicted=predicted, provenance=provenance)
     return plan, frame
@@ -214,22 +215,9 @@ def host_baselines(mem: MemoryBudget, profile: Profile, policies: dict[str, Poli
     for name, p in policies.items():
         if mem.host_need_bytes(p.kinds, p.budget) <= mem.host_limit_bytes:
             out[name] = p
-        elif needs_drive(mem, profile):
-            h = mem.uniform_host_budget(p.kinds, p.budget)
-            if mem.host_need_bytes(p.kinds, p.budget, [h] * p.n_layers) <= mem.host_limit_bytes:
-                out[f"{name}+lru"] = p.with_host(HostPolicy.make("lru", p.n_layers, mem.shape.experts, h))
+        elif needs_drive(mem, profile) and (lru := mem.lru_host(p)) is not None:
+            out[f"{name}+lru"] = lru
     return out
-
-
-def _drive_gb(traces: Sequence[Trace], policy: Policy, mem: MemoryBudget) -> float:
-    """GB read from the drive per forward under ``policy`` (reads and fills), over the traces."""
-    from traces.costs.policy_run import replay_policy
-    reads = forwards = 0
-    for tr in traces:
-        r = replay_policy(tr, policy, with_act=False)
-        reads += int(r.drive["reads"].sum() + r.drive["fills"].sum())
-        forwards += tr.n_batched
-    return reads * mem.expert_bytes / 1e9 / max(forwards, 1)
 
 
 def _provenance(names: Sequence[str], traces: Sequence[Trace], profile: Profile, table: CandidateTable, sol: Solution,

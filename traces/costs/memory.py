@@ -24,9 +24,11 @@ from traces.common.checks import resolve_batch_size
 from traces.common.errors import TideError
 from traces.common.values import need_float
 from traces.formats.shapes import ModelShape
+from traces.policies.host import HostPolicy
 
 if TYPE_CHECKING:
     from traces.formats.trace_file import Trace
+    from traces.policies.spec import Policy
 
 #: Of a real device's memory, what a run may plan to use: the rest goes to the CUDA
 #: context, the allocator's fragmentation and activations.
@@ -127,6 +129,16 @@ class MemoryBudget:
             return E
         fits = [h for h in range(E) if self.host_need_bytes(kinds, budget, [h] * len(kinds)) <= self.host_limit_bytes]
         return max(fits, default=0)
+
+    def lru_host(self, policy: "Policy") -> "Policy | None":
+        """``policy`` with a host cache evicting the least recently used expert (what mapping the
+        checkpoint gives people today) at the largest uniform host budget that fits beside it;
+        None where host memory holds everything it needs, or not even the staging for reads."""
+        E, L = self.shape.experts, policy.n_layers
+        h = self.uniform_host_budget(policy.kinds, policy.budget)
+        if h >= E or self.host_need_bytes(policy.kinds, policy.budget, [h] * L) > self.host_limit_bytes:
+            return None
+        return policy.with_host(HostPolicy.make("lru", L, E, h))
 
     def check_holds(self, what: str) -> None:
         """A TideError unless the box can hold the model's experts between its memories, naming

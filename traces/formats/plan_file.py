@@ -174,10 +174,6 @@ class Plan:
                             f"{self.model.get('experts')} experts), not {shape.name} (MoE layers "
                             f"{shape.moe_layers[0]}..{shape.moe_layers[-1]}, {shape.experts} experts)")
 
-    def host_budget(self) -> list[int]:
-        """Experts host memory keeps per MoE layer (every expert without a host tier)."""
-        return list(self.host["budget"]) if self.host else [int(self.model["experts"])] * len(self.layers)
-
     def expert_bytes_on_gpu(self, shape: ModelShape) -> int:
         return int(sum(self.budget)) * shape.expert_bytes(self.dtype)
 

@@ -47,13 +47,8 @@ class HostPolicy:
              tau: int | Sequence[int] = 1) -> "HostPolicy":
         """Validated; a bad value is a :class:`~traces.policies.spec.PolicyError` naming
         ``host_policy``, ``host_budget`` or ``host_tau`` (each command maps it to its flag)."""
-        from traces.policies.spec import PolicyError, _per_layer
-        kinds = [kind] * n_layers if isinstance(kind, str) else list(kind)
-        if len(kinds) != n_layers:
-            raise PolicyError("host_policy", f"expected one host kind or {n_layers}, got {len(kinds)}")
-        bad = [k for k in kinds if k not in HOST_KINDS]
-        if bad:
-            raise PolicyError("host_policy", f"unknown host policy {bad[0]!r} (expected one of {', '.join(HOST_KINDS)})")
+        from traces.policies.spec import PolicyError, _per_layer, per_layer_names
+        kinds = per_layer_names(kind, n_layers, HOST_KINDS, "host_policy", "host kind")
         b = _per_layer(budget, n_layers, "host_budget", "host budgets")
         if (b < 0).any() or (b > experts).any():
             raise PolicyError("host_budget", f"host budgets must lie in 0..{experts}, got {b.min()}..{b.max()}")
@@ -83,14 +78,10 @@ class HostPolicy:
     def refresh_mask(self, kind: str, step: int) -> np.ndarray:
         """Layers whose held set is re-ranked at this forward (``tide`` layers only): at
         prefills, a block's first step and every ``tau`` steps after it; never at a commit."""
+        from traces.policies.spec import refresh_points
         if kind not in FORWARD_KINDS:
             raise TideError(f"unknown forward kind {kind!r}")
-        tide = self.kind == "tide"
-        if kind == "commit":
-            return np.zeros(len(self.budget), dtype=bool)
-        if kind == "prefill" or step == 0:
-            return tide.copy()
-        return tide & (step % self.tau == 0)
+        return refresh_points(self.kind == "tide", self.tau, kind, step)
 
     def to_json(self) -> dict:
         kinds = self.kinds
@@ -191,16 +182,21 @@ class HostRunner:
             st.seen[sel] = True
         return before
 
-    def layer(self, l: int, counts: np.ndarray, demand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One layer's host work at its own budget: the experts to read now (demand not held),
-        the experts to fill after the layer's work (entering the held set, not read now), and
-        the held set after (``[E]`` bool each)."""
-        layers = np.array([l])
+    def step(self, layers: np.ndarray, counts: np.ndarray, demand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``layers``' host work at their own budgets (``[n, E]`` bool each): the experts to read
+        now (demand not held), to fill after the layer's work (entering the held set, not read
+        now), and the held set after."""
+        layers = np.asarray(layers)
+        demand = np.asarray(demand, bool)
         b = self.policy.budget[layers]
-        before = self.advance(layers, np.asarray(counts)[None, :], np.asarray(demand)[None, :])
-        held0, held1 = before.held(b)[0], self.state.rows(layers).held(b)[0]
-        reads = demand & ~held0
-        return reads, held1 & ~held0 & ~demand, held1
+        before = self.advance(layers, counts, demand)
+        held0, held1 = before.held(b), self.state.rows(layers).held(b)
+        return demand & ~held0, held1 & ~held0 & ~demand, held1
+
+    def layer(self, l: int, counts: np.ndarray, demand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`step` of one layer (``[E]`` each): what the runtime asks as each layer routes."""
+        reads, fills, held = self.step(np.array([l]), np.asarray(counts)[None, :], np.asarray(demand)[None, :])
+        return reads[0], fills[0], held[0]
 
 
 def demand(decision: "Decision", counts: np.ndarray) -> np.ndarray:

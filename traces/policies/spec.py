@@ -194,12 +194,9 @@ class Policy:
     def refresh_mask(self, kind: str, step: int) -> np.ndarray:
         """Which layers refresh at this forward: tide layers at prefills, at a block's first
         step and every ``tau`` steps after it; never any other layer."""
-        if self.tau is None or kind == "commit":
+        if self.tau is None:
             return np.zeros(self.n_layers, dtype=bool)
-        tide = self.kind == TIDE
-        if kind == "prefill" or step == 0:
-            return tide.copy()
-        return tide & (step % np.maximum(self.tau, 1) == 0)
+        return refresh_points(self.kind == TIDE, self.tau, kind, step)
 
 def check_kinds(names: Sequence[str], flag: str) -> None:
     """Kind names from a flag or a caller: each among :data:`KINDS`, and at least one."""
@@ -209,13 +206,31 @@ def check_kinds(names: Sequence[str], flag: str) -> None:
                         else f"{flag}: no kinds (expected some of {', '.join(KINDS)})")
 
 
-def _kinds(kind: str | Sequence[str], n_layers: int) -> np.ndarray:
-    """Kind names (one, or one per layer) as indices into :data:`KINDS`."""
+def per_layer_names(kind: str | Sequence[str], n_layers: int, vocabulary: Sequence[str], param: str,
+                    what: str) -> list[str]:
+    """Names (one, or one per layer) from ``vocabulary``, one per layer; a PolicyError naming ``param``."""
     names = [kind] * n_layers if isinstance(kind, str) else list(kind)
     if len(names) != n_layers:
-        raise PolicyError("kind", f"expected one kind or {n_layers} per-layer kinds, got {len(names)}")
-    bad = [k for k in names if k not in KINDS]
+        raise PolicyError(param, f"expected one {what} or {n_layers} per-layer {what}s, got {len(names)}")
+    bad = [k for k in names if k not in vocabulary]
     if bad:
-        raise PolicyError("kind", f"unknown kind {bad[0]!r} (expected one of {', '.join(KINDS)})")
+        raise PolicyError(param, f"unknown {what} {bad[0]!r} (expected one of {', '.join(vocabulary)})")
+    return names
+
+
+def refresh_points(tide: np.ndarray, tau: np.ndarray, kind: str, step: int) -> np.ndarray:
+    """Which of the ``tide`` layers re-decide at this forward: all at prefills and a block's
+    first step, those whose ``tau`` divides the step after it, none at a commit (the rule
+    both tiers follow: the GPU's placement and the host's held set)."""
+    if kind == "commit":
+        return np.zeros(len(tide), dtype=bool)
+    if kind == "prefill" or step == 0:
+        return tide.copy()
+    return tide & (step % np.maximum(tau, 1) == 0)
+
+
+def _kinds(kind: str | Sequence[str], n_layers: int) -> np.ndarray:
+    """Kind names (one, or one per layer) as indices into :data:`KINDS`."""
+    names = per_layer_names(kind, n_layers, KINDS, "kind", "kind")
     return np.array([KINDS.index(k) for k in names], dtype=np.int8)
 

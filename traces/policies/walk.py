@@ -83,11 +83,8 @@ def walk_trace(trace: "Trace", policy: Policy, popularity: np.ndarray | None = N
         reads = fills = None
         if host is not None:
             host.begin(kinds[r], int(steps[r]), more)
-            need = demand(decision, counts)
-            b = policy.host.budget
-            before = host.advance(hl, counts, need)
-            h0, h1 = before.held(b), host.state.held(b)
-            reads, fills = (need & ~h0).sum(axis=1), (h1 & ~h0 & ~need).sum(axis=1)
+            read, fill, _ = host.step(hl, counts, demand(decision, counts))
+            reads, fills = read.sum(axis=1), fill.sum(axis=1)
         ch = None
         if with_act:
             ch = np.concatenate([trace.choices_of(int(i))[:, sel] for i in rows]) if len(rows) > 1 \
