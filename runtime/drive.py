@@ -17,6 +17,7 @@ import re
 import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -171,7 +172,9 @@ class ExpertFiles:
 
 
 def wait(futures: Sequence[Future]) -> None:
-    """Wait for reads; the first that failed raises its error."""
+    """Wait for every read (none is left writing when this returns); the first that failed
+    raises its error."""
+    futures_wait(futures)
     for f in futures:
         f.result()
 

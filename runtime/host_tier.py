@@ -8,11 +8,14 @@ and fills is :class:`traces.policies.host.HostRunner`'s to say, on the same coun
 the simulator replays, so both read alike. Per layer and forward:
 
 1. :meth:`HostTier.prepare`: the experts the placement needs from host memory (``demand``)
-   that it lacks are read into staging, ``queue_depth`` at a time; the layer's ``host_row``
-   then maps every expert it needs to its row;
-2. the engine copies and computes from those rows;
+   that it lacks start being read, ``queue_depth`` at a time; the layer's ``host_row`` maps
+   every expert it needs to its row;
+2. the engine runs what needs no host row (the resident experts' kernels) while the reads
+   go on, and calls :meth:`HostTier.ready` before it copies or computes from host rows;
 3. :meth:`HostTier.finish`: experts leaving the held set give their rows to those entering:
-   read experts that stay are moved from staging, the others (fills) read from the drive.
+   read experts that stay are moved from staging, the others (fills) start being read and
+   go on under the next layer's attention; the next :meth:`prepare` waits for them first,
+   as the drive's one queue would (``traces.costs.tasks`` prices this order).
 """
 from __future__ import annotations
 
@@ -70,7 +73,28 @@ class HostTier:
         self._load_whole()
         self.counters = dict.fromkeys(DRIVE_COUNTERS, 0.0)
         self._pending: tuple | None = None
+        self._reading: list = []  # this layer's reads in flight (until ready)
+        self._filling: list = []  # the last layer's fills in flight (until the next prepare)
         files.reads = files.bytes = 0
+
+    def _wait(self, futures: list) -> None:
+        t0 = time.perf_counter()
+        try:
+            wait(futures)
+        finally:
+            futures.clear()
+            self.counters["drive_wait_s"] += time.perf_counter() - t0
+
+    def ready(self) -> None:
+        """Wait for this layer's reads: called before anything uses its host rows."""
+        if self._reading:
+            self._wait(self._reading)
+
+    def settle(self) -> None:
+        """Wait for every read in flight (fills included)."""
+        self.ready()
+        if self._filling:
+            self._wait(self._filling)
 
     def _load_whole(self) -> None:
         """Layers whose host budget is every expert: all of them read in, held from the start."""
@@ -86,6 +110,7 @@ class HostTier:
 
     def reset(self) -> None:
         """Forget what is held (after a warm-up): the next forward starts cold, as the simulator's."""
+        self.settle()
         self.runner = HostRunner(self.policy, self.experts, setup_counts=self.runner.setup_counts)
         for hl in self.layers.values():
             if len(hl.rows) < self.experts:  # a layer holding every expert keeps them
@@ -98,13 +123,15 @@ class HostTier:
         self.runner.begin(kind, step, more)
 
     def prepare(self, i: int, counts: np.ndarray, demand: np.ndarray) -> np.ndarray | None:
-        """Layer ``i``'s experts in host memory for this forward: read what ``demand`` needs and
-        the layer lacks; the row of each expert it needs (-1 elsewhere), or None for a layer
-        that holds every expert. A read expert the held set keeps goes straight to a row that
-        a leaving expert this forward does not use gave up; the others land in staging."""
+        """Layer ``i``'s experts in host memory for this forward: start reading what ``demand``
+        needs and the layer lacks (:meth:`ready` waits for it); the row of each expert it needs
+        (-1 elsewhere), or None for a layer that holds every expert. A read expert the held
+        set keeps goes straight to a row that a leaving expert this forward does not use gave
+        up; the others land in staging."""
         hl = self.layers.get(i)
         if hl is None:
             return None
+        self.settle()  # the last layer's fills first: the drive's one queue
         reads, fills, held = self.runner.layer(i, counts, demand)
         for e in np.flatnonzero((hl.row_of >= 0) & ~held & ~demand).tolist():  # leaving, unused now: free at once
             hl.free.append(int(hl.row_of[e]))
@@ -118,9 +145,7 @@ class HostTier:
             else:
                 rows[k] = self.staging[staged]
                 staged += 1
-        t0 = time.perf_counter()
-        self.files.read(hl.layer, ids, self.stack, rows)
-        self.counters["drive_wait_s"] += time.perf_counter() - t0
+        self._reading = self.files.submit(hl.layer, ids, self.stack, rows)
         row = hl.row_of.copy()
         row[ids] = rows
         self._pending = (hl, ids, rows, np.flatnonzero(fills), held)
@@ -133,6 +158,7 @@ class HostTier:
         experts, then read experts kept from staging, then fills read from the drive)."""
         if self._pending is None:
             return
+        self.ready()
         hl, ids, rows, fill, held = self._pending
         self._pending = None
         for e in np.flatnonzero((hl.row_of >= 0) & ~held).tolist():  # leaving
@@ -145,19 +171,21 @@ class HostTier:
                     t[r].copy_(t[s])
                 hl.row_of[e] = r
         to = [hl.free.pop() for _ in fill]
-        t0 = time.perf_counter()
-        wait(self.files.submit(hl.layer, fill, self.stack, to))
-        self.counters["drive_wait_s"] += time.perf_counter() - t0
+        self._filling = self.files.submit(hl.layer, fill, self.stack, to)
         hl.row_of[fill] = to
         self.counters["drive_fills"] += len(fill)
 
     def release(self) -> None:
         """Free the host stack (the engine is done): a run's largest allocation, not to be held
         while the next engine makes its own."""
-        self.stack = None
-        free_maps(self._maps)
+        try:
+            self.settle()  # no read may land in pages handed back
+        finally:
+            self.stack = None
+            free_maps(self._maps)
 
     def totals(self) -> dict[str, float]:
+        self.settle()
         out = dict(self.counters)
         out["drive_bytes"] = float(self.files.bytes)
         return out

@@ -223,6 +223,7 @@ class OffloadEngine:
                 raise TideError(f"expert {missing[0]} is to be copied to the fast device, but its layer's experts were "
                                 "loaded there for another set of residents (no host copy to copy from)")
             return
+        self._host_ready()
         t0 = time.perf_counter()
         stream = self.copy_stream
         if stream is not None:
@@ -321,6 +322,11 @@ class OffloadEngine:
                 layer.slot_of[:] = self.runner.state.slot_of[i]
         return combine(out, order, w, x.dtype)
 
+    def _host_ready(self) -> None:
+        """The host tier's reads for this layer have landed (before host rows are used)."""
+        if self.host_tier is not None:
+            self.host_tier.ready()
+
     def _wait_copies(self) -> None:
         if self.copy_stream is not None:
             t0 = time.perf_counter()
@@ -360,6 +366,7 @@ class OffloadEngine:
         if miss is None:
             return
         rows, host_tokens, sizes, experts, done, req = miss
+        self._host_ready()
         t0 = time.perf_counter()
         if done is not None:
             done.synchronize()

@@ -115,7 +115,7 @@ class CostModel:
         ``d2h_act`` / ``h2d_act`` (activations to the CPU and back); ``waves``: per swap wave
         (launch, copy, hit) seconds per row, zero where a row has fewer waves or none; ``drive``
         and ``fill``: the host tier's drive reads before the layer's CPU work and copies, and
-        its fills after them."""
+        its fills, under the next layer's attention."""
         host = self.profile.host
         if not np.isin(self._cpu_knots, w.knots).all():
             raise TideError(f"{self.profile.where}: work was counted on CPU-table knots that miss this profile's")

@@ -47,9 +47,13 @@ def layer_tasks(p: dict[str, object]) -> list[Task]:
     in the engine's issue order. A swap row's waves and another row's copies, hits and CPU
     experts are both in it; a row's tasks of the other kind take no time and occupy nothing,
     so each row follows its own kind's graph. With a host tier, the experts host memory lacks
-    are read from the drive once decided, before any copy or CPU expert uses them, and the
-    layer's fills follow its work on the drive's lane."""
+    are read from the drive once decided, while the resident experts run, and before any copy
+    or CPU expert uses them. A layer's fills are read after its work, under the next layer's
+    attention, ahead of that layer's reads on the drive's one queue: each row prices them at
+    its own start, as the fills before its reads (a forward's layers refresh together, so
+    they are alike)."""
     head = [
+        Task("drive fills", "drive", p["fill"]),
         Task("attention+router+shared", "gpu", p["non_expert"]),
         Task("routing to host", "host", p["sync"], ("attention+router+shared",)),
         Task("decide", "host", p["decide"], ("routing to host",)),
@@ -71,7 +75,6 @@ def layer_tasks(p: dict[str, object]) -> list[Task]:
         Task("hits (fresh)", "gpu", p["hits_fresh"], ("expert copies", "launch hits")),
         Task("CPU experts", "cpu", p["cpu"], ("activations to CPU", "launch hits", "drive reads")),
         Task("activations back", "h2d", p["h2d_act"], ("CPU experts",)),
-        Task("drive fills", "drive", p["fill"], ("CPU experts", "expert copies", prev)),
     ]
 
 
