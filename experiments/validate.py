@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from runtime.checkpoint import dtype_name, load_model, load_on_drive
 from runtime.config import ModelConfig
 from runtime.decoding import Generator
-from runtime.device import check_device, host_memory_bytes, speed_reference_s, timed
+from runtime.device import check_device, give_back_freed_memory, host_memory_bytes, speed_reference_s, timed
 from runtime.lossless import agree
 from runtime.model import LLaDA2
 from runtime.offload import OffloadEngine
@@ -195,6 +195,7 @@ class _Runs:
                     total += s
                     results.append(res)
             counters = {k: v + engine.totals()[k] for k, v in counters.items()}
+            give_back_freed_memory()  # its stacks, out of time: the next policy's and the host stack's room
         return total, counters, results
 
 

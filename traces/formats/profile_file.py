@@ -88,7 +88,8 @@ HOST = ("forward_s", "decide_s", "refresh_s", "swap_s", "issue_s", "copy_call_s"
 HOST_OPTIONAL = ("swap_wave_s", "member_s", "batch_segment_s", "batch_calls_s")
 _SIGNED = ("batch_segment_s",)  # a further call may cost less than its table says (see runtime.profile)
 DRIVE = ("read_gbps", "read_latency_s", "queue_depth", "capacity_bytes")
-_POSITIVE = ("gpu_mem_bytes", "host_mem_bytes", "host_mem_bw_gbps", "gpu_mem_bw_gbps")  # they divide or bound
+_POSITIVE = ("gpu_mem_bytes", "host_mem_bytes", "host_mem_bw_gbps", "gpu_mem_bw_gbps",  # they divide or bound
+             "read_gbps", "queue_depth", "capacity_bytes")
 BUNDLED = {
     "h200": "h200.json",
     "a100-40gb": "a100-40gb.json",
@@ -213,8 +214,10 @@ class Profile:
         if d.get("fast_device") not in ("cuda", "cpu"):
             raise fail(w, f"fast_device must be 'cuda' or 'cpu', got {d.get('fast_device')!r}")
         groups = [("capacities", CAPACITIES), ("overheads", OVERHEADS)] + ([("host", HOST)] if version >= 2 else [])
-        for group, keys in groups:
+        for group, keys in groups + [("drive", DRIVE)]:  # the drive lane is optional: a box may have none
             sec = d.get(group)
+            if group == "drive" and sec is None:
+                continue
             if not isinstance(sec, dict):
                 raise fail(w, f"lacks the {group!r} section")
             for k in keys:
@@ -227,6 +230,8 @@ class Profile:
                 _check_source(f"{w}: {group}.{k}", v.get("source"), ())
         if self.capacity("cpu_cores") < 1:
             raise fail(w, "capacities.cpu_cores must be at least 1")
+        if self.has_drive and self.drive("queue_depth") < 1:
+            raise fail(w, "drive.queue_depth must be at least 1")
         self._h2d = self._bandwidths("h2d")
         self._d2h = self._bandwidths("d2h")
         self._gpu: dict[tuple[str, str], Table2] = {}
@@ -262,23 +267,6 @@ class Profile:
                     ys = _axis(where, t, "context")
                     self._non[(key, part)] = Table2(xs, ys, _values(where, t, "seconds", (len(xs), len(ys))))
         self._check_signed()
-        self._check_drive()
-
-    def _check_drive(self) -> None:
-        """The optional ``drive`` lane: every value present, bandwidth, depth and capacity positive."""
-        sec = self.data.get("drive")
-        if sec is None:
-            return
-        w = f"{self.where}: drive"
-        need_dict(sec, w)
-        for k in DRIVE:
-            v = sec.get(k)
-            if not isinstance(v, dict) or "value" not in v:
-                raise fail(w, f"{k} missing (expected {{'value': ..., 'source': ...}})")
-            need_float(v["value"], f"{w}.{k}", lo=0.0, positive=k != "read_latency_s")
-            _check_source(f"{w}.{k}", v.get("source"), ())
-        if float(sec["queue_depth"]["value"]) < 1:
-            raise fail(w, "queue_depth must be at least 1")
 
     @property
     def has_drive(self) -> bool:
