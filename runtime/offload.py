@@ -158,10 +158,14 @@ class OffloadEngine:
 
     def detach(self) -> None:
         """Give the model back its own expert execution (all experts where the model runs), and
-        the host tier's memory back (its counters stay: :meth:`totals` still reports them)."""
+        the memory of the engine's slots and host tier back now, whatever still refers to the
+        engine (its counters stay: :meth:`totals` still reports them)."""
         from runtime.experts import local_experts
         for blk in self.model.moe_blocks:
             blk.executor = local_experts
+        for layer, blk in zip(self.layers, self.model.moe_blocks):
+            if blk.resident is None:  # the engine's own slots (a model's resident experts stay the model's)
+                layer.slots = None
         if self.host_tier is not None:  # its stacks, mapped apart, go back to the OS (the counters stay)
             self.host_tier.release()
             for layer, blk in zip(self.layers, self.model.moe_blocks):
