@@ -70,16 +70,15 @@ BATCH_REQUESTS = 8  # requests of a batched setting
 PRESETS = ("tiny", "mini-moe")
 
 
-def make_preset(folder: Path, preset: str) -> None:
+def make_preset(folder: Path, preset: str, seed: int = 0, router_skew: float = 0.25) -> None:
+    """The preset's checkpoint in ``folder`` (kept: made once), fp32, of this seed and skew."""
     from runtime.make_checkpoint import preset_config, write_checkpoint
     if (folder / "config.json").is_file():
         return
-    if preset == "tiny":
-        write_checkpoint(str(folder), preset_config("tiny"), seed=0, dtype="float32", router_skew=0.25)
-        return
-    cfg = preset_config("mini", layers=3)
-    cfg.update(name="llada2-mini-moe", vocab_size=1024, mask_token_id=1023, eos_token_id=1022, pad_token_id=1022)
-    write_checkpoint(str(folder), cfg, seed=0, dtype="float32", router_skew=0.25)
+    cfg = preset_config("tiny" if preset == "tiny" else "mini", layers=None if preset == "tiny" else 3)
+    if preset != "tiny":
+        cfg.update(name="llada2-mini-moe", vocab_size=1024, mask_token_id=1023, eos_token_id=1022, pad_token_id=1022)
+    write_checkpoint(str(folder), cfg, seed=seed, dtype="float32", router_skew=router_skew)
 
 
 def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int, prompt_length: int,
