@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -95,15 +96,26 @@ def tiny_profile(tiny_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def validated(tmp_path_factory):
-    """The whole loop on a tiny checkpoint, once (``experiments.loop``: checkpoint, capture,
-    profile, plan, validate, each through its command's own ``main``). Paths of its files."""
+def validated(tmp_path_factory, worker_id):
+    """The whole loop on a tiny checkpoint, once per test session (``experiments.loop``:
+    checkpoint, capture, profile, plan, validate, each through its command's own ``main``):
+    the first xdist worker to ask runs it into the session's shared folder, the others wait
+    on a lock and read it (its tests only read it). Paths of its files, and what it printed."""
     import contextlib
+    import fcntl
     import io
+    import json
 
     from experiments.loop import run
-    d = tmp_path_factory.mktemp("loop")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        paths = run(d / "loop", rounds=1)
-    return {**paths, "stdout": printed.getvalue()}
+    shared = worker_id != "master"  # under xdist: the workers' base folders share a parent
+    root = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.mktemp("loop")
+    done = root / "loop-shared.json"
+    with open(root / "loop-shared.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                paths = run(root / "loop-shared", rounds=1)
+            done.write_text(json.dumps({"paths": {k: str(v) for k, v in paths.items()}, "stdout": printed.getvalue()}))
+    got = json.loads(done.read_text())
+    return {**{k: Path(v) for k, v in got["paths"].items()}, "stdout": got["stdout"]}

@@ -148,6 +148,13 @@ def test_a_row_exact_batch_prices_its_waved_expert_calls():
     alone = segments.copy()
     alone[:, :4] = 1  # no expert shared: one call each side, no waves
     np.testing.assert_allclose(priced(1e-3, 1e-2, alone)["cpu"], priced(0.0, 0.0, alone)["cpu"])
+    # a signed saving fitted on one workload, on a batch with more further calls than it saw:
+    # the further calls cost at least nothing, never less (a held-out tiny grid once priced
+    # a hits task at -3.9 ms and the simulator refused the run)
+    saving = -float(np.max(base["hits_ready"] + base["cpu"]))  # past what the further calls cost
+    low = priced(saving, 0.0, segments)
+    assert (low["hits_ready"] >= 0).all() and (low["cpu"] >= 0).all()
+    np.testing.assert_allclose(low["hits_ready"], priced(0.0, 0.0, alone)["hits_ready"])  # the first calls' price
 
 
 def test_the_two_unknown_fit_of_a_batchs_expert_calls():

@@ -135,7 +135,9 @@ class CostModel:
                 more = np.maximum(segments - experts, 0)
                 per = tokens / np.maximum(segments, 1)
                 calls = np.where(more > 0, self.grouped_s(more, more * per), 0.0)
-                return calls + host("batch_segment_s") * more + host("batch_calls_s") * sets
+                # batch_segment_s is signed (fitted on one workload): on another, its saving can
+                # outgrow the calls' own price; further calls never cost less than nothing
+                return np.maximum(calls + host("batch_segment_s") * more, 0.0) + host("batch_calls_s") * sets
             hit_seg = w.segments - w.miss_segments
             ready = ready + further(hit_seg, w.ready_n + w.fresh_n + w.wave_experts.sum(axis=0),
                                     w.ready_tok + w.fresh_tok + w.wave_tokens.sum(axis=0), w.hit_sets)
