@@ -29,7 +29,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from traces.common.checks import check_batch_size
-from traces.common.cli import ArgumentParser, integer, run_cli
+from traces.common.cli import ArgumentParser, integer, number, run_cli
 from traces.common.errors import TideError
 from traces.common.files import atomic_write, check_out_path, read_json, write_json
 from traces.common.values import get, need_dict, need_float, need_int, need_list, need_str
@@ -83,7 +83,7 @@ def make_preset(folder: Path, preset: str, seed: int = 0, router_skew: float = 0
 
 def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int, prompt_length: int,
             rounds: int = 5, preset: str = "tiny", batches: bool = True, batch_requests: int = BATCH_REQUESTS,
-            host_only: bool = False) -> None:
+            host_only: bool = False, seed: int = 0, router_skew: float = 0.25) -> None:
     """The runtime half. Rounds of: profile the box, then run every setting once. A shared box
     changes speed from minute to minute, so each round's runs are kept with the profile taken
     just before them (``profile-roundK.json``) and with the speed reference around each run;
@@ -102,8 +102,9 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     device = check_device(device_name)
     out.mkdir(parents=True, exist_ok=True)
     if checkpoint is None:
-        checkpoint = str(out / f"checkpoint-{preset}")
-        make_preset(Path(checkpoint), preset)
+        own = (seed, router_skew) == (0, 0.25)  # the preset's own checkpoint, else one named for its seed and skew
+        checkpoint = str(out / (f"checkpoint-{preset}" if own else f"checkpoint-{preset}-seed{seed}-skew{router_skew:g}"))
+        make_preset(Path(checkpoint), preset, seed=seed, router_skew=router_skew)
     cfg = ModelConfig.load(checkpoint)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     model = load_model(checkpoint, device=device, dtype=dtype, experts_device="cpu")
@@ -326,11 +327,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the settings with a host tier (experts read from the drive), beside all")
     ap.add_argument("--batch-requests", type=integer, default=BATCH_REQUESTS,
                     help="requests of each batched setting (a batch above them runs them all)")
+    ap.add_argument("--seed", type=integer, default=0, help="the preset checkpoint's seed (without --checkpoint)")
+    ap.add_argument("--router-skew", type=number, default=0.25,
+                    help="the preset checkpoint's router skew (expert_bias = S x N(0, 1); without --checkpoint)")
     ap.add_argument("--preset", default="tiny", choices=PRESETS,
                     help="checkpoint made when --checkpoint is not given (mini-moe: LLaDA2.0-mini's layers, ~7 GB)")
     a = ap.parse_args(argv)
     if a.rounds < 1:
         raise TideError("--rounds must be at least 1")
+    need_int(a.seed, "--seed", lo=0)
+    if not 0 <= a.router_skew <= 10:
+        raise TideError(f"--router-skew must be within 0..10, got {a.router_skew}")
+    if a.checkpoint is not None and (a.seed, a.router_skew) != (0, 0.25):
+        raise TideError("--seed and --router-skew make a preset checkpoint; with --checkpoint they do not apply")
     if a.capture_only and a.replay_only:
         raise TideError("give --capture-only or --replay-only, not both")
     out = Path(a.capture_only or a.replay_only or a.out)
@@ -346,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
         need_int(a.batch_requests, "--batch-requests", lo=1, hi=1024)
         capture(out, device, a.checkpoint, a.gen_length, a.prompt_length, a.rounds, a.preset, not a.no_batches,
-                a.batch_requests, a.host_only)
+                a.batch_requests, a.host_only, a.seed, a.router_skew)
         if a.capture_only:
             print(f"captured {out}; replay anywhere with python -m experiments.accuracy --replay-only {out}")
             return 0

@@ -38,3 +38,11 @@ def test_capture_then_replay_elsewhere(tmp_path):
 
 def test_replay_only_needs_a_capture(tmp_path):
     assert_clean_error(run_module("experiments.accuracy", "--replay-only", str(tmp_path)), "no runs.json")
+
+
+def test_a_preset_checkpoints_seed_and_skew_are_flags_checked_before_work(tmp_path):
+    out = str(tmp_path / "acc")
+    assert_clean_error(run_module("experiments.accuracy", "--router-skew", "-1", "--out", out), "--router-skew")
+    assert_clean_error(run_module("experiments.accuracy", "--seed", "-2", "--out", out), "--seed")
+    assert_clean_error(run_module("experiments.accuracy", "--seed", "3", "--checkpoint", str(tmp_path), "--out", out),
+                       "with --checkpoint they do not apply")
