@@ -70,41 +70,52 @@ BATCH_REQUESTS = 8  # requests of a batched setting
 PRESETS = ("tiny", "mini-moe")
 
 
-def make_preset(folder: Path, preset: str, seed: int = 0, router_skew: float = 0.25) -> None:
+PRESET_SEED, PRESET_SKEW = 0, 0.25  # the presets' own checkpoint: what the profile is fitted on
+
+
+def make_preset(folder: Path, preset: str, seed: int = PRESET_SEED, router_skew: float = PRESET_SKEW) -> None:
     """The preset's checkpoint in ``folder`` (kept: made once), fp32, of this seed and skew."""
     from runtime.make_checkpoint import preset_config, write_checkpoint
     if (folder / "config.json").is_file():
         return
-    cfg = preset_config("tiny" if preset == "tiny" else "mini", layers=None if preset == "tiny" else 3)
-    if preset != "tiny":
+    if preset == "tiny":
+        cfg = preset_config("tiny")
+    else:
+        cfg = preset_config("mini", layers=3)
         cfg.update(name="llada2-mini-moe", vocab_size=1024, mask_token_id=1023, eos_token_id=1022, pad_token_id=1022)
     write_checkpoint(str(folder), cfg, seed=seed, dtype="float32", router_skew=router_skew)
 
 
+def preset_checkpoint(out: Path, preset: str, seed: int = PRESET_SEED, router_skew: float = PRESET_SKEW) -> Path:
+    """The preset checkpoint of this seed and skew in ``out`` (made there once): the presets'
+    own is ``checkpoint-PRESET``, any other is named for its seed and skew."""
+    own = (seed, router_skew) == (PRESET_SEED, PRESET_SKEW)
+    folder = out / (f"checkpoint-{preset}" if own else f"checkpoint-{preset}-seed{seed}-skew{router_skew:g}")
+    make_preset(folder, preset, seed=seed, router_skew=router_skew)
+    return folder
+
+
 def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int, prompt_length: int,
             rounds: int = 5, preset: str = "tiny", batches: bool = True, batch_requests: int = BATCH_REQUESTS,
-            host_only: bool = False, seed: int = 0, router_skew: float = 0.25) -> None:
+            host_only: bool = False, seed: int = PRESET_SEED, router_skew: float = PRESET_SKEW) -> None:
     """The runtime half. Rounds of: profile the box, then run every setting once. A shared box
     changes speed from minute to minute, so each round's runs are kept with the profile taken
     just before them (``profile-roundK.json``) and with the speed reference around each run;
     ``profile.json`` is the rounds' median, and the spread over rounds is the box's noise."""
     from runtime.capture import TraceRecorder
-    from runtime.checkpoint import load_model
+    from runtime.checkpoint import load_model, load_on_drive
     from runtime.config import ModelConfig
     from runtime.decoding import Generator
     from runtime.device import check_device, give_back_freed_memory, speed_reference_s, timed
     from runtime.offload import OffloadEngine
     from runtime.profile import profile_box
-    from runtime.checkpoint import load_on_drive
     from runtime.profile_drive import with_drive
     from traces.formats.profile_file import median_of
 
     device = check_device(device_name)
     out.mkdir(parents=True, exist_ok=True)
     if checkpoint is None:
-        own = (seed, router_skew) == (0, 0.25)  # the preset's own checkpoint, else one named for its seed and skew
-        checkpoint = str(out / (f"checkpoint-{preset}" if own else f"checkpoint-{preset}-seed{seed}-skew{router_skew:g}"))
-        make_preset(Path(checkpoint), preset, seed=seed, router_skew=router_skew)
+        checkpoint = str(preset_checkpoint(out, preset, seed, router_skew))
     cfg = ModelConfig.load(checkpoint)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     model = load_model(checkpoint, device=device, dtype=dtype, experts_device="cpu")
@@ -327,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the settings with a host tier (experts read from the drive), beside all")
     ap.add_argument("--batch-requests", type=integer, default=BATCH_REQUESTS,
                     help="requests of each batched setting (a batch above them runs them all)")
-    ap.add_argument("--seed", type=integer, default=0, help="the preset checkpoint's seed (without --checkpoint)")
-    ap.add_argument("--router-skew", type=number, default=0.25,
+    ap.add_argument("--seed", type=integer, default=PRESET_SEED, help="the preset checkpoint's seed (without --checkpoint)")
+    ap.add_argument("--router-skew", type=number, default=PRESET_SKEW,
                     help="the preset checkpoint's router skew (expert_bias = S x N(0, 1); without --checkpoint)")
     ap.add_argument("--preset", default="tiny", choices=PRESETS,
                     help="checkpoint made when --checkpoint is not given (mini-moe: LLaDA2.0-mini's layers, ~7 GB)")
@@ -338,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     need_int(a.seed, "--seed", lo=0)
     if not 0 <= a.router_skew <= 10:
         raise TideError(f"--router-skew must be within 0..10, got {a.router_skew}")
-    if a.checkpoint is not None and (a.seed, a.router_skew) != (0, 0.25):
+    if a.checkpoint is not None and (a.seed, a.router_skew) != (PRESET_SEED, PRESET_SKEW):
         raise TideError("--seed and --router-skew make a preset checkpoint; with --checkpoint they do not apply")
     if a.capture_only and a.replay_only:
         raise TideError("give --capture-only or --replay-only, not both")

@@ -10,7 +10,8 @@ seed and skew; each generation length and batch size; ``--requests`` prompts thr
 model's own router) runs under ``all``, ``tide`` (a quarter of the experts, tau 4) and
 ``static`` (a quarter). The simulator predicts each run from its recorded trace on that one
 profile. A noisy box is met three ways, said in the output and applied alike to the profile
-and the runs: every run is warmed up once before round 0; rounds are interleaved (each round
+and the runs: the checkpoints are synced to the drive before the profile; each checkpoint runs
+once untimed before round 0; rounds are interleaved (each round
 runs every cell and policy once, so a slow minute hits them all alike); each round's speed
 reference is recorded, and a round whose reference moved (against the profile's) more than
 the error it reports is flagged. Prints the error per cell and policy (median over rounds),
@@ -28,16 +29,15 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from traces.common.values import need_int
 from traces.common.cli import ArgumentParser, comma_list, integer, number, run_cli
 from traces.common.errors import TideError
 from traces.common.files import atomic_write, check_out_path, read_json, write_json
+from traces.common.values import need_int
 from traces.formats.trace_file import Decoding
 from traces.policies.spec import Policy
 
 #: The policies every cell runs: (name, budget fraction, tau).
 POLICIES: list[tuple[str, float | None, int | None]] = [("all", None, None), ("tide", 0.25, 4), ("static", 0.25, None)]
-BASE = (0, 0.25)  # (seed, skew) of the checkpoint the profile is taken on: the presets' own
 
 
 @dataclass(frozen=True)
@@ -46,18 +46,6 @@ class Cell:
     skew: float
     gen_length: int
     batch_size: int
-
-    @property
-    def label(self) -> str:
-        return f"seed {self.seed} skew {self.skew:g} gen {self.gen_length} batch {self.batch_size}"
-
-
-def checkpoint_for(out: Path, preset: str, seed: int, skew: float) -> Path:
-    """The grid's checkpoint of this seed and router skew (made once, kept in ``out``)."""
-    from experiments.accuracy import make_preset
-    folder = out / f"checkpoint-{preset}-seed{seed}-skew{skew:g}"
-    make_preset(folder, preset, seed=seed, router_skew=skew)
-    return folder
 
 
 def prompts_for(vocab: int, n: int, length: int) -> list[list[int]]:
@@ -71,9 +59,9 @@ def policy_of(name: str, frac: float | None, tau: int | None, L: int, E: int) ->
 
 
 def capture(out: Path, preset: str, dtype: str, cells: list[Cell], requests: int, prompt_length: int,
-            rounds: int, device_name: str) -> tuple[list[dict], dict]:
-    """The runtime half: one profile, then rounds of every cell and policy. Returns a row per
-    (cell, policy, round) and what was done to steady the box."""
+            rounds: int, device_name: str) -> dict:
+    """The runtime half: one profile, then rounds of every cell and policy, a row each in
+    ``measured.parquet``. Returns what was done to steady the box."""
     import torch
 
     from runtime.capture import TraceRecorder
@@ -83,11 +71,12 @@ def capture(out: Path, preset: str, dtype: str, cells: list[Cell], requests: int
     from runtime.device import check_device, give_back_freed_memory, speed_reference_s, timed
     from runtime.offload import OffloadEngine
     from runtime.profile import profile_box
+    from experiments.accuracy import preset_checkpoint
 
     device = check_device(device_name)
     (out / "traces").mkdir(parents=True, exist_ok=True)
-    folders = {(c.seed, c.skew): checkpoint_for(out, preset, c.seed, c.skew) for c in cells}
-    base = checkpoint_for(out, preset, *BASE)
+    folders = {(c.seed, c.skew): preset_checkpoint(out, preset, c.seed, c.skew) for c in cells}
+    base = preset_checkpoint(out, preset)  # the presets' own: the profile's workload
     os.sync()  # the checkpoints' writeback done before the profile, not under it
     cfg = ModelConfig.load(base)
     model = load_model(base, device=device, dtype=dtype, experts_device="cpu")
@@ -134,7 +123,7 @@ def capture(out: Path, preset: str, dtype: str, cells: list[Cell], requests: int
     runs = pd.DataFrame(rows)
     atomic_write(out / "measured.parquet", lambda tmp: runs.to_parquet(tmp, index=False))
     write_json(out / "steady.json", steady)
-    return rows, steady
+    return steady
 
 
 def predict(out: Path, profile: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -241,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         out = check_out_path(Path(a.out), "--out", folder=True)
         out.mkdir(parents=True, exist_ok=True)
         cells = [Cell(d, s, g, b) for s in skews for d in seeds for g in gens for b in batches]
-        _, steady = capture(out, a.preset, a.dtype, cells, a.requests, a.prompt_length, a.rounds, a.device)
+        steady = capture(out, a.preset, a.dtype, cells, a.requests, a.prompt_length, a.rounds, a.device)
     table, runs = predict(out, a.profile)
     print("steadying the box: " + "; ".join(f"{k}: {v}" for k, v in steady.items()))
     show = table.assign(**{c: (100 * table[c]).round(1).astype(str) + "%" for c in ("error", "spread", "speedup_error")})

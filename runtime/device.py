@@ -92,9 +92,9 @@ def speed_reference_s(reps: int = 5) -> float:
     """Seconds of a fixed piece of host work (small matmuls and adds from eager PyTorch: the
     mix of kernel calls and interpreter work the engine does), the median of ``reps`` after
     one pass untimed (a process's first pass ran 23% slower than the next on the 2-core VM).
-    Recorded in profiles and validation rounds so a reader sees how
-    the box's speed moved between them; never used to rescale a time: being compute-bound it
-    once claimed a 1.4x faster box that memory-bound runs never saw."""
+    Recorded in profiles and validation rounds so a reader sees how the box's speed moved
+    between them; never used to rescale a time: being compute-bound it once claimed a 1.4x
+    faster box that memory-bound runs never saw."""
     x = torch.ones(64, 64) * 0.01
     out = []
     for _ in range(reps + 1):

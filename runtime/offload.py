@@ -163,14 +163,13 @@ class OffloadEngine:
         from runtime.experts import local_experts
         for blk in self.model.moe_blocks:
             blk.executor = local_experts
+        if self.host_tier is not None:  # its stacks, mapped apart, go back to the OS (the counters stay)
+            self.host_tier.release()
         for layer, blk in zip(self.layers, self.model.moe_blocks):
             if blk.resident is None:  # the engine's own slots (a model's resident experts stay the model's)
                 layer.slots = None
-        if self.host_tier is not None:  # its stacks, mapped apart, go back to the OS (the counters stay)
-            self.host_tier.release()
-            for layer, blk in zip(self.layers, self.model.moe_blocks):
-                if blk.on_drive:
-                    layer.host = None
+            if blk.on_drive:  # rows of the host tier's stack
+                layer.host = None
 
     def __enter__(self) -> "OffloadEngine":
         return self

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 # One thread per test process: pytest-xdist runs a worker per core, and two workers whose
 # OpenMP threads spin on the same two cores slow each other to a crawl. Set before torch
