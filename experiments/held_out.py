@@ -10,7 +10,8 @@ seed and skew; each generation length and batch size; ``--requests`` prompts thr
 model's own router) runs under ``all``, ``tide`` (a quarter of the experts, tau 4) and
 ``static`` (a quarter). The simulator predicts each run from its recorded trace on that one
 profile. A noisy box is met three ways, said in the output and applied alike to the profile
-and the runs: the checkpoints are synced to the drive before the profile; each checkpoint runs
+and the runs: the checkpoints are synced to the drive before the profile; the profile's in-run
+replays each go on for ``--spread-s`` seconds (the box's slow phases seen too); each checkpoint runs
 once untimed before round 0; rounds are interleaved (each round
 runs every cell and policy once, so a slow minute hits them all alike); each round's speed
 reference is recorded, and a round whose reference moved (against the profile's) more than
@@ -59,7 +60,7 @@ def policy_of(name: str, frac: float | None, tau: int | None, L: int, E: int) ->
 
 
 def capture(out: Path, preset: str, dtype: str, cells: list[Cell], requests: int, prompt_length: int,
-            rounds: int, device_name: str) -> dict:
+            rounds: int, device_name: str, spread_s: float = 10.0) -> dict:
     """The runtime half: one profile, then rounds of every cell and policy, a row each in
     ``measured.parquet``. Returns what was done to steady the box."""
     import torch
@@ -80,14 +81,15 @@ def capture(out: Path, preset: str, dtype: str, cells: list[Cell], requests: int
     os.sync()  # the checkpoints' writeback done before the profile, not under it
     cfg = ModelConfig.load(base)
     model = load_model(base, device=device, dtype=dtype, experts_device="cpu")
-    prof = profile_box(cfg, device, dtype, quick=True, progress=False, model=model)
+    prof = profile_box(cfg, device, dtype, quick=True, progress=False, model=model, spread_s=spread_s)
     prof.write(out / "profile.json")
     del model
     give_back_freed_memory()
     steady = {"threads": torch.get_num_threads(), "warm_up": "one run of each checkpoint before round 0",
               "rounds": "interleaved: every cell and policy once per round",
               "reference": "speed_reference_s per round, against the profile's",
-              "writeback": "checkpoints synced to the drive before the profile"}
+              "writeback": "checkpoints synced to the drive before the profile",
+              "profile": f"each in-run replay repeated for {spread_s:g} s at least (the box's slow phases seen too)"}
     shape = cfg.shape
     L, E = shape.n_moe_layers, shape.experts
     prompts = prompts_for(shape.vocab, requests, prompt_length)
@@ -201,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-length", type=integer, default=24)
     ap.add_argument("--requests", type=integer, default=8, help="prompts per run")
     ap.add_argument("--rounds", type=integer, default=3)
+    ap.add_argument("--spread-s", type=number, default=10.0,
+                    help="the profile's in-run replays each go on this many seconds at least (a shared box runs in "
+                         "phases seconds long)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="out/held-out")
     ap.add_argument("--replay-only", default=None, metavar="DIR", help="predict a capture again (no runs)")
@@ -223,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     need_int(a.prompt_length, "--prompt-length", lo=1, hi=4096)
     need_int(a.requests, "--requests", lo=1, hi=256)
     need_int(a.rounds, "--rounds", lo=1, hi=100)
+    if not 0 <= a.spread_s <= 600:
+        raise TideError(f"--spread-s must be within 0..600 seconds, got {a.spread_s:g}")
     if a.replay_only:
         out = Path(a.replay_only)
         steady = read_json(out / "steady.json", "steady") if (out / "steady.json").is_file() else {}
@@ -230,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         out = check_out_path(Path(a.out), "--out", folder=True)
         out.mkdir(parents=True, exist_ok=True)
         cells = [Cell(d, s, g, b) for s in skews for d in seeds for g in gens for b in batches]
-        steady = capture(out, a.preset, a.dtype, cells, a.requests, a.prompt_length, a.rounds, a.device)
+        steady = capture(out, a.preset, a.dtype, cells, a.requests, a.prompt_length, a.rounds, a.device, a.spread_s)
     table, runs = predict(out, a.profile)
     print("steadying the box: " + "; ".join(f"{k}: {v}" for k, v in steady.items()))
     show = table.assign(**{c: (100 * table[c]).round(1).astype(str) + "%" for c in ("error", "spread", "speedup_error")})

@@ -7,6 +7,7 @@ measured."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -58,16 +59,18 @@ class InRunCalibration:
             policies["swap"] = Policy.make("swap", s.n_moe_layers, s.experts, budget=max(1, s.experts // 8))
         med = {name: self._median_run(model, pol, work.decoding, lambda gen: gen.replay(work, 0), self.reps, True)
                for name, pol in policies.items()}
-        # four requests at once: what a batch adds per request (member_s), every expert
-        # resident and, in row-exact mode, with misses too (the expert calls' waves)
+        # eight requests of mixed lengths at batch 2 and at batch 8: what a batch adds per
+        # request (member_s), every expert resident and, in row-exact mode, with misses too
+        # (the expert calls' waves), fitted over both so that a price carries across batch sizes
         measure = real and self.batches and self.device.type == "cpu"
-        batch = synthesize(model.cfg.shape, 32, [32, 48, 70, 96], seed=1, requests=4,
+        batch = synthesize(model.cfg.shape, 32, list(BATCH_PROMPTS), seed=1, requests=len(BATCH_PROMPTS),
                            dtype=dtype_name(self.dtype)) if measure else None
         batch_policies = {"all": Policy.make("all", s.n_moe_layers, s.experts), "static": policy}
+        reqs = list(range(len(BATCH_PROMPTS)))
         for name in (batch_policies if measure and model.row_exact else ["all"] if measure else []):
-            med[f"batch {name}"] = self._median_run(model, batch_policies[name], batch.decoding,
-                                                    lambda gen: gen.replay_batch(batch, [0, 1, 2, 3], 4),
-                                                    1 if self.quick else 2, False)
+            for b in BATCH_SIZES:
+                med[f"batch {name} {b}"] = self._median_run(model, batch_policies[name], batch.decoding,
+                                                            lambda gen, b=b: gen.replay_batch(batch, reqs, b), 1, False)
         st = med["static"]
         # the remainder of parts clocked apart: a loop of a few microseconds can come out below
         # zero by the clocks' own noise (-90 us seen on mini-moe); it costs nothing measurable then
@@ -81,11 +84,12 @@ class InRunCalibration:
         if "swap" in med:
             ran.update(decide=med["swap"]["decide_s"], copies=med["swap"]["copy_s"])
         factors = self._level(data, ran, priced, own_parts, real)
-        member = self._member_costs(data, med, batch_policies, batch, forward_s) if "batch all" in med else {}
+        member = self._member_costs(data, med, batch_policies, batch, forward_s) if measure else {}
         note = (f"measured over priced in replays of a synthetic {len(work.forwards)}-forward trace "
                 f"({', '.join(f'{n} B={int(p.budget[0])}' for n, p in policies.items())}); the tables and "
                 "host costs each part prices are scaled by it; member_s: what each further request of a "
-                "batched forward adds, from 4 requests replayed at batch 4")
+                f"batched forward adds, fitted on {len(BATCH_PROMPTS)} requests replayed at batch "
+                f"{' and '.join(map(str, BATCH_SIZES))}")
         return forward_s, {**factors, **({"member_s": member} if member else {}), "note": note}
 
     def _calibration_model(self) -> tuple[LLaDA2, bool, Policy]:
@@ -117,15 +121,20 @@ class InRunCalibration:
 
     def _median_run(self, model: LLaDA2, policy: Policy, decoding: Decoding, run: Callable[[Generator], Any],
                     reps: int, forwards: bool) -> dict[str, float]:
-        """Medians over ``reps`` runs (after one warm-up) of ``run`` under ``policy``: the
-        model's own clocks per part (dense, moe, head), the engine's timers, the total and
-        (``forwards``) the forwards run."""
-        samples = []
-        for rep in range(reps + 1):
+        """Medians over ``reps`` runs or more (after one warm-up) of ``run`` under ``policy``:
+        the model's own clocks per part (dense, moe, head), the engine's timers, the total and
+        (``forwards``) the forwards run. Runs go on until ``spread_s`` seconds have passed: a
+        shared box runs in phases seconds long (on the 2-core VM, 8.4 and 10.5 ms per tiny
+        forward), and a level taken in one phase missed runs in the other by 15-25%."""
+        samples: list[dict[str, float]] = []
+        t0 = time.perf_counter()
+        rep = 0
+        while rep <= reps or (time.perf_counter() - t0 < self.spread_s and rep <= 200):
             with OffloadEngine(model, policy, self.device) as eng, model.timed_parts() as spent:
                 gen = Generator(model, decoding, engine=eng)
                 res, secs = timed(self.device, lambda: run(gen))
-            if rep:  # the first is a warm-up
+            rep += 1
+            if rep > 1:  # the first is a warm-up
                 samples.append({**dict.fromkeys(("dense", "moe", "head"), 0.0), **spent, **eng.timers, "total": secs,
                                 **({"forwards": res.forwards} if forwards else {})})
         return {k: float(np.median([x[k] for x in samples])) for k in samples[0]}
@@ -185,79 +194,87 @@ class InRunCalibration:
     def _member_costs(self, data: dict[str, Any], med: dict[str, dict[str, float]], policies: dict[str, Policy],
                       batch: Trace, forward_s: float) -> dict[str, float]:
         """What a batched forward costs beyond the levelled tables' price for its members,
-        from ``batch all`` (and ``batch static``, row-exact) in ``med``: runs of 4 requests at
-        batch 4. Per non-expert part, ``member_s`` per further request of a forward (the run
-        with every expert resident; negative where a batch shares more than the pricing rule
-        assumes: a layer's weights stay in cache from one request to the next); the decoding
-        loop's is the host's ``member_s``. Row-exact, the engine's expert work in both runs
-        beyond its price gives the host's ``batch_segment_s`` (each further (request, expert)
-        call; signed: on large experts such calls cost less than the table prices them) and
-        ``batch_calls_s`` (each call running in waves: gathers, scatters, a colder cache; not
-        below zero), the two-unknown fit of the two runs. Written into the profile."""
+        from the ``batch {policy} {b}`` runs in ``med`` (:data:`BATCH_SIZES`). Per non-expert
+        part, ``member_s`` per further request of a forward: the least-squares slope of the
+        runs' unpriced seconds against their further requests (``all``: every expert
+        resident; negative where a batch shares more than the pricing rule assumes: a
+        layer's weights stay in cache from one request to the next); the decoding loop's is
+        the host's ``member_s``. Row-exact, the engine's expert work beyond its price gives
+        the host's ``batch_segment_s`` (each further (request, expert) call; signed: on large
+        experts such calls cost less than the table prices them) and ``batch_wave_s`` (each
+        wave of a call run in waves: a gather, a call, a scatter; not below zero), fitted
+        over the runs of both policies and batch sizes. Written into the profile."""
         s = self.cfg.shape
         cost = CostModel(Profile(data, where="profile being measured"), s, dtype_name(self.dtype))  # forward_s set
-        priced = dict.fromkeys(("dense", "moe", "head", "loop"), 0.0)
-        extra = 0
-        composed = compose_trace(batch, 4)
-        fits: list[tuple[float, float, float]] = []  # (further segments, waved calls, unpriced seconds) per run
+        gaps: dict[str, list[tuple[float, float]]] = {p: [] for p in ("dense_layer", "moe_layer", "head", "loop")}
+        fits: list[tuple[float, float, float]] = []  # (further segments, waves, unpriced seconds) per run
         for name, pol in policies.items():
-            if f"batch {name}" not in med:
-                continue
-            ran = med[f"batch {name}"]
-            segs = calls = engine = 0.0
-            for f in walk_trace(composed, pol, with_act=False):
-                mt, mc = f.member_tokens, f.member_context
-                if name == "all":
-                    extra += len(mt) - 1
-                    dense, head, loop = cost.fixed_parts(mt, mc)  # no member_s yet: the loop at forward_s per request
-                    priced["dense"] += s.first_k_dense * dense
-                    priced["head"] += head
-                    priced["loop"] += loop
-                    priced["moe"] += s.n_moe_layers * float(cost.batched_s("moe_layer", mt, mc)[0])
+            for b in BATCH_SIZES:
+                ran = med.get(f"batch {name} {b}")
+                if ran is None:
+                    continue
+                priced = dict.fromkeys(("dense", "moe", "head", "loop"), 0.0)
+                extra = 0
+                segs = waves = engine = 0.0
+                for f in walk_trace(compose_trace(batch, b), pol, with_act=False):
+                    mt, mc = f.member_tokens, f.member_context
+                    if name == "all":
+                        extra += len(mt) - 1
+                        dense, head, loop = cost.fixed_parts(mt, mc)  # no member_s yet: the loop at forward_s per request
+                        priced["dense"] += s.first_k_dense * dense
+                        priced["head"] += head
+                        priced["loop"] += loop
+                        priced["moe"] += s.n_moe_layers * float(cost.batched_s("moe_layer", mt, mc)[0])
+                    if cost.row_exact:
+                        w = layer_work(f.decision, f.counts, f.counters, cost.act_bytes, cost.knots, mt, mc, f.segments)
+                        p = cost.price(w)  # what layer_parts gives, from the work counted once
+                        engine += float(sum(p[k].sum() for k in ("hits_ready", "hits_fresh", "cpu", "issue", "launch")))
+                        segs += float((w.segments - w.ready_n - w.fresh_n - w.miss_n - w.wave_experts.sum(axis=0)).sum())
+                        waves += float((w.hit_waves + w.miss_waves).sum())
                 if cost.row_exact:
-                    w = layer_work(f.decision, f.counts, f.counters, cost.act_bytes, cost.knots, mt, mc, f.segments)
-                    p = cost.price(w)  # what layer_parts gives, from the work counted once
-                    engine += float(sum(p[k].sum() for k in ("hits_ready", "hits_fresh", "cpu", "issue", "launch")))
-                    segs += float((w.segments - w.ready_n - w.fresh_n - w.miss_n - w.wave_experts.sum(axis=0)).sum())
-                    calls += float((w.hit_sets + w.miss_sets).sum())
-            fits.append((segs, calls, ran["layer_s"] - ran["decide_s"] - ran["copy_s"] - ran["wait_s"] - engine))
-        if not extra:
+                    fits.append((segs, waves, ran["layer_s"] - ran["decide_s"] - ran["copy_s"] - ran["wait_s"] - engine))
+                if name == "all" and extra:
+                    loop = ran["total"] - ran["dense"] - ran["moe"] - ran["head"]
+                    gaps["dense_layer"].append((extra, (ran["dense"] - priced["dense"]) / max(s.first_k_dense, 1)))
+                    gaps["moe_layer"].append((extra, (ran["moe"] - ran["layer_s"] - priced["moe"]) / s.n_moe_layers))
+                    gaps["head"].append((extra, ran["head"] - priced["head"]))
+                    gaps["loop"].append((extra, loop - priced["loop"]))
+        if not gaps["loop"]:
             return {}
-        ran = med["batch all"]
-        loop = ran["total"] - ran["dense"] - ran["moe"] - ran["head"]
-        per = {"dense_layer": (ran["dense"] - priced["dense"]) / max(s.first_k_dense, 1),
-               "moe_layer": (ran["moe"] - ran["layer_s"] - priced["moe"]) / s.n_moe_layers,
-               "head": ran["head"] - priced["head"]}
+        slope = {part: sum(x * y for x, y in rows) / sum(x * x for x, _ in rows) for part, rows in gaps.items()}
         out = {}
         tables = data["non_expert"][s.model_key]
-        for part, gap in per.items():
+        for part in ("dense_layer", "moe_layer", "head"):
             if part == "dense_layer" and not s.first_k_dense:
                 continue
-            out[part] = gap / extra
+            out[part] = slope[part]
             tables[part]["member_s"] = out[part]
-        out["loop"] = max(forward_s + (loop - priced["loop"]) / extra, 0.0)
+        out["loop"] = max(forward_s + slope["loop"], 0.0)
         data["host"]["member_s"] = {**measured(out["loop"]), "note": "the decoding loop's host work per further "
                                     "request of a batched forward"}
-        if len(fits) == 2 and cost.row_exact:
-            seg_s, call_s = _two_unknowns(fits)
-            note = "a row-exact batch's expert calls beyond their tables' price, fitted on 4 requests at batch 4 "
-            data["host"]["batch_segment_s"] = {**measured(seg_s), "note": note + "(all, static): per further call"}
-            data["host"]["batch_calls_s"] = {**measured(call_s), "note": note + "(all, static): per call run in waves"}
-            out.update(batch_segment=seg_s, batch_calls=call_s)
+        if len(fits) >= 2:
+            seg_s, wave_s = _fit_signed_and_positive(fits)
+            note = (f"a row-exact batch's expert calls beyond their tables' price, fitted on {len(BATCH_PROMPTS)} "
+                    f"requests at batch {' and '.join(map(str, BATCH_SIZES))} (all, static): ")
+            data["host"]["batch_segment_s"] = {**measured(seg_s), "note": note + "per further call"}
+            data["host"]["batch_wave_s"] = {**measured(wave_s), "note": note + "per wave of a call run in waves"}
+            out.update(batch_segment=seg_s, batch_wave=wave_s)
         return out
 
 
+#: The batched calibration's workload: one request per prompt length, replayed at each batch size.
+BATCH_PROMPTS = (32, 48, 70, 96, 24, 64, 80, 40)
+BATCH_SIZES = (2, 8)
 
-def _two_unknowns(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
-    """``a`` (signed) and ``b >= 0`` with ``a x + b y = z`` for two rows ``(x, y, z)``: solved
-    exactly, or, where that gives ``b < 0`` (or the rows do not tell them apart), ``a``
-    fitted alone (least squares) and ``b`` zero."""
-    (x1, y1, z1), (x2, y2, z2) = rows
-    det = x1 * y2 - x2 * y1
-    if abs(det) > 1e-12 * max(abs(x1 * y2), abs(x2 * y1), 1e-30):
-        a, b = (z1 * y2 - z2 * y1) / det, (x1 * z2 - x2 * z1) / det
+
+def _fit_signed_and_positive(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """``a`` (signed) and ``b >= 0`` fitting ``a x + b y = z`` over rows ``(x, y, z)`` in least
+    squares; where that gives ``b < 0`` (or the rows do not tell them apart), ``a`` fitted
+    alone and ``b`` zero."""
+    X = np.array([[x, y] for x, y, _ in rows], dtype=np.float64)
+    z = np.array([r[2] for r in rows], dtype=np.float64)
+    if np.linalg.matrix_rank(X) == 2:
+        (a, b), *_ = np.linalg.lstsq(X, z, rcond=None)
         if b >= 0:
-            return a, b
-    return (x1 * z1 + x2 * z2) / max(x1 * x1 + x2 * x2, 1e-30), 0.0
-
-
+            return float(a), float(b)
+    return float(X[:, 0] @ z / max(X[:, 0] @ X[:, 0], 1e-30)), 0.0

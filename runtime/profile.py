@@ -44,10 +44,12 @@ class Profiler(TableBench, HostCosts, InRunCalibration):
     (:mod:`runtime.profile_host`) and their level inside a run (:mod:`runtime.calibrate`)."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, quick: bool, progress: bool = True,
-                 model: LLaDA2 | None = None, batches: bool = True):
+                 model: LLaDA2 | None = None, batches: bool = True, spread_s: float | None = None):
         self.cfg, self.device, self.dtype, self.quick, self.model = cfg, device, dtype, quick, model
         self.batches = batches  # measure what a batch adds per request (member_s)
         self.reps = 3 if quick else 7
+        # the in-run replays go on for this long at least, to see the box's slow phases too
+        self.spread_s = (2.0 if quick else 10.0) if spread_s is None else spread_s
         # Every cell is timed for tens of milliseconds (its median), never rescaled: the speed
         # reference is only recorded, so that a validation can report how the box moved since.
         self.time = timer(device, 0.02 if quick else 0.1)
@@ -119,11 +121,12 @@ def in_run_line(prof: Profile) -> str:
 
 
 def profile_box(cfg: ModelConfig, device: torch.device, dtype: str, quick: bool, progress: bool = True,
-                model: LLaDA2 | None = None, batches: bool = True) -> Profile:
+                model: LLaDA2 | None = None, batches: bool = True, spread_s: float | None = None) -> Profile:
     """Measure this box for ``cfg``'s shapes; with ``model`` (loaded, experts in host memory)
     the decoding loop's host cost is measured on that model itself, and with ``batches`` what
-    a batched forward adds per request."""
-    data = Profiler(cfg, device, torch_dtype(dtype), quick, progress, model, batches).run()
+    a batched forward adds per request; each in-run replay repeats for ``spread_s`` seconds at
+    least (default 2 quick, 10 full)."""
+    data = Profiler(cfg, device, torch_dtype(dtype), quick, progress, model, batches, spread_s).run()
     give_back_freed_memory()  # the tables' temporaries, gigabytes at large shapes: no run reuses them
     return Profile(data, where="measured profile")
 

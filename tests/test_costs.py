@@ -113,8 +113,8 @@ def test_a_grouped_call_pays_for_its_idle_stack_entries():
 
 def test_a_row_exact_batch_prices_its_waved_expert_calls():
     """fp32 with the CPU as the fast device computes each request's rows of an expert in a
-    call of its own, in waves: each further (request, expert) call and each call run in
-    waves costs the profile's batch_segment_s / batch_calls_s on top of its table price, on
+    call of its own, in waves: each further (request, expert) call and each wave of a call
+    run in waves costs the profile's batch_segment_s / batch_wave_s on top of its table price, on
     the hits' side and the misses' side apart; a batch where no expert holds two requests'
     rows runs one call, as batch 1 does (no waves)."""
     from traces.policies.decision import Decision
@@ -138,13 +138,16 @@ def test_a_row_exact_batch_prices_its_waved_expert_calls():
     def priced(seg_s, calls_s, segs):
         d = copy.deepcopy(data)
         d["host"]["batch_segment_s"] = {"value": seg_s, "source": "measured"}
-        d["host"]["batch_calls_s"] = {"value": calls_s, "source": "measured"}
+        d["host"]["batch_wave_s"] = {"value": calls_s, "source": "measured"}
         cm = CostModel(Profile(d), shape, dtype="float32")
         assert cm.row_exact
         return cm.layer_parts(dec, counts, zero, np.array([8, 8]), np.array([40, 60]), segs)
     base, more = priced(0.0, 0.0, segments), priced(1e-3, 1e-2, segments)
-    np.testing.assert_allclose(more["hits_ready"] - base["hits_ready"], 2 * 1e-3 + 1e-2)  # 2 further calls, 1 waved call
-    np.testing.assert_allclose(more["cpu"] - base["cpu"], 2 * 1e-3 + 1e-2)  # experts 2, 3 twice, 4 once
+    np.testing.assert_allclose(more["hits_ready"] - base["hits_ready"], 2 * 1e-3 + 2 * 1e-2)  # 2 further calls, 2 waves
+    np.testing.assert_allclose(more["cpu"] - base["cpu"], 2 * 1e-3 + 2 * 1e-2)  # experts 2, 3 twice, 4 once: 2 waves
+    three = segments.copy()
+    three[:, 2] = 3  # a third request on expert 2: the misses' call runs in three waves
+    np.testing.assert_allclose(priced(0.0, 1e-2, three)["cpu"] - priced(0.0, 0.0, three)["cpu"], 3 * 1e-2)
     alone = segments.copy()
     alone[:, :4] = 1  # no expert shared: one call each side, no waves
     np.testing.assert_allclose(priced(1e-3, 1e-2, alone)["cpu"], priced(0.0, 0.0, alone)["cpu"])
@@ -157,11 +160,16 @@ def test_a_row_exact_batch_prices_its_waved_expert_calls():
     np.testing.assert_allclose(low["hits_ready"], priced(0.0, 0.0, alone)["hits_ready"])  # the first calls' price
 
 
-def test_the_two_unknown_fit_of_a_batchs_expert_calls():
-    from runtime.calibrate import _two_unknowns
-    assert _two_unknowns([(10.0, 2.0, 10 * 0.5 + 2 * 3.0), (10.0, 4.0, 10 * 0.5 + 4 * 3.0)]) == pytest.approx((0.5, 3.0))
-    a, b = _two_unknowns([(10.0, 2.0, 6.0), (10.0, 4.0, 4.0)])  # exact solution has b < 0: a alone
+def test_the_fit_of_a_batchs_expert_calls_over_its_runs():
+    from runtime.calibrate import _fit_signed_and_positive as fit
+    assert fit([(10.0, 2.0, 10 * 0.5 + 2 * 3.0), (10.0, 4.0, 10 * 0.5 + 4 * 3.0)]) == pytest.approx((0.5, 3.0))
+    a, b = fit([(10.0, 2.0, 6.0), (10.0, 4.0, 4.0)])  # exact solution has b < 0: a alone
     assert b == 0.0 and a == pytest.approx(0.5)
-    a, b = _two_unknowns([(10.0, 2.0, -10 * 0.2 + 2 * 1.0), (10.0, 4.0, -10 * 0.2 + 4 * 1.0)])
+    a, b = fit([(10.0, 2.0, -10 * 0.2 + 2 * 1.0), (10.0, 4.0, -10 * 0.2 + 4 * 1.0)])
     assert (a, b) == pytest.approx((-0.2, 1.0))  # a further call may cost less than its table says
-    assert _two_unknowns([(1.0, 2.0, 3.0), (2.0, 4.0, 6.0)])[1] == 0.0  # rows that do not tell them apart
+    # four runs (two policies, two batch sizes), one off by noise: the least-squares fit
+    rows = [(x, y, 0.5 * x + 3.0 * y) for x, y in ((10.0, 2.0), (30.0, 8.0), (14.0, 4.0), (40.0, 16.0))]
+    rows[0] = (10.0, 2.0, rows[0][2] + 0.1)
+    a, b = fit(rows)
+    assert a == pytest.approx(0.5, abs=0.02) and b == pytest.approx(3.0, abs=0.05)
+    assert fit([(1.0, 2.0, 3.0), (2.0, 4.0, 6.0)])[1] == 0.0  # rows that do not tell them apart

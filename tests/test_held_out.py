@@ -8,7 +8,7 @@ def test_one_profile_predicts_a_grid_it_never_saw(tmp_path):
     batch size) runs every policy, interleaved by round, and is predicted from its trace."""
     d = tmp_path / "ho"
     p = run_module("experiments.held_out", "--skews", "0", "--seeds", "1", "--gen-lengths", "32",
-                   "--batch-sizes", "1,2", "--requests", "2", "--rounds", "2", "--out", str(d))
+                   "--batch-sizes", "1,2", "--requests", "2", "--rounds", "2", "--spread-s", "0", "--out", str(d))
     assert p.returncode == 0, p.stderr
     cells = pd.read_parquet(d / "held-out.parquet")
     assert len(cells) == 2 * 3 and set(cells["batch_size"]) == {1, 2}
@@ -31,6 +31,7 @@ def test_one_profile_predicts_a_grid_it_never_saw(tmp_path):
 @pytest.mark.parametrize("args, says", [
     (["--skews", "-1"], "--skews"), (["--batch-sizes", "0"], "--batch-sizes"), (["--seeds", "x"], "--seeds"),
     (["--rounds", "0"], "--rounds"), (["--profile", "h200"], "--profile goes with --replay-only"),
+    (["--spread-s", "-1"], "--spread-s"),
 ])
 def test_bad_flags_are_one_line(tmp_path, args, says):
     assert_clean_error(run_module("experiments.held_out", *args, "--out", str(tmp_path / "o")), says)

@@ -131,17 +131,17 @@ class CostModel:
         hits = np.where(w.wave_experts > 0, self.grouped_s(w.wave_experts, w.wave_tokens, w.slots), 0.0)
         ready = self.grouped_s(w.ready_n, w.ready_tok, w.slots)
         if self.row_exact:  # each request's rows of an expert in a call of their own, in waves
-            def further(segments, experts, tokens, sets):
+            def further(segments, experts, tokens, waves):
                 more = np.maximum(segments - experts, 0)
                 per = tokens / np.maximum(segments, 1)
                 calls = np.where(more > 0, self.grouped_s(more, more * per), 0.0)
                 # batch_segment_s is signed (fitted on one workload): on another, its saving can
                 # outgrow the calls' own price; further calls never cost less than nothing
-                return np.maximum(calls + host("batch_segment_s") * more, 0.0) + host("batch_calls_s") * sets
+                return np.maximum(calls + host("batch_segment_s") * more, 0.0) + host("batch_wave_s") * waves
             hit_seg = w.segments - w.miss_segments
             ready = ready + further(hit_seg, w.ready_n + w.fresh_n + w.wave_experts.sum(axis=0),
-                                    w.ready_tok + w.fresh_tok + w.wave_tokens.sum(axis=0), w.hit_sets)
-            cpu = cpu + further(w.miss_segments, w.miss_n, w.miss_tok, w.miss_sets)
+                                    w.ready_tok + w.fresh_tok + w.wave_tokens.sum(axis=0), w.hit_waves)
+            cpu = cpu + further(w.miss_segments, w.miss_n, w.miss_tok, w.miss_waves)
         copy = np.where(w.wave_copies > 0, self.copies_s(w.wave_copies), 0.0)
         return {
             "non_expert": per_fwd[w.fwd],

@@ -67,8 +67,8 @@ class Work:
     slots: np.ndarray  # [V] experts resident: the stack a grouped call on the fast device walks
     segments: np.ndarray  # [V] (request, expert) pairs with tokens: a row-exact batch's expert calls
     miss_segments: np.ndarray  # [V] those of missed experts
-    hit_sets: np.ndarray  # [V] a row-exact batch's calls of resident experts that run in waves (ready, fresh, each swap wave)
-    miss_sets: np.ndarray  # [V] its call of missed experts, when that runs in waves (0 or 1)
+    hit_waves: np.ndarray  # [V] a row-exact batch's waves in its calls of resident experts that run in waves (ready, fresh, each swap wave)
+    miss_waves: np.ndarray  # [V] the waves of its call of missed experts, when that runs in waves
     drive_n: np.ndarray  # [V] experts read from the drive before the layer's CPU work and copies (host tier)
     fill_n: np.ndarray  # [V] experts read into host memory after the layer's work (the host tier's refill)
 
@@ -158,16 +158,17 @@ def layer_work(decision: Decision, counts: np.ndarray, counters: dict[str, np.nd
     tokens, context = np.atleast_1d(tokens), np.atleast_1d(context)
     seg = (counts > 0).astype(np.int64) if segments is None else np.asarray(segments, dtype=np.int64)
 
-    def waved(mask: np.ndarray) -> np.ndarray:  # [L, G, E] -> [V]: a call whose experts hold rows of two requests
+    def waved(mask: np.ndarray) -> np.ndarray:  # [L, G, E] -> [V]: the waves of a call whose experts hold rows of two requests
         if segments is None:  # one request per forward: never
             return np.zeros(V, np.int64)
-        return ((mask * seg[:, None, :]).max(axis=-1, initial=0) > 1).reshape(V).astype(np.int64)
-    hit_sets = waved(ready) + waved(new)
+        most = (mask * seg[:, None, :]).max(axis=-1, initial=0).reshape(V)  # the runtime's waves: most requests on one expert
+        return np.where(most > 1, most, 0).astype(np.int64)
+    hit_waves = waved(ready) + waved(new)
     if W and segments is not None:
         for w in range(W):
             m = np.zeros((V, E), bool)
             m[rows] = decision.wave_of == w
-            hit_sets = hit_sets + waved(m.reshape(L, G, E) & active)
+            hit_waves = hit_waves + waved(m.reshape(L, G, E) & active)
     return Work(fwd=np.zeros(V, np.int64), tokens=tokens, context=context,
                 member_fwd=np.zeros(len(tokens), np.int64),
                 refreshed=np.zeros(V, bool) if decision.refreshed is None else decision.refreshed.copy(),
@@ -177,6 +178,6 @@ def layer_work(decision: Decision, counts: np.ndarray, counters: dict[str, np.nd
                 wave_copies=wave_copies, wave_experts=wave_experts, wave_tokens=wave_tokens,
                 slots=decision.resident.sum(axis=1),
                 segments=np.repeat(seg.sum(axis=1), G), miss_segments=(missed * seg[:, None, :]).sum(axis=-1).reshape(V),
-                hit_sets=hit_sets, miss_sets=waved(missed),
+                hit_waves=hit_waves, miss_waves=waved(missed),
                 drive_n=np.zeros(V, np.int64) if drive_reads is None else np.asarray(drive_reads, np.int64),
                 fill_n=np.zeros(V, np.int64) if drive_fills is None else np.asarray(drive_fills, np.int64))

@@ -24,7 +24,8 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
   absent: ``forward_s``), and, for a row-exact batch (fp32, the CPU as the fast device: each
   request's rows of an expert in a call of its own, in waves), ``batch_segment_s`` per further
   (request, expert) call beyond its table price (signed: negative where such calls cost less
-  than the table says) and ``batch_calls_s`` per call run in waves (absent: zero).
+  than the table says) and ``batch_wave_s`` per wave of a call run in waves (a gather, a
+  call, a scatter; absent: zero).
   A version-1 profile (no ``host``) still loads: its ``sync_s`` included the
   decision and the issue, and the rest is priced at zero.
 * ``h2d`` / ``d2h``: per ``pinned`` / ``pageable``, bandwidth against transfer size
@@ -83,9 +84,9 @@ SOURCES = ("measured", "derived")
 CAPACITIES = ("gpu_mem_bytes", "host_mem_bytes", "cpu_cores", "host_mem_bw_gbps", "gpu_mem_bw_gbps")
 OVERHEADS = ("launch_s", "sync_s", "cpu_task_s")
 HOST = ("forward_s", "decide_s", "refresh_s", "swap_s", "issue_s", "copy_call_s", "expert_call_s", "miss_call_s",
-        "swap_wave_s", "member_s", "batch_segment_s", "batch_calls_s")
+        "swap_wave_s", "member_s", "batch_segment_s", "batch_wave_s")
 #: absent: zero (profiles measured before they were); member_s: forward_s
-HOST_OPTIONAL = ("swap_wave_s", "member_s", "batch_segment_s", "batch_calls_s")
+HOST_OPTIONAL = ("swap_wave_s", "member_s", "batch_segment_s", "batch_wave_s")
 _SIGNED = ("batch_segment_s",)  # a further call may cost less than its table says (see runtime.profile)
 DRIVE = ("read_gbps", "read_latency_s", "queue_depth", "capacity_bytes")
 _POSITIVE = ("gpu_mem_bytes", "host_mem_bytes", "host_mem_bw_gbps", "gpu_mem_bw_gbps",  # they divide or bound
