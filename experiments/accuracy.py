@@ -1,7 +1,9 @@
 """How well the simulator predicts the runtime on this box.
 
 ``python -m experiments.accuracy [--device cpu|cuda] [--checkpoint DIR] [--out DIR]
-[--capture-only DIR | --replay-only DIR]``
+[--capture-only DIR | --replay-only DIR]``; ``python -m experiments.accuracy --held-out [...]``
+is the held-out mode (:mod:`experiments.held_out`: one profile, a grid of workloads it never
+saw; its own flags follow).
 
 1. In rounds (``--rounds``), profiles this box with the runtime profiler (``--quick``) for
    the checkpoint's shapes (a random checkpoint of ``--preset`` when none is given), then
@@ -323,7 +325,15 @@ def replay(out: Path) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--held-out"]:
+        from experiments.held_out import main as held_out
+        return held_out(argv[1:], prog="python -m experiments.accuracy --held-out")
     ap = ArgumentParser(prog="python -m experiments.accuracy", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--held-out", action="store_true",
+                    help="first, alone or before experiments.held_out's flags: profile once, then predict a grid of "
+                         "workloads the profile never saw (see python -m experiments.held_out --help)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--out", default="out/accuracy")
@@ -344,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="tiny", choices=PRESETS,
                     help="checkpoint made when --checkpoint is not given (mini-moe: LLaDA2.0-mini's layers, ~7 GB)")
     a = ap.parse_args(argv)
+    if a.held_out:
+        raise TideError("--held-out goes first, before the held-out grid's own flags: "
+                        "python -m experiments.accuracy --held-out [--skews ...]")
     if a.rounds < 1:
         raise TideError("--rounds must be at least 1")
     need_int(a.seed, "--seed", lo=0)

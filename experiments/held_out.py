@@ -69,7 +69,8 @@ def capture(out: Path, preset: str, dtype: str, cells: list[Cell], requests: int
     from runtime.checkpoint import load_model
     from runtime.config import ModelConfig
     from runtime.decoding import Generator
-    from runtime.device import check_device, give_back_freed_memory, speed_reference_s, timed
+    from runtime.calibrate import replay_seconds
+    from runtime.device import check_device, give_back_freed_memory, timed
     from runtime.offload import OffloadEngine
     from runtime.profile import profile_box
     from experiments.accuracy import preset_checkpoint
@@ -87,7 +88,8 @@ def capture(out: Path, preset: str, dtype: str, cells: list[Cell], requests: int
     give_back_freed_memory()
     steady = {"threads": torch.get_num_threads(), "warm_up": "one run of each checkpoint before round 0",
               "rounds": "interleaved: every cell and policy once per round",
-              "reference": "speed_reference_s per round, against the profile's",
+              "reference": "before each run, the profile's level replay timed again (same work), against the profile's",
+              "reference_kind": "replay",
               "writeback": "checkpoints synced to the drive before the profile",
               "profile": f"each in-run replay repeated for {spread_s:g} s at least (the box's slow phases seen too)"}
     shape = cfg.shape
@@ -101,12 +103,12 @@ def capture(out: Path, preset: str, dtype: str, cells: list[Cell], requests: int
     total = rounds * len(cells) * len(POLICIES) + len(by_ckpt)
     bar = tqdm(total=total, desc="held-out runs (a warm-up per checkpoint, then rounds)", unit="run")
     for rnd in range(-1, rounds):  # -1: the warm-up, one run per checkpoint, not kept
-        ref = speed_reference_s() if rnd >= 0 else 0.0
         for key, group in by_ckpt.items():
             model = load_model(folders[key], device=device, dtype=dtype, experts_device="cpu")
             todo = list(itertools.product(group, POLICIES)) if rnd >= 0 else [(group[0], POLICIES[0])]
             for cell, (name, frac, tau) in todo:
                 policy = policy_of(name, frac, tau, L, E)
+                ref = replay_seconds(model, device) if rnd >= 0 else 0.0
                 with TraceRecorder(model, decoding, dtype) as rec, OffloadEngine(model, policy, device) as eng:
                     gen = Generator(model, decoding, recorder=rec, engine=eng)
                     _, secs = timed(device, lambda: gen.generate_batch(prompts, [cell.gen_length] * requests,
@@ -139,7 +141,9 @@ def predict(out: Path, profile: str | None = None) -> tuple[pd.DataFrame, pd.Dat
     if not (out / "measured.parquet").is_file():
         raise TideError(f"{out}: no measured.parquet (capture it first: python -m experiments.held_out --out {out})")
     prof = Profile.load(profile or out / "profile.json")
-    ref_p = prof.reference_s()
+    steady = read_json(out / "steady.json", "steady") if (out / "steady.json").is_file() else {}
+    same_work = steady.get("reference_kind") == "replay" and (prof.data.get("in_run") or {}).get("replay_s")
+    ref_p = same_work or prof.reference_s()
     runs = pd.read_parquet(out / "measured.parquet")
     pred, refused = {}, {}
     for name in tqdm(sorted(runs["trace"].unique()), desc="predicting", unit="run"):
@@ -152,47 +156,61 @@ def predict(out: Path, profile: str | None = None) -> tuple[pd.DataFrame, pd.Dat
     runs["predicted_s"] = runs["trace"].map(pred)
     runs["refused"] = runs["trace"].map(lambda n: refused.get(n, ""))
     runs["error"] = runs["predicted_s"] / runs["measured_s"] - 1
-    runs["drift"] = (ref_p / runs["reference_s"] - 1) if ref_p else np.nan
+    # how much slower the box ran just before this run than while the profile was taken
+    runs["drift"] = (runs["reference_s"] / ref_p - 1) if ref_p else np.nan
     runs["flagged"] = runs["drift"].abs() > runs["error"].abs()
+    # the prediction at the box's speed of the moment: scaled by the same-work reference
+    # (only where the reference is the profile's own level replay; a small-matmul one does not
+    # follow the box's phases)
+    runs["levelled"] = (runs["predicted_s"] * (1 + runs["drift"]) / runs["measured_s"] - 1) if same_work else np.nan
     key = ["seed", "skew", "gen_length", "batch_size", "policy"]
     cells = runs.groupby(key, sort=False).agg(
         measured_s=("measured_s", "median"), predicted_s=("predicted_s", "median"), error=("error", "median"),
+        levelled=("levelled", "median"),
         spread=("measured_s", lambda s: s.max() / s.min() - 1), flagged_rounds=("flagged", "sum"),
         refused=("refused", "first")).reset_index()
+    # each policy's predicted speedup over ``all`` against the one measured in the same round
+    # (paired: a slow minute slows both), the median over rounds
     cell_key = ["seed", "skew", "gen_length", "batch_size"]
-    base = cells[cells["policy"] == "all"].set_index(cell_key)
-    sp = []
-    for _, r in cells.iterrows():
-        b = base.loc[tuple(r[k] for k in cell_key)]
-        sp.append((b["predicted_s"] / r["predicted_s"]) / (b["measured_s"] / r["measured_s"]) - 1)
-    cells["speedup_error"] = sp
+    alls = runs[runs["policy"] == "all"].set_index([*cell_key, "round"])[["measured_s", "predicted_s"]]
+    paired = runs.join(alls, on=[*cell_key, "round"], rsuffix="_all")
+    runs["speedup_error"] = (paired["predicted_s_all"] / paired["predicted_s"]) / (paired["measured_s_all"] / paired["measured_s"]) - 1
+    cells["speedup_error"] = runs.groupby(key, sort=False)["speedup_error"].median().to_numpy()
     atomic_write(out / "held-out.parquet", lambda tmp: cells.to_parquet(tmp, index=False))
     atomic_write(out / "held-out-rounds.parquet", lambda tmp: runs.to_parquet(tmp, index=False))
     return cells, runs
 
 
 def summary(cells: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
-    """The medians a reader checks: overall, by batch size, the speedups, the rounds' medians."""
-    err = cells["error"].abs()
-    lines = [f"median |error| {100 * err.median():.1f}%, worst {100 * err.max():.1f}% over {int(err.notna().sum())} runs"]
+    """The medians a reader checks: overall, by batch size, the speedups, the rounds' medians;
+    as profiled, and at the box's speed of the moment where the capture has a same-work
+    reference."""
+    lines = []
     if (cells["refused"] != "").any():
         lines.append(f"the pricing refused {int((cells['refused'] != '').sum())} runs: {cells.loc[cells['refused'] != '', 'refused'].iloc[0]}")
-    for b, part in cells.groupby("batch_size"):
-        lines.append(f"  batch {b}: median {100 * part['error'].abs().median():.1f}%, "
-                     f"worst {100 * part['error'].abs().max():.1f}%")
+    kinds = [("error", "as profiled")] + ([("levelled", "levelled to the box's speed before each run (same-work reference)")]
+                                         if cells["levelled"].notna().any() else [])
+    for col, what in kinds:
+        err = cells[col].abs()
+        lines.append(f"{what}: median |error| {100 * err.median():.1f}%, worst {100 * err.max():.1f}% "
+                     f"over {int(err.notna().sum())} runs")
+        lines.append("  " + "; ".join(f"batch {b}: median {100 * part[col].abs().median():.1f}%, worst "
+                                      f"{100 * part[col].abs().max():.1f}%" for b, part in cells.groupby("batch_size")))
+        per_round = runs.groupby("round")[col].apply(lambda e: 100 * e.abs().median())
+        lines.append("  median |error| per round: " + ", ".join(f"{v:.1f}%" for v in per_round))
     other = cells[cells["policy"] != "all"]
     if len(other):
-        lines.append(f"predicted speedups over all within {100 * other['speedup_error'].abs().max():.1f}% "
-                     f"(median {100 * other['speedup_error'].abs().median():.1f}%)")
-    per_round = runs.groupby("round")["error"].apply(lambda e: 100 * e.abs().median())
-    lines.append("median |error| per round: " + ", ".join(f"{v:.1f}%" for v in per_round))
-    lines.append(f"runs' spread, fastest to slowest round: median {100 * cells['spread'].median():.0f}%; "
-                 f"rounds whose speed reference moved more than their error: {int(runs['flagged'].sum())} of {len(runs)}")
+        lines.append(f"predicted speedups over all (against each round's measured, median over rounds) within "
+                     f"{100 * other['speedup_error'].abs().max():.1f}% (median {100 * other['speedup_error'].abs().median():.1f}%)")
+    lines.append(f"runs' spread, fastest to slowest round: median {100 * cells['spread'].median():.0f}%; the box ran "
+                 f"{100 * runs['drift'].median():+.0f}% (median) against the profile, {100 * runs['drift'].min():+.0f}% to "
+                 f"{100 * runs['drift'].max():+.0f}%; runs whose reference moved more than their error: "
+                 f"{int(runs['flagged'].sum())} of {len(runs)}")
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = ArgumentParser(prog="python -m experiments.held_out", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m experiments.held_out") -> int:
+    ap = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny", choices=("tiny", "mini-moe"))
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="float32: row-exact batches (the reference mode); bfloat16: merged requests (the GPU's way)")
@@ -240,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         steady = capture(out, a.preset, a.dtype, cells, a.requests, a.prompt_length, a.rounds, a.device, a.spread_s)
     table, runs = predict(out, a.profile)
     print("steadying the box: " + "; ".join(f"{k}: {v}" for k, v in steady.items()))
-    show = table.assign(**{c: (100 * table[c]).round(1).astype(str) + "%" for c in ("error", "spread", "speedup_error")})
+    show = table.assign(**{c: (100 * table[c]).round(1).astype(str) + "%" for c in ("error", "levelled", "spread", "speedup_error")})
     with pd.option_context("display.width", 200):
         print(show.round(4).to_string(index=False))
     print("\n".join(summary(table, runs)))

@@ -23,6 +23,7 @@ from runtime.profile_tables import measured
 from traces.costs.cost_model import CostModel
 from traces.costs.work import layer_work
 from traces.formats.profile_file import Profile
+from traces.formats.shapes import ModelShape
 from traces.formats.trace_file import Decoding, Trace
 from traces.policies.spec import Policy
 from traces.policies.walk import walk_trace
@@ -53,7 +54,7 @@ class InRunCalibration:
         model, real, policy = self._calibration_model()
         own_parts = real or self._own_parts
         s = self.cfg.shape
-        work = synthesize(model.cfg.shape, 96, 32, seed=0, dtype=dtype_name(self.dtype))
+        work = level_workload(model.cfg.shape, dtype_name(self.dtype))[0]
         policies = {"static": policy}
         if real:
             policies["swap"] = Policy.make("swap", s.n_moe_layers, s.experts, budget=max(1, s.experts // 8))
@@ -90,7 +91,9 @@ class InRunCalibration:
                 "host costs each part prices are scaled by it; member_s: what each further request of a "
                 f"batched forward adds, fitted on {len(BATCH_PROMPTS)} requests replayed at batch "
                 f"{' and '.join(map(str, BATCH_SIZES))}")
-        return forward_s, {**factors, **({"member_s": member} if member else {}), "note": note}
+        # the level replay's own seconds per forward: a run's same-work speed reference (replay_seconds)
+        replay = {"replay_s": st["total"] / st["forwards"]} if real else {}
+        return forward_s, {**factors, **({"member_s": member} if member else {}), **replay, "note": note}
 
     def _calibration_model(self) -> tuple[LLaDA2, bool, Policy]:
         """The model the runs use, whether it is the checkpoint's own, and the policy of the
@@ -105,7 +108,7 @@ class InRunCalibration:
             self._own_parts = True
             return model, False, Policy.make("all", s.n_moe_layers, s.experts)
         if self.model is not None:
-            return self.model, True, Policy.make("static", s.n_moe_layers, s.experts, budget=max(1, s.experts // 8))
+            return self.model, True, level_workload(s, dtype_name(self.dtype))[1]
         cfg1 = dataclasses.replace(self.cfg, shape=dataclasses.replace(s, vocab=64), mask_id=63, eos_id=62)
         torch.manual_seed(0)
         model = LLaDA2(cfg1).to(device=self.device, dtype=self.dtype)
@@ -260,6 +263,30 @@ class InRunCalibration:
             data["host"]["batch_wave_s"] = {**measured(wave_s), "note": note + "per wave of a call run in waves"}
             out.update(batch_segment=seg_s, batch_wave=wave_s)
         return out
+
+
+def level_workload(shape: ModelShape, dtype: str) -> tuple[Trace, Policy]:
+    """The replay the in-run level is taken on: one synthetic request (96-token prompt, 32
+    generated) under ``static`` at an eighth of the experts. Its routing comes from the trace,
+    so its work is the same on every checkpoint of the shape."""
+    return (synthesize(shape, 96, 32, seed=0, dtype=dtype),
+            Policy.make("static", shape.n_moe_layers, shape.experts, budget=max(1, shape.experts // 8)))
+
+
+def replay_seconds(model: LLaDA2, device: torch.device, reps: int = 3) -> float:
+    """Seconds per forward of :func:`level_workload` replayed on ``model`` (the median of
+    ``reps`` after one untimed): the box's speed now, on the same work the profile's level
+    was taken on (its ``in_run.replay_s``). A shared box runs in phases (on the 2-core VM the
+    same run took 4.9 s and 6.9 s minutes apart); a small-matmul reference does not follow
+    them, this does."""
+    work, policy = level_workload(model.cfg.shape, dtype_name(model.dtype))
+    out = []
+    for _ in range(reps + 1):
+        with OffloadEngine(model, policy, device) as eng:
+            gen = Generator(model, work.decoding, engine=eng)
+            res, secs = timed(device, lambda: gen.replay(work, 0))
+        out.append(secs / res.forwards)
+    return float(np.median(out[1:]))
 
 
 #: The batched calibration's workload: one request per prompt length, replayed at each batch size.

@@ -106,7 +106,7 @@ class Profiler(TableBench, HostCosts, InRunCalibration):
 def in_run_text(prof: Profile) -> str:
     """A profile's in-run factors (``dense x1.38, ...``) and batch member costs, or ''."""
     f = prof.data.get("in_run") or {}
-    parts = ", ".join(f"{k} x{v:.2f}" for k, v in f.items() if k not in ("note", "member_s"))
+    parts = ", ".join(f"{k} x{v:.2f}" for k, v in f.items() if k not in ("note", "member_s", "replay_s"))
     member = f.get("member_s") or {}
     more = ("; each further request of a batched forward adds " + ", ".join(
         f"{k} {1e3 * v:.2f} ms" for k, v in member.items())) if member else ""

@@ -39,3 +39,11 @@ def test_bad_flags_are_one_line(tmp_path, args, says):
 
 def test_replay_only_needs_a_capture(tmp_path):
     assert_clean_error(run_module("experiments.held_out", "--replay-only", str(tmp_path)), "no measured.parquet")
+
+
+def test_accuracy_has_the_held_out_mode(tmp_path):
+    """``experiments.accuracy --held-out`` is the held-out grid, with its flags; elsewhere in
+    the line it is one error line."""
+    assert_clean_error(run_module("experiments.accuracy", "--held-out", "--rounds", "0", "--out", str(tmp_path / "o")),
+                       "--rounds")
+    assert_clean_error(run_module("experiments.accuracy", "--device", "cpu", "--held-out"), "--held-out goes first")

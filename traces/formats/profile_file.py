@@ -57,7 +57,9 @@ from public specifications: scalars as ``{"value": v, "source": s}``, tables wit
   each part costs inside a forward over what its table priced (``dense``, ``moe``, ``head``,
   ``experts``, ``decide``, ``copies``), measured by replaying a synthetic trace through the
   engine; the tables and host costs were scaled by these factors (kept so a reader sees how);
-  ``member_s``: the per-request costs of a batched forward found so (also in the tables).
+  ``member_s``: the per-request costs of a batched forward found so (also in the tables);
+  ``replay_s``: the level replay's seconds per forward on the checkpoint itself (a run's
+  same-work speed reference: ``runtime.calibrate.replay_seconds``).
 
 Lookups interpolate linearly between measured points; below the first point the first
 value holds; above the last the last segment's slope continues.
