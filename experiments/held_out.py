@@ -60,7 +60,7 @@ def policy_of(name: str, frac: float | None, tau: int | None, L: int, E: int) ->
 
 
 def capture(out: Path, preset: str, dtype: str, cells: list[Cell], requests: int, prompt_length: int,
-            rounds: int, device_name: str, spread_s: float = 10.0) -> dict:
+            rounds: int, device_name: str, spread_s: float = 10.0, threads: int | None = None) -> dict:
     """The runtime half: one profile, then rounds of every cell and policy, a row each in
     ``measured.parquet``. Returns what was done to steady the box."""
     import torch
@@ -76,6 +76,8 @@ def capture(out: Path, preset: str, dtype: str, cells: list[Cell], requests: int
     from experiments.accuracy import preset_checkpoint
 
     device = check_device(device_name)
+    if threads:  # the profile and every run alike
+        torch.set_num_threads(threads)
     (out / "traces").mkdir(parents=True, exist_ok=True)
     folders = {(c.seed, c.skew): preset_checkpoint(out, preset, c.seed, c.skew) for c in cells}
     base = preset_checkpoint(out, preset)  # the presets' own: the profile's workload
@@ -159,14 +161,9 @@ def predict(out: Path, profile: str | None = None) -> tuple[pd.DataFrame, pd.Dat
     # how much slower the box ran just before this run than while the profile was taken
     runs["drift"] = (runs["reference_s"] / ref_p - 1) if ref_p else np.nan
     runs["flagged"] = runs["drift"].abs() > runs["error"].abs()
-    # the prediction at the box's speed of the moment: scaled by the same-work reference
-    # (only where the reference is the profile's own level replay; a small-matmul one does not
-    # follow the box's phases)
-    runs["levelled"] = (runs["predicted_s"] * (1 + runs["drift"]) / runs["measured_s"] - 1) if same_work else np.nan
     key = ["seed", "skew", "gen_length", "batch_size", "policy"]
     cells = runs.groupby(key, sort=False).agg(
         measured_s=("measured_s", "median"), predicted_s=("predicted_s", "median"), error=("error", "median"),
-        levelled=("levelled", "median"),
         spread=("measured_s", lambda s: s.max() / s.min() - 1), flagged_rounds=("flagged", "sum"),
         refused=("refused", "first")).reset_index()
     # each policy's predicted speedup over ``all`` against the one measured in the same round
@@ -182,22 +179,16 @@ def predict(out: Path, profile: str | None = None) -> tuple[pd.DataFrame, pd.Dat
 
 
 def summary(cells: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
-    """The medians a reader checks: overall, by batch size, the speedups, the rounds' medians;
-    as profiled, and at the box's speed of the moment where the capture has a same-work
-    reference."""
+    """The medians a reader checks: overall, by batch size, the speedups, the rounds' medians."""
     lines = []
     if (cells["refused"] != "").any():
         lines.append(f"the pricing refused {int((cells['refused'] != '').sum())} runs: {cells.loc[cells['refused'] != '', 'refused'].iloc[0]}")
-    kinds = [("error", "as profiled")] + ([("levelled", "levelled to the box's speed before each run (same-work reference)")]
-                                         if cells["levelled"].notna().any() else [])
-    for col, what in kinds:
-        err = cells[col].abs()
-        lines.append(f"{what}: median |error| {100 * err.median():.1f}%, worst {100 * err.max():.1f}% "
-                     f"over {int(err.notna().sum())} runs")
-        lines.append("  " + "; ".join(f"batch {b}: median {100 * part[col].abs().median():.1f}%, worst "
-                                      f"{100 * part[col].abs().max():.1f}%" for b, part in cells.groupby("batch_size")))
-        per_round = runs.groupby("round")[col].apply(lambda e: 100 * e.abs().median())
-        lines.append("  median |error| per round: " + ", ".join(f"{v:.1f}%" for v in per_round))
+    err = cells["error"].abs()
+    lines.append(f"median |error| {100 * err.median():.1f}%, worst {100 * err.max():.1f}% over {int(err.notna().sum())} runs")
+    lines.append("  " + "; ".join(f"batch {b}: median {100 * part['error'].abs().median():.1f}%, worst "
+                                  f"{100 * part['error'].abs().max():.1f}%" for b, part in cells.groupby("batch_size")))
+    per_round = runs.groupby("round")["error"].apply(lambda e: 100 * e.abs().median())
+    lines.append("  median |error| per round: " + ", ".join(f"{v:.1f}%" for v in per_round))
     other = cells[cells["policy"] != "all"]
     if len(other):
         lines.append(f"predicted speedups over all (against each round's measured, median over rounds) within "
@@ -224,6 +215,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.held_
     ap.add_argument("--spread-s", type=number, default=10.0,
                     help="the profile's in-run replays each go on this many seconds at least (a shared box runs in "
                          "phases seconds long)")
+    ap.add_argument("--threads", type=integer, default=None,
+                    help="torch threads for the profile and every run (default: torch's; on the 2-core VM one thread "
+                         "ran a tiny forward faster and steadier)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="out/held-out")
     ap.add_argument("--replay-only", default=None, metavar="DIR", help="predict a capture again (no runs)")
@@ -246,6 +240,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.held_
     need_int(a.prompt_length, "--prompt-length", lo=1, hi=4096)
     need_int(a.requests, "--requests", lo=1, hi=256)
     need_int(a.rounds, "--rounds", lo=1, hi=100)
+    if a.threads is not None:
+        need_int(a.threads, "--threads", lo=1, hi=os.cpu_count() or 1)
     if not 0 <= a.spread_s <= 600:
         raise TideError(f"--spread-s must be within 0..600 seconds, got {a.spread_s:g}")
     if a.replay_only:
@@ -255,10 +251,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.held_
         out = check_out_path(Path(a.out), "--out", folder=True)
         out.mkdir(parents=True, exist_ok=True)
         cells = [Cell(d, s, g, b) for s in skews for d in seeds for g in gens for b in batches]
-        steady = capture(out, a.preset, a.dtype, cells, a.requests, a.prompt_length, a.rounds, a.device, a.spread_s)
+        steady = capture(out, a.preset, a.dtype, cells, a.requests, a.prompt_length, a.rounds, a.device, a.spread_s, a.threads)
     table, runs = predict(out, a.profile)
     print("steadying the box: " + "; ".join(f"{k}: {v}" for k, v in steady.items()))
-    show = table.assign(**{c: (100 * table[c]).round(1).astype(str) + "%" for c in ("error", "levelled", "spread", "speedup_error")})
+    show = table.assign(**{c: (100 * table[c]).round(1).astype(str) + "%" for c in ("error", "spread", "speedup_error")})
     with pd.option_context("display.width", 200):
         print(show.round(4).to_string(index=False))
     print("\n".join(summary(table, runs)))

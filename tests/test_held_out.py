@@ -31,7 +31,7 @@ def test_one_profile_predicts_a_grid_it_never_saw(tmp_path):
 @pytest.mark.parametrize("args, says", [
     (["--skews", "-1"], "--skews"), (["--batch-sizes", "0"], "--batch-sizes"), (["--seeds", "x"], "--seeds"),
     (["--rounds", "0"], "--rounds"), (["--profile", "h200"], "--profile goes with --replay-only"),
-    (["--spread-s", "-1"], "--spread-s"),
+    (["--spread-s", "-1"], "--spread-s"), (["--threads", "0"], "--threads"),
 ])
 def test_bad_flags_are_one_line(tmp_path, args, says):
     assert_clean_error(run_module("experiments.held_out", *args, "--out", str(tmp_path / "o")), says)
