@@ -170,7 +170,7 @@ def predict(out: Path, profile: str | None = None) -> tuple[pd.DataFrame, pd.Dat
     # (paired: a slow minute slows both), the median over rounds
     cell_key = ["seed", "skew", "gen_length", "batch_size"]
     alls = runs[runs["policy"] == "all"].set_index([*cell_key, "round"])[["measured_s", "predicted_s"]]
-    paired = runs.join(alls, on=[*cell_key, "round"], rsuffix="_all")
+    paired = runs.join(alls.add_suffix("_all"), on=[*cell_key, "round"])
     runs["speedup_error"] = (paired["predicted_s_all"] / paired["predicted_s"]) / (paired["measured_s_all"] / paired["measured_s"]) - 1
     cells["speedup_error"] = runs.groupby(key, sort=False)["speedup_error"].median().to_numpy()
     atomic_write(out / "held-out.parquet", lambda tmp: cells.to_parquet(tmp, index=False))

@@ -58,8 +58,8 @@ class InRunCalibration:
         policies = {"static": policy}
         if real:
             policies["swap"] = Policy.make("swap", s.n_moe_layers, s.experts, budget=max(1, s.experts // 8))
-        med = {name: self._median_run(model, pol, work.decoding, lambda gen: gen.replay(work, 0), self.reps, True)
-               for name, pol in policies.items()}
+        runs: dict[str, tuple[Policy, Decoding, Callable[[Generator], Any], bool]] = {
+            name: (pol, work.decoding, lambda gen: gen.replay(work, 0), True) for name, pol in policies.items()}
         # eight requests of mixed lengths at batch 2 and at batch 8: what a batch adds per
         # request (member_s), every expert resident and, in row-exact mode, with misses too
         # (the expert calls' waves), fitted over both so that a price carries across batch sizes
@@ -70,8 +70,9 @@ class InRunCalibration:
         reqs = list(range(len(BATCH_PROMPTS)))
         for name in (batch_policies if measure and model.row_exact else ["all"] if measure else []):
             for b in BATCH_SIZES:
-                med[f"batch {name} {b}"] = self._median_run(model, batch_policies[name], batch.decoding,
-                                                            lambda gen, b=b: gen.replay_batch(batch, reqs, b), 1, False)
+                runs[f"batch {name} {b}"] = (batch_policies[name], batch.decoding,
+                                             lambda gen, b=b: gen.replay_batch(batch, reqs, b), False)
+        med = self._median_runs(model, runs)
         st = med["static"]
         # the remainder of parts clocked apart: a loop of a few microseconds can come out below
         # zero by the clocks' own noise (-90 us seen on mini-moe); it costs nothing measurable then
@@ -122,25 +123,29 @@ class InRunCalibration:
         return ExpertWeights(*(torch.randn(s.experts, *shp, dtype=self.dtype) * 0.02
                                for shp in ((8, s.hidden), (8, s.hidden), (s.hidden, 8))))
 
-    def _median_run(self, model: LLaDA2, policy: Policy, decoding: Decoding, run: Callable[[Generator], Any],
-                    reps: int, forwards: bool) -> dict[str, float]:
-        """Medians over ``reps`` runs or more (after one warm-up) of ``run`` under ``policy``:
-        the model's own clocks per part (dense, moe, head), the engine's timers, the total and
-        (``forwards``) the forwards run. Runs go on until ``spread_s`` seconds have passed: a
+    def _median_runs(self, model: LLaDA2,
+                     runs: dict[str, tuple[Policy, Decoding, Callable[[Generator], Any], bool]]) -> dict[str, dict[str, float]]:
+        """Per named run (policy, decoding, what to run, whether to count its forwards): the
+        medians of the model's own clocks per part (dense, moe, head), the engine's timers,
+        the total and the forwards run. The runs take turns, one of each per cycle (the first
+        cycle a warm-up), for ``cycles`` cycles and until ``spread_s`` seconds have passed: a
         shared box runs in phases seconds long (on the 2-core VM, 8.4 and 10.5 ms per tiny
-        forward), and a level taken in one phase missed runs in the other by 15-25%."""
-        samples: list[dict[str, float]] = []
+        forward), and the batch terms are what batch runs cost beyond the level the batch-1
+        replays set, so both must see the same phases (taken one after the other, a batch
+        term per further request moved from -0.7 to +0.1 ms between two profiles)."""
+        samples: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
         t0 = time.perf_counter()
-        rep = 0
-        while rep <= reps or (time.perf_counter() - t0 < self.spread_s and rep <= 200):
-            with OffloadEngine(model, policy, self.device) as eng, model.timed_parts() as spent:
-                gen = Generator(model, decoding, engine=eng)
-                res, secs = timed(self.device, lambda: run(gen))
-            rep += 1
-            if rep > 1:  # the first is a warm-up
-                samples.append({**dict.fromkeys(("dense", "moe", "head"), 0.0), **spent, **eng.timers, "total": secs,
-                                **({"forwards": res.forwards} if forwards else {})})
-        return {k: float(np.median([x[k] for x in samples])) for k in samples[0]}
+        cycle = 0
+        while cycle <= self.cycles or (time.perf_counter() - t0 < self.spread_s and cycle <= 200):
+            for name, (policy, decoding, run, forwards) in runs.items():
+                with OffloadEngine(model, policy, self.device) as eng, model.timed_parts() as spent:
+                    gen = Generator(model, decoding, engine=eng)
+                    res, secs = timed(self.device, lambda: run(gen))
+                if cycle:  # the first is a warm-up
+                    samples[name].append({**dict.fromkeys(("dense", "moe", "head"), 0.0), **spent, **eng.timers,
+                                          "total": secs, **({"forwards": res.forwards} if forwards else {})})
+            cycle += 1
+        return {name: {k: float(np.median([x[k] for x in got])) for k in got[0]} for name, got in samples.items()}
 
     def _priced_parts(self, data: dict[str, Any], work: Trace, policies: dict[str, Policy]) -> dict[str, float]:
         """What the tables just measured price the calibration's forwards at, per part."""
