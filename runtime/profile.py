@@ -48,7 +48,7 @@ class Profiler(TableBench, HostCosts, InRunCalibration):
         self.cfg, self.device, self.dtype, self.quick, self.model = cfg, device, dtype, quick, model
         self.batches = batches  # measure what a batch adds per request (member_s)
         self.reps = 3 if quick else 7
-        self.cycles = 2 if quick else 5  # the in-run replays' turns (runtime.calibrate)
+        self.cycles = 1 if quick else 5  # the in-run replays' turns (runtime.calibrate): quick, one after the warm-up
         # the in-run replays go on for this long at least, to see the box's slow phases too
         self.spread_s = (2.0 if quick else 10.0) if spread_s is None else spread_s
         # Every cell is timed for tens of milliseconds (its median), never rescaled: the speed
