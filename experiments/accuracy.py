@@ -88,6 +88,13 @@ def make_preset(folder: Path, preset: str, seed: int = PRESET_SEED, router_skew:
     write_checkpoint(str(folder), cfg, seed=seed, dtype="float32", router_skew=router_skew)
 
 
+def need_router_skew(v: float, where: str) -> float:
+    """A preset checkpoint's router skew (``expert_bias = S x N(0, 1)``), within 0..10."""
+    if not 0 <= v <= 10:
+        raise TideError(f"{where} must be within 0..10, got {v:g}")
+    return v
+
+
 def preset_checkpoint(out: Path, preset: str, seed: int = PRESET_SEED, router_skew: float = PRESET_SKEW) -> Path:
     """The preset checkpoint of this seed and skew in ``out`` (made there once): the presets'
     own is ``checkpoint-PRESET``, any other is named for its seed and skew."""
@@ -360,8 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.rounds < 1:
         raise TideError("--rounds must be at least 1")
     need_int(a.seed, "--seed", lo=0)
-    if not 0 <= a.router_skew <= 10:
-        raise TideError(f"--router-skew must be within 0..10, got {a.router_skew}")
+    need_router_skew(a.router_skew, "--router-skew")
     if a.checkpoint is not None and (a.seed, a.router_skew) != (PRESET_SEED, PRESET_SKEW):
         raise TideError("--seed and --router-skew make a preset checkpoint; with --checkpoint they do not apply")
     if a.capture_only and a.replay_only:

@@ -130,8 +130,8 @@ class Trace:
         fwd = self.forwards["forward"].to_numpy(np.int64)
         starts = np.flatnonzero(np.diff(fwd, prepend=-1)) if len(fwd) else np.zeros(0, np.int64)
         self._members = np.split(np.arange(len(fwd)), starts[1:]) if len(fwd) else []
-        self._choice_tokens = self.forwards["choice_tokens"].to_numpy(np.int64)  # read per forward by replays: no pandas lookup
-        self._choice_offsets = np.concatenate([[0], np.cumsum(self._choice_tokens * self.shape.n_moe_layers * self.shape.top_k)])
+        per = self.forwards["choice_tokens"].to_numpy(np.int64) * self.shape.n_moe_layers * self.shape.top_k
+        self._choice_offsets = np.concatenate([[0], np.cumsum(per)])
 
     # ---- access ---------------------------------------------------------------------
     @property
@@ -184,7 +184,7 @@ class Trace:
     def choices_of(self, f: int) -> np.ndarray:
         """``[n, L, k]`` expert ids of forward ``f``'s tokens with recorded choices."""
         a, b = self._choice_offsets[f], self._choice_offsets[f + 1]
-        n = int(self._choice_tokens[f])
+        n = int(b - a) // (self.shape.n_moe_layers * self.shape.top_k)  # read per forward by replays: no pandas lookup
         return self.choices[a:b].reshape(self.shape.n_moe_layers, n, self.shape.top_k).transpose(1, 0, 2)
 
     def row_choices(self, rows: np.ndarray) -> np.ndarray:
