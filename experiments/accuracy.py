@@ -159,7 +159,8 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     profiles, times, refs = [], [[] for _ in settings], [[] for _ in settings]
     bar = tqdm(total=rounds * (len(settings) + 1), desc="rounds of profile + runs", unit="step")
     for rnd in range(rounds):
-        prof = profile_box(cfg, device, dtype, quick=True, progress=False, model=model, batches=batches)
+        prof = profile_box(cfg, device, dtype, quick=True, progress=False, model=model, batches=batches,
+                           full_batches=True)
         profiles.append(with_drive(prof, checkpoint, cfg))
         profiles[-1].write(out / f"profile-round{rnd}.json")
         ref = speed_reference_s()  # the box's speed during this round's runs: reported as drift, never folded in

@@ -61,9 +61,11 @@ def policy_of(name: str, frac: float | None, tau: int | None, L: int, E: int) ->
 
 
 def capture(out: Path, preset: str, dtype: str, cells: list[Cell], requests: int, prompt_length: int,
-            rounds: int, device_name: str, spread_s: float = 10.0, threads: int | None = None) -> dict:
+            rounds: int, device_name: str, spread_s: float = 10.0, threads: int | None = None,
+            quick: bool = False) -> dict:
     """The runtime half: one profile, then rounds of every cell and policy, a row each in
-    ``measured.parquet``. Returns what was done to steady the box."""
+    ``measured.parquet``. Returns what was done to steady the box. ``quick``: a smoke run (the
+    profile's small batch workload, one timed replay per speed reference), not the check."""
     import torch
 
     from runtime.capture import TraceRecorder
@@ -84,7 +86,8 @@ def capture(out: Path, preset: str, dtype: str, cells: list[Cell], requests: int
     os.sync()  # the checkpoints' writeback done before the profile, not under it
     cfg = ModelConfig.load(base)
     model = load_model(base, device=device, dtype=dtype, experts_device="cpu")
-    prof = profile_box(cfg, device, dtype, quick=True, progress=False, model=model, spread_s=spread_s)
+    prof = profile_box(cfg, device, dtype, quick=True, progress=False, model=model, spread_s=spread_s,
+                       full_batches=not quick)
     prof.write(out / "profile.json")
     del model
     give_back_freed_memory()
@@ -93,7 +96,8 @@ def capture(out: Path, preset: str, dtype: str, cells: list[Cell], requests: int
               "reference": "before each run, the profile's level replay timed again (same work), against the profile's",
               "reference_kind": "replay",
               "writeback": "checkpoints synced to the drive before the profile",
-              "profile": f"each in-run replay repeated for {spread_s:g} s at least (the box's slow phases seen too)"}
+              "profile": f"each in-run replay repeated for {spread_s:g} s at least (the box's slow phases seen too)"
+                         + ("; quick: the small batch workload, one replay per reference (a smoke run)" if quick else "")}
     shape = cfg.shape
     L, E = shape.n_moe_layers, shape.experts
     prompts = prompts_for(shape.vocab, requests, prompt_length)
@@ -110,7 +114,7 @@ def capture(out: Path, preset: str, dtype: str, cells: list[Cell], requests: int
             todo = list(itertools.product(group, POLICIES)) if rnd >= 0 else [(group[0], POLICIES[0])]
             for cell, (name, frac, tau) in todo:
                 policy = policy_of(name, frac, tau, L, E)
-                ref = replay_seconds(model, device) if rnd >= 0 else 0.0
+                ref = replay_seconds(model, device, reps=1 if quick else 3) if rnd >= 0 else 0.0
                 with TraceRecorder(model, decoding, dtype) as rec, OffloadEngine(model, policy, device) as eng:
                     gen = Generator(model, decoding, recorder=rec, engine=eng)
                     _, secs = timed(device, lambda: gen.generate_batch(prompts, [cell.gen_length] * requests,
@@ -219,6 +223,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.held_
     ap.add_argument("--threads", type=integer, default=None,
                     help="torch threads for the profile and every run (default: torch's; on the 2-core VM one thread "
                          "ran a tiny forward faster and steadier)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: the profile's small batch workload and one replay per speed reference "
+                         "(its figures are not the check's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="out/held-out")
     ap.add_argument("--replay-only", default=None, metavar="DIR", help="predict a capture again (no runs)")
@@ -252,7 +259,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m experiments.held_
         out = check_out_path(Path(a.out), "--out", folder=True)
         out.mkdir(parents=True, exist_ok=True)
         cells = [Cell(d, s, g, b) for s in skews for d in seeds for g in gens for b in batches]
-        steady = capture(out, a.preset, a.dtype, cells, a.requests, a.prompt_length, a.rounds, a.device, a.spread_s, a.threads)
+        steady = capture(out, a.preset, a.dtype, cells, a.requests, a.prompt_length, a.rounds, a.device, a.spread_s, a.threads,
+                         a.quick)
     table, runs = predict(out, a.profile)
     print("steadying the box: " + "; ".join(f"{k}: {v}" for k, v in steady.items()))
     show = table.assign(**{c: (100 * table[c]).round(1).astype(str) + "%" for c in ("error", "spread", "speedup_error")})

@@ -61,16 +61,16 @@ class InRunCalibration:
             policies["swap"] = Policy.make("swap", s.n_moe_layers, s.experts, budget=max(1, s.experts // 8))
         runs: dict[str, tuple[Policy, Decoding, Callable[[Generator], Any], bool]] = {
             name: (pol, work.decoding, lambda gen: gen.replay(work, 0), True) for name, pol in policies.items()}
-        # eight requests of mixed lengths at batch 2 and at batch 8: what a batch adds per
+        # requests of mixed lengths at two batch sizes (eight at 2 and 8; quick: four at 2 and 4): what a batch adds per
         # request (member_s), every expert resident and, in row-exact mode, with misses too
         # (the expert calls' waves), fitted over both so that a price carries across batch sizes
         measure = real and self.batches and self.device.type == "cpu"
-        batch = synthesize(model.cfg.shape, 32, list(BATCH_PROMPTS), seed=1, requests=len(BATCH_PROMPTS),
+        batch = synthesize(model.cfg.shape, 32, list(self.batch_prompts), seed=1, requests=len(self.batch_prompts),
                            dtype=dtype_name(self.dtype)) if measure else None
         batch_policies = {"all": Policy.make("all", s.n_moe_layers, s.experts), "static": policy}
-        reqs = list(range(len(BATCH_PROMPTS)))
+        reqs = list(range(len(self.batch_prompts)))
         for name in (batch_policies if measure and model.row_exact else ["all"] if measure else []):
-            for b in BATCH_SIZES:
+            for b in self.batch_sizes:
                 runs[f"batch {name} {b}"] = (batch_policies[name], batch.decoding,
                                              lambda gen, b=b: gen.replay_batch(batch, reqs, b), False)
         med = self._median_runs(model, runs)
@@ -91,8 +91,8 @@ class InRunCalibration:
         note = (f"measured over priced in replays of a synthetic {len(work.forwards)}-forward trace "
                 f"({', '.join(f'{n} B={int(p.budget[0])}' for n, p in policies.items())}); the tables and "
                 "host costs each part prices are scaled by it; member_s: what each further request of a "
-                f"batched forward adds, fitted on {len(BATCH_PROMPTS)} requests replayed at batch "
-                f"{' and '.join(map(str, BATCH_SIZES))}")
+                f"batched forward adds, fitted on {len(self.batch_prompts)} requests replayed at batch "
+                f"{' and '.join(map(str, self.batch_sizes))}")
         # the level replay's own seconds per forward: a run's same-work speed reference (replay_seconds)
         replay = {"replay_s": st["total"] / st["forwards"]} if real else {}
         return forward_s, {**factors, **({"member_s": member} if member else {}), **replay, "note": note}
@@ -139,10 +139,12 @@ class InRunCalibration:
         cycle = 0
         while cycle <= self.cycles or (time.perf_counter() - t0 < self.spread_s and cycle <= 200):
             for name, (policy, decoding, run, forwards) in runs.items():
+                if not cycle and self.quick and not forwards:
+                    continue
                 with OffloadEngine(model, policy, self.device) as eng, model.timed_parts() as spent:
                     gen = Generator(model, decoding, engine=eng)
                     res, secs = timed(self.device, lambda: run(gen))
-                if cycle:  # the first is a warm-up
+                if cycle:  # the first is a warm-up (quick: of the batch-1 replays only)
                     samples[name].append({**dict.fromkeys(("dense", "moe", "head"), 0.0), **spent, **eng.timers,
                                           "total": secs, **({"forwards": res.forwards} if forwards else {})})
             cycle += 1
@@ -218,7 +220,7 @@ class InRunCalibration:
         gaps: dict[str, list[tuple[float, float]]] = {p: [] for p in ("dense_layer", "moe_layer", "head", "loop")}
         fits: list[tuple[float, float, float]] = []  # (further segments, waves, unpriced seconds) per run
         for name, pol in policies.items():
-            for b in BATCH_SIZES:
+            for b in self.batch_sizes:
                 ran = med.get(f"batch {name} {b}")
                 if ran is None:
                     continue
@@ -263,8 +265,8 @@ class InRunCalibration:
                                     "request of a batched forward"}
         if len(fits) >= 2:
             seg_s, wave_s = _fit_signed_and_positive(fits)
-            note = (f"a row-exact batch's expert calls beyond their tables' price, fitted on {len(BATCH_PROMPTS)} "
-                    f"requests at batch {' and '.join(map(str, BATCH_SIZES))} (all, static): ")
+            note = (f"a row-exact batch's expert calls beyond their tables' price, fitted on {len(self.batch_prompts)} "
+                    f"requests at batch {' and '.join(map(str, self.batch_sizes))} (all, static): ")
             data["host"]["batch_segment_s"] = {**measured(seg_s), "note": note + "per further call"}
             data["host"]["batch_wave_s"] = {**measured(wave_s), "note": note + "per wave of a call run in waves"}
             out.update(batch_segment=seg_s, batch_wave=wave_s)
@@ -297,9 +299,11 @@ def replay_seconds(model: LLaDA2, device: torch.device, reps: int = 3) -> float:
     return float(np.median(out[1:]))
 
 
-#: The batched calibration's workload: one request per prompt length, replayed at each batch size.
+#: The batched calibration's workload: one request per prompt length, replayed at each batch
+#: size; quick profiles take the first four at batch 2 and 4 (a quarter of the work: tests).
 BATCH_PROMPTS = (32, 48, 70, 96, 24, 64, 80, 40)
 BATCH_SIZES = (2, 8)
+QUICK_BATCH_SIZES = (2, 4)
 
 
 def _fit_signed_and_positive(rows: list[tuple[float, float, float]]) -> tuple[float, float]:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from runtime.calibrate import InRunCalibration
+from runtime.calibrate import BATCH_PROMPTS, BATCH_SIZES, QUICK_BATCH_SIZES, InRunCalibration
 from runtime.checkpoint import dtype_name, torch_dtype
 from runtime.config import ModelConfig
 from runtime.device import check_device, give_back_freed_memory, host_memory_bytes, speed_reference_s
@@ -44,10 +44,14 @@ class Profiler(TableBench, HostCosts, InRunCalibration):
     (:mod:`runtime.profile_host`) and their level inside a run (:mod:`runtime.calibrate`)."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, quick: bool, progress: bool = True,
-                 model: LLaDA2 | None = None, batches: bool = True, spread_s: float | None = None):
+                 model: LLaDA2 | None = None, batches: bool = True, spread_s: float | None = None,
+                 full_batches: bool | None = None):
         self.cfg, self.device, self.dtype, self.quick, self.model = cfg, device, dtype, quick, model
         self.batches = batches  # measure what a batch adds per request (member_s)
         self.reps = 3 if quick else 7
+        full = not quick if full_batches is None else full_batches  # the batch calibration's workload
+        self.batch_prompts = BATCH_PROMPTS if full else BATCH_PROMPTS[:4]
+        self.batch_sizes = BATCH_SIZES if full else QUICK_BATCH_SIZES
         self.cycles = 1 if quick else 5  # the in-run replays' turns (runtime.calibrate): quick, one after the warm-up
         # the in-run replays go on for this long at least, to see the box's slow phases too
         self.spread_s = (2.0 if quick else 10.0) if spread_s is None else spread_s
@@ -122,12 +126,14 @@ def in_run_line(prof: Profile) -> str:
 
 
 def profile_box(cfg: ModelConfig, device: torch.device, dtype: str, quick: bool, progress: bool = True,
-                model: LLaDA2 | None = None, batches: bool = True, spread_s: float | None = None) -> Profile:
+                model: LLaDA2 | None = None, batches: bool = True, spread_s: float | None = None,
+                full_batches: bool | None = None) -> Profile:
     """Measure this box for ``cfg``'s shapes; with ``model`` (loaded, experts in host memory)
     the decoding loop's host cost is measured on that model itself, and with ``batches`` what
     a batched forward adds per request; each in-run replay repeats for ``spread_s`` seconds at
-    least (default 2 quick, 10 full)."""
-    data = Profiler(cfg, device, torch_dtype(dtype), quick, progress, model, batches, spread_s).run()
+    least (default 2 quick, 10 full); ``full_batches`` (default: not ``quick``) takes the batch
+    terms on the full batch workload (:data:`runtime.calibrate.BATCH_PROMPTS`) with quick grids."""
+    data = Profiler(cfg, device, torch_dtype(dtype), quick, progress, model, batches, spread_s, full_batches).run()
     give_back_freed_memory()  # the tables' temporaries, gigabytes at large shapes: no run reuses them
     return Profile(data, where="measured profile")
 

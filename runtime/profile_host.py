@@ -40,12 +40,13 @@ class HostCosts:
         the median over the forwards."""
         import dataclasses
 
+        from runtime.checkpoint import _no_init
         from runtime.offload import OffloadEngine
         s = self.cfg.shape
         cfg1 = dataclasses.replace(self.cfg, shape=dataclasses.replace(s, layers=1, first_k_dense=0, vocab=1))
         E, k = s.experts, s.top_k
         active = min(E, max(2 * k, 32 * k // 4))  # a step's distinct experts, about a quarter of its choices
-        with torch.device("meta"):  # the engine only reads the MoE block's experts: nothing else needs values
+        with torch.device("meta"), _no_init():  # the engine only reads the MoE block's experts: nothing else needs values
             model = LLaDA2(cfg1).to(self.dtype)
         model = model.to_empty(device=self.device)
         blk = model.moe_blocks[0]

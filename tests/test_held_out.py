@@ -8,7 +8,7 @@ def test_one_profile_predicts_a_grid_it_never_saw(tmp_path):
     batch size) runs every policy, interleaved by round, and is predicted from its trace."""
     d = tmp_path / "ho"
     p = run_module("experiments.held_out", "--skews", "0", "--seeds", "1", "--gen-lengths", "32",
-                   "--batch-sizes", "1,2", "--requests", "2", "--rounds", "2", "--spread-s", "0", "--out", str(d))
+                   "--batch-sizes", "1,2", "--requests", "2", "--rounds", "2", "--spread-s", "0", "--quick", "--out", str(d))
     assert p.returncode == 0, p.stderr
     cells = pd.read_parquet(d / "held-out.parquet")
     assert len(cells) == 2 * 3 and set(cells["batch_size"]) == {1, 2}
@@ -21,7 +21,7 @@ def test_one_profile_predicts_a_grid_it_never_saw(tmp_path):
     med = runs.groupby(["batch_size", "policy"])["error"].median()
     assert ((cells.set_index(["batch_size", "policy"])["error"] - med).abs() < 1e-12).all()
     assert (runs["flagged"] == (runs["drift"].abs() > runs["error"].abs())).all()
-    assert "steadying the box" in p.stdout and "median |error| per round" in p.stdout
+    assert "steadying the box" in p.stdout and "median |error| per round" in p.stdout and "smoke run" in p.stdout
     # the same capture predicted again on another profile (a what-if on the pricing), no runs
     again = run_module("experiments.held_out", "--replay-only", str(d), "--profile", str(d / "profile.json"))
     assert again.returncode == 0, again.stderr
