@@ -22,6 +22,7 @@ def test_one_profile_predicts_a_grid_it_never_saw(tmp_path):
     assert ((cells.set_index(["batch_size", "policy"])["error"] - med).abs() < 1e-12).all()
     assert (runs["flagged"] == (runs["drift"].abs() > runs["error"].abs())).all()
     assert "steadying the box" in p.stdout and "median |error| per round" in p.stdout and "smoke run" in p.stdout
+    assert "the box's own floor" in p.stdout
     # the same capture predicted again on another profile (a what-if on the pricing), no runs
     again = run_module("experiments.held_out", "--replay-only", str(d), "--profile", str(d / "profile.json"))
     assert again.returncode == 0, again.stderr
@@ -47,3 +48,14 @@ def test_accuracy_has_the_held_out_mode(tmp_path):
     assert_clean_error(run_module("experiments.accuracy", "--held-out", "--rounds", "0", "--out", str(tmp_path / "o")),
                        "--rounds")
     assert_clean_error(run_module("experiments.accuracy", "--device", "cpu", "--held-out"), "--held-out goes first")
+
+
+def test_the_box_floor_is_how_far_two_halves_of_the_rounds_disagree_past_their_shift():
+    """Odd rounds twice as slow everywhere (a slow phase: no floor), but one run 2.4x: 1/6 off."""
+    from experiments.held_out import box_floor
+    rows = [{"seed": 1, "skew": 0.0, "gen_length": 48, "batch_size": b, "policy": p, "round": r,
+             "measured_s": 1.0 if r % 2 == 0 else (2.4 if (b, p) == (8, "tide") else 2.0)}
+            for b in (1, 4, 8) for p in ("all", "tide", "static") for r in range(3)]
+    med, worst = box_floor(pd.DataFrame(rows))
+    assert med == 0.0 and abs(worst - (1 - (1 / 2.4) / 0.5)) < 1e-12
+    assert box_floor(pd.DataFrame(rows).query("round == 0")) is None
