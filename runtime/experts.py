@@ -146,8 +146,31 @@ def grouped_experts(tokens: torch.Tensor, out: torch.Tensor, bounds: np.ndarray,
     out[rows] = torch._grouped_mm(F.silu(h) * u, weights.down.transpose(1, 2), offs=offs)
 
 
-#: The fast device's expert kernels, by name (``--expert-kernel``).
-KERNELS = {"loop": run_experts, "grouped": grouped_experts}
+def fused_experts(tokens: torch.Tensor, out: torch.Tensor, bounds: np.ndarray, experts: np.ndarray,
+                  weights: ExpertWeights, index: np.ndarray) -> None:
+    """What :func:`run_experts` computes, for bf16 weights in host memory, in one call of the C
+    kernel (:mod:`runtime.cpu_kernel`): every weight row read once and multiplied into all its
+    expert's tokens (torch's bf16 matmul on a CPU without AVX-512 BF16 converts each weight
+    once per token: 16 tokens ran at 0.9 GB/s of weights read). Only experts with rows are
+    walked. Each stage rounds to bf16 where torch's ops do; a row's numbers do not depend on
+    the other rows of the call. Elsewhere (fp32, a GPU, strided stacks) :func:`run_experts`."""
+    from runtime.cpu_kernel import experts_bf16
+    experts = np.asarray(experts)
+    if not len(experts):
+        return
+    if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous()
+               for t in (tokens, out, weights.gate, weights.up, weights.down)):
+        run_experts(tokens, out, bounds, experts, weights, index)
+        return
+    rows = (bounds[experts + 1] - bounds[experts]).astype(np.int64)
+    keep = rows > 0
+    experts_bf16(tokens, out, bounds[experts][keep], rows[keep], np.asarray(index)[experts][keep],
+                 weights.gate, weights.up, weights.down)
+
+
+#: The expert kernels, by name (``--expert-kernel``): the fast device's, and on a GPU box the
+#: host's (each measured by :func:`choose_kernel`; a kernel a device cannot run is left out).
+KERNELS = {"loop": run_experts, "grouped": grouped_experts, "fused": fused_experts}
 
 
 @functools.lru_cache(maxsize=None)  # once per process and shape: engines are made per run
@@ -169,6 +192,8 @@ def choose_kernel(device: torch.device, dtype: torch.dtype, hidden: int, inter: 
     idx = np.arange(experts)
     times = {}
     for name, fn in KERNELS.items():
+        if name == "fused" and not (device.type == "cpu" and dtype == torch.bfloat16 and fused_available()):
+            continue
         try:
             fn(x, out, bounds, idx, w, idx)  # warm-up; also finds out whether the device runs it
             times[name] = float(np.median([timed(device, lambda: fn(x, out, bounds, idx, w, idx))[1] for _ in range(reps)]))
@@ -177,6 +202,18 @@ def choose_kernel(device: torch.device, dtype: torch.dtype, hidden: int, inter: 
     if device.type == "cpu" and dtype == torch.float32:
         return "loop", times
     return min(times, key=times.get), times
+
+
+def fused_available() -> bool:
+    """Whether the C kernel of :func:`fused_experts` is built (or can be) on this machine."""
+    from runtime.cpu_kernel import library
+    return library() is not None
+
+
+def host_kernel(dtype: torch.dtype, hidden: int, inter: int) -> str:
+    """The host's expert kernel for this shape: the faster one measured on the CPU (in fp32
+    the matmul chain, bit-exact per request)."""
+    return choose_kernel(torch.device("cpu"), dtype, hidden, inter)[0]
 
 
 def kernel_for(device: torch.device, dtype: torch.dtype, hidden: int, inter: int):

@@ -28,9 +28,9 @@ from runtime.experts import (
     ExpertWeights,
     choose_kernel,
     combine,
+    host_kernel,
     request_of,
     run_by_request,
-    run_experts,
     segment_rows,
 )
 from runtime.host_tier import HostTier, expert_like
@@ -86,10 +86,10 @@ class OffloadEngine:
         elif self.kernel not in KERNELS:
             raise TideError(f"--expert-kernel: expected auto, {' or '.join(KERNELS)}, got {self.kernel!r}")
         self._run_fast = KERNELS[self.kernel]
-        # the CPU path: on a GPU box one matmul chain per expert (the profile's per-expert CPU
-        # table); when the fast device is the CPU, the fast device's kernel itself (hits and
-        # misses are then the same computation on the same cores, priced by one table)
-        self._run_cpu = self._run_fast if not self.cuda else run_experts
+        # the CPU path: on a GPU box the host's faster kernel for this shape (the profile's CPU
+        # table is timed on it); when the fast device is the CPU, the fast device's kernel
+        # itself (hits and misses are then the same computation on the same cores, one table)
+        self._run_cpu = self._run_fast if not self.cuda else KERNELS[host_kernel(self.model.dtype, s.hidden, s.moe_intermediate)]
         self.runner = PolicyRunner(self.policy, s.experts, setup_counts=self.setup_counts)
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None  # expert copies
         self.act_stream = torch.cuda.Stream(self.device) if self.cuda else None  # activations to and from the CPU

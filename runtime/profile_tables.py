@@ -14,7 +14,7 @@ import torch
 from runtime.checkpoint import dtype_name, torch_dtype
 from runtime.decoding import Sampling, sample
 from runtime.device import timed
-from runtime.experts import KERNELS, ExpertWeights, choose_kernel, expert_ffn, run_experts
+from runtime.experts import KERNELS, ExpertWeights, choose_kernel, expert_ffn, host_kernel
 from runtime.model import DecoderLayer, KVCache, rope
 
 
@@ -42,6 +42,19 @@ def memory_bandwidth_gbps(device: torch.device, n: int = 1 << 26, reps: int = 3)
     a = torch.empty(n, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     return 2 * n / timer(device)(lambda: b.copy_(a), reps) / 1e9
+
+
+def read_bandwidth_gbps(device: torch.device, n: int = 1 << 28, reps: int = 3) -> float:
+    """Read bandwidth of ``device``'s memory, GB/s: a sum over ``n`` bytes of fp32 (the best of
+    ``reps``), what an expert kernel that reads each weight once can reach at most."""
+    a = torch.ones(n // 4, dtype=torch.float32, device=device)
+    best = min(timed(device, lambda: a.sum())[1] for _ in range(reps + 1))
+    return n / best / 1e9
+
+
+def expert_bytes_read(hidden: int, inter: int, dtype: torch.dtype) -> int:
+    """The weight bytes one expert's FFN reads (gate, up and down)."""
+    return 3 * hidden * inter * torch.finfo(dtype).bits // 8
 
 
 def measured_where() -> dict[str, Any]:
@@ -78,6 +91,12 @@ class TableBench:
                 out[direction][kind] = {"source": "measured", "bytes": sizes, "gbps": gbps}
         self._step("transfers")
         return out["h2d"], out["d2h"]
+
+    def read_gbps(self, device: torch.device) -> float:
+        """This box's read bandwidth (measured once per profile)."""
+        if device.type not in self._read:
+            self._read[device.type] = read_bandwidth_gbps(device, (1 << 27) if self.quick else (1 << 29), self.reps)
+        return self._read[device.type]
 
     def memory_bandwidth(self, device: torch.device) -> float:
         return memory_bandwidth_gbps(device, (1 << 26) if self.quick else (1 << 28), self.reps)
@@ -130,12 +149,15 @@ class TableBench:
         w = self._rotation(big, self.dtype, self.device)
         x = torch.randn(1, s.hidden, device=self.device, dtype=self.dtype)
         out = torch.empty_like(x)
+        if self.device.type == "cpu":  # each cell's weights read per second, over what the memory reads
+            read, nbytes = self.read_gbps(self.device), expert_bytes_read(s.hidden, s.moe_intermediate, self.dtype)
+            read_fraction = [[e * nbytes / sec / 1e9 / read for sec in row] for e, row in zip(experts, table)]
         one = np.array([0, 1])
         in_big = self.time(lambda: run(x, out, one, np.array([0]), w(), np.arange(big)), self.reps)
         group_s = max(0.0, (in_big - table[0][0]) / (big - 1)) if big > 1 and experts[0] == 1 else 0.0
         self._step("grouped experts")
         entry = {"source": "measured", "experts": experts, "tokens_per_expert": tpe, "seconds": table, "kernel": kernel,
-                 "group_s": group_s}
+                 "group_s": group_s, **({"read_gbps": read, "read_fraction": read_fraction} if self.device.type == "cpu" else {})}
         if probe:
             entry["kernels_s"] = probe  # each kernel at 64 experts x 4 tokens: why this one
         return {dtype_name(self.dtype): entry}
@@ -148,7 +170,10 @@ class TableBench:
         out = {}
         n = min(s.experts, 16 if self.quick else 64)
         cpu = torch.device("cpu")
+        read = self.read_gbps(cpu)
         for dt in sorted({dtype_name(self.dtype), "float32", "bfloat16"}):
+            kernel = host_kernel(torch_dtype(dt), s.hidden, s.moe_intermediate)
+            run = KERNELS[kernel]
             w = self._rotation(n, torch_dtype(dt), cpu)
             idx = np.arange(n)
             secs = []
@@ -156,8 +181,10 @@ class TableBench:
                 x = torch.randn(n * t, s.hidden, dtype=torch_dtype(dt))
                 res = torch.empty_like(x)
                 bounds = np.arange(n + 1) * t
-                secs.append(self.time(lambda: run_experts(x, res, bounds, idx, w(), idx), self.reps) / n)
-            out[dt] = {"source": "measured", "tokens": tokens, "seconds": secs, "kernel": "loop"}
+                secs.append(self.time(lambda: run(x, res, bounds, idx, w(), idx), self.reps) / n)
+            nbytes = expert_bytes_read(s.hidden, s.moe_intermediate, torch_dtype(dt))
+            out[dt] = {"source": "measured", "tokens": tokens, "seconds": secs, "kernel": kernel,
+                       "read_gbps": read, "read_fraction": [nbytes / sec / 1e9 / read for sec in secs]}
         self._step("CPU experts")
         return out
 

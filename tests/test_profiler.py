@@ -29,7 +29,7 @@ def test_quick_profile_of_this_box_validates_and_prices_the_model(tmp_path, tiny
     # the tables' level inside a forward, measured on the checkpoint itself and recorded beside them
     level = d["in_run"]
     assert {"dense", "moe", "head", "experts", "decide", "copies"} <= set(level) and "note" in level
-    assert all(0.2 < level[k] < 5 for k in level if k not in ("note", "member_s", "replay_s"))
+    assert all(0.2 < level[k] < 5 for k in level if k not in ("note", "member_s", "replay_s")), level
     # the level replay's seconds per forward: what runtime.calibrate.replay_seconds times again
     assert 0 < level["replay_s"] < 1
     # what each further request of a batched forward adds, from a batch replayed on the checkpoint

@@ -1,0 +1,92 @@
+"""The CPU expert kernel for bf16 weights (``cpu_kernels.c``): built with the machine's C
+compiler at first use, cached per source, compiler and machine, called through ctypes.
+
+torch's bf16 matmul on a CPU without AVX-512 BF16 converts every weight once per token; this
+kernel converts each weight row once for all of an expert's tokens (see the C file). Where no
+compiler is found, or the build fails, :func:`library` is None and the experts run on torch's
+kernels (:mod:`runtime.experts` measures which is faster and takes it)."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept (``TIDE_CACHE`` or ``~/.cache/tide``)."""
+    return Path(os.environ.get("TIDE_CACHE") or Path.home() / ".cache" / "tide") / "kernels"
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The built kernel library, or None where this machine cannot build it."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc or not SOURCE.is_file():
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()
+                             + platform.processor().encode() + cpu_flags().encode()).hexdigest()[:16]
+        lib = cache_dir() / f"tide-cpu-{key}.so"
+        if not lib.is_file():
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=lib.parent, suffix=".so")
+            os.close(fd)
+            try:
+                subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
+                os.replace(tmp, lib)  # whole or not at all: another process may build it at the same time
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        dll = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    fn = dll.tide_experts_bf16
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, p, p, p, p, i64, p, p, p, i64, i64, p, ctypes.c_int]
+    fn.restype = None
+    return dll
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags (what ``-march=native`` compiled for), '' where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def experts_bf16(tokens: torch.Tensor, out: torch.Tensor, start: np.ndarray, rows: np.ndarray, slot: np.ndarray,
+                 gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+    """Rows ``start[e]:start[e] + rows[e]`` of ``tokens`` (bf16 ``[N, H]``) through the weights
+    at ``slot[e]`` of the bf16 stacks, into the same rows of ``out``: one call for every expert."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the CPU expert kernel could not be built on this machine")
+    for t in (gate, up, down, out):
+        if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
+            raise RuntimeError("the CPU expert kernel takes contiguous bf16 tensors in host memory")
+    H, I = gate.shape[2], gate.shape[1]
+    x = tokens.float().contiguous()  # each token converted once; each weight row once per expert
+    scratch = torch.empty((x.shape[0], I), dtype=torch.float32)
+    start = np.ascontiguousarray(start, dtype=np.int64)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    slot = np.ascontiguousarray(slot, dtype=np.int64)
+    lib.tide_experts_bf16(x.data_ptr(), out.data_ptr(), start.ctypes.data, rows.ctypes.data, slot.ctypes.data,
+                          len(start), gate.data_ptr(), up.data_ptr(), down.data_ptr(), H, I, scratch.data_ptr(),
+                          torch.get_num_threads())
