@@ -135,6 +135,15 @@ static void dots2(const uint16_t *wg, const uint16_t *wu, const float *x, int64_
     }
 }
 
+/* Two consecutive weight rows (w, w + K) against T tokens, in chunks of TB2 (each token load
+ * feeds both rows); y0 and y1 get the rows' results. */
+static void dots_pair(const uint16_t *w, const float *x, int64_t ldx, int T, int K, float *y0, float *y1) {
+    for (int t0 = 0; t0 < T; t0 += TB2) {
+        int tb = T - t0 < TB2 ? T - t0 : TB2;
+        dots2(w, w + K, x + t0 * ldx, ldx, tb, K, y0 + t0, y1 + t0);
+    }
+}
+
 /* The SwiGLU FFN of n experts. Expert e's rows start[e]..start[e]+rows[e] of x (fp32 [N, H],
  * rows already in expert order) go through the weights at slot[e] of the stacks gate and up
  * ([S, I, H] bf16) and down ([S, H, I] bf16); results into out (bf16 [N, H]). scratch: fp32
@@ -144,7 +153,7 @@ void tide_experts_bf16(const float *x, uint16_t *out, const int64_t *start, cons
                        const uint16_t *down, int64_t H, int64_t I, float *scratch, int threads) {
 #pragma omp parallel num_threads(threads)
     {
-        float g[TB], u[TB];
+        float g[TB], u[TB], y0[TBLOCK], y1[TBLOCK];
         for (int64_t e = 0; e < n; e++) {
             const uint16_t *G = gate + slot[e] * I * H, *U = up + slot[e] * I * H, *D = down + slot[e] * H * I;
             for (int64_t b0 = start[e]; b0 < start[e] + rows[e]; b0 += TBLOCK) {
@@ -164,11 +173,49 @@ void tide_experts_bf16(const float *x, uint16_t *out, const int64_t *start, cons
                     }
                 }
 #pragma omp for schedule(static)
-                for (int64_t j = 0; j < H; j++) {
-                    for (int64_t t0 = 0; t0 < T; t0 += TB) {
-                        int tb = (int)(T - t0 < TB ? T - t0 : TB);
-                        dots(D + j * I, scratch + (r0 + t0) * I, I, tb, (int)I, g);
-                        for (int t = 0; t < tb; t++) out[(r0 + t0 + t) * H + j] = f32_to_bf16(g[t]);
+                for (int64_t j = 0; j < H; j += 2) {
+                    if (j + 1 < H) {
+                        dots_pair(D + j * I, scratch + r0 * I, I, (int)T, (int)I, y0, y1);
+                        for (int t = 0; t < T; t++) {
+                            out[(r0 + t) * H + j] = f32_to_bf16(y0[t]);
+                            out[(r0 + t) * H + j + 1] = f32_to_bf16(y1[t]);
+                        }
+                    } else {
+                        for (int64_t t0 = 0; t0 < T; t0 += TB) {
+                            int tb = (int)(T - t0 < TB ? T - t0 : TB);
+                            dots(D + j * I, scratch + (r0 + t0) * I, I, tb, (int)I, g);
+                            for (int t = 0; t < tb; t++) out[(r0 + t0 + t) * H + j] = f32_to_bf16(g[t]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* y = x W^T for bf16 weights W [N, K] and fp32 tokens x [T, K], into fp32 y [T, N] (not
+ * rounded: the caller adds a bias, if any, and rounds once). The model's other linears on the
+ * CPU (attention, dense MLPs, shared experts, the head over the vocabulary): the same
+ * bound as the experts, a weight row converted once for a block of tokens. */
+void tide_linear_bf16(const float *x, int64_t T, const uint16_t *W, int64_t N, int64_t K, float *y, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float acc[TB], y0[TBLOCK], y1[TBLOCK];
+        for (int64_t b0 = 0; b0 < T; b0 += TBLOCK) {
+            const int64_t Tb = T - b0 < TBLOCK ? T - b0 : TBLOCK;
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; n += 2) {
+                if (n + 1 < N) {
+                    dots_pair(W + n * K, x + b0 * K, K, (int)Tb, (int)K, y0, y1);
+                    for (int t = 0; t < Tb; t++) {
+                        y[(b0 + t) * N + n] = y0[t];
+                        y[(b0 + t) * N + n + 1] = y1[t];
+                    }
+                } else {
+                    for (int64_t t0 = 0; t0 < Tb; t0 += TB) {
+                        int tb = (int)(Tb - t0 < TB ? Tb - t0 : TB);
+                        dots(W + n * K, x + (b0 + t0) * K, K, tb, (int)K, acc);
+                        for (int t = 0; t < tb; t++) y[(b0 + t0 + t) * N + n] = acc[t];
                     }
                 }
             }
