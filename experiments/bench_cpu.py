@@ -32,7 +32,7 @@ from runtime.make_checkpoint import preset_config, random_model
 from runtime.model import Linear
 from runtime.profile_tables import expert_bytes_read, read_bandwidth_gbps
 from traces.common.cli import ArgumentParser, comma_list, integer, print_json, run_cli
-from traces.common.values import need_int
+from traces.common.values import need_int, need_str
 from traces.formats.shapes import ModelShape
 from traces.formats.trace_file import Decoding
 
@@ -130,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = comma_list(a.tokens, "--tokens", integer, "integers")
     for t in tokens:
         need_int(t, "--tokens", lo=1, hi=4096)
-    dtypes = comma_list(a.dtypes, "--dtypes", str)
-    for dt in dtypes:
-        torch_dtype(dt)
+    dtypes = comma_list(a.dtypes, "--dtypes", lambda v: need_str(v, "--dtypes", ("bfloat16", "float32")))
     batch_sizes = comma_list(a.batch_sizes, "--batch-sizes", integer, "integers")
     for b in batch_sizes:
         need_int(b, "--batch-sizes", lo=1, hi=256)

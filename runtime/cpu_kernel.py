@@ -31,7 +31,10 @@ def cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL | None:
-    """The built kernel library, or None where this machine cannot build it."""
+    """The built kernel library, or None where this machine cannot build it (or where
+    ``TIDE_C_KERNELS=0`` turns it off: torch's kernels alone, the before of a comparison)."""
+    if os.environ.get("TIDE_C_KERNELS", "1") == "0":
+        return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc or not SOURCE.is_file():
         return None

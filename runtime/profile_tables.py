@@ -15,7 +15,7 @@ from runtime.checkpoint import dtype_name, torch_dtype
 from runtime.decoding import Sampling, sample
 from runtime.device import timed
 from runtime.experts import KERNELS, ExpertWeights, choose_kernel, expert_ffn, host_kernel
-from runtime.model import DecoderLayer, KVCache, rope
+from runtime.model import DecoderLayer, KVCache, Linear, rope
 
 
 def timer(device: torch.device, min_s: float = 0.0) -> Callable[[Callable[[], Any], int], float]:
@@ -217,7 +217,7 @@ class TableBench:
             moe_t = layer_table(moe)
             dense_t = layer_table(dense) if dense is not None else moe_t
             self._step("layers")
-            head = torch.nn.Linear(s.hidden, s.vocab, bias=False, device=self.device, dtype=self.dtype)
+            head = Linear(s.hidden, s.vocab, bias=False, device=self.device, dtype=self.dtype)  # the model's own
             norm = moe.input_layernorm
             head_t = []
             for t in tokens:

@@ -743,3 +743,11 @@ def test_prompts_that_carry_their_own_lengths_need_no_gen_length(tmp_path, tiny_
     prompts.write_text('{"prompt_ids": [1, 2, 3], "gen_length": 8}\n{"prompt_ids": [4, 5]}\n')
     p = run_module("runtime.generate", "--checkpoint", str(tiny_ckpt), "--prompts", str(prompts))
     assert_clean_error(p, "--gen-length is required", "p.jsonl:2")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--tokens", "0"], "--tokens"), (["--dtypes", "float8"], "--dtypes"), (["--batch-sizes", "x"], "--batch-sizes"),
+    (["--reps", "0"], "--reps"), (["--model", "nope"], "nope"),
+])
+def test_bench_cpu_flags_are_one_line(args, says):
+    assert_clean_error(run_module("experiments.bench_cpu", *args), says)
