@@ -17,6 +17,12 @@
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_num_threads(void) { return 1; }
+static int omp_get_thread_num(void) { return 0; }
+#endif
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -144,49 +150,79 @@ static void dots_pair(const uint16_t *w, const float *x, int64_t ldx, int T, int
     }
 }
 
+/* One expert's FFN on rows r0 .. r0 + T: gate and up rows i0 .. i1, then down rows j0 .. j1 (a
+ * thread's share when threads split an expert; all of them when a thread runs it alone). */
+static void up_part(const float *x, const uint16_t *G, const uint16_t *U, int64_t r0, int64_t T, int64_t H,
+                    int64_t I, int64_t i0, int64_t i1, float *scratch) {
+    float g[TB2], u[TB2];
+    for (int64_t i = i0; i < i1; i++) {
+        for (int64_t t0 = 0; t0 < T; t0 += TB2) {
+            int tb = (int)(T - t0 < TB2 ? T - t0 : TB2);
+            dots2(G + i * H, U + i * H, x + (r0 + t0) * H, H, tb, (int)H, g, u);
+            for (int t = 0; t < tb; t++) {
+                float h = round_bf16(g[t]);
+                float s = round_bf16(h / (1.0f + expf(-h)));
+                scratch[(r0 + t0 + t) * I + i] = round_bf16(s * round_bf16(u[t]));
+            }
+        }
+    }
+}
+
+static void down_part(const float *scratch, const uint16_t *D, uint16_t *out, int64_t r0, int64_t T, int64_t H,
+                      int64_t I, int64_t j0, int64_t j1) {
+    float y0[TBLOCK], y1[TBLOCK], g[TB];
+    for (int64_t j = j0; j < j1; j += 2) {
+        if (j + 1 < j1) {
+            dots_pair(D + j * I, scratch + r0 * I, I, (int)T, (int)I, y0, y1);
+            for (int t = 0; t < T; t++) {
+                out[(r0 + t) * H + j] = f32_to_bf16(y0[t]);
+                out[(r0 + t) * H + j + 1] = f32_to_bf16(y1[t]);
+            }
+        } else {
+            for (int64_t t0 = 0; t0 < T; t0 += TB) {
+                int tb = (int)(T - t0 < TB ? T - t0 : TB);
+                dots(D + j * I, scratch + (r0 + t0) * I, I, tb, (int)I, g);
+                for (int t = 0; t < tb; t++) out[(r0 + t0 + t) * H + j] = f32_to_bf16(g[t]);
+            }
+        }
+    }
+}
+
 /* The SwiGLU FFN of n experts. Expert e's rows start[e]..start[e]+rows[e] of x (fp32 [N, H],
  * rows already in expert order) go through the weights at slot[e] of the stacks gate and up
  * ([S, I, H] bf16) and down ([S, H, I] bf16); results into out (bf16 [N, H]). scratch: fp32
- * [N, I]. Threads split each matrix's output rows; the weights are read once per expert. */
+ * [N, I]. With several experts per thread each thread runs whole experts (no barriers: each
+ * streams its own weights); with fewer, threads split each matrix's rows. Either way a row's
+ * numbers are the same, and the weights are read once per block of TBLOCK tokens. */
 void tide_experts_bf16(const float *x, uint16_t *out, const int64_t *start, const int64_t *rows,
                        const int64_t *slot, int64_t n, const uint16_t *gate, const uint16_t *up,
                        const uint16_t *down, int64_t H, int64_t I, float *scratch, int threads) {
+    const int whole = n >= 4 * (int64_t)threads;
 #pragma omp parallel num_threads(threads)
     {
-        float g[TB], u[TB], y0[TBLOCK], y1[TBLOCK];
-        for (int64_t e = 0; e < n; e++) {
-            const uint16_t *G = gate + slot[e] * I * H, *U = up + slot[e] * I * H, *D = down + slot[e] * H * I;
-            for (int64_t b0 = start[e]; b0 < start[e] + rows[e]; b0 += TBLOCK) {
-                /* a block of the expert's tokens, small enough to stay in L2 while every
-                 * weight row of the expert passes (the expert's weights then come from L3) */
-                const int64_t r0 = b0, T = start[e] + rows[e] - b0 < TBLOCK ? start[e] + rows[e] - b0 : TBLOCK;
-#pragma omp for schedule(static)
-                for (int64_t i = 0; i < I; i++) {
-                    for (int64_t t0 = 0; t0 < T; t0 += TB2) {
-                        int tb = (int)(T - t0 < TB2 ? T - t0 : TB2);
-                        dots2(G + i * H, U + i * H, x + (r0 + t0) * H, H, tb, (int)H, g, u);
-                        for (int t = 0; t < tb; t++) {
-                            float h = round_bf16(g[t]);
-                            float s = round_bf16(h / (1.0f + expf(-h)));
-                            scratch[(r0 + t0 + t) * I + i] = round_bf16(s * round_bf16(u[t]));
-                        }
-                    }
+        if (whole) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t e = 0; e < n; e++) {
+                const uint16_t *G = gate + slot[e] * I * H, *U = up + slot[e] * I * H, *D = down + slot[e] * H * I;
+                for (int64_t b0 = start[e]; b0 < start[e] + rows[e]; b0 += TBLOCK) {
+                    const int64_t T = start[e] + rows[e] - b0 < TBLOCK ? start[e] + rows[e] - b0 : TBLOCK;
+                    up_part(x, G, U, b0, T, H, I, 0, I, scratch);
+                    down_part(scratch, D, out, b0, T, H, I, 0, H);
                 }
-#pragma omp for schedule(static)
-                for (int64_t j = 0; j < H; j += 2) {
-                    if (j + 1 < H) {
-                        dots_pair(D + j * I, scratch + r0 * I, I, (int)T, (int)I, y0, y1);
-                        for (int t = 0; t < T; t++) {
-                            out[(r0 + t) * H + j] = f32_to_bf16(y0[t]);
-                            out[(r0 + t) * H + j + 1] = f32_to_bf16(y1[t]);
-                        }
-                    } else {
-                        for (int64_t t0 = 0; t0 < T; t0 += TB) {
-                            int tb = (int)(T - t0 < TB ? T - t0 : TB);
-                            dots(D + j * I, scratch + (r0 + t0) * I, I, tb, (int)I, g);
-                            for (int t = 0; t < tb; t++) out[(r0 + t0 + t) * H + j] = f32_to_bf16(g[t]);
-                        }
-                    }
+            }
+        } else {
+            int nt = omp_get_num_threads(), me = omp_get_thread_num();
+            for (int64_t e = 0; e < n; e++) {
+                const uint16_t *G = gate + slot[e] * I * H, *U = up + slot[e] * I * H, *D = down + slot[e] * H * I;
+                for (int64_t b0 = start[e]; b0 < start[e] + rows[e]; b0 += TBLOCK) {
+                    /* a block of the expert's tokens, small enough to stay in L2 while every
+                     * weight row of the expert passes (the expert's weights then come from L3) */
+                    const int64_t T = start[e] + rows[e] - b0 < TBLOCK ? start[e] + rows[e] - b0 : TBLOCK;
+                    int64_t ci = (I + nt - 1) / nt, ch = ((H + nt - 1) / nt + 1) / 2 * 2;  /* pairs of down rows */
+                    up_part(x, G, U, b0, T, H, I, me * ci < I ? me * ci : I, (me + 1) * ci < I ? (me + 1) * ci : I, scratch);
+#pragma omp barrier
+                    down_part(scratch, D, out, b0, T, H, I, me * ch < H ? me * ch : H, (me + 1) * ch < H ? (me + 1) * ch : H);
+#pragma omp barrier
                 }
             }
         }

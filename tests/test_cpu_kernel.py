@@ -25,20 +25,21 @@ def _experts(E=6, H=40, I=24, seed=0):
 def test_fused_experts_are_torchs_up_to_rounding_and_each_row_its_own():
     """Odd sizes (tails past the 8-wide vectors), experts with 0, 1, 5 and 13 rows (a block of
     four, three of eight), listed out of order, with a stack index that is not the identity."""
-    w, x = _experts()
-    counts = np.array([5, 0, 13, 1, 7, 2])
+    w, x = _experts(E=12)
+    counts = np.array([5, 0, 13, 1, 7, 2, 3, 40, 1, 1, 2, 6])  # 40: two blocks of the expert's tokens
     bounds = np.concatenate([[0], np.cumsum(counts)])
-    tokens = x[: bounds[-1]].contiguous()
-    experts, index = np.array([4, 0, 2, 3, 1]), np.array([5, 1, 0, 3, 2, 4])
+    tokens = torch.cat([x, x])[: bounds[-1]].contiguous()
+    experts = np.array([4, 0, 2, 3, 1, 6, 7, 8, 9, 10, 11])  # 11 listed: each thread runs whole experts
+    index = np.array([5, 1, 0, 3, 2, 4, 11, 10, 9, 8, 7, 6])
     got = torch.full_like(tokens, 7.0)
     fused_experts(tokens, got, bounds, experts, w, index)
     want = torch.full_like(tokens, 7.0)
     run_experts(tokens, want, bounds, experts, w, index)
-    assert (got[bounds[5]:] == 7.0).all()  # expert 5 was not listed: its rows untouched
+    assert (got[bounds[5]:bounds[6]] == 7.0).all()  # expert 5 was not listed: its rows untouched
     diff = (got.float() - want.float()).abs().max()
     assert diff <= 0.02 * want.float().abs().max()  # bf16 rounding of sums taken in another order
     assert (got == want).float().mean() > 0.9
-    for e in experts:  # every row alone gives the numbers it got beside the others
+    for e in experts:  # every row alone (threads split the one expert) gives what it got beside the others
         for r in range(bounds[e], bounds[e + 1]):
             alone = torch.empty(1, tokens.shape[1], dtype=torch.bfloat16)
             fused_experts(tokens[r:r + 1], alone, np.array([0, 1]), np.array([0]), w, np.array([index[e]]))
