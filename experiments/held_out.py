@@ -97,7 +97,7 @@ def capture(out: Path, preset: str, dtype: str, cells: list[Cell], requests: int
               "reference_kind": "replay",
               "writeback": "checkpoints synced to the drive before the profile",
               "profile": f"each in-run replay repeated for {spread_s:g} s at least (the box's slow phases seen too)"
-                         + ("; quick: the small batch workload, one replay per reference (a smoke run)" if quick else "")}
+                         + ("; quick: the small batch workload, one unwarmed replay per reference (a smoke run)" if quick else "")}
     shape = cfg.shape
     L, E = shape.n_moe_layers, shape.experts
     prompts = prompts_for(shape.vocab, requests, prompt_length)
@@ -114,7 +114,7 @@ def capture(out: Path, preset: str, dtype: str, cells: list[Cell], requests: int
             todo = list(itertools.product(group, POLICIES)) if rnd >= 0 else [(group[0], POLICIES[0])]
             for cell, (name, frac, tau) in todo:
                 policy = policy_of(name, frac, tau, L, E)
-                ref = replay_seconds(model, device, reps=1 if quick else 3) if rnd >= 0 else 0.0
+                ref = replay_seconds(model, device, reps=1 if quick else 3, warm=not quick) if rnd >= 0 else 0.0
                 with TraceRecorder(model, decoding, dtype) as rec, OffloadEngine(model, policy, device) as eng:
                     gen = Generator(model, decoding, recorder=rec, engine=eng)
                     _, secs = timed(device, lambda: gen.generate_batch(prompts, [cell.gen_length] * requests,

@@ -282,21 +282,22 @@ def level_workload(shape: ModelShape, dtype: str) -> tuple[Trace, Policy]:
             Policy.make("static", shape.n_moe_layers, shape.experts, budget=max(1, shape.experts // 8)))
 
 
-def replay_seconds(model: LLaDA2, device: torch.device, reps: int = 3) -> float:
+def replay_seconds(model: LLaDA2, device: torch.device, reps: int = 3, warm: bool = True) -> float:
     """Seconds per forward of :func:`level_workload` replayed on ``model`` (the median of
-    ``reps`` after one untimed; fewer once 2 s were timed): the box's speed now, on the same
-    work the profile's level was taken on (its ``in_run.replay_s``). A shared box runs in
-    phases (on the 2-core VM the same run took 4.9 s and 6.9 s minutes apart), which a
+    ``reps``, after one untimed when ``warm``; fewer once 2 s were timed): the box's speed now,
+    on the same work the profile's level was taken on (its ``in_run.replay_s``). A shared box
+    runs in phases (on the 2-core VM the same run took 4.9 s and 6.9 s minutes apart), which a
     small-matmul reference follows less closely."""
     work, policy = level_workload(model.cfg.shape, dtype_name(model.dtype))
+    skip = 1 if warm else 0
     out, spent = [], 0.0
-    while len(out) < reps + 1 and (len(out) < 2 or spent < 2.0):  # long replays (large models): one timed is enough
+    while len(out) < reps + skip and (len(out) < 1 + skip or spent < 2.0):  # long replays: one timed is enough
         with OffloadEngine(model, policy, device) as eng:
             gen = Generator(model, work.decoding, engine=eng)
             res, secs = timed(device, lambda: gen.replay(work, 0))
-        spent += secs if out else 0.0
+        spent += secs if len(out) >= skip else 0.0
         out.append(secs / res.forwards)
-    return float(np.median(out[1:]))
+    return float(np.median(out[skip:]))
 
 
 #: The batched calibration's workload: one request per prompt length, replayed at each batch

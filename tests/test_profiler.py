@@ -39,6 +39,11 @@ def test_quick_profile_of_this_box_validates_and_prices_the_model(tmp_path, tiny
     assert d["gpu_experts"][shape.expert_shape_key]["float32"]["in_run"] == level["experts"]
     assert d["gpu_experts"][shape.expert_shape_key]["float32"]["group_s"] >= 0
     assert d["measured"]["reference_s"] > 0  # recorded for drift reports; no cell is rescaled by it
+    # the box's read bandwidth, and each CPU expert cell's share of it (weights read per second)
+    for entry in d["cpu_expert_ffn"][shape.expert_shape_key].values():
+        assert entry["read_gbps"] > 0 and len(entry["read_fraction"]) == len(entry["tokens"])
+        assert all(f > 0 for f in entry["read_fraction"]) and entry["kernel"] in ("loop", "grouped", "fused")
+    assert d["cpu_expert_ffn"][shape.expert_shape_key]["float32"]["kernel"] == "loop"  # row-exact: the chain
 
 
 def test_profile_bad_flags(tmp_path):
