@@ -83,3 +83,16 @@ def test_without_a_compiler_torchs_kernels_run(tmp_path):
         assert out.returncode == 0, out.stderr
         lib, kernel = out.stdout.split()
         assert lib == "None" and kernel in ("loop", "grouped")
+
+
+def test_bench_cpu_prints_every_kernel_against_the_read_bandwidth():
+    from conftest import run_module
+    p = run_module("experiments.bench_cpu", "--tokens", "1", "--dtypes", "bfloat16", "--batch-sizes", "1",
+                   "--gen-lengths", "8", "--reps", "1", "--json")
+    assert p.returncode == 0, p.stderr
+    import json
+    d = json.loads(p.stdout)
+    assert d["box"]["read_gbps"] > 0 and d["box"]["fp32_gflops"] > 0
+    assert {r["kernel"] for r in d["experts"]} == {"loop", "grouped", "fused"}
+    assert all(r["gbps"] > 0 and 0 < r["of_roofline"] for r in d["experts"])
+    assert d["head"][0]["rows"] == 32 and d["head"][0]["head_ms"] > 0 and d["generate"][0]["tokens_per_s"] > 0

@@ -40,3 +40,21 @@ def test_device_check_batched_step_on_cpu(tmp_path):
     assert {(r["batch_size"], r["policy"]) for r in rows} == {(b, p) for b in (1, 8) for p in ("all", "tide")}
     assert all(r["tokens_agree"] and r["tokens_identical"] for r in rows)
     assert all(r["tokens_per_s"] > 0 and r["ms_per_forward"] > 0 for r in rows)
+
+
+def test_device_check_kernel_step_on_cpu(tmp_path):
+    """The prepared GPU script's kernel step (which kernel the engine picks, each timed), on the
+    CPU at one small size: it once imported choose_kernel from the wrong module."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {**os.environ, "STEPS": "kernels", "KERNEL_MODELS": "llada2-mini", "KERNEL_SIZES": "8x4",
+           "PYTHON": sys.executable}
+    script = Path(__file__).resolve().parents[1] / "experiments" / "device_check.sh"
+    p = subprocess.run(["bash", str(script), str(tmp_path / "dev"), "cpu"], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "dev" / "status.txt").read_text().split() == ["kernels", "0"], p.stdout
+    d = json.loads((tmp_path / "dev" / "kernels.json").read_text())
+    assert d["llada2-mini 8x4"]["chosen"] == "loop" and d["llada2-mini 8x4"]["loop"] > 0  # fp32 on the CPU
