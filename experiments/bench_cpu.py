@@ -18,8 +18,6 @@ generation length. Medians of ``--reps`` timings.
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pandas as pd
 import torch
@@ -30,7 +28,7 @@ from runtime.decoding import Generator, Sampling, sample
 from runtime.experts import KERNELS, ExpertWeights, fused_available
 from runtime.make_checkpoint import preset_config, random_model
 from runtime.model import Linear
-from runtime.profile_tables import expert_bytes_read, read_bandwidth_gbps
+from runtime.profile_tables import expert_bytes_read, read_bandwidth_gbps, timer
 from traces.common.cli import ArgumentParser, comma_list, integer, print_json, run_cli
 from traces.common.values import need_int, need_str
 from traces.formats.shapes import ModelShape
@@ -38,13 +36,8 @@ from traces.formats.trace_file import Decoding
 
 
 def median_s(fn, reps: int) -> float:
-    fn()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return float(np.median(out))
+    """The profiler's own timing: the median of ``reps`` runs after one warm-up."""
+    return timer(torch.device("cpu"))(fn, reps)
 
 
 def fp32_peak_gflops(reps: int) -> float:

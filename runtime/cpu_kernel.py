@@ -127,19 +127,11 @@ def linear_is_faster(reps: int = 5) -> bool:
     """Whether :func:`linear_bf16` beats torch's bf16 linear on this CPU (8 tokens through a
     2048x2048 weight, medians): on the AVX2 VM 0.9 ms against 11 ms; where torch has AVX-512 BF16
     or AMX kernels (oneDNN) it may not, and torch's is kept."""
-    import time
+    from runtime.profile_tables import timer
     if library() is None:
         return False
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(2048, 2048, generator=g) * 0.02).to(torch.bfloat16)
     x = torch.randn(8, 2048, generator=g).to(torch.bfloat16)
-
-    def med(fn) -> float:
-        fn()
-        out = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-        return float(np.median(out))
-    return med(lambda: linear_bf16(x, w)) < med(lambda: torch.nn.functional.linear(x, w))
+    med = timer(torch.device("cpu"))
+    return med(lambda: linear_bf16(x, w), reps) < med(lambda: torch.nn.functional.linear(x, w), reps)

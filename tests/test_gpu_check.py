@@ -24,17 +24,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
 def test_device_check_batched_step_on_cpu(tmp_path):
     """The prepared GPU script's batched step, for real on the CPU (tiny preset, batch 1 and 8
     here; 1, 8 and 32 on the GPU) under all and tide, each request's tokens checked against all."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    env = {**os.environ, "STEPS": "batches", "BATCH_PRESET": "tiny", "BATCH_SIZES": "1,8", "BATCH_GEN": "32",
-           "PYTHON": sys.executable}  # this interpreter, whatever python is first on PATH
-    script = Path(__file__).resolve().parents[1] / "experiments" / "device_check.sh"
-    p = subprocess.run(["bash", str(script), str(tmp_path / "dev"), "cpu"], capture_output=True,
-                       text=True, timeout=600, env=env)
-    assert p.returncode == 0, p.stderr
-    assert (tmp_path / "dev" / "status.txt").read_text().split() == ["batches", "0"], p.stdout
+    _device_check(tmp_path, STEPS="batches", BATCH_PRESET="tiny", BATCH_SIZES="1,8", BATCH_GEN="32")
     d = json.loads((tmp_path / "dev" / "batches.json").read_text())
     rows = d["rows"]
     assert {(r["batch_size"], r["policy"]) for r in rows} == {(b, p) for b in (1, 8) for p in ("all", "tide")}
@@ -45,16 +35,20 @@ def test_device_check_batched_step_on_cpu(tmp_path):
 def test_device_check_kernel_step_on_cpu(tmp_path):
     """The prepared GPU script's kernel step (which kernel the engine picks, each timed), on the
     CPU at one small size: it once imported choose_kernel from the wrong module."""
+    _device_check(tmp_path, STEPS="kernels", KERNEL_MODELS="llada2-mini", KERNEL_SIZES="8x4")
+    d = json.loads((tmp_path / "dev" / "kernels.json").read_text())
+    assert d["llada2-mini 8x4"]["chosen"] == "loop" and d["llada2-mini 8x4"]["loop"] > 0  # fp32 on the CPU
+
+
+def _device_check(tmp_path, **env: str) -> None:
+    """``experiments/device_check.sh`` on the CPU with these settings, each step's status 0."""
     import os
     import subprocess
     import sys
     from pathlib import Path
-    env = {**os.environ, "STEPS": "kernels", "KERNEL_MODELS": "llada2-mini", "KERNEL_SIZES": "8x4",
-           "PYTHON": sys.executable}
     script = Path(__file__).resolve().parents[1] / "experiments" / "device_check.sh"
-    p = subprocess.run(["bash", str(script), str(tmp_path / "dev"), "cpu"], capture_output=True,
-                       text=True, timeout=300, env=env)
+    p = subprocess.run(["bash", str(script), str(tmp_path / "dev"), "cpu"], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, **env, "PYTHON": sys.executable})  # this interpreter
     assert p.returncode == 0, p.stderr
-    assert (tmp_path / "dev" / "status.txt").read_text().split() == ["kernels", "0"], p.stdout
-    d = json.loads((tmp_path / "dev" / "kernels.json").read_text())
-    assert d["llada2-mini 8x4"]["chosen"] == "loop" and d["llada2-mini 8x4"]["loop"] > 0  # fp32 on the CPU
+    status = (tmp_path / "dev" / "status.txt").read_text().split()
+    assert status == [w for step in env["STEPS"].split() for w in (step, "0")], p.stdout
