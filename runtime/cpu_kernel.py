@@ -61,7 +61,7 @@ def library() -> ctypes.CDLL | None:
     fn.argtypes = [p, p, p, p, p, i64, p, p, p, i64, i64, p, ctypes.c_int]
     fn.restype = None
     lin = dll.tide_linear_bf16
-    lin.argtypes = [p, i64, p, i64, i64, p, ctypes.c_int]
+    lin.argtypes = [p, i64, p, i64, i64, p, p, p, ctypes.c_int]
     lin.restype = None
     return dll
 
@@ -108,18 +108,20 @@ def threads_for(fmas: int) -> int:
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a bf16 weight in host memory, through the C kernel: the
-    sum in fp32, the bias added, rounded to bf16 once (as torch's bf16 linear rounds)."""
+    """``F.linear(x, weight, bias)`` for bf16 tokens, weight and bias in host memory, through the
+    C kernel: the sum in fp32, the bias added, rounded to bf16 once (as torch's bf16 linear)."""
     lib = library()
     if lib is None:
         raise RuntimeError("the CPU linear kernel could not be built on this machine")
     N, K = weight.shape
-    xs = x.reshape(-1, K).float().contiguous()
-    y = torch.empty((xs.shape[0], N), dtype=torch.float32)
-    lib.tide_linear_bf16(xs.data_ptr(), xs.shape[0], weight.data_ptr(), N, K, y.data_ptr(), threads_for(xs.shape[0] * N * K))
-    if bias is not None:
-        y += bias.float()
-    return y.to(torch.bfloat16).reshape(*x.shape[:-1], N)
+    xb = x.reshape(-1, K).contiguous()
+    T = xb.shape[0]
+    y = torch.empty((T, N), dtype=torch.bfloat16)
+    xs = torch.empty((T, K), dtype=torch.float32)
+    b = bias.contiguous() if bias is not None else None
+    lib.tide_linear_bf16(xb.data_ptr(), T, weight.data_ptr(), N, K, b.data_ptr() if b is not None else None,
+                         y.data_ptr(), xs.data_ptr(), threads_for(T * N * K))
+    return y.reshape(*x.shape[:-1], N)
 
 
 @functools.lru_cache(maxsize=None)

@@ -229,29 +229,35 @@ void tide_experts_bf16(const float *x, uint16_t *out, const int64_t *start, cons
     }
 }
 
-/* y = x W^T for bf16 weights W [N, K] and fp32 tokens x [T, K], into fp32 y [T, N] (not
- * rounded: the caller adds a bias, if any, and rounds once). The model's other linears on the
- * CPU (attention, dense MLPs, shared experts, the head over the vocabulary): the same
- * bound as the experts, a weight row converted once for a block of tokens. */
-void tide_linear_bf16(const float *x, int64_t T, const uint16_t *W, int64_t N, int64_t K, float *y, int threads) {
+/* y = x W^T + bias for bf16 tokens x [T, K], weights W [N, K] and bias [N] (NULL: none), into
+ * bf16 y [T, N]: the sum in fp32, the bias added, rounded once (as torch's bf16 linear). The
+ * model's other linears on the CPU (attention, dense MLPs, shared experts, the head over the
+ * vocabulary): the same bound as the experts, a weight row converted once for a block of
+ * tokens. xs: fp32 scratch [T, K] for the tokens, converted once. */
+void tide_linear_bf16(const uint16_t *x, int64_t T, const uint16_t *W, int64_t N, int64_t K, const uint16_t *bias,
+                      uint16_t *y, float *xs, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         float acc[TB], y0[TBLOCK], y1[TBLOCK];
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < T * K; i++) xs[i] = bf16_to_f32(x[i]);
         for (int64_t b0 = 0; b0 < T; b0 += TBLOCK) {
             const int64_t Tb = T - b0 < TBLOCK ? T - b0 : TBLOCK;
 #pragma omp for schedule(static)
             for (int64_t n = 0; n < N; n += 2) {
                 if (n + 1 < N) {
-                    dots_pair(W + n * K, x + b0 * K, K, (int)Tb, (int)K, y0, y1);
+                    dots_pair(W + n * K, xs + b0 * K, K, (int)Tb, (int)K, y0, y1);
+                    float c0 = bias ? bf16_to_f32(bias[n]) : 0.0f, c1 = bias ? bf16_to_f32(bias[n + 1]) : 0.0f;
                     for (int t = 0; t < Tb; t++) {
-                        y[(b0 + t) * N + n] = y0[t];
-                        y[(b0 + t) * N + n + 1] = y1[t];
+                        y[(b0 + t) * N + n] = f32_to_bf16(y0[t] + c0);
+                        y[(b0 + t) * N + n + 1] = f32_to_bf16(y1[t] + c1);
                     }
                 } else {
+                    float c0 = bias ? bf16_to_f32(bias[n]) : 0.0f;
                     for (int64_t t0 = 0; t0 < Tb; t0 += TB) {
                         int tb = (int)(Tb - t0 < TB ? Tb - t0 : TB);
-                        dots(W + n * K, x + (b0 + t0) * K, K, tb, (int)K, acc);
-                        for (int t = 0; t < tb; t++) y[(b0 + t0 + t) * N + n] = acc[t];
+                        dots(W + n * K, xs + (b0 + t0) * K, K, tb, (int)K, acc);
+                        for (int t = 0; t < tb; t++) y[(b0 + t0 + t) * N + n] = f32_to_bf16(acc[t] + c0);
                     }
                 }
             }

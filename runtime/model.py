@@ -75,7 +75,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous()
+        if (w.dtype == x.dtype == torch.bfloat16 and w.device.type == x.device.type == "cpu" and w.is_contiguous()
+                and (self.bias is None or self.bias.dtype == torch.bfloat16)
                 and not (torch.is_grad_enabled() and w.requires_grad) and _c_linear()):
             from runtime.cpu_kernel import linear_bf16
             return linear_bf16(x, w, self.bias)
