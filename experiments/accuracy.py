@@ -106,7 +106,8 @@ def preset_checkpoint(out: Path, preset: str, seed: int = PRESET_SEED, router_sk
 
 def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int, prompt_length: int,
             rounds: int = 5, preset: str = "tiny", batches: bool = True, batch_requests: int = BATCH_REQUESTS,
-            host_only: bool = False, seed: int = PRESET_SEED, router_skew: float = PRESET_SKEW) -> None:
+            host_only: bool = False, seed: int = PRESET_SEED, router_skew: float = PRESET_SKEW,
+            quick: bool = False) -> None:
     """The runtime half. Rounds of: profile the box, then run every setting once. A shared box
     changes speed from minute to minute, so each round's runs are kept with the profile taken
     just before them (``profile-roundK.json``) and with the speed reference around each run;
@@ -160,7 +161,7 @@ def capture(out: Path, device_name: str, checkpoint: str | None, gen_length: int
     bar = tqdm(total=rounds * (len(settings) + 1), desc="rounds of profile + runs", unit="step")
     for rnd in range(rounds):
         prof = profile_box(cfg, device, dtype, quick=True, progress=False, model=model, batches=batches,
-                           full_batches=True)
+                           full_batches=not quick)
         profiles.append(with_drive(prof, checkpoint, cfg))
         profiles[-1].write(out / f"profile-round{rnd}.json")
         ref = speed_reference_s()  # the box's speed during this round's runs: reported as drift, never folded in
@@ -352,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", "--repeats", dest="rounds", type=integer, default=5,
                     help="rounds of profile + every setting; errors are medians over the rounds")
     ap.add_argument("--no-batches", action="store_true", help="only the batch-1 settings")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: each round's profile takes its batch terms on the small batch workload")
     ap.add_argument("--host-only", action="store_true",
                     help="only the settings with a host tier (experts read from the drive), beside all")
     ap.add_argument("--batch-requests", type=integer, default=BATCH_REQUESTS,
@@ -386,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
         need_int(a.batch_requests, "--batch-requests", lo=1, hi=1024)
         capture(out, device, a.checkpoint, a.gen_length, a.prompt_length, a.rounds, a.preset, not a.no_batches,
-                a.batch_requests, a.host_only, a.seed, a.router_skew)
+                a.batch_requests, a.host_only, a.seed, a.router_skew, a.quick)
         if a.capture_only:
             print(f"captured {out}; replay anywhere with python -m experiments.accuracy --replay-only {out}")
             return 0

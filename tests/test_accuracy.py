@@ -6,7 +6,7 @@ def test_capture_then_replay_elsewhere(tmp_path):
     d = tmp_path / "acc"
     cap = run_module("experiments.accuracy", "--capture-only", str(d), "--device", "cpu", "--gen-length", "32",
                      "--prompt-length", "32", "--batch-requests", "5",
-                     "--rounds", "1")
+                     "--rounds", "1", "--quick")
     assert cap.returncode == 0, cap.stderr
     assert (d / "runs.json").is_file() and (d / "profile.json").is_file()
     rep = run_module("experiments.accuracy", "--replay-only", str(d))
