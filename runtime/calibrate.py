@@ -139,12 +139,10 @@ class InRunCalibration:
         cycle = 0
         while cycle <= self.cycles or (time.perf_counter() - t0 < self.spread_s and cycle <= 200):
             for name, (policy, decoding, run, forwards) in runs.items():
-                if not cycle and self.quick and not forwards:
-                    continue
                 with OffloadEngine(model, policy, self.device) as eng, model.timed_parts() as spent:
                     gen = Generator(model, decoding, engine=eng)
                     res, secs = timed(self.device, lambda: run(gen))
-                if cycle:  # the first is a warm-up (quick: of the batch-1 replays only)
+                if cycle:  # the first is a warm-up
                     samples[name].append({**dict.fromkeys(("dense", "moe", "head"), 0.0), **spent, **eng.timers,
                                           "total": secs, **({"forwards": res.forwards} if forwards else {})})
             cycle += 1
@@ -304,6 +302,7 @@ def replay_seconds(model: LLaDA2, device: torch.device, reps: int = 3, warm: boo
 #: size; quick profiles take the first four at batch 2 and 4 (a quarter of the work: tests).
 BATCH_PROMPTS = (32, 48, 70, 96, 24, 64, 80, 40)
 BATCH_SIZES = (2, 8)
+QUICK_BATCH_PROMPTS = BATCH_PROMPTS[:4]
 QUICK_BATCH_SIZES = (2, 4)
 
 

@@ -58,7 +58,7 @@ def library() -> ctypes.CDLL | None:
         return None
     fn = dll.tide_experts_bf16
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, p, i64, p, p, p, i64, i64, p, ctypes.c_int]
+    fn.argtypes = [p, p, p, p, p, i64, p, p, p, i64, i64, i64, p, p, ctypes.c_int]
     fn.restype = None
     lin = dll.tide_linear_bf16
     lin.argtypes = [p, i64, p, i64, i64, p, p, p, ctypes.c_int]
@@ -77,6 +77,13 @@ def cpu_flags() -> str:
     return ""
 
 
+def on_host_bf16(*tensors: torch.Tensor | None) -> bool:
+    """Whether the C kernels take these tensors as they are: bf16, in host memory, contiguous
+    (None, an absent bias, passes)."""
+    return all(t is None or (t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous())
+               for t in tensors)
+
+
 def experts_bf16(tokens: torch.Tensor, out: torch.Tensor, start: np.ndarray, rows: np.ndarray, slot: np.ndarray,
                  gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
     """Rows ``start[e]:start[e] + rows[e]`` of ``tokens`` (bf16 ``[N, H]``) through the weights
@@ -84,18 +91,17 @@ def experts_bf16(tokens: torch.Tensor, out: torch.Tensor, start: np.ndarray, row
     lib = library()
     if lib is None:
         raise RuntimeError("the CPU expert kernel could not be built on this machine")
-    for t in (gate, up, down, out):
-        if t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous():
-            raise RuntimeError("the CPU expert kernel takes contiguous bf16 tensors in host memory")
-    H, I = gate.shape[2], gate.shape[1]
-    x = tokens.float().contiguous()  # each token converted once; each weight row once per expert
-    scratch = torch.empty((x.shape[0], I), dtype=torch.float32)
+    if not on_host_bf16(tokens, out, gate, up, down):
+        raise RuntimeError("the CPU expert kernel takes contiguous bf16 tensors in host memory")
+    (N, H), I = tokens.shape, gate.shape[1]
+    xs = torch.empty((N, H), dtype=torch.float32)  # each token converted once; each weight row once per block
+    scratch = torch.empty((N, I), dtype=torch.float32)
     start = np.ascontiguousarray(start, dtype=np.int64)
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     slot = np.ascontiguousarray(slot, dtype=np.int64)
-    lib.tide_experts_bf16(x.data_ptr(), out.data_ptr(), start.ctypes.data, rows.ctypes.data, slot.ctypes.data,
-                          len(start), gate.data_ptr(), up.data_ptr(), down.data_ptr(), H, I, scratch.data_ptr(),
-                          threads_for(3 * H * I * max(int(rows.sum()), len(rows))))
+    lib.tide_experts_bf16(tokens.data_ptr(), out.data_ptr(), start.ctypes.data, rows.ctypes.data, slot.ctypes.data,
+                          len(start), gate.data_ptr(), up.data_ptr(), down.data_ptr(), N, H, I, xs.data_ptr(),
+                          scratch.data_ptr(), threads_for(3 * H * I * int(rows.sum())))
 
 
 #: Below this many multiply-adds a call runs on one thread: waking the others costs more
@@ -118,8 +124,9 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     T = xb.shape[0]
     y = torch.empty((T, N), dtype=torch.bfloat16)
     xs = torch.empty((T, K), dtype=torch.float32)
-    b = bias.contiguous() if bias is not None else None
-    lib.tide_linear_bf16(xb.data_ptr(), T, weight.data_ptr(), N, K, b.data_ptr() if b is not None else None,
+    if not on_host_bf16(xb, weight, bias):
+        raise RuntimeError("the CPU linear kernel takes contiguous bf16 tensors in host memory")
+    lib.tide_linear_bf16(xb.data_ptr(), T, weight.data_ptr(), N, K, bias.data_ptr() if bias is not None else None,
                          y.data_ptr(), xs.data_ptr(), threads_for(T * N * K))
     return y.reshape(*x.shape[:-1], N)
 

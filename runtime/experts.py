@@ -154,12 +154,11 @@ def fused_experts(tokens: torch.Tensor, out: torch.Tensor, bounds: np.ndarray, e
     once per token: 16 tokens ran at 0.9 GB/s of weights read). Only experts with rows are
     walked. Each stage rounds to bf16 where torch's ops do; a row's numbers do not depend on
     the other rows of the call. Elsewhere (fp32, a GPU, strided stacks) :func:`run_experts`."""
-    from runtime.cpu_kernel import experts_bf16
+    from runtime.cpu_kernel import experts_bf16, on_host_bf16
     experts = np.asarray(experts)
     if not len(experts):
         return
-    if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous()
-               for t in (tokens, out, weights.gate, weights.up, weights.down)):
+    if not on_host_bf16(tokens, out, weights.gate, weights.up, weights.down):
         run_experts(tokens, out, bounds, experts, weights, index)
         return
     rows = (bounds[experts + 1] - bounds[experts]).astype(np.int64)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.config import ModelConfig
+from runtime.cpu_kernel import linear_bf16, linear_is_faster, on_host_bf16
 from runtime.experts import ExpertExecutor, ExpertWeights, local_experts, row_exact
 from traces.common.errors import TideError
 
@@ -75,17 +76,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (w.dtype == x.dtype == torch.bfloat16 and w.device.type == x.device.type == "cpu" and w.is_contiguous()
-                and (self.bias is None or self.bias.dtype == torch.bfloat16)
-                and not (torch.is_grad_enabled() and w.requires_grad) and _c_linear()):
-            from runtime.cpu_kernel import linear_bf16
+        if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and on_host_bf16(w, self.bias)
+                and not (torch.is_grad_enabled() and w.requires_grad) and linear_is_faster()):
             return linear_bf16(x, w, self.bias)
         return F.linear(x, w, self.bias)
-
-
-def _c_linear() -> bool:
-    from runtime.cpu_kernel import linear_is_faster
-    return linear_is_faster()
 
 
 class MLP(nn.Module):

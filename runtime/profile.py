@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from runtime.calibrate import BATCH_PROMPTS, BATCH_SIZES, QUICK_BATCH_SIZES, InRunCalibration
+from runtime.calibrate import BATCH_PROMPTS, BATCH_SIZES, QUICK_BATCH_PROMPTS, QUICK_BATCH_SIZES, InRunCalibration
 from runtime.checkpoint import dtype_name, torch_dtype
 from runtime.config import ModelConfig
 from runtime.device import check_device, give_back_freed_memory, host_memory_bytes, speed_reference_s
@@ -50,10 +50,9 @@ class Profiler(TableBench, HostCosts, InRunCalibration):
         self.batches = batches  # measure what a batch adds per request (member_s)
         self.reps = 3 if quick else 7
         full = not quick if full_batches is None else full_batches  # the batch calibration's workload
-        self.batch_prompts = BATCH_PROMPTS if full else BATCH_PROMPTS[:4]
+        self.batch_prompts = BATCH_PROMPTS if full else QUICK_BATCH_PROMPTS
         self.batch_sizes = BATCH_SIZES if full else QUICK_BATCH_SIZES
-        self.cycles = 1 if quick else 5
-        self._read: dict[str, float] = {}  # read bandwidth per device type, once per profile  # the in-run replays' turns (runtime.calibrate): quick, one after the warm-up
+        self.cycles = 1 if quick else 5  # the in-run replays' turns (runtime.calibrate): quick, one after the warm-up
         # the in-run replays go on for this long at least, to see the box's slow phases too
         self.spread_s = (2.0 if quick else 10.0) if spread_s is None else spread_s
         # Every cell is timed for tens of milliseconds (its median), never rescaled: the speed

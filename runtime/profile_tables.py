@@ -3,6 +3,7 @@ the CPU, non-expert layers and the head, overheads. Each cell timed for tens of 
 (its median), expert weights rotated as a run's layers do."""
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import socket
@@ -92,11 +93,16 @@ class TableBench:
         self._step("transfers")
         return out["h2d"], out["d2h"]
 
-    def read_gbps(self, device: torch.device) -> float:
-        """This box's read bandwidth (measured once per profile)."""
-        if device.type not in self._read:
-            self._read[device.type] = read_bandwidth_gbps(device, (1 << 27) if self.quick else (1 << 29), self.reps)
-        return self._read[device.type]
+    @functools.cached_property
+    def host_read_gbps(self) -> float:
+        """This box's host read bandwidth (measured once per profile)."""
+        return read_bandwidth_gbps(torch.device("cpu"), (1 << 27) if self.quick else (1 << 29), self.reps)
+
+    def read_fraction(self, dtype: torch.dtype, seconds: list[float], experts: int = 1) -> list[float]:
+        """Each cell's expert weights read per second (``experts`` experts in ``seconds``), over
+        the host's read bandwidth: how near a CPU expert kernel runs to the memory's speed."""
+        nbytes = experts * expert_bytes_read(self.cfg.shape.hidden, self.cfg.shape.moe_intermediate, dtype)
+        return [nbytes / sec / 1e9 / self.host_read_gbps for sec in seconds]
 
     def memory_bandwidth(self, device: torch.device) -> float:
         return memory_bandwidth_gbps(device, (1 << 26) if self.quick else (1 << 28), self.reps)
@@ -149,15 +155,15 @@ class TableBench:
         w = self._rotation(big, self.dtype, self.device)
         x = torch.randn(1, s.hidden, device=self.device, dtype=self.dtype)
         out = torch.empty_like(x)
-        if self.device.type == "cpu":  # each cell's weights read per second, over what the memory reads
-            read, nbytes = self.read_gbps(self.device), expert_bytes_read(s.hidden, s.moe_intermediate, self.dtype)
-            read_fraction = [[e * nbytes / sec / 1e9 / read for sec in row] for e, row in zip(experts, table)]
         one = np.array([0, 1])
         in_big = self.time(lambda: run(x, out, one, np.array([0]), w(), np.arange(big)), self.reps)
         group_s = max(0.0, (in_big - table[0][0]) / (big - 1)) if big > 1 and experts[0] == 1 else 0.0
         self._step("grouped experts")
         entry = {"source": "measured", "experts": experts, "tokens_per_expert": tpe, "seconds": table, "kernel": kernel,
-                 "group_s": group_s, **({"read_gbps": read, "read_fraction": read_fraction} if self.device.type == "cpu" else {})}
+                 "group_s": group_s}
+        if self.device.type == "cpu":  # the fast device is the host: how near the memory's speed each cell runs
+            entry.update(read_gbps=self.host_read_gbps,
+                         read_fraction=[self.read_fraction(self.dtype, row, e) for e, row in zip(experts, table)])
         if probe:
             entry["kernels_s"] = probe  # each kernel at 64 experts x 4 tokens: why this one
         return {dtype_name(self.dtype): entry}
@@ -170,7 +176,6 @@ class TableBench:
         out = {}
         n = min(s.experts, 16 if self.quick else 64)
         cpu = torch.device("cpu")
-        read = self.read_gbps(cpu)
         for dt in sorted({dtype_name(self.dtype), "float32", "bfloat16"}):
             kernel = host_kernel(torch_dtype(dt), s.hidden, s.moe_intermediate)
             run = KERNELS[kernel]
@@ -182,9 +187,8 @@ class TableBench:
                 res = torch.empty_like(x)
                 bounds = np.arange(n + 1) * t
                 secs.append(self.time(lambda: run(x, res, bounds, idx, w(), idx), self.reps) / n)
-            nbytes = expert_bytes_read(s.hidden, s.moe_intermediate, torch_dtype(dt))
             out[dt] = {"source": "measured", "tokens": tokens, "seconds": secs, "kernel": kernel,
-                       "read_gbps": read, "read_fraction": [nbytes / sec / 1e9 / read for sec in secs]}
+                       "read_gbps": self.host_read_gbps, "read_fraction": self.read_fraction(torch_dtype(dt), secs)}
         self._step("CPU experts")
         return out
 
