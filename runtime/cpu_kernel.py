@@ -15,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,8 @@ def library() -> ctypes.CDLL | None:
     lin = dll.tide_linear_bf16
     lin.argtypes = [p, i64, p, i64, i64, p, p, p, ctypes.c_int]
     lin.restype = None
+    dll.tide_fma_flops.argtypes = [ctypes.c_int, i64]
+    dll.tide_fma_flops.restype = ctypes.c_double
     return dll
 
 
@@ -129,6 +132,22 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     lib.tide_linear_bf16(xb.data_ptr(), T, weight.data_ptr(), N, K, bias.data_ptr() if bias is not None else None,
                          y.data_ptr(), xs.data_ptr(), threads_for(T * N * K))
     return y.reshape(*x.shape[:-1], N)
+
+
+def fma_peak_gflops(reps: int = 5) -> float | None:
+    """The CPU's fp32 multiply-add rate on torch's threads (GFLOP/s, the best of ``reps``): the
+    compute roof of a kernel, which a matmul library may sit well under. None without the
+    C library."""
+    lib = library()
+    if lib is None:
+        return None
+    threads, n = torch.get_num_threads(), 2_000_000
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        flops = lib.tide_fma_flops(threads, n)
+        best = max(best, flops / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 @functools.lru_cache(maxsize=None)
