@@ -43,7 +43,7 @@ def median_s(fn, reps: int) -> float:
     return timer(torch.device("cpu"))(fn, reps)
 
 
-def fp32_peak_gflops(reps: int) -> float:
+def matmul_gflops(reps: int) -> float:
     """torch's fp32 matmul rate (2048^3, MKL): what a library reaches of the FMA peak."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     return 2 * 2048 ** 3 / median_s(lambda: a @ b, reps) / 1e9
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         need_int(a.threads, "--threads", lo=1, hi=1024)
         torch.set_num_threads(a.threads)
     read = read_bandwidth_gbps(torch.device("cpu"), 1 << 29, a.reps)
-    matmul = fp32_peak_gflops(a.reps)
+    matmul = matmul_gflops(a.reps)
     peak = fma_peak_gflops(a.reps) or matmul  # without the C library, the best rate torch shows
     experts = pd.DataFrame(expert_rows(shape, dtypes, tokens, read, peak, a.reps))
     head = pd.DataFrame(head_rows(shape, dtypes, batch_sizes, a.reps))

@@ -15,7 +15,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +58,7 @@ def library() -> ctypes.CDLL | None:
         return None
     fn = dll.tide_experts_bf16
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, p, i64, p, p, p, i64, i64, i64, p, p, ctypes.c_int]
+    fn.argtypes = [p, p, p, p, p, i64, p, p, p, i64, i64, p, p, ctypes.c_int]
     fn.restype = None
     lin = dll.tide_linear_bf16
     lin.argtypes = [p, i64, p, i64, i64, p, p, p, ctypes.c_int]
@@ -103,7 +102,7 @@ def experts_bf16(tokens: torch.Tensor, out: torch.Tensor, start: np.ndarray, row
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     slot = np.ascontiguousarray(slot, dtype=np.int64)
     lib.tide_experts_bf16(tokens.data_ptr(), out.data_ptr(), start.ctypes.data, rows.ctypes.data, slot.ctypes.data,
-                          len(start), gate.data_ptr(), up.data_ptr(), down.data_ptr(), N, H, I, xs.data_ptr(),
+                          len(start), gate.data_ptr(), up.data_ptr(), down.data_ptr(), H, I, xs.data_ptr(),
                           scratch.data_ptr(), threads_for(3 * H * I * int(rows.sum())))
 
 
@@ -138,16 +137,13 @@ def fma_peak_gflops(reps: int = 5) -> float | None:
     """The CPU's fp32 multiply-add rate on torch's threads (GFLOP/s, the best of ``reps``): the
     compute roof of a kernel, which a matmul library may sit well under. None without the
     C library."""
+    from runtime.device import timed
     lib = library()
     if lib is None:
         return None
-    threads, n = torch.get_num_threads(), 2_000_000
-    best = 0.0
-    for _ in range(reps):
-        t = time.perf_counter()
-        flops = lib.tide_fma_flops(threads, n)
-        best = max(best, flops / (time.perf_counter() - t) / 1e9)
-    return best
+    threads = torch.get_num_threads()
+    return max(flops / s / 1e9 for flops, s in (timed(torch.device("cpu"), lambda: lib.tide_fma_flops(threads, 2_000_000))
+                                                  for _ in range(reps)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -221,8 +221,7 @@ static void expert_rows(const uint16_t *x, float *xs, uint16_t *out, int64_t r0,
  * numbers are the same, and the weights are read once per block of TBLOCK tokens. */
 void tide_experts_bf16(const uint16_t *x, uint16_t *out, const int64_t *start, const int64_t *rows,
                        const int64_t *slot, int64_t n, const uint16_t *gate, const uint16_t *up,
-                       const uint16_t *down, int64_t N, int64_t H, int64_t I, float *xs, float *scratch, int threads) {
-    (void)N;
+                       const uint16_t *down, int64_t H, int64_t I, float *xs, float *scratch, int threads) {
     const int whole = n >= 4 * (int64_t)threads;
 #pragma omp parallel num_threads(threads)
     {
@@ -250,8 +249,10 @@ void tide_linear_bf16(const uint16_t *x, int64_t T, const uint16_t *W, int64_t N
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (int64_t b0 = 0; b0 < T; b0 += TBLOCK) pack(x, xs, b0, T - b0 < TBLOCK ? T - b0 : TBLOCK, K, 0,
-                                                         T - b0 < TBLOCK ? T - b0 : TBLOCK);
+        for (int64_t b0 = 0; b0 < T; b0 += TBLOCK) {
+            const int64_t Tb = T - b0 < TBLOCK ? T - b0 : TBLOCK;
+            pack(x, xs, b0, Tb, K, 0, Tb);
+        }
         for (int64_t b0 = 0; b0 < T; b0 += TBLOCK) {
             const int Tb = (int)(T - b0 < TBLOCK ? T - b0 : TBLOCK);
 #pragma omp for schedule(static)
